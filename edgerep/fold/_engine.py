@@ -1,0 +1,380 @@
+"""`fold`: the two passes (module level, then graph level) and the report."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from edgerep.errors import ConfigError, UnsupportedError, VerificationError
+from edgerep.fold import _collapse, _graph, verify
+from edgerep.fold._cost import count_flops, count_params
+from edgerep.fold.report import FoldedRegion, FoldReport, KeptRegion
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PLAIN_LAYERS", "fold"]
+
+# Layers that are already plain (or hold no affine structure of their own): the
+# module-level pass does not try to collapse them. Exact types only: a subclass
+# with its own forward is a candidate.
+PLAIN_LAYERS: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+        nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag,
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.MultiheadAttention, nn.PReLU,
+    }
+)
+
+# End-to-end check after all regions were folded: per-region errors of ~1e-9
+# compound over depth, so the whole-model gate is looser than the region gate.
+_END_TO_END_RTOL = 1e-6
+
+
+def _legacy_norm_removers() -> dict[type, Callable[[nn.Module, str], Any]]:
+    from torch.nn.utils import remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return {WeightNorm: remove_weight_norm, SpectralNorm: remove_spectral_norm}
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    rtol: float = verify.DEFAULT_RTOL,
+    module_level: bool = True,
+    graph_level: bool = True,
+    allow_flops_increase: bool = False,
+) -> tuple[nn.Module, FoldReport]:
+    """Fold every affine structure of `model` into plain layers, each one verified.
+
+    Algebra: an eval-mode structure that is affine in its one input equals one
+    Linear/Conv layer, read off the function in float64 (`edgerep.fold.probe`) and
+    kept only if `edgerep.fold.verify` finds it equal within `rtol` at several
+    input sizes. Two passes: submodules that are affine as a whole collapse to
+    one layer; then, in the captured graph (torch.export, else torch.fx), each
+    maximal affine region with one input and one output (conv/linear, eval BN,
+    add/sub, scale, zero pad, avg pool, identity) folds to one layer.
+
+    Args:
+        model: the model; never mutated. A train-mode model is folded from an
+            eval-mode copy.
+        example_inputs: a tensor or tuple of tensors the model accepts.
+        rtol: relative tolerance of the per-region verifier (float64).
+        module_level: run the module-level pass.
+        graph_level: run the graph-level pass.
+        allow_flops_increase: fold a region even when the single layer costs more
+            FLOPs than the region (e.g. a low-rank bottleneck).
+
+    Returns:
+        (folded eval-mode model, report).
+
+    Raises:
+        ConfigError: `model` is not a module or the example inputs are not tensors.
+        UnsupportedError: non-finite weights, or the model fails on the example.
+        VerificationError: the folded model as a whole drifted from the original.
+    """
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"fold() needs a torch.nn.Module, got {type(model).__name__}")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise ConfigError(
+            "example_inputs must be a tensor or a tuple of tensors, got "
+            f"{[type(t).__name__ for t in inputs]}"
+        )
+    _refuse_non_finite(model)
+    report = FoldReport()
+    work = copy.deepcopy(model)
+    if model.training:
+        report.notes.append(
+            "the model was in train mode: folded an eval-mode copy (BatchNorm uses its "
+            "running statistics, dropout is off)"
+        )
+    work.eval()
+    _remove_parametrizations(work, report)
+    try:
+        with torch.no_grad():
+            reference = work(*inputs)
+    except Exception as e:
+        shapes = [list(t.shape) for t in inputs]
+        raise UnsupportedError(
+            f"the model fails on the example input(s) {shapes}: {type(e).__name__}: {e}; "
+            "check the input shapes (--input) match what the model expects"
+        ) from e
+    del reference
+    report.params_before = count_params(model)
+    report.flops_before = count_flops(work, inputs)
+
+    nonaffine: dict[str, str] = {}
+    if module_level:
+        work = _module_pass(work, inputs, report, nonaffine, rtol, allow_flops_increase)
+    root_collapsed = any(r.level == "module" and r.path == "" for r in report.folded)
+    if graph_level and not root_collapsed:
+        work = _graph_pass(work, inputs, report, rtol, allow_flops_increase)
+    else:
+        report.capture = "skipped"
+    _report_nonaffine(report, nonaffine)
+
+    report.params_after = count_params(work)
+    report.flops_after = count_flops(work, inputs)
+    _end_to_end_check(model, work, inputs, report)
+    report.seconds = time.perf_counter() - start
+    work.eval()
+    return work, report
+
+
+def _refuse_non_finite(model: nn.Module) -> None:
+    bad = [
+        name
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise UnsupportedError(
+            f"refusing to fold: non-finite values (NaN or Inf) in {shown}; the checkpoint is "
+            "broken (diverged training or a bad conversion): restore or retrain these tensors"
+        )
+
+
+def _remove_parametrizations(model: nn.Module, report: FoldReport) -> None:
+    removers = _legacy_norm_removers()
+    for name, module in list(model.named_modules()):
+        if parametrize.is_parametrized(module):
+            names = list(module.parametrizations.keys())
+            for tensor_name in names:
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+            report.notes.append(
+                f"{name or '<root>'}: parametrization of {', '.join(names)} evaluated once "
+                "to plain tensors"
+            )
+        for hook in list(module._forward_pre_hooks.values()):
+            remover = removers.get(type(hook))
+            if remover is not None:
+                remover(module, hook.name)
+                report.notes.append(
+                    f"{name or '<root>'}: {type(hook).__name__} of {hook.name!r} evaluated "
+                    "once to a plain tensor"
+                )
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _record_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, list[Any]]:
+    calls: dict[str, list[Any]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        def hook(mod: nn.Module, args: Any, kwargs: Any, _name: str = name) -> None:
+            calls.setdefault(_name, []).append((args, kwargs))
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    if type(module) in PLAIN_LAYERS:
+        return False
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _small_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) >= 3:
+        return (1, shape[1], *(min(n, 9) for n in shape[2:]))
+    return (1, *shape[1:]) if shape else shape
+
+
+def _module_pass(
+    work: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    report: FoldReport,
+    nonaffine: dict[str, str],
+    rtol: float,
+    allow_flops_increase: bool,
+) -> nn.Module:
+    calls = _record_inputs(work, inputs)
+    done: list[str] = []
+    for name, module in list(work.named_modules()):
+        if any(name.startswith(d + ".") for d in done):
+            continue
+        if not _is_candidate(module):
+            continue
+        seen = calls.get(name, [])
+        if len(seen) != 1:
+            continue  # unused, or shared between call sites: left to the graph pass
+        args, kwargs = seen[0]
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            continue
+        if not args[0].is_floating_point():
+            continue
+        shape = tuple(args[0].shape)
+        f64 = copy.deepcopy(module).to(torch.float64).eval()
+        try:
+            err = verify.affinity_error(f64, _small_shape(shape))
+        except Exception:
+            try:
+                err = verify.affinity_error(f64, shape)
+            except Exception as e:
+                nonaffine[name] = f"could not be probed ({type(e).__name__}: {e})"
+                continue
+        if not err <= rtol:
+            nonaffine[name] = f"not affine (f(x+y)-f(x)-f(y)+f(0) is {err:.1e} relative)"
+            continue
+        kinds = ["conv", "linear", "flat"] if len(shape) >= 3 else ["linear", "flat"]
+        result = _collapse.collapse(f64, shape, kinds, rtol=rtol)
+        if isinstance(result, list):
+            report.kept.append(KeptRegion(name, (name,), "affine but " + "; ".join(result)))
+            done.append(name)
+            continue
+        example = (torch.zeros((1, *shape[1:]), dtype=torch.float64),)
+        flops_before = count_flops(f64, example)
+        flops_after = count_flops(result.module, example)
+        if flops_after > flops_before and not allow_flops_increase:
+            report.kept.append(KeptRegion(
+                name, (name,),
+                f"affine, but one {result.signature} layer would raise FLOPs from "
+                f"{flops_before:,} to {flops_after:,}",
+            ))
+            done.append(name)
+            continue
+        replacement = result.module.to(_dtype_of(module)).eval()
+        report.folded.append(FoldedRegion(
+            path=name,
+            modules=(name,),
+            level="module",
+            became=_describe(replacement),
+            params_before=count_params(module),
+            params_after=count_params(replacement),
+            flops_before=flops_before,
+            flops_after=flops_after,
+            max_abs_error=result.check.max_abs_error,
+            max_rel_error=result.check.max_rel_error,
+            sizes_checked=result.check.shapes,
+        ))
+        done.append(name)
+        if name == "":
+            report.notes.append("the whole model is affine: it collapsed to one layer")
+            return replacement
+        parent_path, _, attr = name.rpartition(".")
+        setattr(work.get_submodule(parent_path), attr, replacement)
+    return work
+
+
+def _describe(module: nn.Module) -> str:
+    text = repr(module)
+    return " ".join(text.split())
+
+
+def _graph_pass(
+    work: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    report: FoldReport,
+    rtol: float,
+    allow_flops_increase: bool,
+) -> nn.Module:
+    cap = _graph.capture(work, inputs)
+    report.capture = cap.method
+    if cap.gm is None:
+        report.notes.append(
+            "graph capture failed, so only the module-level pass ran: " + " | ".join(cap.errors)
+        )
+        return work
+    if cap.errors:
+        report.notes.append("torch.export failed, used torch.fx: " + " | ".join(cap.errors))
+    gm, outcomes, declined = _graph.fold_regions(
+        cap.gm, rtol=rtol, allow_flops_increase=allow_flops_increase
+    )
+    module_rows = {r.path: r for r in report.folded if r.level == "module"}
+    absorbed: set[str] = set()
+    for outcome in outcomes:
+        region = outcome.region
+        if outcome.replacement is None or outcome.collapsed is None:
+            report.kept.append(KeptRegion(region.path, region.modules, outcome.reason))
+            continue
+        inner = [module_rows[m] for m in region.modules if m in module_rows]
+        absorbed.update(r.path for r in inner)
+        check = outcome.collapsed.check
+        report.folded.append(FoldedRegion(
+            path=region.path,
+            modules=region.modules,
+            level="graph",
+            became=_describe(outcome.replacement),
+            params_before=outcome.params_before + sum(r.params_before - r.params_after for r in inner),
+            params_after=outcome.params_after,
+            flops_before=outcome.flops_before + sum(r.flops_before - r.flops_after for r in inner),
+            flops_after=outcome.flops_after,
+            max_abs_error=max([check.max_abs_error, *(r.max_abs_error for r in inner)]),
+            max_rel_error=max([check.max_rel_error, *(r.max_rel_error for r in inner)]),
+            sizes_checked=check.shapes,
+        ))
+    if absorbed:
+        report.folded = [r for r in report.folded if not (r.level == "module" and r.path in absorbed)]
+    for nodes, reason in declined:
+        paths = sorted({_graph._module_path(n) for n in nodes} - {""})
+        report.kept.append(KeptRegion(_graph._common_prefix(paths), tuple(paths), reason))
+    return gm
+
+
+def _report_nonaffine(report: FoldReport, nonaffine: dict[str, str]) -> None:
+    """List the innermost non-affine modules inside which nothing was folded."""
+    folded_paths = [m for r in report.folded for m in (r.path, *r.modules)]
+    for name, reason in nonaffine.items():
+        if name == "":
+            continue
+        if any(other.startswith(name + ".") for other in nonaffine):
+            continue
+        if any(p == name or p.startswith(name + ".") for p in folded_paths):
+            continue
+        report.kept.append(KeptRegion(name, (name,), reason))
+
+
+def _float64_copy(module: nn.Module) -> nn.Module:
+    if isinstance(module, fx.GraphModule):
+        return _graph._to_float64(module)
+    return copy.deepcopy(module).to(torch.float64)
+
+
+def _end_to_end_check(
+    original: nn.Module, folded: nn.Module, inputs: tuple[torch.Tensor, ...], report: FoldReport
+) -> None:
+    ref_model = copy.deepcopy(original).to(torch.float64).eval()
+    new_model = _float64_copy(folded).eval()
+    x64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)
+    with torch.no_grad():
+        ref, out = ref_model(*x64), new_model(*x64)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    worst = 0.0
+    for a, b in zip(refs, outs):
+        if not isinstance(a, torch.Tensor):
+            continue
+        scale = a.abs().max().item() if a.numel() else 0.0
+        err = (a - b).abs().max().item() if a.numel() else 0.0
+        worst = max(worst, err / scale if scale > 0 else err)
+    report.notes.append(f"end-to-end check in float64 on the example input: {worst:.1e} relative")
+    if not worst <= _END_TO_END_RTOL:
+        raise VerificationError(
+            f"the folded model differs from the original by {worst:.2e} relative in float64 "
+            f"(> {_END_TO_END_RTOL:.0e}) although every region passed; please report this "
+            "model as a bug"
+        )

@@ -1,0 +1,360 @@
+"""Graph-level folding: capture the forward graph, find maximal affine regions
+with one tensor in and one out, and replace each with the one layer it equals.
+
+Nothing here knows block classes: a RepVGG block is a region
+``conv+BN + conv+BN + BN`` summed, closed by a ReLU that is simply not affine.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgerep.fold import _collapse, _ops, verify
+from edgerep.fold._cost import count_flops, count_params
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Capture", "Region", "capture", "find_regions", "fold_regions"]
+
+
+@dataclass
+class Capture:
+    """A captured model: a GraphModule, or the reason capture failed."""
+
+    gm: fx.GraphModule | None
+    method: str
+    errors: list[str] = field(default_factory=list)
+
+
+def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
+    """Capture `model` (eval mode) with torch.export, else torch.fx; shapes recorded."""
+    errors: list[str] = []
+    try:
+        dyn = tuple({i: torch.export.Dim.AUTO for i in range(t.ndim)} for t in example_inputs)
+        ep = torch.export.export(model, example_inputs, dynamic_shapes=dyn)
+        unlifted = ep.module()
+        for node in list(unlifted.graph.nodes):
+            if node.op == "call_module" and str(node.target).startswith("_guards"):
+                unlifted.graph.erase_node(node)
+        gm = fx.GraphModule(unlifted, unlifted.graph)
+        gm.eval()
+        ShapeProp(gm).propagate(*example_inputs)
+        return Capture(gm, "torch.export", errors)
+    except Exception as e:
+        errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
+    try:
+        gm = fx.symbolic_trace(model)
+        gm.eval()
+        ShapeProp(gm).propagate(*example_inputs)
+        return Capture(gm, "torch.fx", errors)
+    except Exception as e:
+        errors.append(f"torch.fx: {type(e).__name__}: {_first_line(e)}")
+    return Capture(None, "none", errors)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _inputs(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+@dataclass
+class Region:
+    """A set of affine nodes with one activation input and one output."""
+
+    nodes: list[fx.Node]  # activation nodes, topological order
+    consts: list[fx.Node]  # constant nodes they need (get_attr and computed)
+    input: fx.Node
+    output: fx.Node
+    role: str  # 'conv' or 'linear'
+    modules: tuple[str, ...]
+    path: str
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return str(list(stack.values())[-1][0])
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target).rsplit(".", 1)[0] if node.op == "get_attr" else str(node.target)
+    return ""
+
+
+def _common_prefix(paths: Iterable[str]) -> str:
+    split = [p.split(".") for p in paths if p]
+    if not split:
+        return ""
+    prefix: list[str] = []
+    for parts in zip(*split):
+        if all(p == parts[0] for p in parts):
+            prefix.append(parts[0])
+        else:
+            break
+    return ".".join(prefix)
+
+
+def _classify(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, _ops.AffineRule]]:
+    """Constant nodes, and the affine rule of each affine activation node."""
+    const: set[fx.Node] = set()
+    affine: dict[fx.Node, _ops.AffineRule] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const.add(node)
+            continue
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        ins = _inputs(node)
+        if ins and all(i in const for i in ins) and node.op != "call_module":
+            const.add(node)
+            continue
+        rule = _ops.rule_for(node, gm)
+        if rule is None:
+            continue
+        act_positions = [
+            i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a not in const
+        ]
+        act_kw = [k for k, a in node.kwargs.items() if isinstance(a, fx.Node) and a not in const]
+        if act_kw or not act_positions or len(act_positions) > rule.max_act:
+            continue
+        if rule.act_args is not None and any(p not in rule.act_args for p in act_positions):
+            continue
+        affine[node] = rule
+    return const, affine
+
+
+def _const_closure(nodes: Iterable[fx.Node], const: set[fx.Node]) -> set[fx.Node]:
+    out: set[fx.Node] = set()
+    stack = [i for n in nodes for i in _inputs(n) if i in const]
+    while stack:
+        n = stack.pop()
+        if n in out:
+            continue
+        out.add(n)
+        stack.extend(i for i in _inputs(n) if i in const)
+    return out
+
+
+def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.Node], str]]]:
+    """Maximal affine regions with one activation input and one output.
+
+    Returns:
+        (regions worth folding, [(nodes, reason)] for affine structure that is not a
+        single-input single-output region).
+    """
+    const, affine = _classify(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    act_users = {n: [u for u in n.users if u not in const] for n in gm.graph.nodes}
+    # connected components over activation edges between affine nodes
+    comp_of: dict[fx.Node, int] = {}
+    comps: list[list[fx.Node]] = []
+    for n in affine:
+        if n in comp_of:
+            continue
+        stack, members = [n], []
+        comp_of[n] = len(comps)
+        while stack:
+            m = stack.pop()
+            members.append(m)
+            neighbours = [i for i in _inputs(m) if i in affine] + [
+                u for u in act_users[m] if u in affine
+            ]
+            for k in neighbours:
+                if k not in comp_of:
+                    comp_of[k] = len(comps)
+                    stack.append(k)
+        comps.append(sorted(members, key=order.__getitem__))
+
+    regions: list[Region] = []
+    declined: list[tuple[list[fx.Node], str]] = []
+    for members in comps:
+        member_set = set(members)
+        assigned: set[fx.Node] = set()
+        for sink in reversed(members):
+            if sink in assigned:
+                continue
+            region = {sink}
+            grew = True
+            while grew:
+                grew = False
+                for m in members:
+                    if m in region or m in assigned:
+                        continue
+                    users = act_users[m]
+                    if users and all(u in region for u in users):
+                        region.add(m)
+                        grew = True
+            ext = {
+                i
+                for r in region
+                for i in _inputs(r)
+                if i not in region and i not in const
+            }
+            if len(ext) != 1:
+                assigned.add(sink)
+                if len(region) > 1:
+                    declined.append(
+                        (sorted(region, key=order.__getitem__),
+                         f"{len(ext)} activation inputs (a single-input layer needs one)")
+                    )
+                continue
+            assigned |= region
+            nodes = sorted(region, key=order.__getitem__)
+            roles = {affine[n].role for n in nodes} - {"elementwise"}
+            consts = sorted(_const_closure(nodes, const), key=order.__getitem__)
+            computed = any(c.op != "get_attr" for c in consts)
+            if not roles or (len(nodes) == 1 and not computed):
+                continue  # nothing to fold: no layer, or already one plain layer
+            if len(roles) > 1:
+                declined.append((nodes, "mixes convolutions and linear layers"))
+                continue
+            paths = sorted(
+                {p for p in (_module_path(n) for n in nodes) if p}
+                | {str(c.target).rsplit(".", 1)[0] for c in consts if c.op == "get_attr" and "." in str(c.target)}
+            )
+            regions.append(
+                Region(nodes, consts, next(iter(ext)), sink, roles.pop(), tuple(paths),
+                       _common_prefix(paths))
+            )
+        del member_set
+    return regions, declined
+
+
+def region_module(root: nn.Module, region: Region) -> fx.GraphModule:
+    """A GraphModule computing the region alone, with `root`'s parameters."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {region.input: graph.placeholder("x")}
+    keep = set(region.nodes) | set(region.consts)
+    for node in region.input.graph.nodes:
+        if node in keep:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[region.output])
+    return fx.GraphModule(root, graph)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def _to_float64(gm: fx.GraphModule) -> fx.GraphModule:
+    with warnings.catch_warnings():
+        # deepcopy of an exported GraphModule trips a pytree deprecation warning in torch
+        warnings.simplefilter("ignore", FutureWarning)
+        gm64 = copy.deepcopy(gm).to(torch.float64)
+    for node in gm64.graph.nodes:
+        if node.op == "get_attr":
+            owner_path, _, name = str(node.target).rpartition(".")
+            owner = gm64.get_submodule(owner_path) if owner_path else gm64
+            value = getattr(owner, name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+                setattr(owner, name, value.to(torch.float64))
+    return gm64
+
+
+@dataclass
+class RegionOutcome:
+    region: Region
+    collapsed: _collapse.Collapsed | None
+    reason: str
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    replacement: nn.Module | None = None
+
+
+def fold_regions(
+    gm: fx.GraphModule,
+    *,
+    rtol: float = verify.DEFAULT_RTOL,
+    allow_flops_increase: bool = False,
+) -> tuple[fx.GraphModule, list[RegionOutcome], list[tuple[list[fx.Node], str]]]:
+    """Fold every affine region of `gm` in place (`gm` is the engine's own copy)."""
+    regions, declined = find_regions(gm)
+    if not regions:
+        return gm, [], declined
+    gm64 = _to_float64(gm)
+    dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+    outcomes: list[RegionOutcome] = []
+    for region in regions:
+        in_shape = _shape(region.input)
+        if in_shape is None:
+            outcomes.append(RegionOutcome(region, None, "the region's input shape is unknown"))
+            continue
+        sub = region_module(gm64, region)
+        kinds = ["conv"] if region.role == "conv" else ["linear"]
+        result = _collapse.collapse(sub, in_shape, kinds, rtol=rtol)
+        if isinstance(result, list):
+            outcomes.append(RegionOutcome(region, None, "; ".join(result)))
+            continue
+        example = (torch.zeros((1, *in_shape[1:]), dtype=torch.float64),)
+        outcome = RegionOutcome(
+            region,
+            result,
+            "",
+            params_before=count_params(sub),
+            params_after=count_params(result.module),
+            flops_before=count_flops(sub, example),
+            flops_after=count_flops(result.module, example),
+        )
+        if outcome.flops_after > outcome.flops_before and not allow_flops_increase:
+            outcome.collapsed = None
+            outcome.reason = (
+                f"folding would raise FLOPs from {outcome.flops_before:,} to "
+                f"{outcome.flops_after:,} (a low-rank bottleneck?); pass "
+                "allow_flops_increase=True to fold anyway"
+            )
+            outcomes.append(outcome)
+            continue
+        outcome.replacement = result.module.to(dtype)
+        outcomes.append(outcome)
+
+    taken: set[str] = set(dict(gm.named_modules()))
+    for outcome in outcomes:
+        if outcome.replacement is None:
+            continue
+        region = outcome.region
+        base = "fold_" + (region.path or "root").replace(".", "_")
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}{n}"
+        taken.add(name)
+        gm.add_submodule(name, outcome.replacement)
+        with gm.graph.inserting_after(region.output):
+            new = gm.graph.call_module(name, (region.input,))
+        new.meta = dict(region.output.meta)
+        region.output.replace_all_uses_with(new)
+        new.args = (region.input,)
+        for node in reversed(region.nodes):
+            if not node.users:
+                gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    _drop_unused_attributes(gm)
+    gm.recompile()
+    return gm, outcomes, declined
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Remove parameters and buffers that no node reads any more."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used or any(name.startswith(m + ".") for m in used_modules):
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        delattr(owner, attr)

@@ -1,0 +1,125 @@
+"""The gate: a replacement is kept only if it computes the original function.
+
+Original and replacement run in float64 on random inputs at several sizes (odd
+and even, so borders and padding are exercised) and must agree to ``rtol``
+relative to the largest output magnitude (default 1e-9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["VerifyResult", "affinity_error", "compare", "probe_shapes"]
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of comparing two functions."""
+
+    ok: bool
+    max_abs_error: float
+    max_rel_error: float
+    shapes: tuple[tuple[int, ...], ...]
+    reason: str = ""
+
+
+def probe_shapes(example: tuple[int, ...], kind: str) -> list[tuple[int, ...]]:
+    """Input shapes to verify on: the example, other parities and a batch of two.
+
+    Args:
+        example: the example input shape.
+        kind: 'conv' (spatial sizes may change), 'linear' (leading sizes may
+            change) or 'fixed' (only the batch may change).
+    """
+    shapes = [tuple(example)]
+    if kind == "conv":
+        spatial = example[2:]
+        shapes.append((2, example[1], *(n + 1 for n in spatial)))
+        shapes.append((1, example[1], *(n + 4 for n in spatial)))
+    elif kind == "linear":
+        shapes.append((3, *example[1:-1], example[-1]) if len(example) > 1 else (3,))
+        if len(example) >= 3:
+            shapes.append((2, *(n + 1 for n in example[1:-1]), example[-1]))
+    else:
+        shapes.append((2, *example[1:]))
+    seen: list[tuple[int, ...]] = []
+    for s in shapes:
+        if s not in seen:
+            seen.append(s)
+    return seen
+
+
+def compare(
+    reference: Fn,
+    candidate: Fn,
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    rtol: float = DEFAULT_RTOL,
+    seed: int = 0,
+    required: int = 1,
+) -> VerifyResult:
+    """Run both functions in float64 on random inputs of each shape and compare.
+
+    A shape the reference itself cannot run (a size-specialized model) is skipped,
+    but at least `required` shapes must run, the first (the example) always.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    max_abs = max_rel = 0.0
+    ran: list[tuple[int, ...]] = []
+    for n, shape in enumerate(shapes):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            try:
+                ref = reference(x)
+            except Exception as e:
+                if n == 0:
+                    return VerifyResult(False, float("inf"), float("inf"), tuple(ran),
+                                        f"the original fails on {list(shape)}: {e}")
+                continue
+            try:
+                out = candidate(x)
+            except Exception as e:
+                return VerifyResult(False, float("inf"), float("inf"), tuple(ran),
+                                    f"the replacement fails on {list(shape)}: {e}")
+        if out.shape != ref.shape:
+            return VerifyResult(False, float("inf"), float("inf"), tuple(ran),
+                                f"output shape {list(out.shape)} != {list(ref.shape)} "
+                                f"on input {list(shape)}")
+        ref = ref.to(torch.float64)
+        out = out.to(torch.float64)
+        if not torch.isfinite(ref).all() or not torch.isfinite(out).all():
+            return VerifyResult(False, float("inf"), float("inf"), tuple(ran),
+                                f"non-finite output on input {list(shape)}")
+        err = (out - ref).abs().max().item() if ref.numel() else 0.0
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+        max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
+        ran.append(tuple(shape))
+        if rel > rtol:
+            return VerifyResult(False, max_abs, max_rel, tuple(ran),
+                                f"differs by {rel:.2e} relative (> {rtol:.0e}) on input "
+                                f"{list(shape)}")
+    if len(ran) < required:
+        return VerifyResult(False, max_abs, max_rel, tuple(ran),
+                            f"only {len(ran)} of the verification sizes could run")
+    return VerifyResult(True, max_abs, max_rel, tuple(ran))
+
+
+def affinity_error(f: Fn, shape: tuple[int, ...], *, seed: int = 0) -> float:
+    """Relative size of ``f(x+y) - f(x) - f(y) + f(0)``: zero for an affine `f`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    y = torch.randn(shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        fx, fy, fxy, f0 = f(x), f(y), f(x + y), f(torch.zeros_like(x))
+    if not all(isinstance(t, torch.Tensor) for t in (fx, fy, fxy, f0)):
+        return float("inf")
+    err = (fxy - fx - fy + f0).abs().max().item()
+    scale = max(fx.abs().max().item(), fy.abs().max().item(), fxy.abs().max().item())
+    return err / scale if scale > 0 else 0.0
