@@ -94,7 +94,7 @@ def fold(
         )
     _refuse_non_finite(model)
     report = FoldReport()
-    work = copy.deepcopy(model)
+    work = _copy(model)
     if model.training:
         report.notes.append(
             "the model was in train mode: folded an eval-mode copy (BatchNorm uses its "
@@ -131,6 +131,23 @@ def fold(
     report.seconds = time.perf_counter() - start
     work.eval()
     return work, report
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """deepcopy that also copes with non-leaf tensors cached on modules (legacy weight_norm)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    clone = copy.deepcopy(model, memo)
+    for module in clone.modules():
+        if parametrize.is_parametrized(module):
+            # deepcopy shares the dynamically created Parametrized* class, and removing a
+            # parametrization deletes a property from that class: give the copy its own.
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return clone
 
 
 def _refuse_non_finite(model: nn.Module) -> None:
@@ -357,7 +374,7 @@ def _float64_copy(module: nn.Module) -> nn.Module:
 def _end_to_end_check(
     original: nn.Module, folded: nn.Module, inputs: tuple[torch.Tensor, ...], report: FoldReport
 ) -> None:
-    ref_model = copy.deepcopy(original).to(torch.float64).eval()
+    ref_model = _copy(original).to(torch.float64).eval()
     new_model = _float64_copy(folded).eval()
     x64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)
     with torch.no_grad():

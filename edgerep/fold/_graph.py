@@ -37,9 +37,15 @@ class Capture:
 def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
     """Capture `model` (eval mode) with torch.export, else torch.fx; shapes recorded."""
     errors: list[str] = []
+    # torch.export specializes dimensions of size 1: trace with a batch of two so the
+    # folded graph keeps a dynamic batch.
+    traced = tuple(
+        t.repeat(2, *([1] * (t.ndim - 1))) if t.ndim and t.shape[0] == 1 else t
+        for t in example_inputs
+    )
     try:
-        dyn = tuple({i: torch.export.Dim.AUTO for i in range(t.ndim)} for t in example_inputs)
-        ep = torch.export.export(model, example_inputs, dynamic_shapes=dyn)
+        dyn = tuple({i: torch.export.Dim.AUTO for i in range(t.ndim)} for t in traced)
+        ep = torch.export.export(model, traced, dynamic_shapes=dyn)
         unlifted = ep.module()
         for node in list(unlifted.graph.nodes):
             if node.op == "call_module" and str(node.target).startswith("_guards"):
