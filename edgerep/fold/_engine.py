@@ -101,17 +101,15 @@ def fold(
             "running statistics, dropout is off)"
         )
     work.eval()
-    _remove_parametrizations(work, report)
     try:
-        with torch.no_grad():
-            reference = work(*inputs)
+        calls = _record_inputs(work, inputs)
     except Exception as e:
         shapes = [list(t.shape) for t in inputs]
         raise UnsupportedError(
             f"the model fails on the example input(s) {shapes}: {type(e).__name__}: {e}; "
             "check the input shapes (--input) match what the model expects"
         ) from e
-    del reference
+    _remove_parametrizations(work, report, calls, rtol)
     report.params_before = count_params(model)
     report.flops_before = count_flops(work, inputs)
 
@@ -164,25 +162,70 @@ def _refuse_non_finite(model: nn.Module) -> None:
         )
 
 
-def _remove_parametrizations(model: nn.Module, report: FoldReport) -> None:
+def _remove_parametrizations(
+    model: nn.Module, report: FoldReport, calls: dict[str, list[Any]], rtol: float
+) -> None:
+    """Evaluate weight parametrizations (weight/spectral norm, any `parametrize`) once."""
     removers = _legacy_norm_removers()
     for name, module in list(model.named_modules()):
-        if parametrize.is_parametrized(module):
-            names = list(module.parametrizations.keys())
+        legacy = [h for h in module._forward_pre_hooks.values() if type(h) in removers]
+        if not parametrize.is_parametrized(module) and not legacy:
+            continue
+        before = _copy(module).to(torch.float64).eval()
+        params_before = count_params(module)
+        names = _strip_parametrizations(module, removers)
+        # evaluate once more in float64 and cast once, so a float32 model gets the
+        # correctly rounded weight rather than one computed in float32
+        exact = _copy(before)
+        _strip_parametrizations(exact, removers)
+        with torch.no_grad():
             for tensor_name in names:
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-            report.notes.append(
-                f"{name or '<root>'}: parametrization of {', '.join(names)} evaluated once "
-                "to plain tensors"
+                target = getattr(module, tensor_name)
+                target.copy_(getattr(exact, tensor_name).to(target.dtype))
+        seen = calls.get(name, [])
+        shapes: tuple[tuple[int, ...], ...] = ()
+        max_abs = max_rel = 0.0
+        if len(seen) == 1 and len(seen[0][0]) == 1 and isinstance(seen[0][0][0], torch.Tensor):
+            shape = tuple(seen[0][0][0].shape)
+            check = verify.compare(
+                before,
+                exact.eval(),
+                verify.probe_shapes(shape, "conv" if len(shape) >= 3 else "linear"),
+                rtol=rtol,
             )
-        for hook in list(module._forward_pre_hooks.values()):
-            remover = removers.get(type(hook))
-            if remover is not None:
-                remover(module, hook.name)
-                report.notes.append(
-                    f"{name or '<root>'}: {type(hook).__name__} of {hook.name!r} evaluated "
-                    "once to a plain tensor"
+            if not check.ok:
+                raise VerificationError(
+                    f"{name or '<root>'}: evaluating its parametrization changed the output "
+                    f"({check.reason})"
                 )
+            shapes, max_abs, max_rel = check.shapes, check.max_abs_error, check.max_rel_error
+        report.folded.append(FoldedRegion(
+            path=name,
+            modules=(name,),
+            level="parametrization",
+            became=f"plain {', '.join(names)} of {type(module).__name__}",
+            params_before=params_before,
+            params_after=count_params(module),
+            flops_before=0,
+            flops_after=0,
+            max_abs_error=max_abs,
+            max_rel_error=max_rel,
+            sizes_checked=shapes,
+        ))
+
+
+def _strip_parametrizations(
+    module: nn.Module, removers: dict[type, Callable[[nn.Module, str], Any]]
+) -> list[str]:
+    names: list[str] = []
+    if parametrize.is_parametrized(module):
+        names = list(module.parametrizations.keys())
+        for tensor_name in names:
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    for hook in [h for h in module._forward_pre_hooks.values() if type(h) in removers]:
+        removers[type(hook)](module, hook.name)
+        names.append(hook.name)
+    return names
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -210,9 +253,23 @@ def _record_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[s
 
 
 def _is_candidate(module: nn.Module) -> bool:
+    """A module worth collapsing: not a plain layer, and holding more than one layer's
+    worth of state (its own tensors, or several submodules with tensors)."""
     if type(module) in PLAIN_LAYERS:
         return False
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+    own = any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
+    if own:
+        return True
+    holders = [
+        m for m in module.modules()
+        if m is not module and (
+            any(True for _ in m.parameters(recurse=False))
+            or any(True for _ in m.buffers(recurse=False))
+        )
+    ]
+    return len(holders) >= 2 or (len(holders) == 1 and type(holders[0]) not in PLAIN_LAYERS)
 
 
 def _small_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -321,6 +378,8 @@ def _graph_pass(
     gm, outcomes, declined = _graph.fold_regions(
         cap.gm, rtol=rtol, allow_flops_increase=allow_flops_increase
     )
+    if not any(o.replacement is not None for o in outcomes):
+        gm = work  # nothing folded in the graph: keep the model's own module structure
     module_rows = {r.path: r for r in report.folded if r.level == "module"}
     absorbed: set[str] = set()
     for outcome in outcomes:

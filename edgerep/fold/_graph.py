@@ -219,7 +219,11 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.N
             roles = {affine[n].role for n in nodes} - {"elementwise"}
             consts = sorted(_const_closure(nodes, const), key=order.__getitem__)
             computed = any(c.op != "get_attr" for c in consts)
-            if not roles or (len(nodes) == 1 and not computed):
+            layers = [n for n in nodes if affine[n].role != "elementwise"]
+            plain = len(layers) == 1 and all(
+                n in layers or _ops.is_structural(n) for n in nodes
+            )
+            if not roles or (plain and not computed):
                 continue  # nothing to fold: no layer, or already one plain layer
             if len(roles) > 1:
                 declined.append((nodes, "mixes convolutions and linear layers"))

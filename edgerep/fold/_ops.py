@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["AFFINE_OPS", "AffineRule", "register_affine_op", "rule_for"]
+__all__ = ["AFFINE_OPS", "AffineRule", "is_structural", "register_affine_op", "rule_for"]
 
 
 @dataclass(frozen=True)
@@ -182,3 +182,27 @@ def rule_for(node: fx.Node, root: nn.Module) -> AffineRule | None:
     if rule is None or (rule.check is not None and not rule.check(node)):
         return None
     return rule
+
+
+# Ops that only move or copy data (zero pad, identity): a region made of one layer
+# and these is already as plain as it gets.
+_STRUCTURAL: set[Hashable] = {
+    aten.pad.default, aten.constant_pad_nd.default, aten.clone.default, aten.alias.default,
+    aten.detach.default, aten.dropout.default, F.pad, F.dropout,
+    ("method", "clone"), ("method", "contiguous"),
+}
+_STRUCTURAL_MODULES = (nn.Identity, nn.Dropout, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
+
+
+def is_structural(node: fx.Node) -> bool:
+    """Whether the node only pads or copies its input."""
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        return owner is not None and isinstance(
+            owner.get_submodule(str(node.target)), _STRUCTURAL_MODULES
+        )
+    key: Hashable = ("method", node.target) if node.op == "call_method" else node.target
+    try:
+        return key in _STRUCTURAL
+    except TypeError:
+        return False

@@ -390,7 +390,23 @@ def build_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
 def build_flat_linear(
     weight: torch.Tensor, bias: torch.Tensor, out_rest: tuple[int, ...]
 ) -> nn.Sequential:
-    """Flatten each sample, apply the Linear, restore the per-sample output shape."""
+    """Flatten each sample, apply the Linear, restore the per-sample output shape.
+
+    A block-diagonal weight (a grouped FC, as in RepMLP) becomes a grouped 1-wide
+    Conv1d over the flattened features, so folding keeps the FC's sparsity.
+    """
+    groups = _detect_groups(weight.unsqueeze(-1))
+    if groups == 1:
+        return nn.Sequential(nn.Flatten(1), build_linear(weight, bias), nn.Unflatten(1, out_rest))
+    n_out, n_in = weight.shape
+    og, ig = n_out // groups, n_in // groups
+    blocks = [weight[g * og : (g + 1) * og, g * ig : (g + 1) * ig] for g in range(groups)]
+    b = _bias_or_none(bias)
+    conv = nn.Conv1d(n_in, n_out, 1, groups=groups, bias=b is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat(blocks, dim=0).unsqueeze(-1))
+        if b is not None and conv.bias is not None:
+            conv.bias.copy_(b)
     return nn.Sequential(
-        nn.Flatten(1), build_linear(weight, bias), nn.Unflatten(1, out_rest)
+        nn.Flatten(1), nn.Unflatten(1, (n_in, 1)), conv, nn.Flatten(1), nn.Unflatten(1, out_rest)
     )
