@@ -8,14 +8,15 @@ verifier accepted or the reasons why none was.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from edgerep.fold import probe, verify
+from edgerep.fold import _compose, probe, verify
 
-__all__ = ["Collapsed", "collapse"]
+__all__ = ["Collapsed", "collapse", "from_map"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,3 +85,63 @@ def collapse(
             return Collapsed(module, kind, check)
         reasons.append(f"{kind} candidate rejected by the verifier: {check.reason}")
     return reasons
+
+
+def from_map(
+    m: _compose.KernelMap | _compose.LinearMap,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+) -> tuple[nn.Module, str]:
+    """The plain layer of an analytically composed map.
+
+    Zero taps at the kernel's edges are trimmed (the offset moves with them), a
+    kernel whose taps sit on a lattice becomes a dilated kernel, the trailing
+    padding is whatever reproduces the example's output size (symmetric when
+    possible), and block-diagonal channel structure becomes groups.
+    """
+    if isinstance(m, _compose.LinearMap):
+        return probe.build_linear(m.weight, m.bias), "linear"
+    weight, offset = m.weight, list(m.offset)
+    nd = m.nd
+    mag = weight.abs().amax(dim=(0, 1))
+    scale = mag.max().item()
+    if scale == 0:
+        raise _compose.Decline("the composed kernel is zero")
+    nz = (mag > 1e-14 * scale).nonzero()
+    lo = nz.amin(dim=0).tolist()
+    hi = nz.amax(dim=0).tolist()
+    kernel, dilation, pad_lo, pad_hi, sl = [], [], [], [], []
+    for dim in range(nd):
+        taps = sorted(set(nz[:, dim].tolist()))
+        d = 0
+        for t in taps[1:]:
+            d = math.gcd(d, t - lo[dim])
+        d = max(d, 1)
+        k = (hi[dim] - lo[dim]) // d + 1
+        p_lo = -(offset[dim] + lo[dim])
+        if p_lo < 0:
+            raise _compose.Decline("the map reads only one side of each position")
+        s = m.stride[dim]
+        span = d * (k - 1) + 1
+        n_in, n_out = in_shape[2 + dim], out_shape[2 + dim]
+        hi_min = (n_out - 1) * s + span - n_in - p_lo
+        choices = [h for h in range(max(hi_min, 0), hi_min + s) if h >= 0]
+        if not choices:
+            raise _compose.Decline("no padding reproduces the output size")
+        pad_hi.append(p_lo if p_lo in choices else choices[0])
+        kernel.append(k)
+        dilation.append(d)
+        pad_lo.append(p_lo)
+        sl.append(slice(lo[dim], hi[dim] + 1, d))
+    weight = weight[(slice(None), slice(None), *sl)]
+    geo = probe.ConvGeometry(
+        int(weight.shape[1]), int(weight.shape[0]), tuple(kernel), tuple(m.stride),
+        tuple(dilation), tuple(pad_lo), tuple(pad_hi),
+    )
+    groups = probe._detect_groups(weight)
+    if groups > 1:
+        og, ig = geo.out_channels // groups, geo.in_channels // groups
+        weight = torch.cat(
+            [weight[g * og : (g + 1) * og, g * ig : (g + 1) * ig] for g in range(groups)]
+        )
+    return probe.build_conv(geo, weight.contiguous(), m.bias, groups), "conv"

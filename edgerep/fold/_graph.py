@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgerep.fold import _collapse, _ops, verify
+from edgerep.fold import _collapse, _compose, _ops, verify
 from edgerep.fold._cost import count_flops, count_params
 
 logger = logging.getLogger(__name__)
@@ -273,6 +273,27 @@ def _to_float64(gm: fx.GraphModule) -> fx.GraphModule:
     return gm64
 
 
+def _analytic(
+    sub: fx.GraphModule, region: Region, in_shape: tuple[int, ...], rtol: float
+) -> _collapse.Collapsed | None:
+    """The composed layer if the analytic path models the region and it verifies."""
+    out_shape = _shape(region.output)
+    if out_shape is None:
+        return None
+    try:
+        composed = _compose.compose(sub, in_shape, region.role)
+        module, shape_kind = _collapse.from_map(composed, in_shape, out_shape)
+    except _compose.Decline as e:
+        logger.debug("analytic path declined %s: %s", region.path, e)
+        return None
+    module = module.eval()
+    check = verify.compare(sub, module, verify.probe_shapes(in_shape, shape_kind), rtol=rtol)
+    if not check.ok:
+        logger.debug("analytic candidate for %s rejected: %s", region.path, check.reason)
+        return None
+    return _collapse.Collapsed(module, region.role, check)
+
+
 @dataclass
 class RegionOutcome:
     region: Region
@@ -304,8 +325,10 @@ def fold_regions(
             outcomes.append(RegionOutcome(region, None, "the region's input shape is unknown"))
             continue
         sub = region_module(gm64, region)
-        kinds = ["conv"] if region.role == "conv" else ["linear"]
-        result = _collapse.collapse(sub, in_shape, kinds, rtol=rtol)
+        result = _analytic(sub, region, in_shape, rtol)
+        if result is None:
+            kinds = ["conv"] if region.role == "conv" else ["linear"]
+            result = _collapse.collapse(sub, in_shape, kinds, rtol=rtol)
         if isinstance(result, list):
             outcomes.append(RegionOutcome(region, None, "; ".join(result)))
             continue

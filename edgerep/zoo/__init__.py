@@ -1,1 +1,62 @@
-"""zoo."""
+"""Training-time reference blocks, tiny nets and demo data.
+
+The blocks are plain modules written from their papers' equations, with no
+deploy or fusing code: `edgerep.fold` must find the plain layer each one equals.
+`BLOCKS` maps a short name to each block class; `get_block(name)` looks one up.
+"""
+
+from __future__ import annotations
+
+from edgerep.zoo._registry import BLOCKS, get_block, register_block
+from edgerep.zoo.blocks import (
+    ACBlock,
+    AngularDifferenceConv2d,
+    BNAndPad,
+    CentralDifferenceConv2d,
+    ConvBN,
+    DEConv,
+    DiverseBranchBlock,
+    HorizontalDifferenceConv2d,
+    MobileOneBlock,
+    RepGhostBlock,
+    RepMLPUnit,
+    RepVGG1dBlock,
+    RepVGGBlock,
+    SSFConv,
+    SSFLinear,
+    VerticalDifferenceConv2d,
+    WeightNormConv,
+)
+from edgerep.zoo.data import accuracy, load_digits_tensors, train_classifier
+from edgerep.zoo.nets import RepVGGNet, demo_net, mobileone_net, randomize_, repvgg_a0
+
+__all__ = [
+    "ACBlock",
+    "AngularDifferenceConv2d",
+    "BLOCKS",
+    "BNAndPad",
+    "CentralDifferenceConv2d",
+    "ConvBN",
+    "DEConv",
+    "DiverseBranchBlock",
+    "HorizontalDifferenceConv2d",
+    "MobileOneBlock",
+    "RepGhostBlock",
+    "RepMLPUnit",
+    "RepVGG1dBlock",
+    "RepVGGBlock",
+    "RepVGGNet",
+    "SSFConv",
+    "SSFLinear",
+    "VerticalDifferenceConv2d",
+    "WeightNormConv",
+    "accuracy",
+    "demo_net",
+    "get_block",
+    "load_digits_tensors",
+    "mobileone_net",
+    "randomize_",
+    "register_block",
+    "repvgg_a0",
+    "train_classifier",
+]

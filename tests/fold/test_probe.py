@@ -28,8 +28,20 @@ GEOMETRIES = [
 
 def _random_conv(nd, kernel, stride, dilation, padding, groups, bias, channels=8):
     torch.manual_seed(0)
-    conv = CONV[nd](channels, channels, kernel, stride=stride, dilation=dilation,
-                    padding=padding, groups=groups, bias=bias).double().eval()
+    conv = (
+        CONV[nd](
+            channels,
+            channels,
+            kernel,
+            stride=stride,
+            dilation=dilation,
+            padding=padding,
+            groups=groups,
+            bias=bias,
+        )
+        .double()
+        .eval()
+    )
     return conv
 
 

@@ -1,0 +1,958 @@
+"""The stages chained: fold -> check -> export -> verify -> bundle.
+
+`convert` is the one function that knows every stage. Its order is chosen so that
+nothing is written unless everything succeeds:
+
+1. validate the specs and the output path, resolve every exporter and runtime
+   (unknown names and missing packages fail here, before any work);
+2. run the *original* model in float32 on three inputs (the example input, one more
+   random input of the same shape, one with different values of the symbolic dims):
+   these are the references every artifact is compared with;
+3. fold (unless disabled);
+4. ``check()`` every format and raise `UnsupportedError` listing *all* problems;
+5. inside a temporary bundle directory: export each format into its own folder,
+   run it with its runtime on the three inputs and compare (parity);
+6. if any format failed, raise (`ExportError` if an export failed, else
+   `VerificationError`) with a status line per format; the temporary directory is
+   removed and an earlier bundle at the same path is untouched;
+7. write ``fold_report.json``, ``report.txt`` and ``manifest.json``, and rename the
+   bundle into place.
+
+Parity: for each output, ``max_abs_error`` is the largest absolute difference,
+``max_rel_error`` that difference divided by ``max |reference|`` (the output's
+scale; element-wise ratios are meaningless near zeros), ``cosine`` the cosine
+similarity of the flattened outputs; an output passes when its shape matches, it
+has no NaN/Inf where the reference is finite, and ``max_abs_error <= rel *
+max(max|reference|, 1e-6)`` with ``rel`` from `TOLERANCES` keyed by (format,
+precision).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgerep.bundle import atomic_output_dir, check_output_dir, sha256_file, write_manifest
+from edgerep.errors import (
+    ConfigError,
+    EdgerepError,
+    ExportError,
+    MissingDependencyError,
+    UnsupportedError,
+    VerificationError,
+)
+from edgerep.spec import InputSpec, example_inputs, symbol_ranges, validate_specs
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from edgerep.exporters import Artifact, Exporter
+    from edgerep.fold.report import FoldReport
+    from edgerep.runtimes import Runtime
+
+__all__ = [
+    "TOLERANCES",
+    "ConvertResult",
+    "FormatStatus",
+    "OutputParity",
+    "Tolerance",
+    "compare_outputs",
+    "convert",
+    "fold_to_dir",
+    "tolerance_for",
+]
+
+logger = logging.getLogger(__name__)
+
+_SCALE_FLOOR = 1e-6
+_PARITY_INPUTS = 3
+
+
+# --- tolerances and parity ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an artifact may be from the float32 reference.
+
+    Attributes:
+        rel: allowed max absolute error as a fraction of the output's max |reference|.
+    """
+
+    rel: float
+
+
+#: (format, precision) -> tolerance; ("*", precision) applies to formats not listed
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("onnx", "fp32"): Tolerance(rel=1e-4),
+    ("pt2", "fp32"): Tolerance(rel=1e-4),
+    ("onnx", "fp16"): Tolerance(rel=1e-2),
+    ("*", "fp32"): Tolerance(rel=1e-4),
+    ("*", "fp16"): Tolerance(rel=1e-2),
+    ("*", "bf16"): Tolerance(rel=3e-2),
+}
+
+
+def tolerance_for(fmt: str, precision: str) -> Tolerance:
+    """The tolerance for an artifact of `fmt` at `precision`.
+
+    Raises:
+        ConfigError: no entry; quantized artifacts are judged by SQNR or accuracy, not
+            by a parity tolerance.
+    """
+    for key in ((fmt, precision), ("*", precision)):
+        if key in TOLERANCES:
+            return TOLERANCES[key]
+    raise ConfigError(
+        f"no parity tolerance for format {fmt!r} at precision {precision!r}; known: "
+        f"{', '.join(f'{f}/{p}' for f, p in TOLERANCES)} (quantized artifacts are checked by "
+        "SQNR or accuracy instead)"
+    )
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    """Parity of one output over all parity inputs (worst case over inputs)."""
+
+    output: str
+    max_abs_error: float
+    max_rel_error: float
+    cosine: float
+    nonfinite: int
+    threshold_rel: float
+    passed: bool
+    reason: str = ""
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    import numpy as np
+
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputParity:
+    import numpy as np
+
+    def fail(
+        reason: str,
+        max_abs_error: float = float("inf"),
+        max_rel_error: float = float("inf"),
+        cosine: float = 0.0,
+        nonfinite: int = 0,
+    ) -> OutputParity:
+        return OutputParity(
+            name, max_abs_error, max_rel_error, cosine, nonfinite, tol.rel, False, reason
+        )
+
+    if tuple(ref.shape) != tuple(got.shape):
+        return fail(f"shape {tuple(got.shape)} differs from the reference's {tuple(ref.shape)}")
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    g = np.asarray(got, dtype=np.float64).ravel()
+    rf, gf = np.isfinite(r), np.isfinite(g)
+    # where the reference itself is NaN/Inf the artifact must produce the same value
+    bad = (rf & ~gf) | (~rf & ~((r == g) | (np.isnan(r) & np.isnan(g))))
+    both = rf & gf
+    diff = np.abs(r[both] - g[both])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(r[rf]).max()) if rf.any() else 0.0
+    max_rel = max_abs / max(scale, _SCALE_FLOOR)
+    cos = _cosine(r[both], g[both])
+    nonfinite = int(bad.sum())
+    if nonfinite:
+        return fail(
+            f"{nonfinite} NaN/Inf value(s) where the reference has other values",
+            max_abs_error=max_abs,
+            max_rel_error=max_rel,
+            cosine=cos,
+            nonfinite=nonfinite,
+        )
+    if not max_rel <= tol.rel:
+        return fail(
+            f"max abs error {max_abs:.3e} is {max_rel:.2e} of max |reference| {scale:.3e}, "
+            f"above the tolerance {tol.rel:.0e}",
+            max_abs_error=max_abs,
+            max_rel_error=max_rel,
+            cosine=cos,
+        )
+    return OutputParity(name, max_abs, max_rel, cos, 0, tol.rel, True)
+
+
+def compare_outputs(
+    references: Sequence[Sequence[np.ndarray]],
+    results: Sequence[Sequence[np.ndarray]],
+    names: Sequence[str],
+    tolerance: Tolerance,
+) -> list[OutputParity]:
+    """Compare artifact outputs with reference outputs, over several inputs.
+
+    Args:
+        references: per input, the reference outputs.
+        results: per input, the artifact's outputs (same order).
+        names: output names.
+        tolerance: the gate.
+
+    Returns:
+        One `OutputParity` per output: the worst errors over the inputs; failed if
+        any input failed (with that input's reason).
+    """
+    out = []
+    for i, name in enumerate(names):
+        worst: OutputParity | None = None
+        for k, (refs, gots) in enumerate(zip(references, results)):
+            p = _compare_one(name, refs[i], gots[i], tolerance)
+            if not p.passed:
+                p = OutputParity(**{**asdict(p), "reason": f"on parity input {k}: {p.reason}"})
+            if worst is None:
+                worst = p
+                continue
+            passed = worst.passed and p.passed
+            worst = OutputParity(
+                name,
+                max(worst.max_abs_error, p.max_abs_error),
+                max(worst.max_rel_error, p.max_rel_error),
+                min(worst.cosine, p.cosine),
+                worst.nonfinite + p.nonfinite,
+                tolerance.rel,
+                passed,
+                worst.reason or p.reason,
+            )
+        if worst is not None:
+            out.append(worst)
+    return out
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class FormatStatus:
+    """What happened to one format."""
+
+    format: str
+    precision: str
+    status: str  # "verified", "failed" (parity) or "export-failed"
+    reason: str = ""
+    file: str | None = None
+    parity: list[OutputParity] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One row of the status table."""
+        worst = max((p.max_rel_error for p in self.parity), default=float("nan"))
+        err = f"max rel err {worst:.1e}" if self.parity else ""
+        tail = f"  {self.reason}" if self.reason else ""
+        return f"  {self.format:<10} {self.precision:<5} {self.status:<13} {err:<20} {self.file or '-'}{tail}"
+
+
+def format_status_table(statuses: Sequence[FormatStatus]) -> str:
+    """The per-format table the CLI prints."""
+    head = f"  {'format':<10} {'prec':<5} {'status':<13} {'parity':<20} file"
+    return "\n".join([head, *(s.line() for s in statuses)])
+
+
+@dataclass
+class ConvertResult:
+    """What `convert` or `fold_to_dir` produced."""
+
+    bundle: Path
+    fold_report: FoldReport | None
+    formats: list[FormatStatus]
+    manifest: dict[str, Any]
+
+    def status_table(self) -> str:
+        """The per-format status table."""
+        return format_status_table(self.formats)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable summary (strict JSON: infinities become None)."""
+        return {
+            "bundle": str(self.bundle),
+            "fold_report": self.fold_report.to_dict() if self.fold_report else None,
+            "formats": [_finite(asdict(s)) for s in self.formats],
+        }
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+# --- the stages -------------------------------------------------------------------------
+
+
+def _reference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The original model in eval mode and float32, copied only if it must change."""
+    import torch
+
+    needs_float = any(
+        t.is_floating_point() and t.dtype != torch.float32
+        for t in (*model.parameters(), *model.buffers())
+    )
+    if not model.training and not needs_float:
+        return model
+    ref = copy.deepcopy(model)
+    try:
+        ref.eval()
+    except (NotImplementedError, RuntimeError) as e:
+        # modules of exported programs fix their mode at export time
+        logger.debug("reference stays in its mode: %s", e)
+    if needs_float:
+        ref.float()
+    return ref
+
+
+def _shapes_text(specs: Sequence[InputSpec], inputs: Sequence[torch.Tensor]) -> str:
+    return ", ".join(
+        f"{s.name}: {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+        for s, t in zip(specs, inputs)
+    )
+
+
+def _run_reference(
+    model: torch.nn.Module, specs: Sequence[InputSpec], inputs: Sequence[torch.Tensor]
+) -> list[np.ndarray]:
+    from edgerep.runtimes.torch_eager import TorchEagerSession
+
+    feeds = _feeds(specs, inputs)
+    try:
+        return TorchEagerSession(model, [s.name for s in specs]).run(feeds)
+    except Exception as e:
+        hint = ""
+        if any(s.symbols for s in specs):
+            hint = (
+                " Symbolic dims take their opt value (1 unless a range says otherwise); give "
+                "them a range such as H[32..224..1024]."
+            )
+        raise ConfigError(
+            f"the model fails on the example inputs ({_shapes_text(specs, inputs)}): "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
+            f"Check --input: one spec per forward argument, in order.{hint}"
+        ) from e
+
+
+def _feeds(specs: Sequence[InputSpec], inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    out = {}
+    for s, t in zip(specs, inputs):
+        try:
+            out[s.name] = t.detach().cpu().numpy()
+        except TypeError as e:
+            raise UnsupportedError(
+                f"input {s.name!r} has dtype {s.dtype}, which numpy (and so the runtimes) cannot "
+                "hold; use float32 or float16"
+            ) from e
+    return out
+
+
+def _alternate_dims(specs: Sequence[InputSpec]) -> dict[str, int]:
+    """Values for the symbolic dims other than their opt value, within their ranges."""
+    dims: dict[str, int] = {}
+    for sym, r in symbol_ranges(specs).items():
+        hi = r.max if r.max is not None else r.opt + 2
+        lo = max(r.min, 1)
+        dims[sym] = next((v for v in (r.opt + 2, r.opt + 1, r.opt - 1) if lo <= v <= hi), r.opt)
+    return dims
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    reference: torch.nn.Module
+    specs: list[InputSpec]
+    inputs: list[tuple[torch.Tensor, ...]]
+    input_labels: list[dict[str, Any]]
+    references: list[list[np.ndarray]]
+
+
+def _prepare(model: torch.nn.Module, specs: Sequence[InputSpec], seed: int) -> _Prepared:
+    specs = list(specs)
+    validate_specs(specs)
+    alt = _alternate_dims(specs)
+    plan: list[tuple[int, dict[str, int]]] = [(seed, {}), (seed + 1, {}), (seed + 2, alt)]
+    reference = _reference_model(model)
+    inputs, labels, refs = [], [], []
+    for s, dims in plan[:_PARITY_INPUTS]:
+        x = example_inputs(specs, seed=s, dims=dims or None)
+        ref_x = tuple(t.float() if t.is_floating_point() else t for t in x)
+        refs.append(_run_reference(reference, specs, ref_x))
+        inputs.append(x)
+        labels.append({"seed": s, "shapes": {sp.name: list(t.shape) for sp, t in zip(specs, x)}})
+    return _Prepared(reference, specs, inputs, labels, refs)
+
+
+def _fold(
+    model: torch.nn.Module, example: tuple[torch.Tensor, ...]
+) -> tuple[torch.nn.Module, FoldReport]:
+    from edgerep.fold import fold as fold_model
+
+    return fold_model(model, example)
+
+
+def _fold_rows(report: FoldReport | None) -> list[dict[str, Any]]:
+    if report is None:
+        return [{"stage": "fold", "action": "skipped", "detail": "folding disabled", "error": None}]
+    rows: list[dict[str, Any]] = []
+    for r in report.folded:
+        rows.append(
+            {
+                "stage": "fold",
+                "action": "folded",
+                "detail": f"[{r.level}] {r.path or '<root>'}: {', '.join(r.modules) or '-'} -> {r.became}",
+                "error": float(r.max_rel_error),
+            }
+        )
+    for k in report.kept:
+        rows.append(
+            {
+                "stage": "fold",
+                "action": "kept",
+                "detail": f"{k.path or '<root>'}: {', '.join(k.modules) or '-'}: {k.reason}",
+                "error": None,
+            }
+        )
+    if not rows:
+        rows.append({"stage": "fold", "action": "none", "detail": "nothing to fold", "error": None})
+    return rows
+
+
+def _parity_rows(fmt: str, precision: str, parity: Sequence[OutputParity]) -> list[dict[str, Any]]:
+    return [
+        {
+            "stage": "verify",
+            "action": "passed" if p.passed else "failed",
+            "detail": (
+                f"{fmt}/{precision} output {p.output!r} vs the original model (float32) on "
+                f"{_PARITY_INPUTS} inputs: max abs {p.max_abs_error:.3e}, cosine {p.cosine:.9f}, "
+                f"tolerance {p.threshold_rel:.0e} of max |ref|"
+                + (f"; {p.reason}" if p.reason else "")
+            ),
+            "error": _finite(p.max_rel_error),
+        }
+        for p in parity
+    ]
+
+
+def _parity_dict(
+    prepared: _Prepared, parity: Sequence[OutputParity], tol: Tolerance, runtime: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {
+        "reference": "original (unfolded) model, float32, PyTorch eager",
+        "runtime": dict(runtime),
+        "inputs": prepared.input_labels,
+        "tolerance": {"rel_to_max_abs_reference": tol.rel},
+        "passed": all(p.passed for p in parity),
+        "outputs": {
+            p.output: {
+                "max_abs_error": _finite(p.max_abs_error),
+                "max_rel_error": _finite(p.max_rel_error),
+                "cosine": _finite(p.cosine),
+                "nonfinite": p.nonfinite,
+                "passed": p.passed,
+                "reason": p.reason,
+            }
+            for p in parity
+        },
+    }
+
+
+def _artifact_feeds(
+    names: Sequence[str], specs: Sequence[InputSpec], inputs: Sequence[torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """Feeds by name; positionally when the artifact names its inputs otherwise.
+
+    An ONNX graph may drop an input the model never reads, so a subset of the spec
+    names is fine; a ``.pt2`` program names inputs after the forward arguments.
+    """
+    feeds = _feeds(specs, inputs)
+    if set(names) <= set(feeds):
+        return {n: feeds[n] for n in names}
+    if len(names) == len(specs):
+        return dict(zip(names, (feeds[s.name] for s in specs)))
+    raise VerificationError(
+        f"the artifact takes inputs {list(names)} but the specs name {[s.name for s in specs]}"
+    )
+
+
+def _run_artifact(
+    runtime: Runtime, path: Path, prepared: _Prepared
+) -> tuple[list[list[np.ndarray]], dict[str, Any]]:
+    session = runtime.load(path, device="cpu")
+    try:
+        outs = [
+            session.run(_artifact_feeds(session.input_names, prepared.specs, x))
+            for x in prepared.inputs
+        ]
+        desc = session.describe()
+    finally:
+        session.close()
+    return outs, desc
+
+
+def _verify(
+    fmt: str,
+    precision: str,
+    runtime: Runtime,
+    path: Path,
+    output_names: Sequence[str],
+    prepared: _Prepared,
+    rtol: float | None,
+) -> tuple[list[OutputParity], dict[str, Any]]:
+    tol = tolerance_for(fmt, precision) if rtol is None else Tolerance(rel=float(rtol))
+    outs, desc = _run_artifact(runtime, path, prepared)
+    n_ref = len(prepared.references[0])
+    if any(len(o) != n_ref for o in outs):
+        p = OutputParity(
+            "<all>",
+            float("inf"),
+            float("inf"),
+            0.0,
+            0,
+            tol.rel,
+            False,
+            f"the artifact returns {len(outs[0])} output(s), the reference {n_ref}",
+        )
+        return [p], _parity_dict(prepared, [p], tol, desc)
+    names = (
+        list(output_names) if len(output_names) == n_ref else [f"output_{i}" for i in range(n_ref)]
+    )
+    parity = compare_outputs(prepared.references, outs, names, tol)
+    return parity, _parity_dict(prepared, parity, tol, desc)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _edgerep_version() -> str:
+    from edgerep import __version__
+
+    return __version__
+
+
+def _inputs_manifest(specs: Sequence[InputSpec]) -> list[dict[str, Any]]:
+    rows = []
+    for s in specs:
+        d = s.to_dict()
+        d.pop("version", None)
+        rows.append(d)
+    return rows
+
+
+def _reference_outputs(prepared: _Prepared) -> list[dict[str, Any]]:
+    from edgerep.runtimes.torch_eager import output_names_for
+
+    refs = prepared.references[0]
+    return [
+        {"name": n, "shape": list(a.shape), "dtype": a.dtype.name}
+        for n, a in zip(output_names_for(len(refs)), refs)
+    ]
+
+
+def _write_reports(
+    tmp: Path,
+    *,
+    title: str,
+    report: FoldReport | None,
+    statuses: Sequence[FormatStatus],
+    ledger: Sequence[Mapping[str, Any]],
+    specs: Sequence[InputSpec],
+    source: Mapping[str, Any] | None,
+) -> None:
+    (tmp / "fold_report.json").write_text(
+        json.dumps(report.to_dict() if report else None, indent=2, default=str) + "\n"
+    )
+    lines = [f"edgerep {title} ({_now()}, edgerep {_edgerep_version()})"]
+    if source:
+        where = source.get("path", "")
+        lines.append(
+            f"source: {where}" + (f":{source['factory']}" if source.get("factory") else "")
+        )
+    lines.append("inputs: " + ", ".join(s.to_text() for s in specs))
+    lines.append("")
+    lines.append("fold:")
+    lines.append(report.to_text() if report else "  skipped (folding disabled)")
+    lines.append("")
+    lines.append("formats:")
+    lines.append(format_status_table(statuses))
+    lines.append("")
+    lines.append("ledger:")
+    for row in ledger:
+        err = "" if row["error"] is None else f" (error {row['error']:.1e})"
+        lines.append(f"  {row['stage']:<7} {row['action']:<8} {row['detail']}{err}")
+    (tmp / "report.txt").write_text("\n".join(lines) + "\n")
+
+
+def _failure(statuses: Sequence[FormatStatus], what: str) -> str:
+    return f"{what}; nothing was written:\n{format_status_table(statuses)}"
+
+
+def convert(
+    model: torch.nn.Module,
+    specs: Sequence[InputSpec],
+    *,
+    to: Sequence[str] = ("onnx",),
+    out_dir: str | Path,
+    overwrite: bool = False,
+    fold: bool = True,
+    rtol: float | None = None,
+    seed: int = 0,
+    source: Mapping[str, Any] | None = None,
+) -> tuple[Path, ConvertResult]:
+    """Fold, export to each format, verify against the original model, write a bundle.
+
+    Args:
+        model: the model; not modified.
+        specs: one input spec per forward argument.
+        to: format names (see `edgerep.exporters.available_formats`).
+        out_dir: the bundle directory to create.
+        overwrite: replace an existing bundle (only once the new one is complete).
+        fold: run the fold engine first.
+        rtol: override the parity tolerance (fraction of max |reference|).
+        seed: seed of the parity inputs.
+        source: description of where the model came from, stored in the manifest.
+
+    Returns:
+        The bundle path and a `ConvertResult`.
+
+    Raises:
+        ConfigError: bad specs or options, existing output without `overwrite`, or a
+            model that fails on the example inputs.
+        MissingDependencyError: an exporter's or runtime's package is missing.
+        UnsupportedError: a format cannot take the model (all problems listed).
+        ExportError: an export failed.
+        VerificationError: an artifact does not match the reference.
+    """
+    from edgerep.exporters import get_exporter
+    from edgerep.runtimes import get_runtime
+
+    formats = list(dict.fromkeys(to))
+    if not formats:
+        raise ConfigError("no export format given; pass at least one, e.g. to=('onnx',)")
+    exporters: list[Exporter] = [get_exporter(f) for f in formats]
+    runtimes: list[Runtime] = [get_runtime(e.runtime) for e in exporters]
+    for e, rt in zip(exporters, runtimes):
+        if not rt.is_available():
+            raise MissingDependencyError(rt.name, e.extra, f"verifying {e.format} artifacts")
+    if rtol is not None and not rtol > 0:
+        raise ConfigError(f"rtol must be positive, got {rtol!r}")
+    target = check_output_dir(out_dir, overwrite=overwrite)
+
+    prepared = _prepare(model, specs, seed)
+    example = prepared.inputs[0]
+    report: FoldReport | None = None
+    subject = prepared.reference
+    if fold:
+        subject, report = _fold(model, example)
+    ledger: list[dict[str, Any]] = _fold_rows(report)
+
+    problems = [p for e in exporters for p in e.check(subject, example, prepared.specs)]
+    if problems:
+        raise UnsupportedError(
+            f"{len(problems)} problem(s) stop the export; nothing was written:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+    statuses: list[FormatStatus] = []
+    artifacts: list[dict[str, Any]] = []
+    outputs: list[dict[str, Any]] | None = None
+    with atomic_output_dir(target, overwrite=overwrite) as tmp:
+        for exporter, runtime in zip(exporters, runtimes):
+            status, entry, rows = _export_and_verify(
+                exporter, runtime, subject, prepared, tmp, rtol
+            )
+            statuses.append(status)
+            ledger += rows
+            if entry is not None:
+                artifacts.append(entry)
+                if outputs is None and entry["outputs"]:
+                    outputs = entry["outputs"]
+        if any(s.status == "export-failed" for s in statuses):
+            raise ExportError(_failure(statuses, "export failed"))
+        if any(s.status != "verified" for s in statuses):
+            raise VerificationError(_failure(statuses, "parity check failed"))
+        _write_reports(
+            tmp,
+            title="convert",
+            report=report,
+            statuses=statuses,
+            ledger=ledger,
+            specs=prepared.specs,
+            source=source,
+        )
+        manifest = write_manifest(
+            tmp,
+            {
+                "edgerep_version": _edgerep_version(),
+                "created": _now(),
+                "source": dict(source or {}),
+                "inputs": _inputs_manifest(prepared.specs),
+                "outputs": outputs if outputs is not None else _reference_outputs(prepared),
+                "artifacts": artifacts,
+                "ledger": ledger,
+            },
+        )
+    return target, ConvertResult(target, report, statuses, manifest)
+
+
+def _export_and_verify(
+    exporter: Exporter,
+    runtime: Runtime,
+    subject: torch.nn.Module,
+    prepared: _Prepared,
+    root: Path,
+    rtol: float | None,
+) -> tuple[FormatStatus, dict[str, Any] | None, list[dict[str, Any]]]:
+    """Export one format into ``root/<format>`` and check its parity.
+
+    Failures of this format become its status (so that every format gets one); only
+    errors the user must act on globally (a missing package) propagate.
+    """
+    fmt = exporter.format
+    fmt_dir = root / fmt
+    fmt_dir.mkdir()
+    try:
+        artifact = exporter.export(subject, prepared.inputs[0], prepared.specs, fmt_dir)
+    except MissingDependencyError:
+        raise
+    except Exception as e:  # ExportError, or an exporter's or SDK's own error
+        msg = str(e) if isinstance(e, EdgerepError) else f"{type(e).__name__}: {e}"
+        logger.debug("%s export failed", fmt, exc_info=True)
+        row = {"stage": "export", "action": "failed", "detail": f"{fmt}: {msg}", "error": None}
+        return FormatStatus(fmt, "-", "export-failed", msg), None, [row]
+    rel = artifact.path.relative_to(root).as_posix()
+    rows = [_export_row(artifact, rel)]
+    rows += [
+        {"stage": "export", "action": "note", "detail": f"{fmt}: {n}", "error": None}
+        for n in artifact.notes
+    ]
+    try:
+        parity, parity_dict = _verify(
+            fmt, artifact.precision, runtime, artifact.path, artifact.output_names, prepared, rtol
+        )
+    except MissingDependencyError:
+        raise
+    except Exception as e:  # the runtime cannot load or run the artifact: not verified
+        msg = f"{runtime.name} cannot run it: {type(e).__name__}: {e}"
+        logger.debug("%s parity run failed", fmt, exc_info=True)
+        rows.append(
+            {"stage": "verify", "action": "failed", "detail": f"{fmt}: {msg}", "error": None}
+        )
+        return FormatStatus(fmt, artifact.precision, "failed", msg, rel), None, rows
+    rows += _parity_rows(fmt, artifact.precision, parity)
+    ok = all(p.passed for p in parity)
+    why = "; ".join(f"output {p.output!r}: {p.reason}" for p in parity if not p.passed)
+    status = FormatStatus(fmt, artifact.precision, "verified" if ok else "failed", why, rel, parity)
+    return status, _artifact_entry(artifact, root, parity_dict), rows
+
+
+def _export_row(artifact: Artifact, rel: str) -> dict[str, Any]:
+    how = artifact.metadata.get("exporter")
+    opset = artifact.metadata.get("opset")
+    extra = ", ".join(
+        x for x in (f"via {how}" if how else "", f"opset {opset}" if opset else "") if x
+    )
+    return {
+        "stage": "export",
+        "action": "exported",
+        "detail": f"{artifact.format}/{artifact.precision} -> {rel}"
+        + (f" ({extra})" if extra else ""),
+        "error": None,
+    }
+
+
+def _artifact_entry(artifact: Artifact, root: Path, parity: Mapping[str, Any]) -> dict[str, Any]:
+    base = artifact.path.parent.relative_to(root)
+    files = [(base / f).as_posix() for f in artifact.files] or [
+        artifact.path.relative_to(root).as_posix()
+    ]
+    return {
+        "format": artifact.format,
+        "file": artifact.path.relative_to(root).as_posix(),
+        "precision": artifact.precision,
+        "sha256": sha256_file(artifact.path),
+        "files": files,
+        "tool_versions": dict(artifact.tool_versions),
+        "parity": dict(parity),
+        "notes": list(artifact.notes),
+        "metadata": json.loads(json.dumps(dict(artifact.metadata), default=str)),
+        "inputs": [t.to_dict() for t in artifact.inputs],
+        "outputs": [t.to_dict() for t in artifact.outputs],
+    }
+
+
+# --- fold only ----------------------------------------------------------------------------
+
+
+def _program_outputs(program: Any, specs: Sequence[InputSpec]) -> list[dict[str, Any]]:
+    """Output shapes of an exported program, its symbols renamed after the specs' symbols."""
+    import torch
+
+    from edgerep.runtimes.torch_eager import output_names_for
+
+    names: dict[str, str] = {}
+    user_inputs = list(program.graph_signature.user_inputs)
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for spec, name in zip(specs, user_inputs):
+        val = placeholders[name].meta.get("val")
+        for d, want in zip(getattr(val, "shape", ()), spec.shape):
+            if not isinstance(d, int) and isinstance(want, str):
+                names.setdefault(str(d), want)
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    vals = [a.meta.get("val") for a in out_node.args[0] if isinstance(a, torch.fx.Node)]
+    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+    rows = []
+    for name, v in zip(output_names_for(len(tensors)), tensors):
+        shape: list[int | str] = []
+        for d in v.shape:
+            if isinstance(d, int):
+                shape.append(d)
+            else:
+                text = str(d)
+                shape.append(
+                    names.get(text)
+                    or re.sub(r"\bs\d+\b", lambda m: names.get(m.group(0), m.group(0)), text)
+                )
+        rows.append({"name": name, "shape": shape, "dtype": str(v.dtype).removeprefix("torch.")})
+    return rows
+
+
+def fold_to_dir(
+    model: torch.nn.Module,
+    specs: Sequence[InputSpec],
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    seed: int = 0,
+    source: Mapping[str, Any] | None = None,
+) -> tuple[Path, ConvertResult]:
+    """Fold `model` and save it as a ``.pt2`` program in a verified bundle.
+
+    The bundle holds ``model.pt2`` (``torch.export.save`` of the folded model,
+    symbolic dims of the specs kept dynamic), ``fold_report.json``, ``report.txt``
+    and ``manifest.json``. The saved program is loaded back and compared with the
+    original model like any artifact.
+
+    Args:
+        model: the model; not modified.
+        specs: one input spec per forward argument.
+        out_dir: the bundle directory to create.
+        overwrite: replace an existing bundle (only once the new one is complete).
+        seed: seed of the parity inputs.
+        source: description of the model's origin, stored in the manifest.
+
+    Returns:
+        The bundle path and a `ConvertResult` with one ``pt2`` format status.
+
+    Raises:
+        ConfigError: bad specs, existing output without `overwrite`, or a model that
+            fails on the example inputs.
+        ExportError: the folded model cannot be captured by torch.export.
+        VerificationError: the saved program does not match the original model.
+    """
+    import torch
+
+    from edgerep.exporters import export_program, package_versions
+    from edgerep.runtimes import get_runtime
+
+    target = check_output_dir(out_dir, overwrite=overwrite)
+    prepared = _prepare(model, specs, seed)
+    example = prepared.inputs[0]
+    folded, report = _fold(model, example)
+    ledger = _fold_rows(report)
+    with atomic_output_dir(target, overwrite=overwrite) as tmp:
+        path = tmp / "model.pt2"
+        try:
+            program = export_program(folded, example, prepared.specs)
+            torch.export.save(program, str(path))
+        except Exception as e:
+            raise ExportError(
+                f"cannot save the folded model as a .pt2 program: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; torch.export must be "
+                "able to capture it (check the symbolic dims of --input)"
+            ) from e
+        ledger.append(
+            {
+                "stage": "export",
+                "action": "exported",
+                "detail": "pt2/fp32 -> model.pt2 (torch.export)",
+                "error": None,
+            }
+        )
+        outputs = _program_outputs(program, prepared.specs)
+        try:
+            parity, parity_dict = _verify(
+                "pt2",
+                "fp32",
+                get_runtime("torch"),
+                path,
+                [o["name"] for o in outputs],
+                prepared,
+                None,
+            )
+        except EdgerepError:
+            raise
+        except Exception as e:
+            raise VerificationError(
+                f"the saved model.pt2 cannot be loaded back and run: {type(e).__name__}: {e}"
+            ) from e
+        ledger += _parity_rows("pt2", "fp32", parity)
+        ok = all(p.passed for p in parity)
+        why = "; ".join(f"output {p.output!r}: {p.reason}" for p in parity if not p.passed)
+        statuses = [
+            FormatStatus("pt2", "fp32", "verified" if ok else "failed", why, "model.pt2", parity)
+        ]
+        if not ok:
+            raise VerificationError(
+                _failure(statuses, "the folded model does not match the original")
+            )
+        _write_reports(
+            tmp,
+            title="fold",
+            report=report,
+            statuses=statuses,
+            ledger=ledger,
+            specs=prepared.specs,
+            source=source,
+        )
+        manifest = write_manifest(
+            tmp,
+            {
+                "edgerep_version": _edgerep_version(),
+                "created": _now(),
+                "source": dict(source or {}),
+                "inputs": _inputs_manifest(prepared.specs),
+                "outputs": outputs or _reference_outputs(prepared),
+                "artifacts": [
+                    {
+                        "format": "pt2",
+                        "file": "model.pt2",
+                        "precision": "fp32",
+                        "sha256": sha256_file(path),
+                        "files": ["model.pt2"],
+                        "tool_versions": package_versions("torch"),
+                        "parity": parity_dict,
+                        "notes": [],
+                        "metadata": {"capture": report.capture},
+                    }
+                ],
+                "ledger": ledger,
+            },
+        )
+    return target, ConvertResult(target, report, statuses, manifest)

@@ -1,0 +1,99 @@
+"""The Runtime and Session protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from edgerep.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Runtime", "Session", "check_feeds"]
+
+
+class Session(Protocol):
+    """A loaded model, ready to run: numpy in, numpy out."""
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs `run` expects."""
+        ...
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the outputs, in the order `run` returns them."""
+        ...
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once on `feeds` (one array per input name)."""
+        ...
+
+    def close(self) -> None:
+        """Release the session's resources; it cannot run afterwards."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the model: runtime name and version, device, providers, ...
+
+        JSON-serializable; recorded next to parity numbers.
+        """
+        ...
+
+
+class Runtime(Protocol):
+    """An inference engine that can load some artifact formats."""
+
+    @property
+    def name(self) -> str:
+        """The registry name, e.g. ``"onnxruntime"``."""
+        ...
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """Artifact formats this runtime loads."""
+        ...
+
+    def is_available(self) -> bool:
+        """Whether the runtime's package is installed (checked without importing it)."""
+        ...
+
+    def devices(self) -> list[str]:
+        """Devices this runtime can use on this machine, e.g. ``["cpu"]``."""
+        ...
+
+    def capabilities(self, device: str) -> dict[str, Any]:
+        """What the runtime offers on `device` (precisions, providers, ...)."""
+        ...
+
+    def load(
+        self,
+        artifact_path: str | Path,
+        *,
+        device: str = "cpu",
+        options: Mapping[str, Any] | None = None,
+    ) -> Session:
+        """Load an artifact into a session."""
+        ...
+
+
+def check_feeds(feeds: Mapping[str, Any], input_names: Sequence[str], runtime: str) -> None:
+    """Raise if `feeds` does not name exactly the session's inputs.
+
+    Raises:
+        ConfigError: naming the missing and unexpected inputs.
+    """
+    missing = [n for n in input_names if n not in feeds]
+    extra = [n for n in feeds if n not in input_names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(map(repr, missing))}")
+        if extra:
+            parts.append(f"unexpected {', '.join(map(repr, extra))}")
+        raise ConfigError(
+            f"{runtime} session feeds do not match its inputs ({'; '.join(parts)}); "
+            f"expected exactly: {', '.join(map(repr, input_names))}"
+        )
