@@ -7,8 +7,8 @@ verifier accepted or the reasons why none was.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,8 +135,13 @@ def from_map(
         sl.append(slice(lo[dim], hi[dim] + 1, d))
     weight = weight[(slice(None), slice(None), *sl)]
     geo = probe.ConvGeometry(
-        int(weight.shape[1]), int(weight.shape[0]), tuple(kernel), tuple(m.stride),
-        tuple(dilation), tuple(pad_lo), tuple(pad_hi),
+        int(weight.shape[1]),
+        int(weight.shape[0]),
+        tuple(kernel),
+        tuple(m.stride),
+        tuple(dilation),
+        tuple(pad_lo),
+        tuple(pad_hi),
     )
     groups = probe._detect_groups(weight)
     if groups > 1:

@@ -34,7 +34,7 @@ aten = torch.ops.aten
 _F64 = torch.float64
 
 
-class Decline(Exception):  # noqa: N818 - a reason carried as data
+class Decline(Exception):
     """The analytic path does not model this region; ``str(e)`` says why."""
 
 
@@ -118,9 +118,7 @@ def _add(a: Value, b: Value, alpha: float = 1.0) -> Value:
     ]
     weight = torch.zeros((*a.weight.shape[:2], *(h - m for h, m in zip(hi, lo))), dtype=_F64)
     for v, factor in ((a, 1.0), (b, alpha)):
-        idx = tuple(
-            slice(o - m, o - m + k) for o, m, k in zip(v.offset, lo, v.weight.shape[2:])
-        )
+        idx = tuple(slice(o - m, o - m + k) for o, m, k in zip(v.offset, lo, v.weight.shape[2:]))
         weight[(slice(None), slice(None), *idx)] += factor * v.weight
     return KernelMap(weight, a.bias + alpha * b.bias, a.stride, tuple(lo))
 
@@ -156,10 +154,10 @@ def _conv(
     for u in _taps(k2):
         start = tuple(ui * d * s for ui, d, s in zip(u, dilation, x.stride))
         idx = tuple(slice(st, st + kk) for st, kk in zip(start, kx))
-        contrib = (dense[(slice(None), slice(None), *u)] @ flat_x).reshape(
+        contrib = (dense[(slice(None), slice(None), *u)] @ flat_x).reshape(  # type: ignore[index]
             c_out, x.weight.shape[1], *kx
         )
-        out[(slice(None), slice(None), *idx)] += contrib
+        out[(slice(None), slice(None), *idx)] += contrib  # type: ignore[index]
     b = dense.sum(dim=tuple(range(2, 2 + nd))) @ x.bias
     if bias is not None:
         b = b + bias.to(_F64)
@@ -174,7 +172,7 @@ def _conv(
 def _taps(kernel: tuple[int, ...] | torch.Size) -> list[tuple[int, ...]]:
     taps: list[tuple[int, ...]] = [()]
     for k in kernel:
-        taps = [t + (i,) for t in taps for i in range(k)]
+        taps = [(*t, i) for t in taps for i in range(k)]
     return taps
 
 
@@ -185,8 +183,15 @@ def _tuple(v: Any, nd: int) -> tuple[int, ...]:
     return v * nd if len(v) == 1 else v
 
 
-def _conv_handler(x: Value, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
-                  dilation: Any = 1, groups: int = 1) -> KernelMap:
+def _conv_handler(
+    x: Value,
+    weight: Any,
+    bias: Any = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> KernelMap:
     if not isinstance(x, KernelMap):
         raise Decline("a convolution applied to a linear map")
     nd = x.nd
@@ -203,8 +208,17 @@ def _conv_handler(x: Value, weight: Any, bias: Any = None, stride: Any = 1, padd
     return _conv(x, w, b, _tuple(stride, nd), pad, dil, int(groups))
 
 
-def _convolution(x: Value, weight: Any, bias: Any, stride: Any, padding: Any, dilation: Any,
-                 transposed: bool, output_padding: Any, groups: int) -> KernelMap:
+def _convolution(
+    x: Value,
+    weight: Any,
+    bias: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    transposed: bool,
+    output_padding: Any,
+    groups: int,
+) -> KernelMap:
     if transposed:
         raise Decline("transposed convolution")
     return _conv_handler(x, weight, bias, stride, padding, dilation, groups)
@@ -225,8 +239,17 @@ def _matmul(x: Value, other: Any) -> LinearMap:
     return _linear(x, m.T)
 
 
-def _batch_norm(x: Value, weight: Any, bias: Any, mean: Any, var: Any, training: bool = False,
-                momentum: float = 0.1, eps: float = 1e-5, *rest: Any) -> Value:
+def _batch_norm(
+    x: Value,
+    weight: Any,
+    bias: Any,
+    mean: Any,
+    var: Any,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *rest: Any,
+) -> Value:
     if training:
         raise Decline("batch norm in training mode")
     if isinstance(x, LinearMap) and x.rank != 2:
@@ -241,8 +264,9 @@ def _batch_norm(x: Value, weight: Any, bias: Any, mean: Any, var: Any, training:
     return _shift(_scale(x, scale), shift)
 
 
-def _bn_legit(x: Value, weight: Any, bias: Any, mean: Any, var: Any, momentum: float,
-              eps: float) -> tuple[Value, None, None]:
+def _bn_legit(
+    x: Value, weight: Any, bias: Any, mean: Any, var: Any, momentum: float, eps: float
+) -> tuple[Value, None, None]:
     return (_batch_norm(x, weight, bias, mean, var, False, momentum, eps), None, None)
 
 
@@ -297,9 +321,15 @@ def _constant_pad_nd(x: Value, pad: Any, value: Any = 0) -> KernelMap:
     return _pad(x, pad, "constant", value)
 
 
-def _avg_pool(x: Value, kernel_size: Any, stride: Any = None, padding: Any = 0,
-              ceil_mode: bool = False, count_include_pad: bool = True,
-              divisor_override: Any = None) -> KernelMap:
+def _avg_pool(
+    x: Value,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: Any = None,
+) -> KernelMap:
     if not isinstance(x, KernelMap):
         raise Decline("avg-pools a linear map")
     nd = x.nd
@@ -379,7 +409,9 @@ class _Composer(fx.Interpreter):
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         flat = list(args) + list(kwargs.values())
-        if not any(_is_map(a) or (isinstance(a, tuple) and any(_is_map(i) for i in a)) for a in flat):
+        if not any(
+            _is_map(a) or (isinstance(a, tuple) and any(_is_map(i) for i in a)) for a in flat
+        ):
             return super().call_function(target, args, kwargs)  # a constant computation
         handler = HANDLERS.get(target)
         if handler is None:

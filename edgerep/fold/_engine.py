@@ -26,10 +26,24 @@ __all__ = ["PLAIN_LAYERS", "fold"]
 # with its own forward is a candidate.
 PLAIN_LAYERS: frozenset[type[nn.Module]] = frozenset(
     {
-        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-        nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag,
-        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.MultiheadAttention, nn.PReLU,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.Linear,
+        nn.Bilinear,
+        nn.Embedding,
+        nn.EmbeddingBag,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.MultiheadAttention,
+        nn.PReLU,
     }
 )
 
@@ -86,7 +100,9 @@ def fold(
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"fold() needs a torch.nn.Module, got {type(model).__name__}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    )
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise ConfigError(
             "example_inputs must be a tensor or a tuple of tensors, got "
@@ -114,11 +130,26 @@ def fold(
     report.flops_before = count_flops(work, inputs)
 
     nonaffine: dict[str, str] = {}
+    cap = _graph.capture(work, inputs) if graph_level else None
     if module_level:
-        work = _module_pass(work, inputs, report, nonaffine, rtol, allow_flops_increase)
+        # When the graph is captured, modules made only of ops the graph pass folds are
+        # left to it (one fold instead of two); the module pass handles the rest.
+        graph_ok = cap is not None and cap.gm is not None
+        n_before = len(report.folded)
+        work = _module_pass(
+            work,
+            inputs,
+            report,
+            nonaffine,
+            rtol,
+            allow_flops_increase,
+            skip_transparent=graph_ok,
+        )
+        if any(r.level == "module" for r in report.folded[n_before:]):
+            cap = None  # the module tree changed: capture it again
     root_collapsed = any(r.level == "module" and r.path == "" for r in report.folded)
     if graph_level and not root_collapsed:
-        work = _graph_pass(work, inputs, report, rtol, allow_flops_increase)
+        work = _graph_pass(work, inputs, report, rtol, allow_flops_increase, cap)
     else:
         report.capture = "skipped"
     _report_nonaffine(report, nonaffine)
@@ -199,19 +230,21 @@ def _remove_parametrizations(
                     f"({check.reason})"
                 )
             shapes, max_abs, max_rel = check.shapes, check.max_abs_error, check.max_rel_error
-        report.folded.append(FoldedRegion(
-            path=name,
-            modules=(name,),
-            level="parametrization",
-            became=f"plain {', '.join(names)} of {type(module).__name__}",
-            params_before=params_before,
-            params_after=count_params(module),
-            flops_before=0,
-            flops_after=0,
-            max_abs_error=max_abs,
-            max_rel_error=max_rel,
-            sizes_checked=shapes,
-        ))
+        report.folded.append(
+            FoldedRegion(
+                path=name,
+                modules=(name,),
+                level="parametrization",
+                became=f"plain {', '.join(names)} of {type(module).__name__}",
+                params_before=params_before,
+                params_after=count_params(module),
+                flops_before=0,
+                flops_after=0,
+                max_abs_error=max_abs,
+                max_rel_error=max_rel,
+                sizes_checked=shapes,
+            )
+        )
 
 
 def _strip_parametrizations(
@@ -219,12 +252,13 @@ def _strip_parametrizations(
 ) -> list[str]:
     names: list[str] = []
     if parametrize.is_parametrized(module):
-        names = list(module.parametrizations.keys())
+        names = [str(k) for k in module.parametrizations]  # type: ignore[union-attr,operator]
         for tensor_name in names:
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     for hook in [h for h in module._forward_pre_hooks.values() if type(h) in removers]:
-        removers[type(hook)](module, hook.name)
-        names.append(hook.name)
+        hook_name = str(getattr(hook, "name", "weight"))
+        removers[type(hook)](module, hook_name)
+        names.append(hook_name)
     return names
 
 
@@ -239,6 +273,7 @@ def _record_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[s
     calls: dict[str, list[Any]] = {}
     handles = []
     for name, module in model.named_modules():
+
         def hook(mod: nn.Module, args: Any, kwargs: Any, _name: str = name) -> None:
             calls.setdefault(_name, []).append((args, kwargs))
 
@@ -263,8 +298,10 @@ def _is_candidate(module: nn.Module) -> bool:
     if own:
         return True
     holders = [
-        m for m in module.modules()
-        if m is not module and (
+        m
+        for m in module.modules()
+        if m is not module
+        and (
             any(True for _ in m.parameters(recurse=False))
             or any(True for _ in m.buffers(recurse=False))
         )
@@ -285,6 +322,8 @@ def _module_pass(
     nonaffine: dict[str, str],
     rtol: float,
     allow_flops_increase: bool,
+    *,
+    skip_transparent: bool,
 ) -> nn.Module:
     calls = _record_inputs(work, inputs)
     done: list[str] = []
@@ -300,6 +339,12 @@ def _module_pass(
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             continue
         if not args[0].is_floating_point():
+            continue
+        structure = _structure(module)
+        if skip_transparent and structure == "transparent":
+            continue
+        if structure.startswith("contains "):
+            nonaffine[name] = f"not affine ({structure})"
             continue
         shape = tuple(args[0].shape)
         f64 = copy.deepcopy(module).to(torch.float64).eval()
@@ -324,27 +369,32 @@ def _module_pass(
         flops_before = count_flops(f64, example)
         flops_after = count_flops(result.module, example)
         if flops_after > flops_before and not allow_flops_increase:
-            report.kept.append(KeptRegion(
-                name, (name,),
-                f"affine, but one {result.signature} layer would raise FLOPs from "
-                f"{flops_before:,} to {flops_after:,}",
-            ))
+            report.kept.append(
+                KeptRegion(
+                    name,
+                    (name,),
+                    f"affine, but one {result.signature} layer would raise FLOPs from "
+                    f"{flops_before:,} to {flops_after:,}",
+                )
+            )
             done.append(name)
             continue
         replacement = result.module.to(_dtype_of(module)).eval()
-        report.folded.append(FoldedRegion(
-            path=name,
-            modules=(name,),
-            level="module",
-            became=_describe(replacement),
-            params_before=count_params(module),
-            params_after=count_params(replacement),
-            flops_before=flops_before,
-            flops_after=flops_after,
-            max_abs_error=result.check.max_abs_error,
-            max_rel_error=result.check.max_rel_error,
-            sizes_checked=result.check.shapes,
-        ))
+        report.folded.append(
+            FoldedRegion(
+                path=name,
+                modules=(name,),
+                level="module",
+                became=_describe(replacement),
+                params_before=count_params(module),
+                params_after=count_params(replacement),
+                flops_before=flops_before,
+                flops_after=flops_after,
+                max_abs_error=result.check.max_abs_error,
+                max_rel_error=result.check.max_rel_error,
+                sizes_checked=result.check.shapes,
+            )
+        )
         done.append(name)
         if name == "":
             report.notes.append("the whole model is affine: it collapsed to one layer")
@@ -352,6 +402,81 @@ def _module_pass(
         parent_path, _, attr = name.rpartition(".")
         setattr(work.get_submodule(parent_path), attr, replacement)
     return work
+
+
+# Ops known to be nonlinear: a module whose traced graph applies one of them to its
+# input is not affine, so it is not probed at all.
+_NONLINEAR_NAMES = frozenset(
+    {
+        "relu",
+        "relu_",
+        "relu6",
+        "gelu",
+        "silu",
+        "sigmoid",
+        "tanh",
+        "hardswish",
+        "hardsigmoid",
+        "softmax",
+        "log_softmax",
+        "leaky_relu",
+        "elu",
+        "mish",
+        "layer_norm",
+        "group_norm",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "softplus",
+        "exp",
+        "log",
+        "abs",
+    }
+)
+_NONLINEAR_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softmax,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.Softplus,
+    nn.PReLU,
+)
+
+
+def _structure(module: nn.Module) -> str:
+    """'transparent' when the graph pass folds every activation op of `module`,
+    'contains <op>' when it applies a known nonlinearity, else 'opaque'."""
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception:
+        return "opaque"
+    const, affine = _graph._classify(gm)
+    opaque = False
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module") or n in const or n in affine:
+            continue
+        if n.op == "call_module":
+            sub = gm.get_submodule(str(n.target))
+            if isinstance(sub, _NONLINEAR_MODULES):
+                return f"contains {type(sub).__name__}"
+        else:
+            name = getattr(n.target, "__name__", str(n.target))
+            if name in _NONLINEAR_NAMES:
+                return f"contains {name}"
+        opaque = True
+    return "opaque" if opaque else "transparent"
 
 
 def _describe(module: nn.Module) -> str:
@@ -365,8 +490,10 @@ def _graph_pass(
     report: FoldReport,
     rtol: float,
     allow_flops_increase: bool,
+    cap: _graph.Capture | None,
 ) -> nn.Module:
-    cap = _graph.capture(work, inputs)
+    if cap is None:
+        cap = _graph.capture(work, inputs)
     report.capture = cap.method
     if cap.gm is None:
         report.notes.append(
@@ -375,11 +502,11 @@ def _graph_pass(
         return work
     if cap.errors:
         report.notes.append("torch.export failed, used torch.fx: " + " | ".join(cap.errors))
-    gm, outcomes, declined = _graph.fold_regions(
+    folded_gm, outcomes, declined = _graph.fold_regions(
         cap.gm, rtol=rtol, allow_flops_increase=allow_flops_increase
     )
-    if not any(o.replacement is not None for o in outcomes):
-        gm = work  # nothing folded in the graph: keep the model's own module structure
+    # nothing folded in the graph: keep the model's own module structure
+    gm: nn.Module = folded_gm if any(o.replacement is not None for o in outcomes) else work
     module_rows = {r.path: r for r in report.folded if r.level == "module"}
     absorbed: set[str] = set()
     for outcome in outcomes:
@@ -390,21 +517,27 @@ def _graph_pass(
         inner = [module_rows[m] for m in region.modules if m in module_rows]
         absorbed.update(r.path for r in inner)
         check = outcome.collapsed.check
-        report.folded.append(FoldedRegion(
-            path=region.path,
-            modules=region.modules,
-            level="graph",
-            became=_describe(outcome.replacement),
-            params_before=outcome.params_before + sum(r.params_before - r.params_after for r in inner),
-            params_after=outcome.params_after,
-            flops_before=outcome.flops_before + sum(r.flops_before - r.flops_after for r in inner),
-            flops_after=outcome.flops_after,
-            max_abs_error=max([check.max_abs_error, *(r.max_abs_error for r in inner)]),
-            max_rel_error=max([check.max_rel_error, *(r.max_rel_error for r in inner)]),
-            sizes_checked=check.shapes,
-        ))
+        report.folded.append(
+            FoldedRegion(
+                path=region.path,
+                modules=region.modules,
+                level="graph",
+                became=_describe(outcome.replacement),
+                params_before=outcome.params_before
+                + sum(r.params_before - r.params_after for r in inner),
+                params_after=outcome.params_after,
+                flops_before=outcome.flops_before
+                + sum(r.flops_before - r.flops_after for r in inner),
+                flops_after=outcome.flops_after,
+                max_abs_error=max([check.max_abs_error, *(r.max_abs_error for r in inner)]),
+                max_rel_error=max([check.max_rel_error, *(r.max_rel_error for r in inner)]),
+                sizes_checked=check.shapes,
+            )
+        )
     if absorbed:
-        report.folded = [r for r in report.folded if not (r.level == "module" and r.path in absorbed)]
+        report.folded = [
+            r for r in report.folded if not (r.level == "module" and r.path in absorbed)
+        ]
     for nodes, reason in declined:
         paths = sorted({_graph._module_path(n) for n in nodes} - {""})
         report.kept.append(KeptRegion(_graph._common_prefix(paths), tuple(paths), reason))

@@ -200,18 +200,15 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.N
                     if users and all(u in region for u in users):
                         region.add(m)
                         grew = True
-            ext = {
-                i
-                for r in region
-                for i in _inputs(r)
-                if i not in region and i not in const
-            }
+            ext = {i for r in region for i in _inputs(r) if i not in region and i not in const}
             if len(ext) != 1:
                 assigned.add(sink)
                 if len(region) > 1:
                     declined.append(
-                        (sorted(region, key=order.__getitem__),
-                         f"{len(ext)} activation inputs (a single-input layer needs one)")
+                        (
+                            sorted(region, key=order.__getitem__),
+                            f"{len(ext)} activation inputs (a single-input layer needs one)",
+                        )
                     )
                 continue
             assigned |= region
@@ -220,9 +217,7 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.N
             consts = sorted(_const_closure(nodes, const), key=order.__getitem__)
             computed = any(c.op != "get_attr" for c in consts)
             layers = [n for n in nodes if affine[n].role != "elementwise"]
-            plain = len(layers) == 1 and all(
-                n in layers or _ops.is_structural(n) for n in nodes
-            )
+            plain = len(layers) == 1 and all(n in layers or _ops.is_structural(n) for n in nodes)
             if not roles or (plain and not computed):
                 continue  # nothing to fold: no layer, or already one plain layer
             if len(roles) > 1:
@@ -230,11 +225,22 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.N
                 continue
             paths = sorted(
                 {p for p in (_module_path(n) for n in nodes) if p}
-                | {str(c.target).rsplit(".", 1)[0] for c in consts if c.op == "get_attr" and "." in str(c.target)}
+                | {
+                    str(c.target).rsplit(".", 1)[0]
+                    for c in consts
+                    if c.op == "get_attr" and "." in str(c.target)
+                }
             )
             regions.append(
-                Region(nodes, consts, next(iter(ext)), sink, roles.pop(), tuple(paths),
-                       _common_prefix(paths))
+                Region(
+                    nodes,
+                    consts,
+                    next(iter(ext)),
+                    sink,
+                    roles.pop(),
+                    tuple(paths),
+                    _common_prefix(paths),
+                )
             )
         del member_set
     return regions, declined
@@ -268,7 +274,11 @@ def _to_float64(gm: fx.GraphModule) -> fx.GraphModule:
             owner_path, _, name = str(node.target).rpartition(".")
             owner = gm64.get_submodule(owner_path) if owner_path else gm64
             value = getattr(owner, name)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and value.dtype != torch.float64
+            ):
                 setattr(owner, name, value.to(torch.float64))
     return gm64
 
@@ -325,7 +335,7 @@ def fold_regions(
             outcomes.append(RegionOutcome(region, None, "the region's input shape is unknown"))
             continue
         sub = region_module(gm64, region)
-        result = _analytic(sub, region, in_shape, rtol)
+        result: _collapse.Collapsed | list[str] | None = _analytic(sub, region, in_shape, rtol)
         if result is None:
             kinds = ["conv"] if region.role == "conv" else ["linear"]
             result = _collapse.collapse(sub, in_shape, kinds, rtol=rtol)

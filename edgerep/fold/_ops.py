@@ -56,7 +56,7 @@ def _arg(node: fx.Node, index: int, name: str, default: object) -> object:
 
 
 def _not_training(index: int, name: str = "training") -> Callable[[fx.Node], bool]:
-    return lambda n: _arg(n, index, name, False) is False
+    return lambda n: bool(_arg(n, index, name, False) is False)
 
 
 def _constant_pad(n: fx.Node) -> bool:
@@ -69,7 +69,7 @@ def _not_transposed(n: fx.Node) -> bool:
 
 def _bn_output(n: fx.Node) -> bool:
     src = n.args[0]
-    return (
+    return bool(
         isinstance(src, fx.Node)
         and src.target is torch.ops.aten._native_batch_norm_legit_no_training.default
         and n.args[1] == 0
@@ -172,7 +172,7 @@ def rule_for(node: fx.Node, root: nn.Module) -> AffineRule | None:
         module = root.get_submodule(str(node.target))
         if module.training or not _zero_padding_mode(module):
             return None
-        key = type(module)
+        key = type(module)  # type: ignore[assignment]
     else:
         return None
     try:
@@ -187,9 +187,16 @@ def rule_for(node: fx.Node, root: nn.Module) -> AffineRule | None:
 # Ops that only move or copy data (zero pad, identity): a region made of one layer
 # and these is already as plain as it gets.
 _STRUCTURAL: set[Hashable] = {
-    aten.pad.default, aten.constant_pad_nd.default, aten.clone.default, aten.alias.default,
-    aten.detach.default, aten.dropout.default, F.pad, F.dropout,
-    ("method", "clone"), ("method", "contiguous"),
+    aten.pad.default,
+    aten.constant_pad_nd.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.dropout.default,
+    F.pad,
+    F.dropout,
+    ("method", "clone"),
+    ("method", "contiguous"),
 }
 _STRUCTURAL_MODULES = (nn.Identity, nn.Dropout, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ _CHUNK_ELEMENTS = 1 << 23
 _DTYPE = torch.float64
 
 
-class ProbeFailure(Exception):  # noqa: N818 - a reason carried as data, not an error for users
+class ProbeFailure(Exception):
     """The function does not have the probed signature; ``str(e)`` is the reason."""
 
 
@@ -105,7 +106,9 @@ def infer_conv_geometry(f: Fn, in_shape: tuple[int, ...]) -> ConvGeometry:
         raise ProbeFailure(f"output rank {y0.ndim} differs from input rank {nd + 2}")
     cout = y0.shape[1]
     flat = y0.flatten(2)
-    if flat.shape[-1] and not torch.allclose(flat, flat[..., :1].expand_as(flat), rtol=1e-12, atol=1e-12 * (1 + flat.abs().max().item())):
+    if flat.shape[-1] and not torch.allclose(
+        flat, flat[..., :1].expand_as(flat), rtol=1e-12, atol=1e-12 * (1 + flat.abs().max().item())
+    ):
         raise ProbeFailure(
             "its response to a zero input varies over positions (a border effect, e.g. a "
             "biased layer before a zero-padded conv), so it is not one convolution"
@@ -193,9 +196,7 @@ def _impulse_offsets(
         for idx in hit.nonzero().tolist():
             ph = phases[idx[0]]
             offsets.add(
-                tuple(
-                    (centers[d] + ph[d]) - idx[1 + d] * stride[d] for d in range(len(sizes))
-                )
+                tuple((centers[d] + ph[d]) - idx[1 + d] * stride[d] for d in range(len(sizes)))
             )
         return offsets
     raise ProbeFailure("the impulse response is as wide as the input: not a local convolution")
@@ -204,7 +205,7 @@ def _impulse_offsets(
 def _product(*ranges: range) -> list[tuple[int, ...]]:
     out: list[tuple[int, ...]] = [()]
     for r in ranges:
-        out = [o + (v,) for o in out for v in r]
+        out = [(*o, v) for o in out for v in r]
     return out
 
 
@@ -219,18 +220,22 @@ def probe_conv(f: Fn, geo: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor, in
     lengths, plans = [], []
     for dim in range(nd):
         k, s, d, lo, hi = (
-            geo.kernel[dim], geo.stride[dim], geo.dilation[dim], geo.pad_lo[dim], geo.pad_hi[dim]
+            geo.kernel[dim],
+            geo.stride[dim],
+            geo.dilation[dim],
+            geo.pad_lo[dim],
+            geo.pad_hi[dim],
         )
         length = d * (k - 1) + 2 * s + 1
         n_out = _out_size(length, k, s, d, lo, hi)
         positions: list[tuple[int, dict[int, int]]] = []
         missing = set(range(k))
         for c in range(length):
-            taps = {}
-            for u in list(missing):
-                num = c + lo - u * d
+            taps: dict[int, int] = {}
+            for tap in list(missing):
+                num = c + lo - tap * d
                 if num % s == 0 and 0 <= num // s < n_out:
-                    taps[u] = num // s
+                    taps[tap] = num // s
             if taps:
                 positions.append((c, taps))
                 missing -= set(taps)
@@ -256,17 +261,16 @@ def probe_conv(f: Fn, geo: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor, in
         r = _run(f, x) - zero
         for a, ch in enumerate(chans):
             for b, combo in enumerate(combos):
-                tap_maps = [plans[d][combo[d]][1] for d in range(nd)]
-                for taps in _product(*(range(len(t)) for t in tap_maps)):
-                    u = tuple(list(tap_maps[d].keys())[taps[d]] for d in range(nd))
-                    i = tuple(tap_maps[d][u[d]] for d in range(nd))
-                    weight[(slice(None), ch, *u)] = r[(a * len(combos) + b, slice(None), *i)]
+                tap_maps: list[dict[int, int]] = [plans[d][combo[d]][1] for d in range(nd)]
+                for picks in _product(*(range(len(t)) for t in tap_maps)):
+                    u = tuple(list(tap_maps[d].keys())[picks[d]] for d in range(nd))
+                    at = tuple(tap_maps[d][u[d]] for d in range(nd))
+                    sample = a * len(combos) + b
+                    weight[(slice(None), ch, *u)] = r[(sample, slice(None), *at)]  # type: ignore[index]
     groups = _detect_groups(weight)
     if groups > 1:
         og, ig = geo.out_channels // groups, geo.in_channels // groups
-        blocks = [
-            weight[g * og : (g + 1) * og, g * ig : (g + 1) * ig] for g in range(groups)
-        ]
+        blocks = [weight[g * og : (g + 1) * og, g * ig : (g + 1) * ig] for g in range(groups)]
         weight = torch.cat(blocks, dim=0)
     return weight, bias, groups
 
@@ -350,17 +354,16 @@ def build_conv(
     """The plain conv (preceded by a zero pad when the padding is asymmetric)."""
     b = _bias_or_none(bias)
     symmetric = geo.pad_lo == geo.pad_hi
-    conv = _CONV[geo.ndim](
-        geo.in_channels,
-        geo.out_channels,
-        geo.kernel,
-        stride=geo.stride,
-        padding=geo.pad_lo if symmetric else 0,
-        dilation=geo.dilation,
-        groups=groups,
-        bias=b is not None,
-        dtype=weight.dtype,
-    )
+    options: dict[str, Any] = {
+        "stride": geo.stride,
+        "padding": geo.pad_lo if symmetric else 0,
+        "dilation": geo.dilation,
+        "groups": groups,
+        "bias": b is not None,
+        "dtype": weight.dtype,
+    }
+    kernel: Any = geo.kernel
+    conv = _CONV[geo.ndim](geo.in_channels, geo.out_channels, kernel, **options)
     with torch.no_grad():
         conv.weight.copy_(weight)
         if b is not None and conv.bias is not None:
@@ -370,7 +373,7 @@ def build_conv(
     pad: list[int] = []
     for dim in reversed(range(geo.ndim)):  # F.pad order: last dimension first
         pad += [geo.pad_lo[dim], geo.pad_hi[dim]]
-    return nn.Sequential(_PAD[geo.ndim](tuple(pad), 0.0), conv)
+    return nn.Sequential(_PAD[geo.ndim](tuple(pad), 0.0), conv)  # type: ignore[arg-type]
 
 
 def build_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -394,7 +397,9 @@ def build_flat_linear(
     """
     groups = _detect_groups(weight.unsqueeze(-1))
     if groups == 1:
-        return nn.Sequential(nn.Flatten(1), build_linear(weight, bias), nn.Unflatten(1, out_rest))
+        return nn.Sequential(
+            nn.Flatten(1), build_linear(weight, bias), nn.Unflatten(1, list(out_rest))
+        )
     n_out, n_in = weight.shape
     og, ig = n_out // groups, n_in // groups
     blocks = [weight[g * og : (g + 1) * og, g * ig : (g + 1) * ig] for g in range(groups)]
@@ -405,5 +410,9 @@ def build_flat_linear(
         if b is not None and conv.bias is not None:
             conv.bias.copy_(b)
     return nn.Sequential(
-        nn.Flatten(1), nn.Unflatten(1, (n_in, 1)), conv, nn.Flatten(1), nn.Unflatten(1, out_rest)
+        nn.Flatten(1),
+        nn.Unflatten(1, (n_in, 1)),
+        conv,
+        nn.Flatten(1),
+        nn.Unflatten(1, list(out_rest)),
     )

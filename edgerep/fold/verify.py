@@ -16,7 +16,7 @@ __all__ = ["VerifyResult", "affinity_error", "compare", "probe_shapes"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_RTOL = 1e-9
-_CONV_VERIFY_SIZE = 16
+_CONV_VERIFY_SIZE = 12
 
 
 @dataclass(frozen=True)
@@ -83,35 +83,63 @@ def compare(
                 ref = reference(x)
             except Exception as e:
                 if n == 0:
-                    return VerifyResult(False, float("inf"), float("inf"), tuple(ran),
-                                        f"the original fails on {list(shape)}: {e}")
+                    return VerifyResult(
+                        False,
+                        float("inf"),
+                        float("inf"),
+                        tuple(ran),
+                        f"the original fails on {list(shape)}: {e}",
+                    )
                 continue
             try:
                 out = candidate(x)
             except Exception as e:
-                return VerifyResult(False, float("inf"), float("inf"), tuple(ran),
-                                    f"the replacement fails on {list(shape)}: {e}")
+                return VerifyResult(
+                    False,
+                    float("inf"),
+                    float("inf"),
+                    tuple(ran),
+                    f"the replacement fails on {list(shape)}: {e}",
+                )
         if out.shape != ref.shape:
-            return VerifyResult(False, float("inf"), float("inf"), tuple(ran),
-                                f"output shape {list(out.shape)} != {list(ref.shape)} "
-                                f"on input {list(shape)}")
+            return VerifyResult(
+                False,
+                float("inf"),
+                float("inf"),
+                tuple(ran),
+                f"output shape {list(out.shape)} != {list(ref.shape)} on input {list(shape)}",
+            )
         ref = ref.to(torch.float64)
         out = out.to(torch.float64)
         if not torch.isfinite(ref).all() or not torch.isfinite(out).all():
-            return VerifyResult(False, float("inf"), float("inf"), tuple(ran),
-                                f"non-finite output on input {list(shape)}")
+            return VerifyResult(
+                False,
+                float("inf"),
+                float("inf"),
+                tuple(ran),
+                f"non-finite output on input {list(shape)}",
+            )
         err = (out - ref).abs().max().item() if ref.numel() else 0.0
         scale = ref.abs().max().item() if ref.numel() else 0.0
         rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
         max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
         ran.append(tuple(shape))
         if rel > rtol:
-            return VerifyResult(False, max_abs, max_rel, tuple(ran),
-                                f"differs by {rel:.2e} relative (> {rtol:.0e}) on input "
-                                f"{list(shape)}")
+            return VerifyResult(
+                False,
+                max_abs,
+                max_rel,
+                tuple(ran),
+                f"differs by {rel:.2e} relative (> {rtol:.0e}) on input {list(shape)}",
+            )
     if len(ran) < required:
-        return VerifyResult(False, max_abs, max_rel, tuple(ran),
-                            f"only {len(ran)} of the verification sizes could run")
+        return VerifyResult(
+            False,
+            max_abs,
+            max_rel,
+            tuple(ran),
+            f"only {len(ran)} of the verification sizes could run",
+        )
     return VerifyResult(True, max_abs, max_rel, tuple(ran))
 
 

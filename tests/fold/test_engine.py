@@ -232,13 +232,34 @@ def test_linear_region_on_token_inputs():
     _close(model, folded, (2, 5, 8), (1, 3, 8))
 
 
-def test_whole_affine_model_collapses_to_one_layer():
+def test_whole_affine_model_folds_to_one_conv_in_the_graph():
     torch.manual_seed(10)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _bn(4), nn.Conv2d(4, 4, 1)).double().eval()
     folded, report = fold(model, torch.randn(1, 3, 8, 8, dtype=torch.float64))
-    assert isinstance(folded, nn.Conv2d)
-    assert report.folded[0].path == ""
+    assert _kinds(folded).count("Conv2d") == 1 and "BatchNorm2d" not in _kinds(folded)
+    assert [r.level for r in report.folded] == ["graph"]
     _close(model, folded, (1, 3, 8, 8), (2, 3, 11, 6))
+
+
+class Opaque(nn.Module):
+    """Affine, but through an op the graph pass does not model (einsum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(4, 3))
+        self.conv = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.einsum("oc,nchw->nohw", self.mix, x)) * 0.5
+
+
+def test_opaque_affine_model_collapses_at_module_level():
+    torch.manual_seed(15)
+    model = Opaque().double().eval()
+    folded, report = fold(model, torch.randn(1, 3, 9, 8, dtype=torch.float64))
+    assert isinstance(folded, nn.Conv2d) and folded.stride == (2, 2)
+    assert report.folded[0].path == "" and report.folded[0].level == "module"
+    _close(model, folded, (1, 3, 9, 8), (2, 3, 12, 7))
 
 
 def test_low_rank_bottleneck_is_kept_unless_allowed():

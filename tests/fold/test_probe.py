@@ -109,7 +109,7 @@ def test_probe_flat_linear():
 
 def test_detect_groups_from_block_structure():
     w = torch.zeros(6, 6, 3)
-    for g, (i, j) in enumerate(itertools.product(range(3), range(1))):
+    for _g, (i, _j) in enumerate(itertools.product(range(3), range(1))):
         w[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = torch.randn(2, 2, 3)
     assert probe._detect_groups(w) == 3
     w[0, 5, 0] = 1.0
