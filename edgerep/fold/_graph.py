@@ -44,7 +44,9 @@ def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Captu
         for t in example_inputs
     )
     try:
-        dyn = tuple({i: torch.export.Dim.AUTO for i in range(t.ndim)} for t in traced)
+        dyn = tuple(
+            {i: torch.export.Dim.AUTO for i in range(t.ndim) if t.shape[i] > 1} for t in traced
+        )
         ep = torch.export.export(model, traced, dynamic_shapes=dyn)
         unlifted = ep.module()
         for node in list(unlifted.graph.nodes):
