@@ -80,7 +80,8 @@ def collapse(
             reasons.append(f"not a {kind}: fails on a probe input ({type(e).__name__}: {e})")
             continue
         module = module.eval()
-        check = verify.compare(f, module, verify.probe_shapes(in_shape, shape_kind), rtol=rtol)
+        shapes = verify.probe_shapes(in_shape, shape_kind, span=probe.conv_span(module))
+        check = verify.compare(f, module, shapes, rtol=rtol)
         if check.ok:
             return Collapsed(module, kind, check)
         reasons.append(f"{kind} candidate rejected by the verifier: {check.reason}")

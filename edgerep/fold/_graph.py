@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgerep.fold import _collapse, _compose, _ops, verify
+from edgerep.fold import _collapse, _compose, _ops, probe, verify
 from edgerep.fold._cost import count_flops, count_params
 
 logger = logging.getLogger(__name__)
@@ -299,7 +299,8 @@ def _analytic(
         logger.debug("analytic path declined %s: %s", region.path, e)
         return None
     module = module.eval()
-    check = verify.compare(sub, module, verify.probe_shapes(in_shape, shape_kind), rtol=rtol)
+    shapes = verify.probe_shapes(in_shape, shape_kind, span=probe.conv_span(module))
+    check = verify.compare(sub, module, shapes, rtol=rtol)
     if not check.ok:
         logger.debug("analytic candidate for %s rejected: %s", region.path, check.reason)
         return None

@@ -30,6 +30,7 @@ from torch import nn
 
 __all__ = [
     "ConvGeometry",
+    "conv_span",
     "ProbeFailure",
     "build_conv",
     "build_flat_linear",
@@ -416,3 +417,12 @@ def build_flat_linear(
         nn.Flatten(1),
         nn.Unflatten(1, list(out_rest)),
     )
+
+
+def conv_span(module: nn.Module) -> tuple[int, ...] | None:
+    """Receptive field per spatial dim of the (last) conv in `module`, if any."""
+    convs = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not convs:
+        return None
+    c = convs[-1]
+    return tuple((k - 1) * d + 1 for k, d in zip(c.kernel_size, c.dilation))  # type: ignore[arg-type]

@@ -30,19 +30,28 @@ class VerifyResult:
     reason: str = ""
 
 
-def probe_shapes(example: tuple[int, ...], kind: str) -> list[tuple[int, ...]]:
+def probe_shapes(
+    example: tuple[int, ...], kind: str, *, span: tuple[int, ...] | None = None
+) -> list[tuple[int, ...]]:
     """Input shapes to verify on: the example, other parities and a batch of two.
 
     Args:
         example: the example input shape.
         kind: 'conv' (spatial sizes may change), 'linear' (leading sizes may
             change) or 'fixed' (only the batch may change).
+        span: for 'conv', the candidate kernel's receptive field per spatial dim;
+            verification sizes are then at least twice the span (borders on both
+            sides and an interior), else a fixed reduced size.
     """
     shapes = [tuple(example)]
     if kind == "conv":
         # A convolution's border and interior are all seen at small sizes, so large
         # examples are verified at a reduced size (odd and even) to stay fast.
-        spatial = tuple(min(n, _CONV_VERIFY_SIZE) for n in example[2:])
+        if span is not None and len(span) == len(example) - 2:
+            limits = [max(8, 2 * s + 2) for s in span]
+        else:
+            limits = [_CONV_VERIFY_SIZE] * (len(example) - 2)
+        spatial = tuple(min(n, lim) for n, lim in zip(example[2:], limits))
         shapes = [(1, example[1], *spatial)]
         shapes.append((2, example[1], *(n + 1 for n in spatial)))
         shapes.append((1, example[1], *(n + 4 for n in spatial)))

@@ -327,3 +327,22 @@ def test_folded_graph_accepts_other_batch_sizes_after_batch_one_example():
     model = Head().double().eval()
     folded, _ = fold(model, torch.randn(1, 4, 6, 6, dtype=torch.float64))
     _close(model, folded, (1, 4, 6, 6), (5, 4, 6, 6))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "padding", "folds"),
+    [(1, 0, True), (3, 0, True), (3, 1, False)],
+    ids=["bn-conv1x1", "bn-conv3x3-valid", "bn-conv3x3-zero-padded"],
+)
+def test_bn_before_conv_folds_only_where_exact(kernel, padding, folds):
+    """BN on the input side of a conv is exact unless zero padding meets the BN shift."""
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.ReLU(), _bn(4), nn.Conv2d(4, 5, kernel, padding=padding), nn.ReLU())
+    model = model.double().eval()
+    folded, report = fold(model, torch.randn(1, 4, 9, 9, dtype=torch.float64))
+    assert bool(report.folded) is folds
+    if folds:
+        assert not any("batch_norm" in k or "BatchNorm" in k for k in _kinds(folded))
+    else:
+        assert any("border" in k.reason for k in report.kept)
+    _close(model, folded, (1, 4, 9, 9), (2, 4, 10, 12))

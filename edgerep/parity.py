@@ -1,0 +1,219 @@
+"""Parity: compare an artifact's outputs with the PyTorch reference.
+
+For each output, ``max_abs_error`` is the largest absolute difference,
+``max_rel_error`` that difference divided by ``max |reference|`` (the output's
+scale; element-wise ratios are meaningless near zeros), ``cosine`` the cosine
+similarity of the flattened outputs; an output passes when its shape matches, it
+has no NaN/Inf where the reference is finite, and ``max_abs_error <= rel *
+max(max|reference|, 1e-6)`` with ``rel`` from `TOLERANCES` keyed by (format,
+precision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from edgerep.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "TOLERANCES",
+    "FormatStatus",
+    "OutputParity",
+    "Tolerance",
+    "compare_outputs",
+    "format_status_table",
+    "tolerance_for",
+]
+
+_SCALE_FLOOR = 1e-6
+
+
+# --- tolerances and parity ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an artifact may be from the float32 reference.
+
+    Attributes:
+        rel: allowed max absolute error as a fraction of the output's max |reference|.
+    """
+
+    rel: float
+
+
+#: (format, precision) -> tolerance; ("*", precision) applies to formats not listed
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("onnx", "fp32"): Tolerance(rel=1e-4),
+    ("pt2", "fp32"): Tolerance(rel=1e-4),
+    ("onnx", "fp16"): Tolerance(rel=1e-2),
+    ("*", "fp32"): Tolerance(rel=1e-4),
+    ("*", "fp16"): Tolerance(rel=1e-2),
+    ("*", "bf16"): Tolerance(rel=3e-2),
+}
+
+
+def tolerance_for(fmt: str, precision: str) -> Tolerance:
+    """The tolerance for an artifact of `fmt` at `precision`.
+
+    Raises:
+        ConfigError: no entry; quantized artifacts are judged by SQNR or accuracy, not
+            by a parity tolerance.
+    """
+    for key in ((fmt, precision), ("*", precision)):
+        if key in TOLERANCES:
+            return TOLERANCES[key]
+    raise ConfigError(
+        f"no parity tolerance for format {fmt!r} at precision {precision!r}; known: "
+        f"{', '.join(f'{f}/{p}' for f, p in TOLERANCES)} (quantized artifacts are checked by "
+        "SQNR or accuracy instead)"
+    )
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    """Parity of one output over all parity inputs (worst case over inputs)."""
+
+    output: str
+    max_abs_error: float
+    max_rel_error: float
+    cosine: float
+    nonfinite: int
+    threshold_rel: float
+    passed: bool
+    reason: str = ""
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    import numpy as np
+
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputParity:
+    import numpy as np
+
+    def fail(
+        reason: str,
+        max_abs_error: float = float("inf"),
+        max_rel_error: float = float("inf"),
+        cosine: float = 0.0,
+        nonfinite: int = 0,
+    ) -> OutputParity:
+        return OutputParity(
+            name, max_abs_error, max_rel_error, cosine, nonfinite, tol.rel, False, reason
+        )
+
+    if tuple(ref.shape) != tuple(got.shape):
+        return fail(f"shape {tuple(got.shape)} differs from the reference's {tuple(ref.shape)}")
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    g = np.asarray(got, dtype=np.float64).ravel()
+    rf, gf = np.isfinite(r), np.isfinite(g)
+    # where the reference itself is NaN/Inf the artifact must produce the same value
+    bad = (rf & ~gf) | (~rf & ~((r == g) | (np.isnan(r) & np.isnan(g))))
+    both = rf & gf
+    diff = np.abs(r[both] - g[both])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(r[rf]).max()) if rf.any() else 0.0
+    max_rel = max_abs / max(scale, _SCALE_FLOOR)
+    cos = _cosine(r[both], g[both])
+    nonfinite = int(bad.sum())
+    if nonfinite:
+        return fail(
+            f"{nonfinite} NaN/Inf value(s) where the reference has other values",
+            max_abs_error=max_abs,
+            max_rel_error=max_rel,
+            cosine=cos,
+            nonfinite=nonfinite,
+        )
+    if not max_rel <= tol.rel:
+        return fail(
+            f"max abs error {max_abs:.3e} is {max_rel:.2e} of max |reference| {scale:.3e}, "
+            f"above the tolerance {tol.rel:.0e}",
+            max_abs_error=max_abs,
+            max_rel_error=max_rel,
+            cosine=cos,
+        )
+    return OutputParity(name, max_abs, max_rel, cos, 0, tol.rel, True)
+
+
+def compare_outputs(
+    references: Sequence[Sequence[np.ndarray]],
+    results: Sequence[Sequence[np.ndarray]],
+    names: Sequence[str],
+    tolerance: Tolerance,
+) -> list[OutputParity]:
+    """Compare artifact outputs with reference outputs, over several inputs.
+
+    Args:
+        references: per input, the reference outputs.
+        results: per input, the artifact's outputs (same order).
+        names: output names.
+        tolerance: the gate.
+
+    Returns:
+        One `OutputParity` per output: the worst errors over the inputs; failed if
+        any input failed (with that input's reason).
+    """
+    out = []
+    for i, name in enumerate(names):
+        worst: OutputParity | None = None
+        for k, (refs, gots) in enumerate(zip(references, results)):
+            p = _compare_one(name, refs[i], gots[i], tolerance)
+            if not p.passed:
+                p = OutputParity(**{**asdict(p), "reason": f"on parity input {k}: {p.reason}"})
+            if worst is None:
+                worst = p
+                continue
+            passed = worst.passed and p.passed
+            worst = OutputParity(
+                name,
+                max(worst.max_abs_error, p.max_abs_error),
+                max(worst.max_rel_error, p.max_rel_error),
+                min(worst.cosine, p.cosine),
+                worst.nonfinite + p.nonfinite,
+                tolerance.rel,
+                passed,
+                worst.reason or p.reason,
+            )
+        if worst is not None:
+            out.append(worst)
+    return out
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class FormatStatus:
+    """What happened to one format."""
+
+    format: str
+    precision: str
+    status: str  # "verified", "failed" (parity) or "export-failed"
+    reason: str = ""
+    file: str | None = None
+    parity: list[OutputParity] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One row of the status table."""
+        worst = max((p.max_rel_error for p in self.parity), default=float("nan"))
+        err = f"max rel err {worst:.1e}" if self.parity else ""
+        tail = f"  {self.reason}" if self.reason else ""
+        return f"  {self.format:<10} {self.precision:<5} {self.status:<13} {err:<20} {self.file or '-'}{tail}"
+
+
+def format_status_table(statuses: Sequence[FormatStatus]) -> str:
+    """The per-format table the CLI prints."""
+    head = f"  {'format':<10} {'prec':<5} {'status':<13} {'parity':<20} file"
+    return "\n".join([head, *(s.line() for s in statuses)])
