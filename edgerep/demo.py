@@ -294,7 +294,9 @@ def _run(out: Path, *, seconds: float, seed: int, threads: int, latency_seconds:
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
         (tmp / _MARKER).write_text(
             json.dumps(
-                _results(rows, report, torch_diff, ort_diff, scale, seed, seconds, threads),
+                _results(
+                    rows, report, torch_diff, ort_diff, scale, seed, seconds, threads, len(x_test)
+                ),
                 indent=2,
             )
             + "\n"
@@ -360,10 +362,16 @@ def _results(
     seed: int,
     seconds: float,
     threads: int,
+    test_images: int,
 ) -> dict[str, Any]:
     return {
         "schema_version": 1,
-        "settings": {"seed": seed, "train_seconds": seconds, "threads": threads},
+        "settings": {
+            "seed": seed,
+            "train_seconds": seconds,
+            "threads": threads,
+            "test_images": test_images,
+        },
         "rows": [r.to_dict() for r in rows],
         "max_fold_error_float64": report.max_error,
         "float32_max_abs_diff_folded_vs_unfolded": {"torch": torch_diff, "onnxruntime": ort_diff},

@@ -1,0 +1,66 @@
+"""`python -m edgerep.demo`: end to end with a tiny budget, and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgerep.demo import VARIANTS, main
+
+pytest.importorskip("sklearn", reason="the demo data comes from scikit-learn")
+pytest.importorskip("onnxruntime", reason="the demo verifies and times the ONNX models")
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["--out", str(out), "--seconds", "0.5", "--latency-seconds", "0.05"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+
+    for variant in ("folded", "unfolded"):
+        assert (out / variant / "manifest.json").is_file()
+        assert (out / variant / "onnx" / "model.onnx").is_file()
+    assert (out / "demo_net.pt").is_file()
+    assert (out / "summary.txt").read_text().strip() == captured.out.strip()
+
+    rows = [line for line in captured.out.splitlines() if line.startswith(VARIANTS)]
+    assert [next(v for v in VARIANTS if r.startswith(v + " ")) for r in rows] == list(VARIANTS)
+    assert "fold report:" in captured.out
+    assert "max fold error (float64" in captured.out
+    assert "float32 max abs difference" in captured.out
+
+    results = json.loads((out / "demo.json").read_text())
+    by_name = {r["variant"]: r for r in results["rows"]}
+    assert list(by_name) == list(VARIANTS)
+    assert by_name["torch folded"]["params"] < by_name["torch unfolded"]["params"]
+    assert by_name["torch folded"]["flops"] < by_name["torch unfolded"]["flops"]
+    assert results["max_fold_error_float64"] <= 1e-9
+    scale = results["float32_max_abs_output"]
+    for diff in results["float32_max_abs_diff_folded_vs_unfolded"].values():
+        assert diff <= 1e-4 * scale
+    # folding and export change no prediction beyond a near-tie (at most one test image)
+    accuracies = [r["accuracy"] for r in results["rows"]]
+    assert max(accuracies) - min(accuracies) <= 1 / results["settings"]["test_images"] + 1e-12
+    for row in results["rows"]:
+        assert row["latency"]["p50_ms"] > 0
+
+
+def test_demo_refuses_an_unrelated_directory(tmp_path, capsys):
+    keep = tmp_path / "mine.txt"
+    keep.write_text("not a demo output")
+    rc = main(["--out", str(tmp_path), "--seconds", "0.5"])
+    assert rc == 2
+    assert "is not the output of an earlier demo" in capsys.readouterr().err
+    assert keep.read_text() == "not a demo output"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--seconds", "0"], "--seconds"), (["--threads", "0"], "--threads")],
+)
+def test_demo_rejects_bad_options(tmp_path, capsys, args, message):
+    rc = main(["--out", str(tmp_path / "new"), *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
