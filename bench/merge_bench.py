@@ -1,0 +1,215 @@
+"""Merge benchmark: `edgerep.merge` on a ~110M-parameter transformer, next to PEFT's merge.
+
+Run from the repository root (about 2-4 minutes on 2 idle cores)::
+
+    .venv/bin/python bench/merge_bench.py
+
+It writes ``bench/results/merge_bench.json`` (``--out`` to change). The model is
+BERT-base-shaped (``transformers.BertConfig()`` defaults: 12 layers, hidden 768,
+intermediate 3072, vocabulary 30522), built offline from its config with random
+weights, float32, with LoRA r=16 (alpha 32) on query, key, value and every
+``dense`` Linear (attention output, intermediate, output, pooler: 73 layers) and
+random LoRA factors (B != 0).
+
+Each measurement runs in a fresh subprocess (``--worker``) so that peak memory is
+its own: the model is built, then the merge is timed once. Memory is the
+process's resident set size (``/proc/self/statm``) sampled every 2 ms by a thread
+during the merge; ``peak_extra_rss_bytes`` is the highest sample minus the RSS
+just before the merge, i.e. what the merge added on top of the model it was
+given (the returned model itself is a new model, so at least 1x the model size).
+
+Fields per worker: ``seconds`` (wall time of the merge call), ``peak_extra_rss_bytes``,
+``peak_extra_over_model_size`` (that divided by the fp32 size of the base model's
+parameters), ``rel_error_float32`` (merged vs unmerged output on a 2x32 token batch,
+float32, relative to max |output|), ``layers_merged``, and for edgerep
+``max_rel_error_float64`` (the largest per-layer verifier error, float64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class _PeakRss:
+    """Sample the RSS in a thread while the block runs."""
+
+    def __enter__(self) -> _PeakRss:
+        self.start = _rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _build(rank: int) -> tuple[Any, int]:
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = transformers.BertModel(transformers.BertConfig())
+    n_base = sum(p.numel() for p in base.parameters())
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["query", "key", "value", "dense"]
+    )
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.eval(), n_base
+
+
+def _worker(which: str, rank: int) -> dict[str, Any]:
+    import torch
+
+    warnings.filterwarnings("ignore")
+    model, n_base = _build(rank)
+    ids = torch.randint(0, 30522, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    result: dict[str, Any] = {
+        "worker": which,
+        "base_params": n_base,
+        "lora_params": n_lora,
+        "model_size_bytes_fp32": 4 * n_base,
+        "torch_threads": torch.get_num_threads(),
+    }
+    with _PeakRss() as mem:
+        start = time.perf_counter()
+        if which == "edgerep":
+            import edgerep
+
+            merged, report = edgerep.merge(model)
+        else:
+            merged = model.merge_and_unload()  # in place, PEFT's per-type formulas
+        seconds = time.perf_counter() - start
+    with torch.no_grad():
+        out = merged(input_ids=ids).last_hidden_state
+    result.update(
+        seconds=seconds,
+        rss_before_bytes=mem.start,
+        peak_extra_rss_bytes=mem.peak - mem.start,
+        peak_extra_over_model_size=(mem.peak - mem.start) / (4 * n_base),
+        rel_error_float32=((out - ref).abs().max() / ref.abs().max()).item(),
+    )
+    if which == "edgerep":
+        result.update(
+            layers_merged=len(report.merged),
+            layers_kept=len(report.kept),
+            max_rel_error_float64=report.max_error,
+        )
+    else:
+        result["layers_merged"] = sum(
+            1 for n, _ in model.named_modules() if n.endswith(("query", "key", "value", "dense"))
+        )
+    return result
+
+
+def _run_worker(which: str, rank: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", which, "--rank", str(rank)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{which} worker failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/merge_bench.json")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--worker", choices=["edgerep", "peft"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.rank)))
+        return
+    load_before = os.getloadavg()
+    results = {w: _run_worker(w, args.rank) for w in ("edgerep", "peft")}
+    load_after = os.getloadavg()
+    ours, theirs = results["edgerep"], results["peft"]
+    notes = [
+        "edgerep reads every merged layer off the wrapper's function in float64 (identity "
+        "basis through the layer) and verifies it; PEFT adds its per-type delta formula in "
+        "float32 in place. edgerep never mutates its input, so it also builds a new model.",
+        "peak_extra_rss counts what the call added on top of the model it was given; for "
+        "edgerep that includes the returned model (a copy, 1x the model size) and float64 "
+        "scratch for one layer at a time.",
+    ]
+    if max(load_before[0], load_after[0]) > 1.5:
+        notes.append(
+            f"the machine was busy (1-min load average {load_before[0]:.2f} before, "
+            f"{load_after[0]:.2f} after, on {os.cpu_count()} cores): times are upper bounds"
+        )
+    record = {
+        "bench": "merge_bench",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
+        "model": {
+            "config": "transformers.BertConfig() defaults (BERT-base shape), random weights",
+            "dtype": "float32",
+            "base_params": ours["base_params"],
+            "lora": {
+                "r": args.rank,
+                "alpha": 2 * args.rank,
+                "targets": ["query", "key", "value", "dense"],
+                "params": ours["lora_params"],
+            },
+        },
+        "edgerep": ours,
+        "peft_merge_and_unload": theirs,
+        "targets": {"seconds": 60, "peak_extra_over_model_size": 2.0},
+        "meets_targets": ours["seconds"] < 60 and ours["peak_extra_over_model_size"] < 2.0,
+        "notes": notes,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(
+        f"edgerep.merge: {ours['seconds']:.1f} s, peak extra "
+        f"{ours['peak_extra_rss_bytes'] / 2**20:.0f} MiB "
+        f"({ours['peak_extra_over_model_size']:.2f}x model), "
+        f"float64 max rel err {ours['max_rel_error_float64']:.1e}\n"
+        f"peft merge_and_unload: {theirs['seconds']:.1f} s, peak extra "
+        f"{theirs['peak_extra_rss_bytes'] / 2**20:.0f} MiB\n-> {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Combining several adapters' deltas of one tensor into one delta.
+
+Each adapter ``i`` of a layer contributes a delta ``Δ_i = W_i - W0`` (and ``b_i -
+b0`` for the bias), read off the layer with only adapter ``i`` active; the deltas
+of one tensor are combined with weights ``w_i``:
+
+* ``linear`` and ``task_arithmetic``: ``Δ = Σ_i w_i Δ_i`` (task arithmetic, Ilharco
+  et al. 2023; the exact form of what PEFT calls a linear combination of LoRAs,
+  without the cross terms of mixing factors). The weights are not normalized:
+  ``{"a": 0.5, "b": 0.5}`` averages, ``{"a": 1, "b": 1}`` adds.
+* ``ties`` (Yadav et al. 2023): trim each ``Δ_i`` to its ``k = int(density·n)``
+  entries of largest magnitude (``τ_i``); with ``c_i = w_i τ_i``, elect the sign of
+  each entry by its mass ``s = sign(Σ_i c_i)`` (``+`` on a tie) and take the
+  disjoint mean ``Δ = Σ_{i∈A} c_i / max(|A|, 1)`` over the adapters ``A`` whose
+  ``c_i`` is nonzero with sign ``s``.
+* ``dare_linear`` (Yu et al. 2024): drop each entry of ``Δ_i`` with probability
+  ``1 - density`` and rescale the rest by ``1/density`` (``τ_i``), then ``Σ_i w_i τ_i``.
+* ``dare_ties``: DARE's ``τ_i``, then TIES' sign election and disjoint mean.
+
+DARE's masks come from one ``torch.Generator`` seeded once per `edgerep.merge`
+call, drawn as ``torch.rand(shape, dtype=float64) < density`` for each adapter in
+the order of the ``combine`` mapping, tensor by tensor (weight, then bias) and
+layer by layer in module order: the same seed gives the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from edgerep.errors import ConfigError, did_you_mean
+
+__all__ = ["METHODS", "check_method", "combine", "is_linear", "needs_density", "register_method"]
+
+Method = Callable[[Sequence[torch.Tensor], Sequence[float], float, torch.Generator], torch.Tensor]
+
+METHODS: dict[str, Method] = {}
+_USES_DENSITY: set[str] = set()
+_LINEAR: set[str] = set()
+
+
+def register_method(
+    name: str, *, uses_density: bool, linear: bool = False
+) -> Callable[[Method], Method]:
+    """Register a combination method under `name` (duplicates raise).
+
+    Args:
+        name: the method's name.
+        uses_density: the method takes ``density`` (and requires it).
+        linear: the result is ``Σ_i w_i Δ_i``, so the combined layer can be verified
+            against the weighted sum of the adapters' functions.
+    """
+
+    def add(fn: Method) -> Method:
+        if name in METHODS:
+            raise ValueError(f"combination method {name!r} is already registered")
+        METHODS[name] = fn
+        if uses_density:
+            _USES_DENSITY.add(name)
+        if linear:
+            _LINEAR.add(name)
+        return fn
+
+    return add
+
+
+def is_linear(method: str) -> bool:
+    """Whether `method` combines to exactly ``Σ_i w_i Δ_i``."""
+    return method in _LINEAR
+
+
+def needs_density(method: str) -> bool:
+    """Whether `method` uses ``density`` (TIES and DARE)."""
+    return method in _USES_DENSITY
+
+
+def check_method(method: str, density: float | None) -> None:
+    """Raise `ConfigError` for an unknown method or a density it cannot use."""
+    if method not in METHODS:
+        raise ConfigError(
+            f"unknown combination method {method!r};{did_you_mean(method, METHODS)} "
+            f"known methods: {', '.join(sorted(METHODS))}"
+        )
+    if needs_density(method):
+        if density is None:
+            raise ConfigError(
+                f"method {method!r} needs density, the fraction of each delta to keep, in "
+                "(0, 1]; e.g. density=0.5"
+            )
+        if not 0 < density <= 1:
+            raise ConfigError(f"density must be in (0, 1], got {density!r}")
+    elif density is not None:
+        raise ConfigError(
+            f"density={density!r} is given, but method {method!r} does not use it; it applies "
+            f"to {', '.join(sorted(_USES_DENSITY))}"
+        )
+
+
+def combine(
+    method: str,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    density: float | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Combine the deltas of one tensor (one per adapter, same shape) with `method`."""
+    check_method(method, density)
+    stacked = [d.to(torch.float64) for d in deltas]
+    return METHODS[method](stacked, weights, 1.0 if density is None else density, generator)
+
+
+def _weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    out = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights):
+        out += w * d
+    return out
+
+
+def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``int(density·n)`` entries of largest magnitude."""
+    k = int(density * delta.numel())
+    out = torch.zeros_like(delta)
+    if k > 0:
+        flat = delta.reshape(-1)
+        idx = flat.abs().topk(k).indices
+        out.view(-1)[idx] = flat[idx]
+    return out
+
+
+def _drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Keep each entry with probability `density`, rescaled by ``1/density``."""
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) < density
+    return torch.where(keep, delta / density, torch.zeros_like(delta))
+
+
+def _disjoint_mean(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    weighted = torch.stack([w * t for t, w in zip(taus, weights)])
+    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    agree = weighted.sign() == elected
+    total = torch.where(agree, weighted, torch.zeros_like(weighted)).sum(dim=0)
+    return total / agree.sum(dim=0).clamp(min=1).to(total.dtype)
+
+
+@register_method("linear", uses_density=False, linear=True)
+def _linear(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+    return _weighted_sum(deltas, weights)
+
+
+@register_method("task_arithmetic", uses_density=False, linear=True)
+def _task_arithmetic(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+    return _weighted_sum(deltas, weights)
+
+
+@register_method("ties", uses_density=True)
+def _ties(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+    return _disjoint_mean([_trim(d, density) for d in deltas], weights)
+
+
+@register_method("dare_linear", uses_density=True)
+def _dare_linear(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+    return _weighted_sum([_drop(d, density, generator) for d in deltas], weights)
+
+
+@register_method("dare_ties", uses_density=True)
+def _dare_ties(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+    return _disjoint_mean([_drop(d, density, generator) for d in deltas], weights)
