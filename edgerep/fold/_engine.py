@@ -13,7 +13,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from edgerep.errors import ConfigError, UnsupportedError, VerificationError
-from edgerep.fold import _collapse, _graph, verify
+from edgerep.fold import _collapse, _graph, probe, verify
 from edgerep.fold._cost import count_flops, count_params
 from edgerep.fold.report import FoldedRegion, FoldReport, KeptRegion
 
@@ -379,7 +379,7 @@ def _module_pass(
             )
             done.append(name)
             continue
-        replacement = result.module.to(_dtype_of(module)).eval()
+        replacement = probe.cast_module(result.module, _dtype_of(module)).eval()
         report.folded.append(
             FoldedRegion(
                 path=name,

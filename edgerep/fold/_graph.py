@@ -364,7 +364,7 @@ def fold_regions(
             )
             outcomes.append(outcome)
             continue
-        outcome.replacement = result.module.to(dtype)
+        outcome.replacement = probe.cast_module(result.module, dtype)
         outcomes.append(outcome)
 
     taken: set[str] = set(dict(gm.named_modules()))

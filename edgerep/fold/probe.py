@@ -35,6 +35,8 @@ __all__ = [
     "build_conv",
     "build_flat_linear",
     "build_linear",
+    "cast_module",
+    "round_to",
     "infer_conv_geometry",
     "probe_conv",
     "probe_flat_linear",
@@ -426,3 +428,38 @@ def conv_span(module: nn.Module) -> tuple[int, ...] | None:
         return None
     c = convs[-1]
     return tuple((k - 1) * d + 1 for k, d in zip(c.kernel_size, c.dilation))  # type: ignore[arg-type]
+
+
+def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` rounded once to `dtype`, to the nearest value (ties to even).
+
+    torch converts float64 to bfloat16 or float16 through float32, rounding twice:
+    a value just below a midpoint of the target grid can land on the midpoint in
+    float32 and then round away from its nearest neighbour. Rounding to float32
+    *to odd* (truncate, then set the last bit when inexact) keeps the information
+    the second rounding needs, so the result is correctly rounded.
+    """
+    if t.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+        return t.to(dtype)
+    f = t.to(torch.float32)
+    back = f.to(torch.float64)
+    inexact = back != t
+    toward_zero = torch.nextafter(f, torch.zeros_like(f))
+    f = torch.where(inexact & (back.abs() > t.abs()), toward_zero, f)
+    bits = f.view(torch.int32)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32).to(dtype)
+
+
+def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module` with its floating tensors rounded once (correctly) to `dtype`."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.data = round_to(p.data, dtype)
+        for name, buf in list(module.named_buffers()):
+            if buf.is_floating_point():
+                owner_path, _, attr = name.rpartition(".")
+                owner = module.get_submodule(owner_path) if owner_path else module
+                owner._buffers[attr] = round_to(buf, dtype)
+    return module

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from edgerep.fold import probe, verify
+from edgerep.fold.probe import round_to
 
 __all__ = ["KINDS", "LayerKind", "kind_for", "register_kind", "round_to"]
 
@@ -97,27 +98,6 @@ def is_exact(module: nn.Module) -> bool:
 
 def _with_bias(bias: torch.Tensor, base_bias: Any) -> bool:
     return base_bias is not None or bool(bias.any())
-
-
-def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t` rounded once to `dtype`, to the nearest value (ties to even).
-
-    torch converts float64 to bfloat16 or float16 through float32, rounding twice:
-    a value just below a midpoint of the target grid can land on the midpoint in
-    float32 and then round away from its nearest neighbour. Rounding to float32
-    *to odd* (truncate, then set the last bit when inexact) keeps the information
-    the second rounding needs, so the result is correctly rounded.
-    """
-    if t.dtype != _F64 or dtype not in (torch.bfloat16, torch.float16):
-        return t.to(dtype)
-    f = t.to(torch.float32)
-    back = f.to(_F64)
-    inexact = back != t
-    toward_zero = torch.nextafter(f, torch.zeros_like(f))
-    f = torch.where(inexact & (back.abs() > t.abs()), toward_zero, f)
-    bits = f.view(torch.int32)
-    bits = torch.where(inexact, bits | 1, bits)
-    return bits.view(torch.float32).to(dtype)
 
 
 def _fill(layer: Any, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:

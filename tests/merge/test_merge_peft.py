@@ -17,7 +17,7 @@ from torch import nn
 
 import edgerep
 from edgerep.errors import ConfigError
-from edgerep.merge._layers import round_to
+from edgerep.fold.probe import round_to
 from tests.merge import peft_modules, randomize_adapters, rel_error, same_state, state_snapshot
 
 peft = pytest.importorskip("peft", reason="peft is an optional extra (pip install 'edgerep[peft]')")
