@@ -25,6 +25,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "fold": ("edgerep.fold", None),
     "FoldReport": ("edgerep.fold", "FoldReport"),
+    "merge": ("edgerep.merge", None),
+    "MergeReport": ("edgerep.merge", "MergeReport"),
     "InputSpec": ("edgerep.spec", "InputSpec"),
     "convert": ("edgerep.pipeline", "convert"),
 }
@@ -35,6 +37,7 @@ __all__ = [
     "ExportError",
     "FoldReport",
     "InputSpec",
+    "MergeReport",
     "MissingDependencyError",
     "SourceError",
     "UnsupportedError",
@@ -42,6 +45,7 @@ __all__ = [
     "__version__",
     "convert",
     "fold",
+    "merge",
 ]
 
 

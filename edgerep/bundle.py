@@ -85,6 +85,13 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     "parity": {"type": "object"},
                     "files": {"type": "array", "items": _REL_PATH},
                     "notes": {"type": "array", "items": {"type": "string"}},
+                    # verified, or kept without verification: its runtime cannot run
+                    # here, or it is only the plan to build it (TensorRT without a GPU)
+                    "status": {
+                        "enum": ["verified", "exported-not-verified-here", "not-built-here"]
+                    },
+                    # a folder artifact (.mlpackage); "file" is a file inside it
+                    "package": _REL_PATH,
                     "metadata": {"type": "object"},
                 },
             },
@@ -369,6 +376,8 @@ def read_manifest(directory: str | Path, *, verify_files: bool = True) -> dict[s
         _safe_relpath(rel, "files")
     for art in data["artifacts"]:
         _safe_relpath(art["file"], f"artifact {art['format']!r}")
+        if "package" in art:
+            _safe_relpath(art["package"], f"artifact {art['format']!r} package")
         if data["files"].get(art["file"]) != art["sha256"]:
             raise VerificationError(
                 f"{str(path)!r}: artifact {art['format']!r} file {art['file']!r} has checksum "

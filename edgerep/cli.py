@@ -3,8 +3,13 @@
 Usage::
 
     edgerep fold SRC -o OUT [--weights W] [--input SPEC ...] [--force] [--json]
+    edgerep merge SRC [--adapter ADAPTER ...] -o OUT [--fold] [--weights W] [--input SPEC ...]
+                  [--lora-alpha A] [--combine-method M] [--density D] [--merge-seed N]
+                  [--keep-zeros] [--force] [--json]
     edgerep convert SRC [--to onnx ...] -o OUT [--weights W] [--input SPEC ...]
-                    [--no-fold] [--rtol R] [--force] [--json]
+                    [--adapter ADAPTER ...] [--no-fold] [--rtol R] [--force] [--json]
+    edgerep export SRC --to onnx,openvino,coreml,tensorrt,executorch -o OUT [--input SPEC ...]
+                   [--option FORMAT.KEY=VALUE ...] [--rtol R] [--force] [--json]
     edgerep list [--json]
 
 ``SRC`` is ``path/to/file.py:factory`` or ``model.pt2``; ``SPEC`` is
@@ -12,6 +17,17 @@ Usage::
 ``ids:1x16:int64`` (see `edgerep.spec`). Without ``--input`` the inputs the
 source declares are used (a ``.pt2`` program's own inputs, or ``EDGEREP_INPUTS``
 in the factory file); if it declares none, ``--input`` is required.
+``--to all`` exports every registered format; ``export`` is ``convert --no-fold``.
+``--option FORMAT.KEY=VALUE`` sets an exporter option, e.g.
+``openvino.compress_to_fp16=true``, ``coreml.compute_precision=fp16``,
+``tensorrt.precision=fp16`` (see `edgerep list` and each exporter's fields).
+The status table gives each format one of: verified, exported-not-verified-here
+(its runtime cannot run here, e.g. Core ML off macOS), not-built-here (a TensorRT
+engine without TensorRT or a GPU: the bundle holds the ``trtexec`` command),
+failed (parity), export-failed; only the last two fail the command.
+``ADAPTER`` is a PEFT adapter directory or a ``.safetensors`` file of LoRA factors
+(see `edgerep.merge._load`), ``NAME=PATH:WEIGHT`` to combine several; the base
+model's files are only read.
 ``--debug`` (on any command) prints full tracebacks.
 
 Exit codes:
@@ -119,6 +135,34 @@ def _parser() -> argparse.ArgumentParser:
     model_args.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     model_args.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    adapter_args = argparse.ArgumentParser(add_help=False)
+    adapter_args.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="ADAPTER",
+        help="PEFT adapter directory or .safetensors LoRA file to merge; repeat as "
+        "NAME=PATH:WEIGHT to combine several",
+    )
+    adapter_args.add_argument(
+        "--lora-alpha", type=float, metavar="A", help="LoRA alpha of .safetensors factor files"
+    )
+    adapter_args.add_argument(
+        "--combine-method",
+        default="linear",
+        metavar="M",
+        help="how several adapters combine: linear, task_arithmetic, ties, dare_linear, dare_ties",
+    )
+    adapter_args.add_argument(
+        "--density", type=float, metavar="D", help="fraction of each delta kept by TIES/DARE"
+    )
+    adapter_args.add_argument(
+        "--merge-seed", type=int, default=0, metavar="N", help="seed of DARE's random masks"
+    )
+    adapter_args.add_argument(
+        "--keep-zeros", action="store_true", help="keep the exact zeros of the base weights"
+    )
+
     parser = argparse.ArgumentParser(
         prog="edgerep",
         description="Fold re-parameterized PyTorch models into plain graphs, export and verify them.",
@@ -136,8 +180,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_fold)
 
     p = sub.add_parser(
+        "merge",
+        parents=[common, model_args, adapter_args],
+        help="merge adapters into plain layers and save a verified .pt2 bundle",
+        description="Merge every affine adapter (LoRA, DoRA, IA3, OFT, ...) into plain layers, "
+        "each read off in float64 and verified; save model.pt2 and the merge report.",
+    )
+    p.add_argument("--fold", action="store_true", help="also fold the merged model")
+    p.set_defaults(handler=_cmd_merge)
+
+    p = sub.add_parser(
         "convert",
-        parents=[common, model_args],
+        parents=[common, model_args, adapter_args],
         help="fold, export and verify a model",
         description="Fold, export to each format, verify against the original model, write a bundle.",
     )
@@ -152,12 +206,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rtol", type=float, help="override the parity tolerance (fraction of max |ref|)"
     )
+    _add_option_arg(p)
     p.set_defaults(handler=_cmd_convert)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common, model_args],
+        help="export and verify a model as it is (no folding)",
+        description="Export to each format without folding, verify against the model, write "
+        "a bundle.",
+    )
+    p.add_argument(
+        "--to",
+        action="append",
+        default=[],
+        metavar="FORMAT",
+        help="export format (repeat or comma-separate; 'all' for every format; default onnx)",
+    )
+    p.add_argument(
+        "--rtol", type=float, help="override the parity tolerance (fraction of max |ref|)"
+    )
+    _add_option_arg(p)
+    p.set_defaults(handler=_cmd_export, no_fold=True)
 
     p = sub.add_parser("list", parents=[common], help="list formats, runtimes and zoo blocks")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(handler=_cmd_list)
     return parser
+
+
+def _add_option_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="FORMAT.KEY=VALUE",
+        help="exporter option, e.g. openvino.compress_to_fp16=true or tensorrt.precision=fp16",
+    )
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -172,6 +257,36 @@ def _parse_specs(texts: Sequence[str]) -> list[Any]:
     return specs
 
 
+def _merge_options(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any] | None]:
+    """The adapter sources and the options of `edgerep.merge` (None: no merge stage)."""
+    from edgerep.merge import combine_methods, parse_adapter_spec
+
+    sources = [parse_adapter_spec(t) for t in getattr(args, "adapter", [])]
+    method, density = args.combine_method, args.density
+    if method not in combine_methods():
+        from edgerep.errors import did_you_mean
+
+        raise ConfigError(
+            f"unknown --combine-method {method!r};{did_you_mean(method, combine_methods())} "
+            f"known: {', '.join(combine_methods())}"
+        )
+    options: dict[str, Any] = {"keep_zeros": args.keep_zeros}
+    if len(sources) > 1 or any(s.weight is not None for s in sources):
+        options.update(
+            combine={s.name or "default": 1.0 if s.weight is None else s.weight for s in sources},
+            method=method,
+            density=density,
+            seed=args.merge_seed,
+        )
+    elif method != "linear" or density is not None:
+        raise ConfigError(
+            "--combine-method and --density apply when combining adapters: give several "
+            "--adapter NAME=PATH:WEIGHT (or one with a weight)"
+        )
+    wanted = sources or args.command == "merge"
+    return sources, options if wanted else None
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
     """Check the output path, parse the specs, load the model; cheapest checks first."""
     from edgerep.bundle import check_output_dir
@@ -179,7 +294,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
 
     check_output_dir(args.out, overwrite=args.force)
     specs = _parse_specs(args.input)
+    sources, args.merge_options = _merge_options(args) if hasattr(args, "adapter") else ([], None)
     model, description = load_model(args.source, weights=args.weights)
+    if sources:
+        model = _attach_adapters(model, sources, args, description)
     if not specs:
         declared = description.get("inputs") or []
         if not declared:
@@ -194,10 +312,39 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
     return model, specs, description
 
 
+def _attach_adapters(
+    model: Any, sources: list[Any], args: argparse.Namespace, description: dict[str, Any]
+) -> Any:
+    from pathlib import Path
+
+    from edgerep.bundle import sha256_file
+    from edgerep.merge import load_adapters
+
+    model = load_adapters(model, sources, lora_alpha=args.lora_alpha)
+    rows = []
+    for s in sources:
+        path = Path(s.path).expanduser().resolve()
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        rows.append(
+            {
+                "name": s.name or "default",
+                "path": str(path),
+                "weight": s.weight,
+                "sha256": {p.name: sha256_file(p) for p in files if p.suffix != ".md"},
+            }
+        )
+    description["adapters"] = rows
+    return model
+
+
 def _show(result: Any, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return
+    merge_report = getattr(result, "merge_report", None)
+    if merge_report is not None:
+        print(merge_report.to_text())
+        print()
     if result.fold_report is not None:
         print("fold report:")
         print(result.fold_report.to_text())
@@ -221,15 +368,73 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from edgerep.exporters import get_exporter
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from edgerep.pipeline import merge_to_dir
+
+    model, specs, description = _load(args)
+    _, result = merge_to_dir(
+        model,
+        specs,
+        args.out,
+        options=args.merge_options,
+        fold=args.fold,
+        overwrite=args.force,
+        seed=args.seed,
+        source=description,
+    )
+    _show(result, args)
+    return EXIT_OK
+
+
+def _formats_and_options(
+    args: argparse.Namespace,
+) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """``--to`` and ``--option``, checked before the model is loaded."""
+    from edgerep.exporters import configure_exporter, parse_exporter_option, resolve_formats
+
+    names = [f.strip() for item in (args.to or ["onnx"]) for f in item.split(",") if f.strip()]
+    if not names:
+        raise ConfigError("--to names no format; e.g. --to onnx (see `edgerep list`)")
+    formats = resolve_formats(names)  # unknown names fail here
+    options: dict[str, dict[str, str]] = {}
+    for text in getattr(args, "option", []):
+        fmt, key, value = parse_exporter_option(text)
+        if fmt not in formats:
+            raise ConfigError(
+                f"--option {text!r} is for format {fmt!r}, which --to does not export "
+                f"({', '.join(formats)})"
+            )
+        options.setdefault(fmt, {})[key] = value
+    for fmt, opts in options.items():
+        configure_exporter(fmt, opts)  # unknown options and bad values fail here
+    return formats, options
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
     from edgerep.pipeline import convert
 
-    formats = [f.strip() for item in (args.to or ["onnx"]) for f in item.split(",") if f.strip()]
-    if not formats:
-        raise ConfigError("--to names no format; e.g. --to onnx (see `edgerep list`)")
-    for f in formats:
-        get_exporter(f)  # unknown names fail before the model is loaded
+    formats, options = _formats_and_options(args)
+    model, specs, description = _load(args)
+    _, result = convert(
+        model,
+        specs,
+        to=formats,
+        out_dir=args.out,
+        overwrite=args.force,
+        fold=False,
+        rtol=args.rtol,
+        seed=args.seed,
+        source=description,
+        exporter_options=options,
+    )
+    _show(result, args)
+    return EXIT_OK
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from edgerep.pipeline import convert
+
+    formats, options = _formats_and_options(args)
     model, specs, description = _load(args)
     _, result = convert(
         model,
@@ -241,6 +446,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         seed=args.seed,
         source=description,
+        merge=args.merge_options,
+        exporter_options=options,
     )
     _show(result, args)
     return EXIT_OK
@@ -273,6 +480,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             {
                 "runtime": name,
                 "installed": ok,
+                "unavailable_reason": rt.unavailable_reason(),
                 "devices": rt.devices() if ok else [],
                 "formats": list(rt.formats),
             }
@@ -299,7 +507,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"  {f['format']:<12} verified with {f['runtime']:<12} {state}")
     print("runtimes:")
     for r in runtimes:
-        state = f"devices: {', '.join(r['devices']) or '-'}" if r["installed"] else "not installed"
+        why = r["unavailable_reason"]
+        state = f"cannot run here: {why}" if why else f"devices: {', '.join(r['devices']) or '-'}"
         print(f"  {r['runtime']:<12} formats: {', '.join(r['formats']):<10} {state}")
     print("zoo blocks:")
     print(f"  {', '.join(blocks)}" if blocks else f"  ({zoo_note or 'none'})")

@@ -206,7 +206,12 @@ def _run(out: Path, *, seconds: float, seed: int, threads: int, latency_seconds:
         say(report.to_text())
 
         specs = [parse_input_spec(f"x:Nx1x{_IMAGE_SIZE}x{_IMAGE_SIZE}")]
-        source = {"path": "edgerep.zoo:demo_net", "factory": "demo_net", "trained": "demo"}
+        source = {
+            "kind": "edgerep-demo",
+            "path": "edgerep.zoo",
+            "factory": "demo_net",
+            "weights": "../demo_net.pt (trained by python -m edgerep.demo)",
+        }
         bundles: dict[str, Path] = {}
         say("")
         for name, do_fold in (("unfolded", False), ("folded", True)):

@@ -11,9 +11,10 @@ precision).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from edgerep.errors import ConfigError
 
@@ -21,12 +22,21 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "EXPORT_FAILED",
+    "FAILED",
+    "FAILURES",
+    "NOT_BUILT_HERE",
+    "NOT_VERIFIED_HERE",
+    "PARITY_RUNS",
     "TOLERANCES",
+    "VERIFIED",
     "FormatStatus",
     "OutputParity",
+    "ParityRun",
     "Tolerance",
     "compare_outputs",
     "format_status_table",
+    "parity_runs",
     "tolerance_for",
 ]
 
@@ -52,6 +62,18 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("onnx", "fp32"): Tolerance(rel=1e-4),
     ("pt2", "fp32"): Tolerance(rel=1e-4),
     ("onnx", "fp16"): Tolerance(rel=1e-2),
+    # OpenVINO: fp32 is compared with INFERENCE_PRECISION_HINT=f32; fp16 = fp16-compressed
+    # weights (f32 compute); bf16 is the default precision of CPUs with AMX/AVX512-BF16
+    ("openvino", "fp32"): Tolerance(rel=1e-4),
+    ("openvino", "fp16"): Tolerance(rel=1e-2),
+    ("openvino", "bf16"): Tolerance(rel=3e-2),
+    # Core ML: compared on CPU_ONLY (macOS only)
+    ("coreml", "fp32"): Tolerance(rel=1e-4),
+    ("coreml", "fp16"): Tolerance(rel=1e-2),
+    # TensorRT fp32 engines are built with TF32 off
+    ("tensorrt", "fp32"): Tolerance(rel=1e-4),
+    ("tensorrt", "fp16"): Tolerance(rel=1e-2),
+    ("executorch", "fp32"): Tolerance(rel=1e-4),
     ("*", "fp32"): Tolerance(rel=1e-4),
     ("*", "fp16"): Tolerance(rel=1e-2),
     ("*", "bf16"): Tolerance(rel=3e-2),
@@ -191,7 +213,55 @@ def compare_outputs(
     return out
 
 
+@dataclass(frozen=True)
+class ParityRun:
+    """One way of running an artifact for parity.
+
+    Attributes:
+        label: how the run is named in reports, e.g. ``"f32"``.
+        options: runtime options for ``Runtime.load``.
+        gating: whether a failure fails the format; a non-gating run is reported
+            separately, judged by the tolerance of the precision that actually ran
+            (``inference_precision`` in the session's description).
+    """
+
+    label: str
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    gating: bool = True
+
+
+#: format -> how its artifacts are run for parity; the first run gates. Formats not
+#: listed get one gating run with the runtime's defaults.
+PARITY_RUNS: dict[str, tuple[ParityRun, ...]] = {
+    "openvino": (
+        ParityRun("f32", MappingProxyType({"inference_precision": "f32"})),
+        ParityRun(
+            "default precision", MappingProxyType({"inference_precision": "default"}), gating=False
+        ),
+    ),
+}
+
+
+def parity_runs(fmt: str) -> tuple[ParityRun, ...]:
+    """How artifacts of `fmt` are run for parity (see `PARITY_RUNS`)."""
+    return PARITY_RUNS.get(fmt, (ParityRun("default"),))
+
+
 # --- results ----------------------------------------------------------------------------
+
+#: the artifact matches the reference within tolerance
+VERIFIED = "verified"
+#: it does not (parity), or its runtime cannot run it
+FAILED = "failed"
+#: the exporter failed
+EXPORT_FAILED = "export-failed"
+#: exported, but no runtime for it on this machine (Core ML off macOS, ...): not a failure
+NOT_VERIFIED_HERE = "exported-not-verified-here"
+#: the exporter wrote the plan to build it on the target instead (TensorRT without
+#: TensorRT or a GPU): not a failure
+NOT_BUILT_HERE = "not-built-here"
+#: statuses that fail a conversion
+FAILURES = frozenset({FAILED, EXPORT_FAILED})
 
 
 @dataclass
@@ -200,7 +270,7 @@ class FormatStatus:
 
     format: str
     precision: str
-    status: str  # "verified", "failed" (parity) or "export-failed"
+    status: str  # one of VERIFIED, FAILED, EXPORT_FAILED, NOT_VERIFIED_HERE, NOT_BUILT_HERE
     reason: str = ""
     file: str | None = None
     parity: list[OutputParity] = field(default_factory=list)
@@ -210,10 +280,13 @@ class FormatStatus:
         worst = max((p.max_rel_error for p in self.parity), default=float("nan"))
         err = f"max rel err {worst:.1e}" if self.parity else ""
         tail = f"  {self.reason}" if self.reason else ""
-        return f"  {self.format:<10} {self.precision:<5} {self.status:<13} {err:<20} {self.file or '-'}{tail}"
+        return (
+            f"  {self.format:<10} {self.precision:<5} {self.status:<26} {err:<20} "
+            f"{self.file or '-'}{tail}"
+        )
 
 
 def format_status_table(statuses: Sequence[FormatStatus]) -> str:
     """The per-format table the CLI prints."""
-    head = f"  {'format':<10} {'prec':<5} {'status':<13} {'parity':<20} file"
+    head = f"  {'format':<10} {'prec':<5} {'status':<26} {'parity':<20} file"
     return "\n".join([head, *(s.line() for s in statuses)])

@@ -1,17 +1,23 @@
-"""The stages chained: fold -> check -> export -> verify -> bundle.
+"""The stages chained: merge -> fold -> check -> export -> verify -> bundle.
 
 `convert` is the one function that knows every stage. Its order is chosen so that
 nothing is written unless everything succeeds:
 
-1. validate the specs and the output path, resolve every exporter and runtime
-   (unknown names and missing packages fail here, before any work);
+1. validate the specs and the output path, resolve every exporter (``"all"``
+   expands to every format; exporter options applied) and runtime (unknown names
+   and options fail here, before any work);
 2. run the *original* model in float32 on three inputs (the example input, one more
    random input of the same shape, one with different values of the symbolic dims):
    these are the references every artifact is compared with;
-3. fold (unless disabled);
+3. merge adapters into plain layers (when asked: ``merge={...}``, the options of
+   `edgerep.merge`), then fold (unless disabled);
 4. ``check()`` every format and raise `UnsupportedError` listing *all* problems;
 5. inside a temporary bundle directory: export each format into its own folder,
-   run it with its runtime on the three inputs and compare (parity);
+   run it with its runtime on the three inputs and compare (parity; the runs of
+   `edgerep.parity.PARITY_RUNS`, e.g. OpenVINO at f32 and, reported separately, at
+   the device's default precision). A format whose runtime cannot run here is
+   *exported-not-verified-here*, a TensorRT plan without TensorRT *not-built-here*:
+   both are kept, with the reason, and are not failures;
 6. if any format failed, raise (`ExportError` if an export failed, else
    `VerificationError`) with a status line per format; the temporary directory is
    removed and an earlier bundle at the same path is untouched;
@@ -50,12 +56,19 @@ from edgerep.errors import (
     VerificationError,
 )
 from edgerep.parity import (
+    EXPORT_FAILED,
+    FAILED,
+    NOT_BUILT_HERE,
+    NOT_VERIFIED_HERE,
     TOLERANCES,
+    VERIFIED,
     FormatStatus,
     OutputParity,
+    ParityRun,
     Tolerance,
     compare_outputs,
     format_status_table,
+    parity_runs,
     tolerance_for,
 )
 from edgerep.spec import InputSpec, example_inputs, symbol_ranges, validate_specs
@@ -66,6 +79,7 @@ if TYPE_CHECKING:
 
     from edgerep.exporters import Artifact, Exporter
     from edgerep.fold.report import FoldReport
+    from edgerep.merge.report import MergeReport
     from edgerep.runtimes import Runtime
 
 __all__ = [
@@ -77,6 +91,7 @@ __all__ = [
     "compare_outputs",
     "convert",
     "fold_to_dir",
+    "merge_to_dir",
     "tolerance_for",
 ]
 
@@ -93,6 +108,7 @@ class ConvertResult:
     fold_report: FoldReport | None
     formats: list[FormatStatus]
     manifest: dict[str, Any]
+    merge_report: MergeReport | None = None
 
     def status_table(self) -> str:
         """The per-format status table."""
@@ -103,6 +119,7 @@ class ConvertResult:
         return {
             "bundle": str(self.bundle),
             "fold_report": self.fold_report.to_dict() if self.fold_report else None,
+            "merge_report": self.merge_report.to_dict() if self.merge_report else None,
             "formats": [_finite(asdict(s)) for s in self.formats],
         }
 
@@ -219,6 +236,65 @@ def _prepare(model: torch.nn.Module, specs: Sequence[InputSpec], seed: int) -> _
     return _Prepared(reference, specs, inputs, labels, refs)
 
 
+def _merge(
+    model: torch.nn.Module, options: Mapping[str, Any]
+) -> tuple[torch.nn.Module, MergeReport]:
+    from edgerep.merge import merge as merge_model
+
+    return merge_model(model, **dict(options))
+
+
+def _merge_stage(
+    model: torch.nn.Module, options: Mapping[str, Any] | None
+) -> tuple[torch.nn.Module, torch.nn.Module, MergeReport | None]:
+    """(parity reference, model for the next stages, merge report).
+
+    The reference is the original, unmerged model, unless the merge defines a new
+    model on purpose (a combination of adapters, or keep_zeros): then no unmerged
+    model computes it, and the merged model is the reference (its layers were each
+    verified against the adapters in float64 by the merge itself).
+    """
+    if options is None:
+        return model, model, None
+    merged, report = _merge(model, options)
+    redefines = options.get("combine") is not None or bool(options.get("keep_zeros"))
+    if redefines:
+        report.notes.append(
+            "parity reference: the merged model itself (a combination of adapters or "
+            "keep_zeros defines a new model that no unmerged model computes)"
+        )
+    return (merged if redefines else model), merged, report
+
+
+def _merge_rows(report: MergeReport | None) -> list[dict[str, Any]]:
+    if report is None:
+        return []
+    rows: list[dict[str, Any]] = [
+        {
+            "stage": "merge",
+            "action": "merged",
+            "detail": f"{r.path or '<root>'}: {r.adapter}"
+            + (f" [{', '.join(r.adapters)}]" if r.adapters else "")
+            + f" -> {r.became}",
+            "error": float(r.max_rel_error),
+        }
+        for r in report.merged
+    ]
+    rows += [
+        {
+            "stage": "merge",
+            "action": "kept",
+            "detail": f"{k.path or '<root>'}: {k.reason}",
+            "error": None,
+        }
+        for k in report.kept
+    ]
+    rows += [{"stage": "merge", "action": "note", "detail": n, "error": None} for n in report.notes]
+    if not report.merged and not report.kept:
+        rows.append({"stage": "merge", "action": "none", "detail": "no adapter", "error": None})
+    return rows
+
+
 def _fold(
     model: torch.nn.Module, example: tuple[torch.Tensor, ...]
 ) -> tuple[torch.nn.Module, FoldReport]:
@@ -312,10 +388,18 @@ def _artifact_feeds(
     )
 
 
+def _parity_device(runtime: Runtime) -> str:
+    """``cpu`` where the runtime has it (float32 end to end), else its first device."""
+    devices = runtime.devices()
+    return "cpu" if "cpu" in devices or not devices else devices[0]
+
+
 def _run_artifact(
-    runtime: Runtime, path: Path, prepared: _Prepared
+    runtime: Runtime, path: Path, prepared: _Prepared, options: Mapping[str, Any] | None = None
 ) -> tuple[list[list[np.ndarray]], dict[str, Any]]:
-    session = runtime.load(path, device="cpu")
+    session = runtime.load(
+        path, device=_parity_device(runtime), options=dict(options or {}) or None
+    )
     try:
         outs = [
             session.run(_artifact_feeds(session.input_names, prepared.specs, x))
@@ -335,9 +419,16 @@ def _verify(
     output_names: Sequence[str],
     prepared: _Prepared,
     rtol: float | None,
+    run: ParityRun | None = None,
 ) -> tuple[list[OutputParity], dict[str, Any]]:
-    tol = tolerance_for(fmt, precision) if rtol is None else Tolerance(rel=float(rtol))
-    outs, desc = _run_artifact(runtime, path, prepared)
+    """Run the artifact on the parity inputs and compare; a non-gating `run` is judged by
+    the tolerance of the precision that actually ran (the session says which)."""
+    outs, desc = _run_artifact(runtime, path, prepared, run.options if run else None)
+    if rtol is not None:
+        tol = Tolerance(rel=float(rtol))
+    else:
+        ran = _ran_precision(desc, precision)
+        tol = tolerance_for(fmt, precision if run is None or run.gating else ran)
     n_ref = len(prepared.references[0])
     if any(len(o) != n_ref for o in outs):
         p = OutputParity(
@@ -356,6 +447,12 @@ def _verify(
     )
     parity = compare_outputs(prepared.references, outs, names, tol)
     return parity, _parity_dict(prepared, parity, tol, desc)
+
+
+def _ran_precision(desc: Mapping[str, Any], precision: str) -> str:
+    """The precision a session computed in (its ``inference_precision``), else the artifact's."""
+    ran = desc.get("inference_precision")
+    return str(ran) if ran else precision
 
 
 def _now() -> str:
@@ -396,10 +493,15 @@ def _write_reports(
     ledger: Sequence[Mapping[str, Any]],
     specs: Sequence[InputSpec],
     source: Mapping[str, Any] | None,
+    merge_report: MergeReport | None = None,
 ) -> None:
     (tmp / "fold_report.json").write_text(
         json.dumps(report.to_dict() if report else None, indent=2, default=str) + "\n"
     )
+    if merge_report is not None:
+        (tmp / "merge_report.json").write_text(
+            json.dumps(_finite(merge_report.to_dict()), indent=2, default=str) + "\n"
+        )
     lines = [f"edgerep {title} ({_now()}, edgerep {_edgerep_version()})"]
     if source:
         where = source.get("path", "")
@@ -408,6 +510,9 @@ def _write_reports(
         )
     lines.append("inputs: " + ", ".join(s.to_text() for s in specs))
     lines.append("")
+    if merge_report is not None:
+        lines.append(merge_report.to_text())
+        lines.append("")
     lines.append("fold:")
     lines.append(report.to_text() if report else "  skipped (folding disabled)")
     lines.append("")
@@ -436,53 +541,70 @@ def convert(
     rtol: float | None = None,
     seed: int = 0,
     source: Mapping[str, Any] | None = None,
+    exporter_options: Mapping[str, Mapping[str, Any]] | None = None,
+    merge: Mapping[str, Any] | None = None,
 ) -> tuple[Path, ConvertResult]:
     """Fold, export to each format, verify against the original model, write a bundle.
 
     Args:
         model: the model; not modified.
         specs: one input spec per forward argument.
-        to: format names (see `edgerep.exporters.available_formats`).
+        to: format names (see `edgerep.exporters.available_formats`); ``"all"`` is every
+            registered format.
         out_dir: the bundle directory to create.
         overwrite: replace an existing bundle (only once the new one is complete).
         fold: run the fold engine first.
         rtol: override the parity tolerance (fraction of max |reference|).
         seed: seed of the parity inputs.
         source: description of where the model came from, stored in the manifest.
+        exporter_options: format -> exporter option -> value, e.g.
+            ``{"openvino": {"compress_to_fp16": True}}`` (each exporter's fields).
+        merge: merge adapters into plain layers before folding, with these options
+            of `edgerep.merge` (``{}`` merges the active adapters); the parity
+            reference stays the original, unmerged model (the merged one for a
+            combination of adapters or keep_zeros, which no unmerged model computes).
 
     Returns:
-        The bundle path and a `ConvertResult`.
+        The bundle path and a `ConvertResult`. A format whose runtime cannot run here
+        (Core ML off macOS, TensorRT without a GPU) is exported but not verified, and a
+        TensorRT engine that cannot be built here leaves its build plan; both are
+        reported in the status table and are not failures.
 
     Raises:
         ConfigError: bad specs or options, existing output without `overwrite`, or a
             model that fails on the example inputs.
-        MissingDependencyError: an exporter's or runtime's package is missing.
+        MissingDependencyError: an exporter's package is missing.
         UnsupportedError: a format cannot take the model (all problems listed).
         ExportError: an export failed.
         VerificationError: an artifact does not match the reference.
     """
-    from edgerep.exporters import get_exporter
+    from edgerep.exporters import configure_exporter, resolve_formats
     from edgerep.runtimes import get_runtime
 
-    formats = list(dict.fromkeys(to))
+    formats = resolve_formats(to)
     if not formats:
         raise ConfigError("no export format given; pass at least one, e.g. to=('onnx',)")
-    exporters: list[Exporter] = [get_exporter(f) for f in formats]
+    options = dict(exporter_options or {})
+    for f in options:
+        if f not in formats:
+            raise ConfigError(
+                f"options given for format {f!r}, which is not exported ({', '.join(formats)})"
+            )
+    exporters: list[Exporter] = [configure_exporter(f, options.get(f)) for f in formats]
+    # a runtime that cannot run here makes its format "exported-not-verified-here"
     runtimes: list[Runtime] = [get_runtime(e.runtime) for e in exporters]
-    for e, rt in zip(exporters, runtimes):
-        if not rt.is_available():
-            raise MissingDependencyError(rt.name, e.extra, f"verifying {e.format} artifacts")
     if rtol is not None and not rtol > 0:
         raise ConfigError(f"rtol must be positive, got {rtol!r}")
     target = check_output_dir(out_dir, overwrite=overwrite)
 
-    prepared = _prepare(model, specs, seed)
+    reference, merged, merge_report = _merge_stage(model, merge)
+    prepared = _prepare(reference, specs, seed)
     example = prepared.inputs[0]
     report: FoldReport | None = None
-    subject = prepared.reference
+    subject = prepared.reference if merge is None else _reference_model(merged)
     if fold:
-        subject, report = _fold(model, example)
-    ledger: list[dict[str, Any]] = _fold_rows(report)
+        subject, report = _fold(merged, example)
+    ledger: list[dict[str, Any]] = _merge_rows(merge_report) + _fold_rows(report)
 
     problems = [p for e in exporters for p in e.check(subject, example, prepared.specs)]
     if problems:
@@ -505,9 +627,9 @@ def convert(
                 artifacts.append(entry)
                 if outputs is None and entry["outputs"]:
                     outputs = entry["outputs"]
-        if any(s.status == "export-failed" for s in statuses):
+        if any(s.status == EXPORT_FAILED for s in statuses):
             raise ExportError(_failure(statuses, "export failed"))
-        if any(s.status != "verified" for s in statuses):
+        if any(s.status == FAILED for s in statuses):
             raise VerificationError(_failure(statuses, "parity check failed"))
         _write_reports(
             tmp,
@@ -517,6 +639,7 @@ def convert(
             ledger=ledger,
             specs=prepared.specs,
             source=source,
+            merge_report=merge_report,
         )
         manifest = write_manifest(
             tmp,
@@ -530,7 +653,7 @@ def convert(
                 "ledger": ledger,
             },
         )
-    return target, ConvertResult(target, report, statuses, manifest)
+    return target, ConvertResult(target, report, statuses, manifest, merge_report)
 
 
 def _export_and_verify(
@@ -557,16 +680,30 @@ def _export_and_verify(
         msg = str(e) if isinstance(e, EdgerepError) else f"{type(e).__name__}: {e}"
         logger.debug("%s export failed", fmt, exc_info=True)
         row = {"stage": "export", "action": "failed", "detail": f"{fmt}: {msg}", "error": None}
-        return FormatStatus(fmt, "-", "export-failed", msg), None, [row]
+        return FormatStatus(fmt, "-", EXPORT_FAILED, msg), None, [row]
     rel = artifact.path.relative_to(root).as_posix()
     rows = [_export_row(artifact, rel)]
     rows += [
         {"stage": "export", "action": "note", "detail": f"{fmt}: {n}", "error": None}
         for n in artifact.notes
     ]
+    if not artifact.built:
+        why = artifact.not_built_reason or "the exporter could not build it here"
+        return _unverified(artifact, root, rel, rows, NOT_BUILT_HERE, why)
+    cannot_run = runtime.unavailable_reason()
+    if cannot_run:
+        return _unverified(artifact, root, rel, rows, NOT_VERIFIED_HERE, cannot_run)
+    gate, *extra = parity_runs(fmt)
     try:
         parity, parity_dict = _verify(
-            fmt, artifact.precision, runtime, artifact.path, artifact.output_names, prepared, rtol
+            fmt,
+            artifact.precision,
+            runtime,
+            artifact.path,
+            artifact.output_names,
+            prepared,
+            rtol,
+            gate,
         )
     except MissingDependencyError:
         raise
@@ -576,12 +713,74 @@ def _export_and_verify(
         rows.append(
             {"stage": "verify", "action": "failed", "detail": f"{fmt}: {msg}", "error": None}
         )
-        return FormatStatus(fmt, artifact.precision, "failed", msg, rel), None, rows
+        return FormatStatus(fmt, artifact.precision, FAILED, msg, rel), None, rows
     rows += _parity_rows(fmt, artifact.precision, parity)
     ok = all(p.passed for p in parity)
     why = "; ".join(f"output {p.output!r}: {p.reason}" for p in parity if not p.passed)
-    status = FormatStatus(fmt, artifact.precision, "verified" if ok else "failed", why, rel, parity)
+    reported = []
+    for run in extra:
+        summary, reported_row = _report_run(fmt, artifact, runtime, prepared, run)
+        parity_dict.setdefault("also_ran", []).append(summary)
+        rows.append(reported_row)
+        reported.append(str(reported_row["detail"]).split(": ", 1)[1])
+    if ok and reported:
+        why = "; ".join(reported)
+    status = FormatStatus(fmt, artifact.precision, VERIFIED if ok else FAILED, why, rel, parity)
     return status, _artifact_entry(artifact, root, parity_dict), rows
+
+
+def _unverified(
+    artifact: Artifact,
+    root: Path,
+    rel: str,
+    rows: list[dict[str, Any]],
+    status: str,
+    why: str,
+) -> tuple[FormatStatus, dict[str, Any], list[dict[str, Any]]]:
+    """An artifact nothing here can run, or only a build plan: kept, and not a failure."""
+    fmt = artifact.format
+    what = "not built here" if status == NOT_BUILT_HERE else "not verified here"
+    rows.append(
+        {"stage": "verify", "action": "skipped", "detail": f"{fmt}: {what}: {why}", "error": None}
+    )
+    entry = _artifact_entry(artifact, root, {"passed": None, "status": status, "reason": why})
+    return FormatStatus(fmt, artifact.precision, status, why, rel), entry, rows
+
+
+def _report_run(
+    fmt: str, artifact: Artifact, runtime: Runtime, prepared: _Prepared, run: ParityRun
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A non-gating parity run (OpenVINO at the device's default precision): its numbers
+    for the manifest and a ledger row; it never fails the format."""
+    try:
+        parity, parity_dict = _verify(
+            fmt,
+            artifact.precision,
+            runtime,
+            artifact.path,
+            artifact.output_names,
+            prepared,
+            None,
+            run,
+        )
+    except Exception as e:
+        text = f"{run.label} run failed: {type(e).__name__}: {e}"
+        row = {"stage": "verify", "action": "reported", "detail": f"{fmt}: {text}", "error": None}
+        return {"label": run.label, "passed": False, "reason": text}, row
+    ran = _ran_precision(parity_dict["runtime"], artifact.precision)
+    worst = max((p.max_rel_error for p in parity), default=0.0)
+    verdict = "within" if all(p.passed for p in parity) else "OUTSIDE"
+    text = (
+        f"{run.label} ({ran}): max rel err {worst:.1e}, {verdict} the {ran} tolerance "
+        f"{parity_dict['tolerance']['rel_to_max_abs_reference']:.0e} (reported, not gating)"
+    )
+    row = {
+        "stage": "verify",
+        "action": "reported",
+        "detail": f"{fmt}: {text}",
+        "error": _finite(worst),
+    }
+    return {"label": run.label, "precision": ran, **parity_dict}, row
 
 
 def _export_row(artifact: Artifact, rel: str) -> dict[str, Any]:
@@ -604,11 +803,20 @@ def _artifact_entry(artifact: Artifact, root: Path, parity: Mapping[str, Any]) -
     files = [(base / f).as_posix() for f in artifact.files] or [
         artifact.path.relative_to(root).as_posix()
     ]
-    return {
+    # a manifest checksums files: a folder artifact (.mlpackage) is named by its
+    # Manifest.json (else its first file), the folder itself under "package"
+    main = artifact.path
+    package: str | None = None
+    if main.is_dir():
+        package = main.relative_to(root).as_posix()
+        inner = [p for p in sorted(main.rglob("*")) if p.is_file()]
+        main = main / "Manifest.json" if (main / "Manifest.json").is_file() else inner[0]
+    entry = {
         "format": artifact.format,
-        "file": artifact.path.relative_to(root).as_posix(),
+        "file": main.relative_to(root).as_posix(),
         "precision": artifact.precision,
-        "sha256": sha256_file(artifact.path),
+        "status": VERIFIED if parity.get("passed") else str(parity.get("status") or FAILED),
+        "sha256": sha256_file(main),
         "files": files,
         "tool_versions": dict(artifact.tool_versions),
         "parity": dict(parity),
@@ -617,6 +825,9 @@ def _artifact_entry(artifact: Artifact, root: Path, parity: Mapping[str, Any]) -
         "inputs": [t.to_dict() for t in artifact.inputs],
         "outputs": [t.to_dict() for t in artifact.outputs],
     }
+    if package is not None:
+        entry["package"] = package
+    return entry
 
 
 # --- fold only ----------------------------------------------------------------------------
@@ -663,6 +874,8 @@ def fold_to_dir(
     overwrite: bool = False,
     seed: int = 0,
     source: Mapping[str, Any] | None = None,
+    merge: Mapping[str, Any] | None = None,
+    fold: bool = True,
 ) -> tuple[Path, ConvertResult]:
     """Fold `model` and save it as a ``.pt2`` program in a verified bundle.
 
@@ -678,6 +891,9 @@ def fold_to_dir(
         overwrite: replace an existing bundle (only once the new one is complete).
         seed: seed of the parity inputs.
         source: description of the model's origin, stored in the manifest.
+        merge: merge adapters first, with these options of `edgerep.merge` (the
+            bundle then also holds ``merge_report.json``); None: no merge stage.
+        fold: run the fold engine (on the merged model when merging).
 
     Returns:
         The bundle path and a `ConvertResult` with one ``pt2`` format status.
@@ -694,10 +910,16 @@ def fold_to_dir(
     from edgerep.runtimes import get_runtime
 
     target = check_output_dir(out_dir, overwrite=overwrite)
-    prepared = _prepare(model, specs, seed)
+    reference, subject, merge_report = _merge_stage(model, merge)
+    prepared = _prepare(reference, specs, seed)
     example = prepared.inputs[0]
-    folded, report = _fold(model, example)
-    ledger = _fold_rows(report)
+    report: FoldReport | None = None
+    folded = _reference_model(subject)
+    if fold:
+        folded, report = _fold(subject, example)
+    ledger = _merge_rows(merge_report) + _fold_rows(report)
+    title = "merge" if merge is not None else "fold"
+    done = "merged" if merge is not None else "folded"
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
         path = tmp / "model.pt2"
         try:
@@ -705,7 +927,7 @@ def fold_to_dir(
             torch.export.save(program, str(path))
         except Exception as e:
             raise ExportError(
-                f"cannot save the folded model as a .pt2 program: {type(e).__name__}: "
+                f"cannot save the {done} model as a .pt2 program: {type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; torch.export must be "
                 "able to capture it (check the symbolic dims of --input)"
             ) from e
@@ -742,16 +964,17 @@ def fold_to_dir(
         ]
         if not ok:
             raise VerificationError(
-                _failure(statuses, "the folded model does not match the original")
+                _failure(statuses, f"the {done} model does not match the original")
             )
         _write_reports(
             tmp,
-            title="fold",
+            title=title,
             report=report,
             statuses=statuses,
             ledger=ledger,
             specs=prepared.specs,
             source=source,
+            merge_report=merge_report,
         )
         manifest = write_manifest(
             tmp,
@@ -771,10 +994,49 @@ def fold_to_dir(
                         "tool_versions": package_versions("torch"),
                         "parity": parity_dict,
                         "notes": [],
-                        "metadata": {"capture": report.capture},
+                        "metadata": {"capture": report.capture if report else "none"},
                     }
                 ],
                 "ledger": ledger,
             },
         )
-    return target, ConvertResult(target, report, statuses, manifest)
+    return target, ConvertResult(target, report, statuses, manifest, merge_report)
+
+
+def merge_to_dir(
+    model: torch.nn.Module,
+    specs: Sequence[InputSpec],
+    out_dir: str | Path,
+    *,
+    options: Mapping[str, Any] | None = None,
+    fold: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    source: Mapping[str, Any] | None = None,
+) -> tuple[Path, ConvertResult]:
+    """Merge `model`'s adapters and save the plain model as a verified ``.pt2`` bundle.
+
+    Like `fold_to_dir` (which it calls), with the merge stage first: the bundle holds
+    ``model.pt2``, ``merge_report.json``, ``report.txt`` and ``manifest.json``, and
+    the saved program is compared with the original, unmerged model.
+
+    Args:
+        model: the model with adapters (e.g. a `PeftModel`); not modified.
+        specs: one input spec per forward argument.
+        out_dir: the bundle directory to create.
+        options: keyword options of `edgerep.merge` (adapter, combine, method, ...).
+        fold: also fold the merged model.
+        overwrite: replace an existing bundle (only once the new one is complete).
+        seed: seed of the parity inputs.
+        source: description of the model's origin, stored in the manifest.
+    """
+    return fold_to_dir(
+        model,
+        specs,
+        out_dir,
+        overwrite=overwrite,
+        seed=seed,
+        source=source,
+        merge=dict(options or {}),
+        fold=fold,
+    )

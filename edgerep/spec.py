@@ -32,12 +32,16 @@ __all__ = [
     "SPEC_VERSION",
     "DimRange",
     "InputSpec",
+    "ShapeProfile",
+    "bounded_max",
     "example_inputs",
     "parse_input_spec",
     "resolve_dims",
+    "shape_profiles",
     "symbol_ranges",
     "torch_dynamic_shapes",
     "validate_specs",
+    "with_bounded_ranges",
 ]
 
 SPEC_VERSION = 1
@@ -458,3 +462,71 @@ def torch_dynamic_shapes(specs: Sequence[InputSpec]) -> tuple[dict[int, Any] | N
         axes = {axis: dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}
         shapes.append(axes or None)
     return tuple(shapes) if dims else None
+
+
+#: an unbounded symbol gets this upper bound where a format needs one (TensorRT profiles):
+#: ``max(UNBOUNDED_MAX_FACTOR * opt, UNBOUNDED_MAX_FLOOR)``
+UNBOUNDED_MAX_FACTOR = 2
+UNBOUNDED_MAX_FLOOR = 16
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The min/opt/max shapes of one input, for formats with shape profiles (TensorRT).
+
+    Attributes:
+        name: the input name.
+        min: the shape with every symbol at its min.
+        opt: the shape with every symbol at its opt value.
+        max: the shape with every symbol at its max (a default bound when unbounded).
+        defaulted: symbols without an upper bound that got the default one.
+    """
+
+    name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+    defaulted: tuple[str, ...] = ()
+
+
+def bounded_max(r: DimRange) -> int:
+    """The upper bound of `r`, or the default one (see `UNBOUNDED_MAX_FACTOR`) when unbounded."""
+    if r.max is not None:
+        return r.max
+    return max(UNBOUNDED_MAX_FACTOR * r.opt, UNBOUNDED_MAX_FLOOR, r.min)
+
+
+def shape_profiles(specs: Sequence[InputSpec]) -> list[ShapeProfile]:
+    """One min/opt/max profile per input, symbols resolved across all inputs.
+
+    A symbol with no upper bound gets `bounded_max`; it is listed in ``defaulted`` so
+    that exporters can say so.
+    """
+    validate_specs(specs)
+    ranges = symbol_ranges(specs)
+    lo = {s: r.min for s, r in ranges.items()}
+    opt = {s: r.opt for s, r in ranges.items()}
+    hi = {s: bounded_max(r) for s, r in ranges.items()}
+    return [
+        ShapeProfile(
+            name=s.name,
+            min=s.example_shape(lo),
+            opt=s.example_shape(opt),
+            max=s.example_shape(hi),
+            defaulted=tuple(sym for sym in s.symbols if ranges[sym].max is None),
+        )
+        for s in specs
+    ]
+
+
+def with_bounded_ranges(specs: Sequence[InputSpec]) -> list[InputSpec]:
+    """`specs` with every symbol given an explicit range whose max is `bounded_max`.
+
+    For formats that plan memory for the largest shape (ExecuTorch): an unbounded
+    symbol would otherwise be planned at its example size.
+    """
+    ranges = symbol_ranges(specs)
+    bounded = {sym: DimRange(sym, r.min, r.opt, bounded_max(r)) for sym, r in ranges.items()}
+    return [
+        InputSpec(s.name, s.shape, s.dtype, tuple(bounded[sym] for sym in s.symbols)) for s in specs
+    ]

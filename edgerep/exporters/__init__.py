@@ -18,22 +18,36 @@ from edgerep.exporters._base import (
     export_program,
     package_versions,
 )
+from edgerep.exporters._options import (
+    ALL,
+    configure_exporter,
+    parse_exporter_option,
+    resolve_formats,
+)
 
 __all__ = [
+    "ALL",
     "Artifact",
     "Exporter",
     "Problem",
     "TensorInfo",
     "available_formats",
+    "configure_exporter",
     "export_program",
     "get_exporter",
     "package_versions",
+    "parse_exporter_option",
     "register_exporter",
+    "resolve_formats",
 ]
 
 # format -> "module:attribute" of a class constructed with no arguments
 _BUILTIN: dict[str, str] = {
     "onnx": "edgerep.exporters.onnx:OnnxExporter",
+    "openvino": "edgerep.exporters.openvino:OpenVinoExporter",
+    "coreml": "edgerep.exporters.coreml:CoreMLExporter",
+    "tensorrt": "edgerep.exporters.tensorrt:TensorRTExporter",
+    "executorch": "edgerep.exporters.executorch:ExecuTorchExporter",
 }
 
 _REGISTRY: dict[str, Exporter] = {}
@@ -51,6 +65,8 @@ def register_exporter(exporter: Exporter, *, replace: bool = False) -> None:
             `replace` is False.
     """
     name = exporter.format
+    if name == ALL:
+        raise ConfigError(f"{ALL!r} stands for every format and cannot name an exporter")
     if not replace and (name in _REGISTRY or name in _BUILTIN):
         raise ConfigError(
             f"an exporter for format {name!r} is already registered; pass replace=True to "

@@ -66,6 +66,11 @@ class Artifact:
         tool_versions: versions of the tools that made it.
         notes: what the exporter chose or had to work around (fallbacks, skipped steps).
         metadata: format-specific facts (opset, node counts, ...); JSON-serializable.
+        built: False when the exporter could not build the artifact on this machine
+            and wrote what builds it on the target instead (a TensorRT engine without
+            TensorRT here: the ONNX model and the ``trtexec`` command); `path` is then
+            that build plan and nothing can be run or verified here.
+        not_built_reason: why it was not built (empty when `built`).
     """
 
     format: str
@@ -77,6 +82,8 @@ class Artifact:
     tool_versions: Mapping[str, str | None] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    built: bool = True
+    not_built_reason: str = ""
 
     @property
     def input_names(self) -> tuple[str, ...]:

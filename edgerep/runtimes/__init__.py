@@ -24,6 +24,10 @@ __all__ = [
 _BUILTIN: dict[str, str] = {
     "onnxruntime": "edgerep.runtimes.ort:OrtRuntime",
     "torch": "edgerep.runtimes.torch_eager:TorchEagerRuntime",
+    "openvino": "edgerep.runtimes.openvino:OpenVinoRuntime",
+    "coreml": "edgerep.runtimes.coreml:CoreMLRuntime",
+    "tensorrt": "edgerep.runtimes.tensorrt:TensorRTRuntime",
+    "executorch": "edgerep.runtimes.executorch:ExecuTorchRuntime",
 }
 
 _REGISTRY: dict[str, Runtime] = {}

@@ -64,6 +64,14 @@ class Runtime(Protocol):
         """Devices this runtime can use on this machine, e.g. ``["cpu"]``."""
         ...
 
+    def unavailable_reason(self) -> str:
+        """Why this runtime cannot run artifacts on this machine; ``""`` when it can.
+
+        Names what is missing (package, operating system, GPU) and how to get it;
+        the pipeline reports a format as exported but not verified here with it.
+        """
+        ...
+
     def capabilities(self, device: str) -> dict[str, Any]:
         """What the runtime offers on `device` (precisions, providers, ...)."""
         ...

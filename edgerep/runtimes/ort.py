@@ -151,6 +151,12 @@ class OrtRuntime:
             _PROVIDER_DEVICES[p] for p in ort.get_available_providers() if p in _PROVIDER_DEVICES
         ]
 
+    def unavailable_reason(self) -> str:
+        """``""`` when onnxruntime is installed, else how to install it."""
+        if self.is_available():
+            return ""
+        return "onnxruntime is not installed (pip install 'edgerep[onnxruntime]')"
+
     def capabilities(self, device: str) -> dict[str, Any]:
         """The provider behind `device` and the onnxruntime version."""
         ort = _import_ort()

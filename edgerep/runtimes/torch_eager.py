@@ -115,6 +115,12 @@ class TorchEagerRuntime:
 
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+    def unavailable_reason(self) -> str:
+        """``""`` when torch is installed, else how to install it."""
+        return (
+            "" if self.is_available() else "torch is not installed (pip install 'edgerep[torch]')"
+        )
+
     def capabilities(self, device: str) -> dict[str, Any]:
         """Formats and the torch version."""
         import torch
