@@ -29,6 +29,8 @@ _LAZY = {
     "MergeReport": ("edgerep.merge", "MergeReport"),
     "InputSpec": ("edgerep.spec", "InputSpec"),
     "convert": ("edgerep.pipeline", "convert"),
+    "load": ("edgerep.predictor", "load"),
+    "Predictor": ("edgerep.predictor", "Predictor"),
 }
 
 __all__ = [
@@ -39,12 +41,14 @@ __all__ = [
     "InputSpec",
     "MergeReport",
     "MissingDependencyError",
+    "Predictor",
     "SourceError",
     "UnsupportedError",
     "VerificationError",
     "__version__",
     "convert",
     "fold",
+    "load",
     "merge",
 ]
 

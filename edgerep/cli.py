@@ -10,6 +10,8 @@ Usage::
                     [--adapter ADAPTER ...] [--no-fold] [--rtol R] [--force] [--json]
     edgerep export SRC --to onnx,openvino,coreml,tensorrt,executorch -o OUT [--input SPEC ...]
                    [--option FORMAT.KEY=VALUE ...] [--rtol R] [--force] [--json]
+    edgerep bench BUNDLE_OR_SRC ... [--runtime onnxruntime,openvino] [--data DATA]
+                  [--compare OTHER_BUNDLE ...] [--out DIR] [--threads N] [--mlperf] [--json]
     edgerep list [--json]
 
 ``SRC`` is ``path/to/file.py:factory`` or ``model.pt2``; ``SPEC`` is
@@ -229,6 +231,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_option_arg(p)
     p.set_defaults(handler=_cmd_export, no_fold=True)
 
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="measure latency, accuracy and roofline of bundles on every runtime here",
+        description="Benchmark each bundle (or model source) on each runtime with one latency "
+        "method; write bench.json, bench.md and bench.html to --out.",
+    )
+    _add_bench_args(p)
+    p.set_defaults(handler=_cmd_bench)
+
     p = sub.add_parser("list", parents=[common], help="list formats, runtimes and zoo blocks")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(handler=_cmd_list)
@@ -246,6 +258,93 @@ def _add_option_arg(p: argparse.ArgumentParser) -> None:
 
 
 # --- commands -----------------------------------------------------------------------------
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "targets",
+        nargs="+",
+        metavar="BUNDLE_OR_SRC",
+        help="bundle dir or model source, [NAME=]PATH",
+    )
+    p.add_argument("--compare", action="append", default=[], metavar="OTHER", help="more bundles")
+    p.add_argument(
+        "--runtime", action="append", default=[], metavar="NAME", help="runtimes (comma-separated)"
+    )
+    p.add_argument("--data", metavar="DATA", help=".npz (x, y), image folder, or file.py:fn")
+    p.add_argument(
+        "--metric", action="append", default=[], metavar="M", help="top1 (default), top5"
+    )
+    p.add_argument("--out", "-o", metavar="DIR", help="write bench.json/.md/.html here")
+    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads of every runtime")
+    p.add_argument("--device", default="cpu", help="device (default cpu)")
+    p.add_argument("--mlperf", action="store_true", help=">= 1024 queries and >= 60 s per run")
+    p.add_argument("--min-iters", type=int, metavar="N", help="timed calls per run (default 50)")
+    p.add_argument("--seconds", type=float, metavar="S", help="timed seconds per run (default 1)")
+    p.add_argument("--warmup", type=int, metavar="N", help="warm-up calls (default 10)")
+    p.add_argument("--repeats", type=int, metavar="N", help="runs per row (default 3)")
+    p.add_argument("--no-roofline", action="store_true", help="skip the GEMM peak measurement")
+    p.add_argument("--no-progress", action="store_true", help="no progress counter on stderr")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgerep.bench.latency import LatencyConfig
+    from edgerep.bench.report import markdown_table, write_report
+    from edgerep.bench.suite import run_bench
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("min_iters", args.min_iters),
+            ("min_seconds", args.seconds),
+            ("warmup_iters", args.warmup),
+            ("repeats", args.repeats),
+        )
+        if value is not None
+    }
+    if args.threads is not None and args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0; got {args.threads}")
+    if args.mlperf:
+        if "min_iters" in overrides or "min_seconds" in overrides:
+            raise ConfigError(
+                "--mlperf sets the iterations and seconds; drop --min-iters/--seconds"
+            )
+        config = LatencyConfig.mlperf(**overrides)
+    else:
+        config = LatencyConfig(**overrides)
+    runtimes = [r.strip() for item in args.runtime for r in item.split(",") if r.strip()]
+
+    def progress(done: int, total: int, label: str) -> None:
+        if not args.no_progress:
+            print(
+                f"\r[{done}/{total}] {label:<60}", end="" if done < total else "\n", file=sys.stderr
+            )
+
+    report = run_bench(
+        [*args.targets, *args.compare],
+        runtimes=runtimes or None,
+        data=args.data,
+        metrics=args.metric or ["top1"],
+        config=config,
+        threads=args.threads,
+        device=args.device,
+        roofline=not args.no_roofline,
+        progress=progress,
+    )
+    paths = write_report(report, args.out) if args.out else {}
+    if args.json:
+        print(json.dumps({**report, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
+    else:
+        print(markdown_table(report), end="")
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+    if not report["rows"]:
+        raise UnsupportedError(
+            "nothing could be measured: "
+            + "; ".join(f"{e['variant']}/{e['runtime']}: {e['error']}" for e in report["errors"])
+        )
+    return EXIT_OK
 
 
 def _parse_specs(texts: Sequence[str]) -> list[Any]:

@@ -40,6 +40,8 @@ def test_import_edgerep_is_lean():
         "from edgerep.runtimes import get_runtime; r = get_runtime('onnxruntime'); r.is_available()",
         "import edgerep.runtimes.torch_eager",
         "import edgerep.bench, edgerep.devices",
+        "import edgerep.predictor, edgerep.bench.suite, edgerep.bench.env, edgerep.bench.roofline",
+        "import edgerep.bench.accuracy, edgerep.bench.report",
     ],
 )
 def test_light_modules_are_lean(statement):

@@ -1,7 +1,27 @@
-"""Benchmarks: latency method, accuracy, roofline, reports."""
+"""Benchmarks: latency method, environment fingerprint, accuracy, roofline, reports.
+
+Submodules: `latency` (the one latency method), `env` (environment fingerprint),
+`accuracy` (reference metrics, datasets, metric registry), `roofline` (FLOPs,
+bytes, GEMM peak), `report` (JSON/Markdown/HTML), `suite` (``edgerep bench``).
+Only `latency` is imported here; the others load on use.
+"""
 
 from __future__ import annotations
 
-from edgerep.bench.latency import LatencyStats, measure_latency
+from edgerep.bench.latency import (
+    LatencyConfig,
+    LatencyResult,
+    LatencyStats,
+    benchmark_latency,
+    measure_latency,
+    summarize_runs,
+)
 
-__all__ = ["LatencyStats", "measure_latency"]
+__all__ = [
+    "LatencyConfig",
+    "LatencyResult",
+    "LatencyStats",
+    "benchmark_latency",
+    "measure_latency",
+    "summarize_runs",
+]

@@ -1,0 +1,360 @@
+"""Benchmark reports: JSON (with a schema version), a Markdown table, a self-contained HTML page.
+
+A report is a plain dictionary (`REPORT_SCHEMA`): the environment fingerprint, the
+settings, and one row per (variant, runtime) with its latency, accuracy, agreement
+with the reference and roofline numbers. `write_report` writes ``bench.json``,
+``bench.md`` and ``bench.html`` (plots embedded as base64 PNG: the latency
+distribution per row, and accuracy versus p50 latency with the Pareto front), each
+to a temporary name and renamed. matplotlib is imported, with its Agg backend,
+only inside the plotting function.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgerep.errors import ConfigError
+
+__all__ = [
+    "REPORT_SCHEMA",
+    "REPORT_SCHEMA_VERSION",
+    "markdown_table",
+    "pareto_front",
+    "render_html",
+    "validate_report",
+    "write_report",
+]
+
+REPORT_SCHEMA_VERSION = 1
+_MAX_PLOTTED_SAMPLES = 2000
+
+_NUM = {"type": ["number", "null"]}
+REPORT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "edgerep benchmark report",
+    "type": "object",
+    "required": ["schema_version", "kind", "created", "environment", "settings", "rows"],
+    "properties": {
+        "schema_version": {"const": REPORT_SCHEMA_VERSION},
+        "kind": {"const": "edgerep-bench"},
+        "created": {"type": "string"},
+        "environment": {"type": "object"},
+        "settings": {"type": "object"},
+        "rows": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["variant", "runtime", "format", "latency"],
+                "properties": {
+                    "variant": {"type": "string", "minLength": 1},
+                    "runtime": {"type": "string", "minLength": 1},
+                    "format": {"type": "string"},
+                    "precision": {"type": "string"},
+                    "device": {"type": "string"},
+                    "bundle": {"type": ["string", "null"]},
+                    "session": {"type": "object"},
+                    "latency": {
+                        "type": "object",
+                        "required": ["stats", "p50_ci_ms", "p50_spread", "unstable"],
+                        "properties": {
+                            "stats": {
+                                "type": "object",
+                                "required": ["n", "p50_ms", "p99_ms"],
+                            },
+                            "p50_ci_ms": {"type": "array", "items": _NUM},
+                            "p50_spread": {"type": "number"},
+                            "unstable": {"type": "boolean"},
+                        },
+                    },
+                    "accuracy": {"type": ["object", "null"]},
+                    "reference": {"type": ["object", "null"]},
+                    "roofline": {"type": ["object", "null"]},
+                    "samples_ms": {"type": "array", "items": {"type": "number"}},
+                },
+            },
+        },
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["variant", "runtime", "error"],
+            },
+        },
+    },
+}
+
+
+def validate_report(report: Any) -> list[str]:
+    """Problems with `report` against `REPORT_SCHEMA` (empty when valid).
+
+    Uses jsonschema when installed, else checks the required keys by hand.
+    """
+    try:
+        import jsonschema
+    except ImportError:
+        return _validate_by_hand(report)
+    validator = jsonschema.Draft202012Validator(REPORT_SCHEMA)
+    return [
+        f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in sorted(validator.iter_errors(report), key=lambda e: list(e.absolute_path))
+    ]
+
+
+def _validate_by_hand(report: Any) -> list[str]:
+    if not isinstance(report, dict):
+        return ["<root>: expected an object"]
+    problems = [f"<root>: {k!r} is required" for k in REPORT_SCHEMA["required"] if k not in report]
+    if report.get("schema_version") != REPORT_SCHEMA_VERSION:
+        problems.append(f"schema_version: {REPORT_SCHEMA_VERSION} was expected")
+    row_required = REPORT_SCHEMA["properties"]["rows"]["items"]["required"]
+    for i, row in enumerate(report.get("rows", [])):
+        problems += [f"rows/{i}: {k!r} is required" for k in row_required if k not in row]
+    return problems
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _thin(samples: Sequence[float]) -> list[float]:
+    """At most `_MAX_PLOTTED_SAMPLES` quantiles of `samples` (the distribution, not the order)."""
+    if len(samples) <= _MAX_PLOTTED_SAMPLES:
+        return [float(v) for v in samples]
+    import numpy as np
+
+    q = np.linspace(0, 100, _MAX_PLOTTED_SAMPLES)
+    return [float(v) for v in np.percentile(np.asarray(samples, dtype=np.float64), q)]
+
+
+def _label(row: Mapping[str, Any]) -> str:
+    return f"{row['variant']} / {row['runtime']}"
+
+
+def _accuracy_value(row: Mapping[str, Any]) -> float | None:
+    acc = row.get("accuracy") or {}
+    for key in ("top1", *sorted(acc)):
+        v = acc.get(key)
+        if isinstance(v, int | float) and key != "samples":
+            return float(v)
+    return None
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (latency, accuracy) no other point beats on both, by latency.
+
+    A point is on the front when no other point is at least as fast and at least as
+    accurate, and strictly better on one of the two.
+    """
+    front = []
+    for i, (lat, acc) in enumerate(points):
+        dominated = any(
+            (lo <= lat and ao >= acc) and (lo < lat or ao > acc)
+            for j, (lo, ao) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    """One row per (variant, runtime): p50 with its interval, p99, spread, throughput,
+    first call, load, accuracy, agreement and % of roofline."""
+    head = (
+        "| variant | runtime | p50 ms (95% CI) | p99 ms | spread | items/s | first ms | "
+        "load ms | accuracy | top-1 agree | max rel err | % peak |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in report["rows"]:
+        lat = row["latency"]
+        st = lat["stats"]
+        lo, hi = lat["p50_ci_ms"]
+        flag = " (!)" if lat["unstable"] else ""
+        acc = _accuracy_value(row)
+        ref: dict[str, Any] = next(iter((row.get("reference") or {}).values()), {})
+        roof = row.get("roofline") or {}
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["variant"],
+                    row["runtime"],
+                    f"{st['p50_ms']:.3f} ({_f(lo, '.3f')}..{_f(hi, '.3f')})",
+                    f"{st['p99_ms']:.3f}",
+                    f"{lat['p50_spread']:.1%}{flag}",
+                    _f(lat.get("throughput_items_per_s"), ".1f"),
+                    _f(lat.get("first_ms"), ".2f"),
+                    _f(lat.get("load_ms"), ".1f"),
+                    "-" if acc is None else f"{acc:.2%}",
+                    _f(ref.get("top1_agreement"), ".2%"),
+                    _f(ref.get("max_rel_error"), ".1e"),
+                    "-"
+                    if roof.get("fraction_of_peak") is None
+                    else f"{roof['fraction_of_peak']:.1%}",
+                ]
+            )
+            + " |"
+        )
+    notes = [
+        "",
+        "p50 interval: bootstrap 95%; spread: (max - min) / median of the p50s of "
+        f"{_repeats(report)} runs, (!) above the threshold (do not trust smaller differences); "
+        "% peak: FLOPs / p50 / measured float32 GEMM peak.",
+    ]
+    for err in report.get("errors", []):
+        notes.append(f"- {err['variant']} / {err['runtime']}: not measured: {err['error']}")
+    return "\n".join(lines + notes) + "\n"
+
+
+def _repeats(report: Mapping[str, Any]) -> str:
+    settings = report.get("settings", {}).get("latency", {})
+    rows = report.get("rows") or []
+    if "repeats" not in settings and rows:
+        settings = rows[0]["latency"].get("config", {})
+    return str(settings.get("repeats", "?"))
+
+
+def _f(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _plots(report: Mapping[str, Any]) -> dict[str, str]:
+    """Base64 PNGs: ``latency`` (distribution per row) and ``pareto`` (when accuracy exists)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # set here, not at import: the caller's backend elsewhere
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    out: dict[str, str] = {}
+    if not rows:
+        return out
+    labels = [_label(r) for r in rows]
+    data = [r.get("samples_ms") or [r["latency"]["stats"]["p50_ms"]] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    ax.boxplot(data, orientation="horizontal", whis=(1, 99), showfliers=False)
+    ax.set_yticks(range(1, len(rows) + 1), labels)
+    ax.set_xlabel("latency per call (ms); box: p25..p75, whiskers: p1..p99")
+    ax.set_title("Latency distribution")
+    out["latency"] = _png(fig)
+    plt.close(fig)
+
+    points = [(r["latency"]["stats"]["p50_ms"], _accuracy_value(r)) for r in rows]
+    have = [(i, (lat, acc)) for i, (lat, acc) in enumerate(points) if acc is not None]
+    if have:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for i, (lat, acc) in have:
+            ax.scatter(lat, acc)
+            ax.annotate(
+                labels[i], (lat, acc), fontsize=8, xytext=(4, 4), textcoords="offset points"
+            )
+        pts = [p for _, p in have]
+        front = [pts[k] for k in pareto_front(pts)]
+        ax.plot(
+            [p[0] for p in front], [p[1] for p in front], "--", color="gray", label="Pareto front"
+        )
+        ax.set_xlabel("p50 latency (ms)")
+        ax.set_ylabel("accuracy (top-1)")
+        ax.set_title("Accuracy vs latency")
+        ax.legend()
+        out["pareto"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """A self-contained page: the table, the plots (inline PNG) and the environment."""
+    plots = _plots(report)
+    rows_md = markdown_table(report).splitlines()
+    table = [r for r in rows_md if r.startswith("|")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in table]
+    head, body = cells[0], cells[2:]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>edgerep bench</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}pre{background:#f6f6f6;"
+        "padding:1em;overflow:auto}</style></head><body>",
+        "<h1>edgerep benchmark</h1>",
+        f"<p>created {html.escape(str(report.get('created', '')))}; schema version "
+        f"{REPORT_SCHEMA_VERSION}</p>",
+        "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>",
+        *("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body),
+        "</table>",
+        "<p>" + html.escape(" ".join(r for r in rows_md if r and not r.startswith("|"))) + "</p>",
+    ]
+    for name, title in (("latency", "Latency distribution"), ("pareto", "Accuracy vs latency")):
+        if name in plots:
+            parts.append(
+                f"<h2>{title}</h2><img id='plot-{name}' alt='{title}' "
+                f"src='data:image/png;base64,{plots[name]}'>"
+            )
+    env = json.dumps(report.get("environment", {}), indent=2, default=str)
+    settings = json.dumps(report.get("settings", {}), indent=2, default=str)
+    parts += [
+        "<h2>Settings</h2><pre>" + html.escape(settings) + "</pre>",
+        "<h2>Environment</h2><pre>" + html.escape(env) + "</pre>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_report(
+    report: Mapping[str, Any], out_dir: str | Path, *, html_page: bool = True
+) -> dict[str, Path]:
+    """Validate `report` and write ``bench.json``, ``bench.md`` and ``bench.html``.
+
+    Rows' ``samples_ms`` are thinned to at most 2000 quantiles before writing.
+
+    Returns:
+        ``{"json": ..., "markdown": ..., "html": ...}`` paths.
+
+    Raises:
+        ConfigError: the report does not match `REPORT_SCHEMA`.
+    """
+    data = _finite(dict(report))
+    data["rows"] = [{**r, "samples_ms": _thin(r.get("samples_ms") or [])} for r in data["rows"]]
+    problems = validate_report(data)
+    if problems:
+        raise ConfigError("benchmark report does not match its schema: " + "; ".join(problems[:10]))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md"}
+    _write(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
+    _write(paths["markdown"], markdown_table(data))
+    if html_page:
+        paths["html"] = out / "bench.html"
+        _write(paths["html"], render_html(data))
+    return paths

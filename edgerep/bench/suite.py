@@ -1,0 +1,355 @@
+"""``edgerep bench``: every (variant, runtime) pair measured with one method, in one report.
+
+A *target* is a bundle directory (each built artifact is run by each requested
+runtime that can run it here) or a model source (``file.py:factory``, ``.pt2``),
+run in PyTorch eager as the variant ``torch``. ``NAME=PATH`` names a variant.
+
+Per row: load/compile time (`timed_load`), `benchmark_latency` on a seeded random
+input at the example shape (symbolic dims 1), task accuracy on ``data`` when given,
+agreement with the **reference row** (the first row measured: put the reference
+first) on the same inputs, and the roofline (FLOPs from the bundle's fold report
+or the PyTorch model, against the measured GEMM peak). A row that cannot be run
+(runtime missing, load fails) is recorded under ``errors`` with its reason, never
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgerep.bench.accuracy import (
+    Dataset,
+    compare_to_reference,
+    evaluate,
+    load_dataset,
+    session_predictor,
+)
+from edgerep.bench.latency import LatencyConfig, benchmark_latency, timed_load
+from edgerep.bench.report import REPORT_SCHEMA_VERSION
+from edgerep.errors import ConfigError, EdgerepError
+
+__all__ = ["BenchTarget", "parse_target", "run_bench"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    """One thing to benchmark: a bundle directory or a model source."""
+
+    name: str
+    path: str
+    is_bundle: bool
+
+
+def parse_target(text: str) -> BenchTarget:
+    """``[NAME=]PATH``: a bundle directory (has manifest.json) or a model source."""
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name or not name:
+        name, path = "", text
+    p = Path(path)
+    is_bundle = (p / "manifest.json").is_file()
+    if not is_bundle and p.is_dir():
+        raise ConfigError(
+            f"{path!r} is a directory without manifest.json; give an edgerep bundle or a model "
+            "source (file.py:factory, model.pt2)"
+        )
+    return BenchTarget(name or p.name or path, path, is_bundle)
+
+
+@dataclass
+class _Row:
+    variant: str
+    runtime: str
+    fmt: str
+    precision: str
+    bundle: str | None
+    session: Any
+    load_ms: float
+    flops: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _feeds(tensors: Sequence[Mapping[str, Any]], seed: int, batch: int = 1) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in tensors:
+        shape = [
+            d if isinstance(d, int) else batch if i == 0 else 1 for i, d in enumerate(t["shape"])
+        ]
+        dtype = np.dtype(t["dtype"])
+        if dtype.kind == "f":
+            feeds[t["name"]] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[t["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def _dataset_batch(inputs: Sequence[Mapping[str, Any]]) -> int:
+    first = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else 1
+    return first if isinstance(first, int) else 64
+
+
+def _runtime_options(runtime: str, threads: int | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if runtime in ("onnxruntime", "openvino") and threads is not None:
+        opts["threads"] = threads
+    if runtime == "openvino":
+        opts["performance_hint"] = "LATENCY"
+    return opts
+
+
+def _bundle_sessions(
+    target: BenchTarget,
+    runtimes: Sequence[str] | None,
+    threads: int | None,
+    device: str,
+    errors: list[dict[str, Any]],
+) -> tuple[list[_Row], list[dict[str, Any]]]:
+    from edgerep.bench.roofline import bundle_flops
+    from edgerep.bundle import read_manifest
+    from edgerep.runtimes import available_runtimes, get_runtime
+
+    manifest = read_manifest(target.path)
+    flops = bundle_flops(target.path)
+    names = list(runtimes) if runtimes else available_runtimes()
+    rows = []
+    for name in names:
+        rt = get_runtime(name)  # unknown names fail here
+        arts = [
+            a
+            for a in manifest["artifacts"]
+            if a["format"] in rt.formats and a.get("status") != "not-built-here"
+        ]
+        if not arts and runtimes:
+            formats = ", ".join(a["format"] for a in manifest["artifacts"])
+            errors.append(
+                {
+                    "variant": target.name,
+                    "runtime": name,
+                    "error": f"the bundle has no built {'/'.join(rt.formats)} artifact "
+                    f"(it holds: {formats})",
+                }
+            )
+        for art in arts:
+            why = rt.unavailable_reason()
+            if why:
+                if runtimes:
+                    errors.append({"variant": target.name, "runtime": name, "error": why})
+                continue
+            try:
+                session, load_ms = timed_load(
+                    rt,
+                    Path(target.path) / art["file"],
+                    device=device,
+                    options=_runtime_options(name, threads),
+                )
+            except EdgerepError as e:
+                errors.append({"variant": target.name, "runtime": name, "error": str(e)})
+                continue
+            rows.append(
+                _Row(
+                    target.name,
+                    name,
+                    art["format"],
+                    art["precision"],
+                    target.path,
+                    session,
+                    load_ms,
+                    flops,
+                )
+            )
+    if runtimes is None and not rows:
+        errors.append(
+            {"variant": target.name, "runtime": "-", "error": "no runtime here runs any artifact"}
+        )
+    return rows, manifest["inputs"]
+
+
+def _source_session(target: BenchTarget, threads: int | None) -> tuple[_Row, list[dict[str, Any]]]:
+    import time
+
+    import torch
+
+    from edgerep.bench.roofline import count_flops
+    from edgerep.runtimes.torch_eager import TorchEagerSession
+    from edgerep.source import load_model
+    from edgerep.spec import parse_input_spec
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    start = time.perf_counter_ns()
+    model, description = load_model(target.path)
+    load_ms = (time.perf_counter_ns() - start) / 1e6
+    declared = description.get("inputs") or []
+    if not declared:
+        raise ConfigError(
+            f"model source {target.path!r} declares no inputs (EDGEREP_INPUTS); bench a bundle "
+            "made by `edgerep convert` instead, or declare them"
+        )
+    specs = [parse_input_spec(t) for t in declared]
+    inputs = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
+    model.eval()
+    session = TorchEagerSession(model, [s.name for s in specs])
+    example = tuple(torch.from_numpy(v) for v in _feeds(inputs, 0).values())
+    flops = count_flops(model, example) or None
+    return _Row(target.name, "torch", "pytorch", "fp32", None, session, load_ms, flops), inputs
+
+
+def run_bench(
+    targets: Sequence[str | BenchTarget],
+    *,
+    runtimes: Sequence[str] | None = None,
+    data: str | Dataset | None = None,
+    metrics: Sequence[str] = ("top1",),
+    config: LatencyConfig | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
+    roofline: bool = True,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Benchmark every (target, runtime) pair; returns the report (see `edgerep.bench.report`).
+
+    Args:
+        targets: bundles or sources, ``[NAME=]PATH``; the first row is the reference.
+        runtimes: runtime names to use (default: every one that runs an artifact here).
+        data: a dataset for task accuracy (see `load_dataset`).
+        metrics: registered accuracy metrics.
+        config: latency sampling (default `LatencyConfig()`).
+        threads: intra-op threads for every runtime (recorded).
+        device: the device to run on.
+        roofline: measure (or read the cached) GEMM peak and report % of it.
+        progress: ``progress(done, total, label)`` callback.
+        seed: seed of the random latency input.
+
+    Raises:
+        ConfigError: a bad target, runtime name or dataset, before anything is timed.
+    """
+    from edgerep.bench.accuracy import get_metric
+    from edgerep.bench.env import environment_fingerprint
+
+    config = config or LatencyConfig()
+    parsed = [t if isinstance(t, BenchTarget) else parse_target(t) for t in targets]
+    if not parsed:
+        raise ConfigError("nothing to benchmark: give at least one bundle or model source")
+    for m in metrics:
+        get_metric(m)
+    dataset = load_dataset(data) if isinstance(data, str) else data
+    errors: list[dict[str, Any]] = []
+    planned: list[tuple[_Row, list[dict[str, Any]]]] = []
+    for t in parsed:
+        if t.is_bundle:
+            rows, inputs = _bundle_sessions(t, runtimes, threads, device, errors)
+            planned += [(r, inputs) for r in rows]
+        elif runtimes is None or "torch" in runtimes:
+            planned.append(_source_session(t, threads))
+    peak = None
+    if roofline:
+        from edgerep.bench.roofline import measure_peak_gflops
+
+        peak = measure_peak_gflops(threads=threads)
+    out_rows: list[dict[str, Any]] = []
+    reference: dict[str, Any] = {}
+    total = len(planned)
+    for i, (row, inputs) in enumerate(planned):
+        label = f"{row.variant} / {row.runtime}"
+        if progress:
+            progress(i, total, label)
+        try:
+            out_rows.append(_measure(row, inputs, dataset, metrics, config, peak, reference, seed))
+        except EdgerepError as e:
+            errors.append({"variant": row.variant, "runtime": row.runtime, "error": str(e)})
+        finally:
+            row.session.close()
+    if progress:
+        progress(total, total, "done")
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "kind": "edgerep-bench",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment_fingerprint(threads=threads),
+        "settings": {
+            "latency": config.to_dict(),
+            "threads": threads,
+            "device": device,
+            "runtimes": list(runtimes) if runtimes else None,
+            "data": None if dataset is None else dataset.source,
+            "metrics": list(metrics),
+            "peak": peak,
+            "reference_row": out_rows[0]["variant"] + " / " + out_rows[0]["runtime"]
+            if out_rows
+            else None,
+            "input": "seeded standard normal at the example shape (symbolic dims 1)",
+        },
+        "rows": out_rows,
+        "errors": errors,
+    }
+
+
+def _measure(
+    row: _Row,
+    inputs: list[dict[str, Any]],
+    dataset: Dataset | None,
+    metrics: Sequence[str],
+    config: LatencyConfig,
+    peak: Mapping[str, Any] | None,
+    reference: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    import numpy as np
+
+    from edgerep.bench.roofline import roofline
+
+    feeds = _feeds(inputs, seed)
+    result = benchmark_latency(row.session.run, feeds, config=config, load_ms=row.load_ms)
+    accuracy = None
+    check_inputs = (
+        {inputs[0]["name"]: np.ascontiguousarray(dataset.x[: _dataset_batch(inputs)])}
+        if dataset is not None
+        else feeds
+    )
+    outputs = row.session.run(check_inputs)
+    if dataset is not None:
+        accuracy = evaluate(
+            session_predictor(row.session, inputs[0]["name"]),
+            dataset,
+            metrics=metrics,
+            batch_size=_dataset_batch(inputs),
+        )
+    agreement = None
+    if not reference:
+        reference["outputs"] = outputs
+    else:
+        try:
+            agreement = compare_to_reference(outputs, reference["outputs"])
+        except ConfigError as e:
+            agreement = {"error": {"reason": str(e)}}
+    roof = None
+    if peak is not None and row.flops:
+        roof = roofline(row.flops, result.stats.p50_ms, float(peak["gflops"])).to_dict()
+    return {
+        "variant": row.variant,
+        "runtime": row.runtime,
+        "format": row.fmt,
+        "precision": row.precision,
+        "device": "cpu"
+        if row.runtime == "torch"
+        else str(row.session.describe().get("device", "cpu")),
+        "bundle": row.bundle,
+        "session": row.session.describe(),
+        "latency": result.to_dict(),
+        "accuracy": accuracy,
+        "reference": agreement,
+        "roofline": roof,
+        "samples_ms": list(result.samples_ms),
+    }
