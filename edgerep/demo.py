@@ -58,6 +58,8 @@ DEFAULT_OUT = "edgerep-demo-out"
 VARIANTS = ("torch unfolded", "torch folded", "onnxruntime unfolded", "onnxruntime folded")
 _MARKER = "demo.json"
 _IMAGE_SIZE = 32
+# the layers the demo's LoRA step adapts: the last RepVGG block's 3x3 conv and the classifier
+_LORA_TARGETS = r"5\.conv_kxk\.conv|6\.2"
 # float32 folded vs unfolded: the same gate as ONNX fp32 parity (fraction of max |reference|)
 _FLOAT32_REL_TOL = 1e-4
 
@@ -91,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime"
     )
     p.add_argument(
+        "--lora-seconds",
+        type=float,
+        default=2.0,
+        help="LoRA fine-tune budget in seconds before merging (0 skips the step; default 2)",
+    )
+    p.add_argument(
         "--latency-seconds",
         type=float,
         default=0.5,
@@ -110,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             threads=args.threads,
             latency_seconds=args.latency_seconds,
+            lora_seconds=args.lora_seconds,
         )
     except EdgerepError as e:
         from edgerep.cli import exit_code_for
@@ -132,6 +141,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seconds must be a positive training budget; got {args.seconds}")
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1; got {args.threads}")
+    if args.lora_seconds < 0:
+        raise ConfigError(f"--lora-seconds must be >= 0; got {args.lora_seconds}")
     if args.latency_seconds < 0:
         raise ConfigError(f"--latency-seconds must be >= 0; got {args.latency_seconds}")
     out = Path(args.out).expanduser()
@@ -159,7 +170,64 @@ def _demo_environment(threads: int) -> Iterator[None]:
         torch_logger.setLevel(old_level)
 
 
-def _run(out: Path, *, seconds: float, seed: int, threads: int, latency_seconds: float) -> None:
+def _lora_step(
+    model: torch.nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    seconds: float,
+    seed: int,
+    say: Callable[[str], None],
+) -> torch.nn.Module:
+    """Fine-tune LoRA adapters (PEFT) on two layers, then merge them with `edgerep.merge`."""
+    try:
+        import peft
+    except ImportError as e:
+        from edgerep.errors import MissingDependencyError
+
+        raise MissingDependencyError("peft", "demo", "the demo's LoRA fine-tune step") from e
+    from edgerep.merge import merge
+    from edgerep.zoo import accuracy, train_classifier
+
+    before = accuracy(model, x_test, y_test)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=_LORA_TARGETS)
+    tuned = peft.get_peft_model(model, config)
+    start = time.perf_counter()
+    train_classifier(
+        tuned,
+        x_train,
+        y_train,
+        epochs=10_000,
+        lr=1e-3,
+        batch_size=64,
+        seed=seed + 1,
+        max_seconds=seconds,
+    )
+    tuned.eval()
+    after = accuracy(tuned, x_test, y_test)
+    merged, report = merge(tuned)
+    merged_acc = accuracy(merged, x_test, y_test)
+    say(
+        f"LoRA fine-tune (PEFT, r=4 on {len(report.merged)} layers) for "
+        f"{time.perf_counter() - start:.1f} s: test accuracy {before:.2%} -> {after:.2%}; "
+        f"merged into plain layers by edgerep.merge (max error {report.max_error:.1e} "
+        f"relative, float64); merged accuracy {merged_acc:.2%}"
+    )
+    if report.kept:
+        say("  kept: " + "; ".join(f"{k.path}: {k.reason}" for k in report.kept))
+    return merged
+
+
+def _run(
+    out: Path,
+    *,
+    seconds: float,
+    seed: int,
+    threads: int,
+    latency_seconds: float,
+    lora_seconds: float = 2.0,
+) -> None:
     """The demo; prints as it goes and keeps what it printed for ``summary.txt``."""
     import torch
 
@@ -193,11 +261,15 @@ def _run(out: Path, *, seconds: float, seed: int, threads: int, latency_seconds:
             max_seconds=seconds,
         )
         train_seconds = time.perf_counter() - train_start
-        torch.save(model.state_dict(), tmp / "demo_net.pt")
         say(
             f"trained demo_net on {len(x_train)} digits ({_IMAGE_SIZE}x{_IMAGE_SIZE}) for "
             f"{train_seconds:.1f} s; test set: {len(x_test)} images; threads: {threads}"
         )
+        if lora_seconds > 0:
+            model = _lora_step(  # type: ignore[assignment]
+                model, x_train, y_train, x_test, y_test, lora_seconds, seed, say
+            )
+        torch.save(model.state_dict(), tmp / "demo_net.pt")
 
         example = x_test[:1]
         folded, report = fold(model, example)
@@ -318,7 +390,7 @@ def _torch_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return call
 
 
-def _ort_session(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def _ort_session(path: Path, threads: int) -> Callable[[Any], np.ndarray]:
     from edgerep.runtimes import get_runtime
 
     session = get_runtime("onnxruntime").load(path, options={"threads": threads})

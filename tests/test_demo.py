@@ -14,7 +14,18 @@ pytest.importorskip("onnxruntime", reason="the demo verifies and times the ONNX 
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["--out", str(out), "--seconds", "0.5", "--latency-seconds", "0.05"])
+    rc = main(
+        [
+            "--out",
+            str(out),
+            "--seconds",
+            "0.5",
+            "--lora-seconds",
+            "0.5",
+            "--latency-seconds",
+            "0.05",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
 
@@ -26,6 +37,8 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     rows = [line for line in captured.out.splitlines() if line.startswith(VARIANTS)]
     assert [next(v for v in VARIANTS if r.startswith(v + " ")) for r in rows] == list(VARIANTS)
+    lora = [line for line in captured.out.splitlines() if line.startswith("LoRA fine-tune")]
+    assert len(lora) == 1 and "on 2 layers" in lora[0] and "edgerep.merge" in lora[0]
     assert "fold report:" in captured.out
     assert "max fold error (float64" in captured.out
     assert "float32 max abs difference" in captured.out

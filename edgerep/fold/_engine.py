@@ -47,9 +47,12 @@ PLAIN_LAYERS: frozenset[type[nn.Module]] = frozenset(
     }
 )
 
-# End-to-end check after all regions were folded: per-region errors of ~1e-9
-# compound over depth, so the whole-model gate is looser than the region gate.
-_END_TO_END_RTOL = 1e-6
+# End-to-end check after all regions were folded. Each region was verified in float64
+# before its weights were rounded to the model's dtype, so the whole folded model
+# differs from the original by that rounding, compounded over depth: the gate
+# depends on the model's dtype (it catches a broken fold, not rounding).
+_END_TO_END_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+_END_TO_END_RTOL_LOW = 5e-2  # bfloat16 / float16
 
 
 def _legacy_norm_removers() -> dict[type, Callable[[nn.Module, str], Any]]:
@@ -580,10 +583,15 @@ def _end_to_end_check(
         scale = a.abs().max().item() if a.numel() else 0.0
         err = (a - b).abs().max().item() if a.numel() else 0.0
         worst = max(worst, err / scale if scale > 0 else err)
-    report.notes.append(f"end-to-end check in float64 on the example input: {worst:.1e} relative")
-    if not worst <= _END_TO_END_RTOL:
+    dtype = _dtype_of(folded)
+    gate = _END_TO_END_RTOL.get(dtype, _END_TO_END_RTOL_LOW)
+    report.notes.append(
+        f"end-to-end check on the example input, evaluated in float64: {worst:.1e} relative "
+        f"(the folded {str(dtype).replace('torch.', '')} weights are rounded once from "
+        f"float64; gate {gate:.0e})"
+    )
+    if not worst <= gate:
         raise VerificationError(
             f"the folded model differs from the original by {worst:.2e} relative in float64 "
-            f"(> {_END_TO_END_RTOL:.0e}) although every region passed; please report this "
-            "model as a bug"
+            f"(> {gate:.0e}) although every region passed; please report this model as a bug"
         )
