@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -249,7 +251,23 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.N
 
 
 def region_module(root: nn.Module, region: Region) -> fx.GraphModule:
-    """A GraphModule computing the region alone, with `root`'s parameters."""
+    """A GraphModule computing the region alone, with float64 copies of the tensors
+    and submodules of `root` that it uses (only those are copied)."""
+    owned: dict[str, Any] = {}
+    for node in [*region.consts, *region.nodes]:
+        target = str(node.target)
+        if node.op == "get_attr":
+            value = _attr(root, target)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                data = value.detach().to(torch.float64, copy=True)
+                value = (
+                    nn.Parameter(data, requires_grad=False)
+                    if isinstance(value, nn.Parameter)
+                    else data
+                )
+            owned[target] = value
+        elif node.op == "call_module":
+            owned[target] = copy.deepcopy(root.get_submodule(target)).to(torch.float64)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {region.input: graph.placeholder("x")}
     keep = set(region.nodes) | set(region.consts)
@@ -257,7 +275,46 @@ def region_module(root: nn.Module, region: Region) -> fx.GraphModule:
         if node in keep:
             env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(env[region.output])
-    return fx.GraphModule(root, graph)
+    return fx.GraphModule(owned, graph)
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    owner_path, _, name = target.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    return getattr(owner, name)
+
+
+def _layer_flops(weight_numel: int, out_shape: tuple[int, ...] | None, role: str) -> int:
+    """2 x MACs of a conv or linear at batch 1 (as torch.utils.flop_counter counts them)."""
+    if out_shape is None:
+        return 0
+    positions = out_shape[2:] if role == "conv" else out_shape[1:-1]
+    return 2 * weight_numel * int(math.prod(positions))
+
+
+def _region_flops(gm: fx.GraphModule, region: Region, affine_roles: dict[fx.Node, str]) -> int:
+    total = 0
+    for node in region.nodes:
+        role = affine_roles.get(node)
+        if role not in ("conv", "linear"):
+            continue
+        if node.op == "call_module":
+            weight_t = getattr(gm.get_submodule(str(node.target)), "weight", None)
+            shape = tuple(weight_t.shape) if isinstance(weight_t, torch.Tensor) else None
+        else:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            shape = _shape(weight) if isinstance(weight, fx.Node) else None
+        if shape is None:
+            return -1  # unknown: fall back to counting by running
+        total += _layer_flops(int(math.prod(shape)), _shape(node), role)
+    return total
+
+
+def _module_flops(module: nn.Module, out_shape: tuple[int, ...] | None, role: str) -> int:
+    layers = [
+        m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
+    return sum(_layer_flops(m.weight.numel(), out_shape, role) for m in layers)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -329,7 +386,7 @@ def fold_regions(
     regions, declined = find_regions(gm)
     if not regions:
         return gm, [], declined
-    gm64 = _to_float64(gm)
+    roles = {n: r.role for n, r in _classify(gm)[1].items()}
     dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
     outcomes: list[RegionOutcome] = []
     for region in regions:
@@ -337,7 +394,7 @@ def fold_regions(
         if in_shape is None:
             outcomes.append(RegionOutcome(region, None, "the region's input shape is unknown"))
             continue
-        sub = region_module(gm64, region)
+        sub = region_module(gm, region)
         result: _collapse.Collapsed | list[str] | None = _analytic(sub, region, in_shape, rtol)
         if result is None:
             kinds = ["conv"] if region.role == "conv" else ["linear"]
@@ -346,14 +403,17 @@ def fold_regions(
             outcomes.append(RegionOutcome(region, None, "; ".join(result)))
             continue
         example = (torch.zeros((1, *in_shape[1:]), dtype=torch.float64),)
+        flops_before = _region_flops(gm, region, roles)
+        if flops_before < 0:
+            flops_before = count_flops(sub, example)
         outcome = RegionOutcome(
             region,
             result,
             "",
             params_before=count_params(sub),
             params_after=count_params(result.module),
-            flops_before=count_flops(sub, example),
-            flops_after=count_flops(result.module, example),
+            flops_before=flops_before,
+            flops_after=_module_flops(result.module, _shape(region.output), region.role),
         )
         if outcome.flops_after > outcome.flops_before and not allow_flops_increase:
             outcome.collapsed = None
