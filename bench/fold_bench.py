@@ -1,6 +1,7 @@
 """Fold benchmark: fold time vs size, folded vs unfolded latency, a hand-written reference fold.
 
-Run from the repository root (about 5-8 minutes on 2 idle cores)::
+Run from the repository root (about 2.5 minutes on 2 idle cores, longer on a busy
+machine, where disturbed runs are repeated)::
 
     .venv/bin/python bench/fold_bench.py
 

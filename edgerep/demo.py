@@ -1,8 +1,9 @@
 """``python -m edgerep.demo``: train, fold, export, verify and time a small net, offline.
 
 The demo trains `edgerep.zoo.demo_net` (RepVGG, ACNet, DBB and MobileOne blocks)
-on scikit-learn's bundled digits (upsampled to 32x32) for a few seconds, folds
-it, exports the folded and the unfolded model to ONNX through
+on scikit-learn's bundled digits (upsampled to 32x32) for a few seconds,
+fine-tunes LoRA adapters (PEFT) on two of its layers for a couple of seconds and
+merges them back into plain layers with `edgerep.merge`, folds it, exports the folded and the unfolded model to ONNX through
 `edgerep.pipeline.convert` (each verified against the original model through
 onnxruntime), and prints one row per variant: parameters, FLOPs, test accuracy
 and batch-1 latency. It needs ``pip install 'edgerep[demo]'`` and no network.
