@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime"
     )
     p.add_argument(
+        "--no-bench",
+        action="store_true",
+        help="skip the final edgerep bench report over every backend",
+    )
+    p.add_argument(
         "--lora-seconds",
         type=float,
         default=2.0,
@@ -120,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             latency_seconds=args.latency_seconds,
             lora_seconds=args.lora_seconds,
+            bench=not args.no_bench,
         )
     except EdgerepError as e:
         from edgerep.cli import exit_code_for
@@ -220,6 +226,41 @@ def _lora_step(
     return merged
 
 
+def _bench_step(
+    tmp: Path,
+    out: Path,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    threads: int,
+    latency_seconds: float,
+    say: Callable[[str], None],
+) -> None:
+    """`edgerep bench` on both bundles: every backend that runs here, p50/p99, held-out
+    accuracy and % of the measured GEMM peak in one table, plus the HTML report."""
+    import numpy as np
+
+    from edgerep.bench.latency import LatencyConfig
+    from edgerep.bench.report import markdown_table, write_report
+    from edgerep.bench.suite import run_bench
+
+    data = tmp / "digits_test.npz"
+    np.savez(data, x=x_test.numpy(), y=y_test.numpy())
+    config = LatencyConfig(
+        warmup_iters=5, warmup_seconds=0.05, min_iters=30, min_seconds=latency_seconds, repeats=3
+    )
+    report = run_bench(
+        [f"unfolded={tmp / 'unfolded'}", f"folded={tmp / 'folded'}"],
+        data=str(data),
+        config=config,
+        threads=threads,
+    )
+    paths = write_report(report, tmp / "bench")
+    say("")
+    say("bench (every backend that runs here; accuracy on the held-out digits):")
+    say(markdown_table(report))
+    say(f"bench report: {out / paths['html'].relative_to(tmp)}")
+
+
 def _run(
     out: Path,
     *,
@@ -228,6 +269,7 @@ def _run(
     threads: int,
     latency_seconds: float,
     lora_seconds: float = 2.0,
+    bench: bool = True,
 ) -> None:
     """The demo; prints as it goes and keeps what it printed for ``summary.txt``."""
     import torch
@@ -278,7 +320,7 @@ def _run(
         say("fold report:")
         say(report.to_text())
 
-        specs = [parse_input_spec(f"x:Nx1x{_IMAGE_SIZE}x{_IMAGE_SIZE}")]
+        specs = [parse_input_spec(f"x:N[1..1..8]x1x{_IMAGE_SIZE}x{_IMAGE_SIZE}")]
         source = {
             "kind": "edgerep-demo",
             "path": "edgerep.zoo",
@@ -291,7 +333,9 @@ def _run(
             bundle, result = convert(
                 model,
                 specs,
-                to=("onnx",),
+                # the folded model also goes to every other format that runs here, so the
+                # bench report below compares the backends
+                to=("onnx", "openvino", "executorch") if do_fold else ("onnx",),
                 out_dir=tmp / name,
                 fold=do_fold,
                 seed=seed,
@@ -367,6 +411,8 @@ def _run(
         )
         for name, path in bundles.items():
             say(f"{name} ONNX bundle: {out / path.relative_to(tmp)}")
+        if bench:
+            _bench_step(tmp, out, x_test, y_test, threads, latency_seconds, say)
         say(f"all outputs: {out}  ({time.perf_counter() - start:.1f} s)")
 
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")

@@ -40,6 +40,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     lora = [line for line in captured.out.splitlines() if line.startswith("LoRA fine-tune")]
     assert len(lora) == 1 and "on 2 layers" in lora[0] and "edgerep.merge" in lora[0]
     assert "fold report:" in captured.out
+    # the bench step: every backend that runs here, with accuracy and % of peak, one report
+    assert (out / "bench" / "bench.html").is_file() and (out / "bench" / "bench.json").is_file()
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    runtimes = {(r["variant"], r["runtime"]) for r in bench["rows"]}
+    assert {("folded", "onnxruntime"), ("folded", "openvino"), ("folded", "executorch")} <= runtimes
     assert "max fold error (float64" in captured.out
     assert "float32 max abs difference" in captured.out
 

@@ -67,8 +67,14 @@ def bundle_flops(bundle_dir: str | Path) -> int | None:
     """``flops_after`` from a bundle's ``fold_report.json`` (None when absent or zero)."""
     path = Path(bundle_dir) / "fold_report.json"
     try:
-        flops = int(json.loads(path.read_text()).get("flops_after") or 0)
-    except (OSError, ValueError, TypeError):
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict):  # an unfolded bundle records ``null``
+        return None
+    try:
+        flops = int(report.get("flops_after") or 0)
+    except (ValueError, TypeError):
         return None
     return flops or None
 

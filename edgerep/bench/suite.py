@@ -95,8 +95,12 @@ def _feeds(tensors: Sequence[Mapping[str, Any]], seed: int, batch: int = 1) -> d
 
 
 def _dataset_batch(inputs: Sequence[Mapping[str, Any]]) -> int:
+    """Samples per accuracy call: the fixed batch, else 64 capped by the symbol's max."""
     first = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else 1
-    return first if isinstance(first, int) else 64
+    if isinstance(first, int):
+        return first
+    limit = (inputs[0].get("ranges") or {}).get(str(first), {}).get("max")
+    return min(64, int(limit)) if isinstance(limit, int) and limit > 0 else 64
 
 
 def _runtime_options(runtime: str, threads: int | None) -> dict[str, Any]:

@@ -102,3 +102,12 @@ def test_torch_model_and_session_predictors(tmp_path):
     assert evaluate(torch_predictor(lin.eval()), ds)["top1"] == 1.0
     session = get_runtime("onnxruntime").load(bundle / "onnx" / "model.onnx")
     assert evaluate(session_predictor(session), ds, batch_size=3)["top1"] == 1.0
+
+
+def test_bundle_flops_of_an_unfolded_bundle_is_unknown(tmp_path):
+    from edgerep.bench.roofline import bundle_flops
+
+    (tmp_path / "fold_report.json").write_text("null\n")
+    assert bundle_flops(tmp_path) is None
+    (tmp_path / "fold_report.json").write_text('{"flops_after": 1234}\n')
+    assert bundle_flops(tmp_path) == 1234
