@@ -141,8 +141,16 @@ def _thin(samples: Sequence[float]) -> list[float]:
     return [float(v) for v in np.percentile(np.asarray(samples, dtype=np.float64), q)]
 
 
+def _runtime_label(row: Mapping[str, Any]) -> str:
+    """The runtime, with the inference precision that ran when the session reports one
+    (OpenVINO's CPU default is bf16 on CPUs that have it, not fp32)."""
+    session = row.get("session") or {}
+    precision = session.get("inference_precision") if isinstance(session, Mapping) else None
+    return f"{row['runtime']} ({precision})" if precision else str(row["runtime"])
+
+
 def _label(row: Mapping[str, Any]) -> str:
-    return f"{row['variant']} / {row['runtime']}"
+    return f"{row['variant']} / {_runtime_label(row)}"
 
 
 def _accuracy_value(row: Mapping[str, Any]) -> float | None:
@@ -193,7 +201,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             + " | ".join(
                 [
                     row["variant"],
-                    row["runtime"],
+                    _runtime_label(row),
                     f"{st['p50_ms']:.3f} ({_f(lo, '.3f')}..{_f(hi, '.3f')})",
                     f"{st['p99_ms']:.3f}",
                     f"{lat['p50_spread']:.1%}{flag}",

@@ -65,7 +65,7 @@ def test_write_report(report, tmp_path):
     assert page.count("src='data:image/png;base64,") == 2
     assert "id='plot-latency'" in page and "id='plot-pareto'" in page
     md = paths["markdown"].read_text()
-    assert md.count("| tiny |") == 2 and "| again | openvino |" in md
+    assert md.count("| tiny |") == 2 and "| again | openvino" in md
     bad = {**data, "schema_version": 99}
     assert validate_report(bad)
     with pytest.raises(ConfigError, match="schema"):
@@ -115,3 +115,12 @@ def test_environment_fingerprint():
     assert env["threads"] == 2 and "onnxruntime" in env["packages"]
     assert isinstance(env["isa_flags"], list) and env["python"]
     json.dumps(env)
+
+
+def test_runtime_label_names_the_precision_that_ran():
+    from edgerep.bench.report import _runtime_label
+
+    assert _runtime_label({"runtime": "openvino", "session": {"inference_precision": "bf16"}}) == (
+        "openvino (bf16)"
+    )
+    assert _runtime_label({"runtime": "onnxruntime", "session": {}}) == "onnxruntime"
