@@ -11,7 +11,7 @@ from edgerep.errors import ConfigError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Runtime", "Session", "check_feeds"]
+__all__ = ["Runtime", "Session", "SessionBase", "check_feeds"]
 
 
 class Session(Protocol):
@@ -85,6 +85,37 @@ class Runtime(Protocol):
     ) -> Session:
         """Load an artifact into a session."""
         ...
+
+
+class SessionBase:
+    """What every session shares: its input/output names and the context manager.
+
+    Subclasses set ``_input_names`` and ``_output_names`` (empty while unknown)
+    and implement ``run``, ``close`` and ``describe``.
+    """
+
+    _input_names: list[str]
+    _output_names: list[str]
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the model's inputs, in order."""
+        return list(self._input_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the model's outputs, in `run` order (empty while unknown)."""
+        return list(self._output_names)
+
+    def close(self) -> None:
+        """Release the session."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def check_feeds(feeds: Mapping[str, Any], input_names: Sequence[str], runtime: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgerep.errors import ConfigError, MissingDependencyError, UnsupportedError, did_you_mean
-from edgerep.runtimes._base import check_feeds
+from edgerep.runtimes._base import SessionBase, check_feeds
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,7 +51,7 @@ def package_dir(path: str | Path) -> Path:
     return p
 
 
-class CoreMLSession:
+class CoreMLSession(SessionBase):
     """An ``MLModel`` behind the `Session` protocol."""
 
     def __init__(self, model: Any, path: Path, device: str, version: str) -> None:
@@ -69,16 +69,6 @@ class CoreMLSession:
             if type(f.type.multiArrayType).ArrayDataType.Name(f.type.multiArrayType.dataType)
             == "INT32"
         }
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the model's inputs."""
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the model's outputs, in `run` order."""
-        return list(self._output_names)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once with ``MLModel.predict``.
@@ -113,12 +103,6 @@ class CoreMLSession:
             "compute_units": _COMPUTE_UNITS.get(self._device, self._device),
             "macos": platform.mac_ver()[0],
         }
-
-    def __enter__(self) -> CoreMLSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgerep.errors import ConfigError, MissingDependencyError, UnsupportedError
-from edgerep.runtimes._base import check_feeds
+from edgerep.runtimes._base import SessionBase, check_feeds
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +44,7 @@ def _version() -> str:
     return importlib.metadata.version("executorch")
 
 
-class ExecuTorchSession:
+class ExecuTorchSession(SessionBase):
     """One loaded method of an ExecuTorch program behind the `Session` protocol."""
 
     def __init__(
@@ -60,16 +60,6 @@ class ExecuTorchSession:
         self._input_names = input_names
         self._output_names = output_names
         self._backends = backends
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the program's inputs."""
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the outputs, in `run` order."""
-        return list(self._output_names)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; inputs are passed in `input_names` order.
@@ -111,12 +101,6 @@ class ExecuTorchSession:
             "device": "cpu",
             "backends": list(self._backends),
         }
-
-    def __enter__(self) -> ExecuTorchSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

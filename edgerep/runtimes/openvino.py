@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgerep.errors import ConfigError, MissingDependencyError, UnsupportedError, did_you_mean
-from edgerep.runtimes._base import check_feeds
+from edgerep.runtimes._base import SessionBase, check_feeds
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,7 +53,7 @@ def _ov_device(device: str) -> str:
     return f"{kind}.{index}" if index else kind
 
 
-class OpenVinoSession:
+class OpenVinoSession(SessionBase):
     """A compiled OpenVINO model and one infer request behind the `Session` protocol."""
 
     def __init__(
@@ -76,16 +76,6 @@ class OpenVinoSession:
         self.inference_precision = precision_name(
             compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         )
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the model's inputs."""
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the model's outputs, in `run` order."""
-        return list(self._output_names)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once.
@@ -127,12 +117,6 @@ class OpenVinoSession:
             "inference_precision": self.inference_precision,
             "requested_precision": self._requested,
         }
-
-    def __enter__(self) -> OpenVinoSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgerep.errors import ConfigError, MissingDependencyError, UnsupportedError, did_you_mean
-from edgerep.runtimes._base import check_feeds
+from edgerep.runtimes._base import SessionBase, check_feeds
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +62,7 @@ def _import_ort() -> Any:
     return onnxruntime
 
 
-class OrtSession:
+class OrtSession(SessionBase):
     """An onnxruntime InferenceSession behind the `Session` protocol.
 
     Attributes:
@@ -77,16 +77,6 @@ class OrtSession:
         self._input_names = [i.name for i in session.get_inputs()]
         self._output_names = [o.name for o in session.get_outputs()]
         self.providers: list[str] = list(session.get_providers())
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the model's inputs."""
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the model's outputs, in `run` order."""
-        return list(self._output_names)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once.
@@ -123,12 +113,6 @@ class OrtSession:
             "version": self._version,
             "providers": list(self.providers),
         }
-
-    def __enter__(self) -> OrtSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

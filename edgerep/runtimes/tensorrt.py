@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgerep.errors import ConfigError, MissingDependencyError, UnsupportedError
-from edgerep.runtimes._base import check_feeds
+from edgerep.runtimes._base import SessionBase, check_feeds
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,7 +90,7 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
     return table[dtype]
 
 
-class TensorRTSession:
+class TensorRTSession(SessionBase):
     """An engine and one execution context behind the `Session` protocol."""
 
     def __init__(self, engine: Any, path: Path, device_index: int, info: Mapping[str, Any]) -> None:
@@ -108,16 +108,6 @@ class TensorRTSession:
         self._output_names = [
             n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
         ]
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the engine's inputs."""
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the engine's outputs, in `run` order."""
-        return list(self._output_names)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once on the GPU; inputs are copied in and outputs copied back.
@@ -176,12 +166,6 @@ class TensorRTSession:
             "gpu": torch.cuda.get_device_name(self._device_index),
             "built_with": self._info,
         }
-
-    def __enter__(self) -> TensorRTSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

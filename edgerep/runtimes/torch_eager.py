@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgerep.errors import ConfigError, MissingDependencyError, SourceError, UnsupportedError
-from edgerep.runtimes._base import check_feeds
+from edgerep.runtimes._base import SessionBase, check_feeds
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,7 +35,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-class TorchEagerSession:
+class TorchEagerSession(SessionBase):
     """Runs `module(*inputs)` under ``torch.no_grad``; outputs are flattened in pytree order."""
 
     def __init__(
@@ -47,18 +47,8 @@ class TorchEagerSession:
     ) -> None:
         self._module: Any = module
         self._input_names = list(input_names)
-        self._output_names: list[str] | None = None
+        self._output_names: list[str] = []  # known after the first run
         self._device = device
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the inputs, in forward-argument order."""
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Output names; known after the first `run`."""
-        return list(self._output_names or [])
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; arrays are passed positionally in `input_names` order."""
@@ -88,12 +78,6 @@ class TorchEagerSession:
         import torch
 
         return {"runtime": "torch", "version": torch.__version__, "device": self._device}
-
-    def __enter__(self) -> TorchEagerSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)
