@@ -27,6 +27,7 @@ _LAZY = {
     "FoldReport": ("edgerep.fold", "FoldReport"),
     "merge": ("edgerep.merge", None),
     "MergeReport": ("edgerep.merge", "MergeReport"),
+    "quantize": ("edgerep.quantize", None),
     "InputSpec": ("edgerep.spec", "InputSpec"),
     "convert": ("edgerep.pipeline", "convert"),
     "load": ("edgerep.predictor", "load"),

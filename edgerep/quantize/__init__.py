@@ -1,0 +1,29 @@
+"""Quantization: exact equivalence transforms before it, backend engines for it.
+
+`equalize` needs torch; `quantize_onnx` and `select_variant` import onnxruntime
+only when called.
+"""
+
+from __future__ import annotations
+
+from edgerep.quantize._equalize import EqualizedPair, EqualizeReport, equalize
+from edgerep.quantize._ort import OrtQuantConfig, QuantizedArtifact, quantize_onnx
+from edgerep.quantize._select import (
+    DEFAULT_CANDIDATES,
+    CandidateResult,
+    SelectionReport,
+    select_variant,
+)
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "CandidateResult",
+    "SelectionReport",
+    "select_variant",
+    "EqualizeReport",
+    "EqualizedPair",
+    "OrtQuantConfig",
+    "QuantizedArtifact",
+    "equalize",
+    "quantize_onnx",
+]

@@ -1,0 +1,116 @@
+"""Latency-aware selection: the no-speed-up guard and the accuracy budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgerep.bench.latency import LatencyConfig
+from edgerep.errors import ConfigError
+from edgerep.quantize import OrtQuantConfig, select_variant
+from tests.quantize._digits import calib_feeds, export_onnx, trained_digits
+
+U8 = OrtQuantConfig(types="U8S8")
+S8 = OrtQuantConfig(types="S8S8")
+DYN = OrtQuantConfig(mode="int8-dynamic")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    model, x_tr, x_te, y_te = trained_digits()
+    path = export_onnx(model, tmp_path_factory.mktemp("digits") / "fp32.onnx")
+    return {
+        "path": path,
+        "calib": calib_feeds(x_tr, 64),
+        "eval": {"x": x_te.numpy()},
+        "labels": y_te.numpy(),
+    }
+
+
+def _status(report: object) -> dict[str, str]:
+    return {c.name: c.status for c in report.candidates}  # type: ignore[attr-defined]
+
+
+def test_no_speedup_guard_never_ships_a_slower_variant(digits: dict, tmp_path: Path) -> None:
+    # S8S8 slower than fp32 (as measured on this CPU), U8S8 only 1.1x faster
+    given = {"fp32": 1.0, U8.name: 1.0 / 1.1, S8.name: 1.3, DYN.name: 2.0}
+    chosen, report = select_variant(
+        digits["path"],
+        tmp_path,
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        labels=digits["labels"],
+        candidates=(U8, S8, DYN),
+        latencies_ms=given,
+    )
+    assert report.chosen == "fp32" and report.latency_source == "given"
+    assert _status(report) == {
+        "fp32": "reference",
+        U8.name: "no speed-up",
+        S8.name: "no speed-up",
+        DYN.name: "no speed-up",
+    }
+    assert chosen.read_bytes() == Path(digits["path"]).read_bytes()
+
+
+def test_fastest_within_budget_wins(digits: dict, tmp_path: Path) -> None:
+    given = {"fp32": 1.0, U8.name: 0.4, S8.name: 0.3}
+    chosen, report = select_variant(
+        digits["path"],
+        tmp_path,
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        labels=digits["labels"],
+        candidates=(U8, S8),
+        latencies_ms=given,
+        max_drop=0.01,
+    )
+    assert report.chosen == S8.name and report.metric == "top1"
+    assert all(c.drop <= 0.01 for c in report.candidates)
+    assert chosen.read_bytes() == (tmp_path / f"{S8.name}.onnx").read_bytes()
+    # a zero budget with agreement (no labels): any disagreeing variant is over budget
+    _, strict = select_variant(
+        digits["path"],
+        tmp_path / "strict",
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        candidates=(U8, S8),
+        latencies_ms=given,
+        max_drop=0.0,
+    )
+    assert strict.metric == "agreement"
+    for c in strict.candidates[1:]:
+        assert (c.status == "over budget") == (c.drop > 0), c
+    assert strict.chosen in {c.name for c in strict.candidates if c.drop == 0} | {"fp32"}
+
+
+def test_measured_latencies_path_runs(digits: dict, tmp_path: Path) -> None:
+    quick = LatencyConfig(warmup_iters=2, warmup_seconds=0, min_iters=5, min_seconds=0, repeats=1)
+    _, report = select_variant(
+        digits["path"],
+        tmp_path,
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        candidates=(U8,),
+        latency_config=quick,
+    )
+    assert report.latency_source == "measured"
+    assert all(c.latency_ms > 0 and c.latency_spread >= 0 for c in report.candidates)
+    assert report.chosen in {"fp32", U8.name}
+
+
+def test_rejects_bad_budget_and_missing_latencies(digits: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        select_variant(
+            digits["path"],
+            tmp_path,
+            calib=[],
+            eval_feeds=digits["eval"],
+            candidates=(U8,),
+            max_drop=5,
+            min_speedup=0.5,
+            latencies_ms={"fp32": 1.0},
+        )
+    msg = str(err.value)
+    assert "max_drop" in msg and "min_speedup" in msg and U8.name in msg
