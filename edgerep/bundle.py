@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgerep._json import schema_problems
 from edgerep.errors import ConfigError, VerificationError
 
 __all__ = [
@@ -222,16 +223,7 @@ def _canonical(manifest: Mapping[str, Any]) -> bytes:
 
 def _validate(manifest: Any) -> list[str]:
     """Problems with `manifest` against `MANIFEST_SCHEMA` (empty when valid)."""
-    try:
-        import jsonschema
-    except ImportError:
-        return _validate_by_hand(manifest)
-    validator = jsonschema.Draft202012Validator(MANIFEST_SCHEMA)
-    problems = []
-    for err in sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path)):
-        where = "/".join(str(p) for p in err.absolute_path) or "<root>"
-        problems.append(f"{where}: {err.message}")
-    return problems
+    return schema_problems(manifest, MANIFEST_SCHEMA, _validate_by_hand)
 
 
 def _validate_by_hand(manifest: Any) -> list[str]:

@@ -39,13 +39,13 @@ import copy
 import datetime
 import json
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgerep._json import finite
 from edgerep.bundle import atomic_output_dir, check_output_dir, sha256_file, write_manifest
 from edgerep.errors import (
     ConfigError,
@@ -120,19 +120,8 @@ class ConvertResult:
             "bundle": str(self.bundle),
             "fold_report": self.fold_report.to_dict() if self.fold_report else None,
             "merge_report": self.merge_report.to_dict() if self.merge_report else None,
-            "formats": [_finite(asdict(s)) for s in self.formats],
+            "formats": [finite(asdict(s)) for s in self.formats],
         }
-
-
-def _finite(value: Any) -> Any:
-    """`value` with NaN and infinities replaced by None, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 # --- the stages -------------------------------------------------------------------------
@@ -341,7 +330,7 @@ def _parity_rows(fmt: str, precision: str, parity: Sequence[OutputParity]) -> li
                 f"tolerance {p.threshold_rel:.0e} of max |ref|"
                 + (f"; {p.reason}" if p.reason else "")
             ),
-            "error": _finite(p.max_rel_error),
+            "error": finite(p.max_rel_error),
         }
         for p in parity
     ]
@@ -358,9 +347,9 @@ def _parity_dict(
         "passed": all(p.passed for p in parity),
         "outputs": {
             p.output: {
-                "max_abs_error": _finite(p.max_abs_error),
-                "max_rel_error": _finite(p.max_rel_error),
-                "cosine": _finite(p.cosine),
+                "max_abs_error": finite(p.max_abs_error),
+                "max_rel_error": finite(p.max_rel_error),
+                "cosine": finite(p.cosine),
                 "nonfinite": p.nonfinite,
                 "passed": p.passed,
                 "reason": p.reason,
@@ -500,7 +489,7 @@ def _write_reports(
     )
     if merge_report is not None:
         (tmp / "merge_report.json").write_text(
-            json.dumps(_finite(merge_report.to_dict()), indent=2, default=str) + "\n"
+            json.dumps(finite(merge_report.to_dict()), indent=2, default=str) + "\n"
         )
     lines = [f"edgerep {title} ({_now()}, edgerep {_edgerep_version()})"]
     if source:
@@ -778,7 +767,7 @@ def _report_run(
         "stage": "verify",
         "action": "reported",
         "detail": f"{fmt}: {text}",
-        "error": _finite(worst),
+        "error": finite(worst),
     }
     return {"label": run.label, "precision": ran, **parity_dict}, row
 

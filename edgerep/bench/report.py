@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgerep._json import finite, schema_problems
 from edgerep.errors import ConfigError
 
 __all__ = [
@@ -98,15 +99,7 @@ def validate_report(report: Any) -> list[str]:
 
     Uses jsonschema when installed, else checks the required keys by hand.
     """
-    try:
-        import jsonschema
-    except ImportError:
-        return _validate_by_hand(report)
-    validator = jsonschema.Draft202012Validator(REPORT_SCHEMA)
-    return [
-        f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
-        for e in sorted(validator.iter_errors(report), key=lambda e: list(e.absolute_path))
-    ]
+    return schema_problems(report, REPORT_SCHEMA, _validate_by_hand)
 
 
 def _validate_by_hand(report: Any) -> list[str]:
@@ -119,16 +112,6 @@ def _validate_by_hand(report: Any) -> list[str]:
     for i, row in enumerate(report.get("rows", [])):
         problems += [f"rows/{i}: {k!r} is required" for k in row_required if k not in row]
     return problems
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _thin(samples: Sequence[float]) -> list[float]:
@@ -352,7 +335,7 @@ def write_report(
     Raises:
         ConfigError: the report does not match `REPORT_SCHEMA`.
     """
-    data = _finite(dict(report))
+    data = finite(dict(report))
     data["rows"] = [{**r, "samples_ms": _thin(r.get("samples_ms") or [])} for r in data["rows"]]
     problems = validate_report(data)
     if problems:
