@@ -1,4 +1,8 @@
-"""The zoo's block registry: short name -> training-time block class."""
+"""The zoo's registries: short name -> training-time block or adapter class.
+
+Both are plain dicts filled by a class decorator that refuses duplicate names;
+lookups of unknown names raise `KeyError` with a "did you mean" suggestion.
+"""
 
 from __future__ import annotations
 
@@ -9,50 +13,51 @@ from torch import nn
 
 from edgerep.errors import ConfigError, did_you_mean
 
-__all__ = ["BLOCKS", "get_block", "register_block"]
-
-BLOCKS: dict[str, type[nn.Module]] = {}
-"""Every registered zoo block, by short name (e.g. ``"repvgg"``)."""
+__all__ = ["BLOCKS", "get_block", "lookup", "register_block", "registrar"]
 
 _M = TypeVar("_M", bound=type[nn.Module])
 
 
-def register_block(name: str) -> Callable[[_M], _M]:
-    """Class decorator that registers a block under `name`.
+def registrar(table: dict[str, type[nn.Module]], kind: str) -> Callable[[str], Callable[[_M], _M]]:
+    """A ``@register(name)`` class decorator that adds classes to `table`.
 
-    Args:
-        name: the short name; must not be registered already.
-
-    Returns:
-        A decorator that adds the class to `BLOCKS` and returns it unchanged.
-
-    Raises:
-        ConfigError: if `name` is already taken (when the decorator is applied).
+    Raises (when applied):
+        ConfigError: if the name is already taken.
     """
 
-    def decorator(cls: _M) -> _M:
-        if name in BLOCKS:
-            raise ConfigError(
-                f"a zoo block named {name!r} is already registered "
-                f"({BLOCKS[name].__module__}.{BLOCKS[name].__qualname__}); "
-                f"register {cls.__qualname__} under another name"
-            )
-        BLOCKS[name] = cls
-        return cls
+    def register(name: str) -> Callable[[_M], _M]:
+        def decorator(cls: _M) -> _M:
+            if name in table:
+                raise ConfigError(
+                    f"a zoo {kind} named {name!r} is already registered "
+                    f"({table[name].__module__}.{table[name].__qualname__}); "
+                    f"register {cls.__qualname__} under another name"
+                )
+            table[name] = cls
+            return cls
 
-    return decorator
+        return decorator
+
+    return register
 
 
-def get_block(name: str) -> type[nn.Module]:
-    """Return the block class registered under `name`.
+def lookup(table: dict[str, type[nn.Module]], kind: str) -> Callable[[str], type[nn.Module]]:
+    """A ``get(name)`` for `table` that raises `KeyError` naming close matches."""
 
-    Raises:
-        KeyError: if no block has that name; the message suggests close names.
-    """
-    try:
-        return BLOCKS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown zoo block {name!r}.{did_you_mean(name, BLOCKS)} "
-            f"Known blocks: {', '.join(sorted(BLOCKS))}"
-        ) from None
+    def get(name: str) -> type[nn.Module]:
+        try:
+            return table[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown zoo {kind} {name!r}.{did_you_mean(name, table)} "
+                f"Known {kind}s: {', '.join(sorted(table))}"
+            ) from None
+
+    return get
+
+
+BLOCKS: dict[str, type[nn.Module]] = {}
+"""Every registered zoo block, by short name (e.g. ``"repvgg"``)."""
+
+register_block = registrar(BLOCKS, "block")
+get_block = lookup(BLOCKS, "block")

@@ -29,13 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgerep.errors import ConfigError, did_you_mean
+from edgerep.errors import ConfigError
+from edgerep.zoo._registry import lookup, registrar
 
 __all__ = [
     "ADAPTERS",
@@ -61,42 +62,8 @@ __all__ = [
 ADAPTERS: dict[str, type[nn.Module]] = {}
 """Every registered zoo adapter, by short name (e.g. ``"hydra"``)."""
 
-_M = TypeVar("_M", bound=type[nn.Module])
-
-
-def register_adapter(name: str) -> Callable[[_M], _M]:
-    """Class decorator that registers an adapter under `name`.
-
-    Raises:
-        ConfigError: if `name` is already taken (when the decorator is applied).
-    """
-
-    def decorator(cls: _M) -> _M:
-        if name in ADAPTERS:
-            raise ConfigError(
-                f"a zoo adapter named {name!r} is already registered "
-                f"({ADAPTERS[name].__module__}.{ADAPTERS[name].__qualname__}); "
-                f"register {cls.__qualname__} under another name"
-            )
-        ADAPTERS[name] = cls
-        return cls
-
-    return decorator
-
-
-def get_adapter(name: str) -> type[nn.Module]:
-    """Return the adapter class registered under `name`.
-
-    Raises:
-        KeyError: if no adapter has that name; the message suggests close names.
-    """
-    try:
-        return ADAPTERS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown zoo adapter {name!r}.{did_you_mean(name, ADAPTERS)} "
-            f"Known adapters: {', '.join(sorted(ADAPTERS))}"
-        ) from None
+register_adapter = registrar(ADAPTERS, "adapter")
+get_adapter = lookup(ADAPTERS, "adapter")
 
 
 # ------------------------------------------------------------- base layers
