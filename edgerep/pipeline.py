@@ -473,6 +473,44 @@ def _reference_outputs(prepared: _Prepared) -> list[dict[str, Any]]:
     ]
 
 
+def _finish_bundle(
+    tmp: Path,
+    *,
+    title: str,
+    report: FoldReport | None,
+    statuses: Sequence[FormatStatus],
+    ledger: list[dict[str, Any]],
+    prepared: _Prepared,
+    source: Mapping[str, Any] | None,
+    merge_report: MergeReport | None,
+    outputs: list[dict[str, Any]] | None,
+    artifacts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Write the reports and the manifest of a complete bundle; returns the manifest."""
+    _write_reports(
+        tmp,
+        title=title,
+        report=report,
+        statuses=statuses,
+        ledger=ledger,
+        specs=prepared.specs,
+        source=source,
+        merge_report=merge_report,
+    )
+    return write_manifest(
+        tmp,
+        {
+            "edgerep_version": _edgerep_version(),
+            "created": _now(),
+            "source": dict(source or {}),
+            "inputs": _inputs_manifest(prepared.specs),
+            "outputs": outputs or _reference_outputs(prepared),
+            "artifacts": artifacts,
+            "ledger": ledger,
+        },
+    )
+
+
 def _write_reports(
     tmp: Path,
     *,
@@ -620,27 +658,17 @@ def convert(
             raise ExportError(_failure(statuses, "export failed"))
         if any(s.status == FAILED for s in statuses):
             raise VerificationError(_failure(statuses, "parity check failed"))
-        _write_reports(
+        manifest = _finish_bundle(
             tmp,
             title="convert",
             report=report,
             statuses=statuses,
             ledger=ledger,
-            specs=prepared.specs,
+            prepared=prepared,
             source=source,
             merge_report=merge_report,
-        )
-        manifest = write_manifest(
-            tmp,
-            {
-                "edgerep_version": _edgerep_version(),
-                "created": _now(),
-                "source": dict(source or {}),
-                "inputs": _inputs_manifest(prepared.specs),
-                "outputs": outputs if outputs is not None else _reference_outputs(prepared),
-                "artifacts": artifacts,
-                "ledger": ledger,
-            },
+            outputs=outputs,
+            artifacts=artifacts,
         )
     return target, ConvertResult(target, report, statuses, manifest, merge_report)
 
@@ -955,39 +983,29 @@ def fold_to_dir(
             raise VerificationError(
                 _failure(statuses, f"the {done} model does not match the original")
             )
-        _write_reports(
+        manifest = _finish_bundle(
             tmp,
             title=title,
             report=report,
             statuses=statuses,
             ledger=ledger,
-            specs=prepared.specs,
+            prepared=prepared,
             source=source,
             merge_report=merge_report,
-        )
-        manifest = write_manifest(
-            tmp,
-            {
-                "edgerep_version": _edgerep_version(),
-                "created": _now(),
-                "source": dict(source or {}),
-                "inputs": _inputs_manifest(prepared.specs),
-                "outputs": outputs or _reference_outputs(prepared),
-                "artifacts": [
-                    {
-                        "format": "pt2",
-                        "file": "model.pt2",
-                        "precision": "fp32",
-                        "sha256": sha256_file(path),
-                        "files": ["model.pt2"],
-                        "tool_versions": package_versions("torch"),
-                        "parity": parity_dict,
-                        "notes": [],
-                        "metadata": {"capture": report.capture if report else "none"},
-                    }
-                ],
-                "ledger": ledger,
-            },
+            outputs=outputs,
+            artifacts=[
+                {
+                    "format": "pt2",
+                    "file": "model.pt2",
+                    "precision": "fp32",
+                    "sha256": sha256_file(path),
+                    "files": ["model.pt2"],
+                    "tool_versions": package_versions("torch"),
+                    "parity": parity_dict,
+                    "notes": [],
+                    "metadata": {"capture": report.capture if report else "none"},
+                }
+            ],
         )
     return target, ConvertResult(target, report, statuses, manifest, merge_report)
 
