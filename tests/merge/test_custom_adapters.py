@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from edgerep.errors import ConfigError
+from edgerep.merge import merge
 from edgerep.zoo import ADAPTERS, get_adapter, randomize_
 from edgerep.zoo.adapters import register_adapter
-
-merge = pytest.importorskip("edgerep.merge").merge
 
 RTOL_FLOAT64 = 1e-9
 RTOL_FLOAT32 = 1e-5
