@@ -167,6 +167,15 @@ def quantize_onnx(
     """
     config = config or OrtQuantConfig()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not onnx_path.is_file():
+        raise ConfigError(
+            f"ONNX model {str(onnx_path)!r} does not exist; export one first "
+            "(edgerep convert SRC --to onnx) and pass its model.onnx"
+        )
+    if out_path.resolve() == onnx_path.resolve():
+        raise ConfigError(
+            f"out_path {str(out_path)!r} is the input model; write the quantized model elsewhere"
+        )
     feeds = list(calib or [])[: config.max_calib_samples]
     if config.mode == "int8" and not feeds:
         raise ConfigError(

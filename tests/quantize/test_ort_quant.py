@@ -138,3 +138,17 @@ def test_importing_quantize_loads_no_onnxruntime() -> None:
     code = "import sys, edgerep.quantize; print('onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_missing_model_and_overwriting_the_input_are_refused(tmp_path):
+    from edgerep.errors import ConfigError
+    from edgerep.quantize import OrtQuantConfig, quantize_onnx
+
+    config = OrtQuantConfig(mode="int8-dynamic")
+    with pytest.raises(ConfigError, match="does not exist"):
+        quantize_onnx(tmp_path / "nope.onnx", tmp_path / "q.onnx", config)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read")
+    with pytest.raises(ConfigError, match="is the input model"):
+        quantize_onnx(model, model, config)
+    assert model.read_bytes() == b"not read"
