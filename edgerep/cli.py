@@ -53,6 +53,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from edgerep.errors import (
@@ -165,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-zeros", action="store_true", help="keep the exact zeros of the base weights"
     )
 
+    quant_args = argparse.ArgumentParser(add_help=False)
+    _add_quant_args(quant_args)
+
     parser = argparse.ArgumentParser(
         prog="edgerep",
         description="Fold re-parameterized PyTorch models into plain graphs, export and verify them.",
@@ -193,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        parents=[common, model_args, adapter_args],
+        parents=[common, model_args, adapter_args, quant_args],
         help="fold, export and verify a model",
         description="Fold, export to each format, verify against the original model, write a bundle.",
     )
@@ -208,8 +212,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rtol", type=float, help="override the parity tolerance (fraction of max |ref|)"
     )
+    p.add_argument(
+        "--quantize",
+        metavar="MODE",
+        help="then quantize (int8, int8-dynamic, fp16) with --calib DATA; see `edgerep quantize`",
+    )
     _add_option_arg(p)
     p.set_defaults(handler=_cmd_convert)
+
+    p = sub.add_parser(
+        "quantize",
+        parents=[common, quant_args],
+        help="quantize a bundle's float artifacts with each backend's engine",
+        description="Build each backend's quantized variants, measure latency and accuracy, keep "
+        "the fastest one that is at least --min-speedup faster than float and within --max-drop; "
+        "write a new bundle (the source bundle is not modified).",
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle written by `edgerep convert`")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="new bundle directory")
+    p.add_argument(
+        "--mode", default="int8", help="int8 (static, calibrated; default), int8-dynamic or fp16"
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_cmd_quantize)
 
     p = sub.add_parser(
         "export",
@@ -255,6 +281,128 @@ def _add_option_arg(p: argparse.ArgumentParser) -> None:
         metavar="FORMAT.KEY=VALUE",
         help="exporter option, e.g. openvino.compress_to_fp16=true or tensorrt.precision=fp16",
     )
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="calibration/evaluation samples: .npz (x[, y] or one array per input), image "
+        "folder, or file.py:fn returning (x, y)",
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="quantization backend (repeat or comma-separate; default onnxruntime)",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="largest allowed loss of top-1 (or of agreement with float without labels); "
+        "0.01 = one point (default)",
+    )
+    p.add_argument(
+        "--min-speedup",
+        type=float,
+        default=1.15,
+        metavar="X",
+        help="keep a variant only if at least this much faster than float (default 1.15)",
+    )
+    p.add_argument(
+        "--calib-samples", type=int, default=256, metavar="N", help="calibration samples (256)"
+    )
+    p.add_argument("--calib-seed", type=int, default=0, metavar="N", help="seed of the split")
+    p.add_argument(
+        "--seconds", type=float, metavar="S", help="timed seconds per latency run (default 1)"
+    )
+    p.add_argument("--repeats", type=int, metavar="N", help="latency runs per variant (default 3)")
+    p.add_argument("--x-key", default="x", metavar="K", help="inputs array of an .npz (x)")
+    p.add_argument("--y-key", default="y", metavar="K", help="labels array of an .npz (y)")
+    p.add_argument("--image-size", type=int, metavar="PX", help="resize folder images to PXxPX")
+    p.add_argument("--channels", type=int, default=3, help="folder images: 1 or 3 channels")
+    p.add_argument("--mean", type=float, nargs="+", default=[0.0], help="folder images: mean")
+    p.add_argument("--std", type=float, nargs="+", default=[1.0], help="folder images: std")
+
+
+def _quant_setup(
+    args: argparse.Namespace, input_names: Sequence[str], mode: str
+) -> tuple[Any, list[str]]:
+    """(calibration data, backends) from the quantize options; fails before any work."""
+    from edgerep.quantize import MODES, available_backends, load_calibration
+
+    problems = []
+    if mode not in MODES:
+        problems.append(f"unknown quantization mode {mode!r}; allowed: {', '.join(MODES)}")
+    backends = [b for text in args.backend for b in text.split(",") if b] or ["onnxruntime"]
+    for b in backends:
+        if b not in available_backends():
+            problems.append(
+                f"unknown quantization backend {b!r}; available: {', '.join(available_backends())}"
+            )
+    if not args.calib:
+        problems.append(
+            "quantization needs --calib DATA (an .npz, image folder or file.py:fn with a few "
+            "hundred representative inputs; labels make the budget a top-1 budget)"
+        )
+    if not 0 <= args.max_drop <= 1:
+        problems.append(f"--max-drop must be in [0, 1] (0.01 is one point), got {args.max_drop}")
+    if args.min_speedup < 1:
+        problems.append(f"--min-speedup must be >= 1, got {args.min_speedup}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    folder = {
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "mean": args.mean if len(args.mean) > 1 else args.mean[0],
+        "std": args.std if len(args.std) > 1 else args.std[0],
+    }
+    data = load_calibration(
+        args.calib,
+        input_names=input_names,
+        samples=args.calib_samples,
+        seed=args.calib_seed,
+        x_key=args.x_key,
+        y_key=args.y_key,
+        **folder,
+    )
+    return data, backends
+
+
+def _quant_latency(args: argparse.Namespace) -> Any:
+    from edgerep.bench.latency import LatencyConfig
+
+    overrides = {"min_seconds": args.seconds, "repeats": args.repeats}
+    return LatencyConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from edgerep.bundle import read_manifest
+    from edgerep.quantize import quantize_bundle
+
+    manifest = read_manifest(args.bundle)
+    data, backends = _quant_setup(args, [i["name"] for i in manifest["inputs"]], args.mode)
+    _, report = quantize_bundle(
+        args.bundle,
+        args.out,
+        data=data,
+        backends=backends,
+        mode=args.mode,
+        max_drop=args.max_drop,
+        min_speedup=args.min_speedup,
+        overwrite=args.force,
+        latency_config=_quant_latency(args),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.to_text())
+        print()
+        print(f"bundle: {Path(args.out).resolve()}")
+    return EXIT_OK
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -531,24 +679,91 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from edgerep.bundle import check_output_dir
     from edgerep.pipeline import convert
 
     formats, options = _formats_and_options(args)
+    if args.quantize is not None:
+        if "onnx" not in formats:
+            raise ConfigError(
+                f"--quantize starts from the float ONNX artifact; add --to onnx (formats: "
+                f"{', '.join(formats)})"
+            )
+        check_output_dir(args.out, overwrite=args.force)
     model, specs, description = _load(args)
-    _, result = convert(
-        model,
-        specs,
-        to=formats,
-        out_dir=args.out,
-        overwrite=args.force,
-        fold=not args.no_fold,
-        rtol=args.rtol,
-        seed=args.seed,
-        source=description,
-        merge=args.merge_options,
-        exporter_options=options,
-    )
+    if args.quantize is None:
+        _, result = convert(
+            model,
+            specs,
+            to=formats,
+            out_dir=args.out,
+            overwrite=args.force,
+            fold=not args.no_fold,
+            rtol=args.rtol,
+            seed=args.seed,
+            source=description,
+            merge=args.merge_options,
+            exporter_options=options,
+        )
+        _show(result, args)
+        return EXIT_OK
+    quantize = _quant_setup(args, [s.name for s in specs], args.quantize)
+    return _convert_then_quantize(args, model, specs, description, formats, options, quantize)
+
+
+def _convert_then_quantize(
+    args: argparse.Namespace,
+    model: Any,
+    specs: list[Any],
+    description: dict[str, Any],
+    formats: list[str],
+    options: dict[str, Any],
+    quantize: tuple[Any, list[str]],
+) -> int:
+    """Convert into a scratch bundle beside OUT, quantize it into OUT, drop the scratch."""
+    import shutil
+    import tempfile
+
+    from edgerep.pipeline import convert
+    from edgerep.quantize import quantize_bundle
+
+    data, backends = quantize
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
+    try:
+        _, result = convert(
+            model,
+            specs,
+            to=formats,
+            out_dir=scratch / "bundle",
+            fold=not args.no_fold,
+            rtol=args.rtol,
+            seed=args.seed,
+            source=description,
+            merge=args.merge_options,
+            exporter_options=options,
+        )
+        _, report = quantize_bundle(
+            scratch / "bundle",
+            out,
+            data=data,
+            backends=backends,
+            mode=args.quantize,
+            max_drop=args.max_drop,
+            min_speedup=args.min_speedup,
+            overwrite=args.force,
+            latency_config=_quant_latency(args),
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "bundle": str(out), "quantize": report.to_dict()}))
+        return EXIT_OK
+    result.bundle = out
     _show(result, args)
+    print()
+    print(report.to_text())
     return EXIT_OK
 
 

@@ -6,6 +6,15 @@ only when called.
 
 from __future__ import annotations
 
+from edgerep.quantize._bundle import (
+    MODES,
+    BackendResult,
+    QuantizeReport,
+    available_backends,
+    quantize_bundle,
+    sqnr_db,
+)
+from edgerep.quantize._calib import CalibrationData, calibration_from_arrays, load_calibration
 from edgerep.quantize._equalize import EqualizedPair, EqualizeReport, equalize
 from edgerep.quantize._ort import OrtQuantConfig, QuantizedArtifact, quantize_onnx
 from edgerep.quantize._select import (
@@ -16,6 +25,15 @@ from edgerep.quantize._select import (
 )
 
 __all__ = [
+    "MODES",
+    "BackendResult",
+    "CalibrationData",
+    "QuantizeReport",
+    "available_backends",
+    "calibration_from_arrays",
+    "load_calibration",
+    "quantize_bundle",
+    "sqnr_db",
     "DEFAULT_CANDIDATES",
     "CandidateResult",
     "SelectionReport",

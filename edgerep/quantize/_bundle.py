@@ -1,0 +1,433 @@
+"""The quantize stage on a bundle: pick, per backend, the variant that pays.
+
+`quantize_bundle` reads a verified bundle (``edgerep convert`` output), and for
+each backend asked for:
+
+1. takes the bundle's float artifact that backend quantizes (onnxruntime: the
+   ``onnx`` artifact);
+2. builds the backend's candidate variants for the mode with the backend's own
+   engine and lets `select_variant` measure them: latency at batch 1 with the one
+   latency method, the user's metric (top-1 with labels, else arg-max agreement
+   with the float model) on evaluation samples disjoint from the calibration
+   samples; a variant less than ``min_speedup`` times faster than float is "no
+   speed-up", one losing more than ``max_drop`` is "over budget";
+3. adds the chosen variant to the new bundle as an artifact of its own (status
+   ``verified``: within the budget, output SQNR recorded), listed *before* the
+   float artifact of its format so that `edgerep.load` runs it; when no variant
+   pays, nothing is added and the ledger says why.
+
+Every candidate's numbers go to the manifest's ledger and to
+``quantize_report.json``; the source bundle is never modified, and the new bundle
+is written to a temporary directory and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerep._json import finite
+from edgerep.bench.latency import LatencyConfig
+from edgerep.bundle import atomic_output_dir, check_output_dir, read_manifest, sha256_file
+from edgerep.bundle import write_manifest as _write_manifest
+from edgerep.errors import ConfigError, did_you_mean
+from edgerep.quantize._calib import CalibrationData
+from edgerep.quantize._ort import OrtQuantConfig
+from edgerep.quantize._select import SelectionReport, select_variant
+
+__all__ = [
+    "MODES",
+    "BackendResult",
+    "QuantizeReport",
+    "available_backends",
+    "quantize_bundle",
+    "sqnr_db",
+]
+
+logger = logging.getLogger(__name__)
+
+#: modes the CLI offers; each backend says which it supports
+MODES = ("int8", "int8-dynamic", "fp16")
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``.
+
+    ``inf`` when the two are equal; ``-inf`` when the reference is all zeros and
+    the approximation is not.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * float(np.log10(signal / noise))
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """How one backend quantizes: which float artifact it starts from and its candidates."""
+
+    name: str
+    source_format: str
+    precision: Callable[[str], str]
+    candidates: Callable[[str], tuple[Any, ...]]
+    tool: str
+
+
+def _ort_candidates(mode: str) -> tuple[OrtQuantConfig, ...]:
+    if mode == "int8":
+        return (
+            OrtQuantConfig(mode="int8", types="U8S8", per_channel=True),
+            OrtQuantConfig(mode="int8", types="S8S8", per_channel=True),
+            OrtQuantConfig(mode="int8", types="U8S8", per_channel=False),
+        )
+    return (OrtQuantConfig(mode=mode),)
+
+
+_BACKENDS: dict[str, _Backend] = {
+    "onnxruntime": _Backend(
+        "onnxruntime",
+        "onnx",
+        lambda mode: "fp16" if mode == "fp16" else "int8",
+        _ort_candidates,
+        "onnxruntime",
+    ),
+}
+
+
+def _backend(name: str) -> _Backend:
+    if name not in _BACKENDS:
+        raise ConfigError(
+            f"no quantization backend {name!r}; available: {', '.join(sorted(_BACKENDS))}."
+            + did_you_mean(name, _BACKENDS)
+        )
+    return _BACKENDS[name]
+
+
+@dataclass
+class BackendResult:
+    """What one backend's selection produced.
+
+    Attributes:
+        backend: the backend name.
+        chosen: the chosen variant's name, or ``fp32`` when none pays.
+        artifact: bundle-relative file of the added artifact, or None.
+        sqnr_db: output SQNR of the chosen variant vs float on the evaluation samples.
+        selection: the selection report (every candidate with its status).
+        reason: why nothing was added, when nothing was.
+    """
+
+    backend: str
+    chosen: str
+    artifact: str | None
+    sqnr_db: float | None
+    selection: SelectionReport
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dictionary."""
+        sel = asdict(self.selection)
+        for c in sel["candidates"]:
+            c["path"] = Path(c["path"]).name
+        return finite(
+            {
+                "backend": self.backend,
+                "chosen": self.chosen,
+                "artifact": self.artifact,
+                "sqnr_db": self.sqnr_db,
+                "reason": self.reason,
+                "selection": sel,
+            }
+        )
+
+
+@dataclass
+class QuantizeReport:
+    """The quantize stage's report: one `BackendResult` per backend."""
+
+    mode: str
+    max_drop: float
+    min_speedup: float
+    data: dict[str, Any]
+    backends: list[BackendResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dictionary."""
+        return {
+            "version": 1,
+            "mode": self.mode,
+            "max_drop": self.max_drop,
+            "min_speedup": self.min_speedup,
+            "data": self.data,
+            "backends": [b.to_dict() for b in self.backends],
+        }
+
+    def to_text(self) -> str:
+        """A table per backend: latency, speed-up, metric, drop and status of each variant."""
+        lines = [
+            f"quantize: mode {self.mode}, budget {self.max_drop:.2%} drop, "
+            f"at least {self.min_speedup:.2f}x faster than float; data {self.data['source']} "
+            f"({self.data['calib_samples']} calibration / {self.data['eval_samples']} evaluation"
+            f" samples{'; ' + self.data['note'] if self.data['note'] else ''})"
+        ]
+        for b in self.backends:
+            sel = b.selection
+            lines.append(
+                f"  {b.backend}: chose {b.chosen}" + (f" ({b.reason})" if b.reason else "")
+            )
+            lines.append(
+                f"    {'variant':<18} {'p50 ms':>9} {'speed-up':>9} {sel.metric:>9} "
+                f"{'drop':>7}  status"
+            )
+            for c in sel.candidates:
+                lines.append(
+                    f"    {c.name:<18} {c.latency_ms:>9.4f} {c.speedup:>8.2f}x {c.metric:>9.4f} "
+                    f"{c.drop:>7.4f}  {c.status}"
+                )
+            if b.sqnr_db is not None:
+                lines.append(f"    output SQNR of {b.chosen}: {b.sqnr_db:.1f} dB")
+        return "\n".join(lines)
+
+
+def _fixed_batch(manifest: dict[str, Any]) -> bool:
+    """Whether some input has a fixed leading dim (then evaluation runs one sample at a time)."""
+    return any(isinstance(i["shape"][0], int) for i in manifest["inputs"] if i["shape"])
+
+
+def _run_batched(
+    runtime_name: str, path: Path, feeds: dict[str, np.ndarray], one_by_one: bool
+) -> np.ndarray:
+    from edgerep.runtimes import get_runtime
+
+    session = get_runtime(runtime_name).load(path, device="cpu", options={"threads": 1})
+    try:
+        if not one_by_one:
+            return np.asarray(session.run(feeds)[0])
+        n = len(next(iter(feeds.values())))
+        return np.concatenate(
+            [
+                np.asarray(session.run({k: v[i : i + 1] for k, v in feeds.items()})[0])
+                for i in range(n)
+            ]
+        )
+    finally:
+        session.close()
+
+
+def quantize_bundle(
+    bundle_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    data: CalibrationData,
+    backends: Sequence[str] = ("onnxruntime",),
+    mode: str = "int8",
+    max_drop: float = 0.01,
+    min_speedup: float = 1.15,
+    overwrite: bool = False,
+    latency_config: LatencyConfig | None = None,
+    latencies_ms: Mapping[str, Mapping[str, float]] | None = None,
+) -> tuple[Path, QuantizeReport]:
+    """Quantize a bundle's float artifacts per backend and write a new bundle.
+
+    Args:
+        bundle_dir: a bundle written by ``edgerep convert`` (not modified).
+        out_dir: the new bundle: a copy of the source plus the chosen variants.
+        data: calibration and evaluation samples (`load_calibration`).
+        backends: backends to quantize for (``onnxruntime``).
+        mode: ``int8`` (static, calibrated), ``int8-dynamic`` or ``fp16``.
+        max_drop: largest allowed loss of the metric (0.01: one point).
+        min_speedup: a variant must be at least this much faster than float.
+        overwrite: replace an existing `out_dir` (only once the new one is complete).
+        latency_config: sampling settings of the latency measurements.
+        latencies_ms: backend -> variant -> p50 latency to use instead of measuring
+            (replaying a benchmark; deterministic tests).
+
+    Returns:
+        The new bundle's path and the report.
+
+    Raises:
+        ConfigError: an unknown mode or backend, a bundle without the float artifact
+            a backend needs, or `out_dir` equal to `bundle_dir`.
+        VerificationError: the source bundle's manifest is invalid.
+    """
+    if mode not in MODES:
+        raise ConfigError(
+            f"unknown mode {mode!r}; allowed: {', '.join(MODES)}." + did_you_mean(mode, MODES)
+        )
+    chosen_backends = [_backend(b) for b in dict.fromkeys(backends)]
+    if not chosen_backends:
+        raise ConfigError("no backend given; pass at least one, e.g. backends=('onnxruntime',)")
+    src = Path(bundle_dir).resolve()
+    target = check_output_dir(out_dir, overwrite=overwrite)
+    if target == src:
+        raise ConfigError(
+            f"the output bundle {str(target)!r} is the source bundle; write the quantized bundle "
+            "to another directory (the source stays as it is)"
+        )
+    manifest = read_manifest(src)
+    problems = []
+    sources: dict[str, dict[str, Any]] = {}
+    for b in chosen_backends:
+        art = next(
+            (
+                a
+                for a in manifest["artifacts"]
+                if a["format"] == b.source_format and a["precision"] == "fp32"
+            ),
+            None,
+        )
+        if art is None:
+            held = ", ".join(f"{a['format']}/{a['precision']}" for a in manifest["artifacts"])
+            problems.append(
+                f"{b.name} quantizes the float {b.source_format} artifact, which bundle "
+                f"{str(src)!r} lacks (it holds {held}); convert with --to {b.source_format}"
+            )
+        else:
+            sources[b.name] = art
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    report = QuantizeReport(mode, max_drop, min_speedup, data.describe())
+    one_by_one = _fixed_batch(manifest)
+    with (
+        tempfile.TemporaryDirectory(prefix="edgerep-quantize-") as work_root,
+        atomic_output_dir(target, overwrite=overwrite) as tmp,
+    ):
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        new_artifacts = list(manifest["artifacts"])
+        ledger = list(manifest["ledger"])
+        for b in chosen_backends:
+            art = sources[b.name]
+            work = Path(work_root) / b.name
+            chosen_path, selection = select_variant(
+                src / art["file"],
+                work,
+                calib=data.calib,
+                eval_feeds=data.eval_feeds,
+                labels=data.labels,
+                candidates=b.candidates(mode),
+                max_drop=max_drop,
+                min_speedup=min_speedup,
+                latency_config=latency_config,
+                latencies_ms=(latencies_ms or {}).get(b.name),
+            )
+            ledger += _ledger_rows(b.name, selection)
+            if selection.chosen == "fp32":
+                why = _why_none(selection)
+                report.backends.append(BackendResult(b.name, "fp32", None, None, selection, why))
+                ledger.append(
+                    {
+                        "stage": "quantize",
+                        "action": "kept",
+                        "detail": f"{b.name}: float kept: {why}",
+                        "error": None,
+                    }
+                )
+                continue
+            reference = _run_batched(b.name, src / art["file"], data.eval_feeds, one_by_one)
+            quantized = _run_batched(b.name, chosen_path, data.eval_feeds, one_by_one)
+            sqnr = sqnr_db(reference, quantized)
+            entry, rel = _artifact_entry(b, art, chosen_path, tmp, selection, sqnr, data, mode)
+            index = new_artifacts.index(art)
+            new_artifacts.insert(index, entry)
+            report.backends.append(BackendResult(b.name, selection.chosen, rel, sqnr, selection))
+            ledger.append(
+                {
+                    "stage": "quantize",
+                    "action": "added",
+                    "detail": f"{b.name}: {selection.chosen} -> {rel} (output SQNR {sqnr:.1f} dB)",
+                    "error": None,
+                }
+            )
+        (tmp / "quantize_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        with open(tmp / "report.txt", "a") as f:
+            f.write("\n" + report.to_text() + "\n")
+        _write_manifest(tmp, {**manifest, "artifacts": new_artifacts, "ledger": ledger})
+    return target, report
+
+
+def _why_none(selection: SelectionReport) -> str:
+    statuses = {c.name: c.status for c in selection.candidates if c.status != "reference"}
+    return "no variant pays: " + ", ".join(f"{n} {s}" for n, s in statuses.items())
+
+
+def _ledger_rows(backend: str, selection: SelectionReport) -> list[dict[str, Any]]:
+    return [
+        {
+            "stage": "quantize",
+            "action": "measured",
+            "detail": f"{backend} {c.name}: p50 {c.latency_ms:.4f} ms ({c.speedup:.2f}x), "
+            f"{selection.metric} {c.metric:.4f} (drop {c.drop:.4f}): {c.status}",
+            "error": None,
+        }
+        for c in selection.candidates
+    ]
+
+
+def _artifact_entry(
+    backend: _Backend,
+    float_art: dict[str, Any],
+    chosen_path: Path,
+    root: Path,
+    selection: SelectionReport,
+    sqnr: float,
+    data: CalibrationData,
+    mode: str,
+) -> tuple[dict[str, Any], str]:
+    from edgerep.exporters import package_versions
+
+    precision = backend.precision(mode)
+    folder = root / f"{backend.source_format}-{selection.chosen}"
+    folder.mkdir()
+    dest = folder / Path(float_art["file"]).name
+    shutil.copyfile(chosen_path, dest)
+    rel = dest.relative_to(root).as_posix()
+    chosen = next(c for c in selection.candidates if c.name == selection.chosen)
+    entry = {
+        "format": backend.source_format,
+        "file": rel,
+        "precision": precision,
+        "status": "verified",
+        "sha256": sha256_file(dest),
+        "files": [rel],
+        "tool_versions": package_versions(backend.tool),
+        "parity": finite(
+            {
+                "reference": f"the bundle's float artifact {float_art['file']} on {backend.name}",
+                "metric": selection.metric,
+                "value": chosen.metric,
+                "drop": chosen.drop,
+                "max_drop": selection.max_drop,
+                "sqnr_db": sqnr,
+                "speedup": chosen.speedup,
+                "passed": True,
+                "data": data.describe(),
+            }
+        ),
+        "notes": [
+            f"{backend.name} {selection.chosen}: {chosen.speedup:.2f}x faster than float, "
+            f"{selection.metric} drop {chosen.drop:.4f} (budget {selection.max_drop:.4f})"
+        ],
+        "metadata": {
+            "quantize": {"backend": backend.name, "variant": selection.chosen, "mode": mode}
+        },
+        "inputs": float_art.get("inputs", []),
+        "outputs": float_art.get("outputs", []),
+    }
+    return entry, rel
+
+
+def available_backends() -> list[str]:
+    """Backend names `quantize_bundle` accepts."""
+    return sorted(_BACKENDS)
