@@ -12,6 +12,10 @@ Everything is written under ``--out`` (default ``edgerep-demo-out``), replaced
 only once the new run has succeeded:
 
 - ``folded/`` and ``unfolded/``: the two ONNX bundles (manifest, report, model);
+- ``folded-quantized/`` with ``--quantize MODE``: the folded bundle plus the
+  quantized variant each backend chose (`edgerep.quantize.quantize_bundle`:
+  calibrated on training digits, kept only when at least 1.15x faster than float
+  and within one point of top-1 on the test digits; the report says why not);
 - ``demo_net.pt``: the trained weights (a state dict);
 - ``demo.json``: the table, the errors and the fold report, machine-readable;
 - ``summary.txt``: what the demo printed.
@@ -105,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         help="LoRA fine-tune budget in seconds before merging (0 skips the step; default 2)",
     )
     p.add_argument(
+        "--quantize",
+        metavar="MODE",
+        help="also quantize the folded ONNX model (int8, int8-dynamic or fp16) with "
+        "`edgerep quantize`: calibrated on training digits, kept only if faster and within "
+        "one point of top-1 on the test digits",
+    )
+    p.add_argument(
         "--latency-seconds",
         type=float,
         default=0.5,
@@ -126,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             latency_seconds=args.latency_seconds,
             lora_seconds=args.lora_seconds,
             bench=not args.no_bench,
+            quantize=args.quantize,
         )
     except EdgerepError as e:
         from edgerep.cli import exit_code_for
@@ -152,6 +164,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lora-seconds must be >= 0; got {args.lora_seconds}")
     if args.latency_seconds < 0:
         raise ConfigError(f"--latency-seconds must be >= 0; got {args.latency_seconds}")
+    if args.quantize is not None:
+        from edgerep.quantize import MODES
+
+        if args.quantize not in MODES:
+            raise ConfigError(
+                f"--quantize {args.quantize!r} is not a mode; choose one of {', '.join(MODES)}"
+            )
     out = Path(args.out).expanduser()
     if out.exists() and not (out.is_dir() and (out / _MARKER).is_file()):
         raise ConfigError(
@@ -226,8 +245,57 @@ def _lora_step(
     return merged
 
 
+def _quantize_step(
+    tmp: Path,
+    x_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    mode: str,
+    latency_seconds: float,
+    seed: int,
+    say: Callable[[str], None],
+) -> Path | None:
+    """`edgerep quantize` on the folded bundle: every backend here that quantizes, the
+    fastest variant within one point of top-1; returns the ONNX variant chosen, if any."""
+    import numpy as np
+
+    from edgerep.bench.latency import LatencyConfig
+    from edgerep.quantize import CalibrationData, available_backends, quantize_bundle
+
+    generator = np.random.default_rng(seed)
+    picks = generator.permutation(len(x_train))[:256]
+    data = CalibrationData(
+        calib=[{"x": x_train[i : i + 1].numpy()} for i in picks],
+        eval_feeds={"x": x_test.numpy()},
+        labels=y_test.numpy(),
+        source="digits: 256 training images (calibration), the test images (evaluation)",
+    )
+    config = LatencyConfig(
+        warmup_iters=5,
+        warmup_seconds=0.05,
+        min_iters=30,
+        min_seconds=max(latency_seconds, 0.05),
+        repeats=3,
+    )
+    _, report = quantize_bundle(
+        tmp / "folded",
+        tmp / "folded-quantized",
+        data=data,
+        backends=available_backends(),
+        mode=mode,
+        latency_config=config,
+    )
+    say("")
+    say(report.to_text())
+    chosen = next((b for b in report.backends if b.backend == "onnxruntime"), None)
+    if chosen is None or chosen.artifact is None:
+        return None
+    return tmp / "folded-quantized" / chosen.artifact
+
+
 def _bench_step(
     tmp: Path,
+    folded: Path,
     out: Path,
     x_test: torch.Tensor,
     y_test: torch.Tensor,
@@ -249,7 +317,7 @@ def _bench_step(
         warmup_iters=5, warmup_seconds=0.05, min_iters=30, min_seconds=latency_seconds, repeats=3
     )
     report = run_bench(
-        [f"unfolded={tmp / 'unfolded'}", f"folded={tmp / 'folded'}"],
+        [f"unfolded={tmp / 'unfolded'}", f"folded={folded}"],
         data=str(data),
         config=config,
         threads=threads,
@@ -270,6 +338,7 @@ def _run(
     latency_seconds: float,
     lora_seconds: float = 2.0,
     bench: bool = True,
+    quantize: str | None = None,
 ) -> None:
     """The demo; prints as it goes and keeps what it printed for ``summary.txt``."""
     import torch
@@ -396,6 +465,18 @@ def _run(
                 report.flops_after,
             ),
         }
+        if quantize is not None:
+            quantized = _quantize_step(
+                tmp, x_train, x_test, y_test, quantize, latency_seconds, seed, say
+            )
+            if quantized is not None:
+                q_session = _ort_session(quantized, threads)
+                measured[f"onnxruntime folded {quantize}"] = (
+                    lambda: q_session(one_np),
+                    _np_accuracy(q_session(x_test), y_test),
+                    report.params_after,
+                    report.flops_after,
+                )
         rows = [
             _Row(name, params, flops, acc, _latency(fn, latency_seconds))
             for name, (fn, acc, params, flops) in measured.items()
@@ -412,7 +493,8 @@ def _run(
         for name, path in bundles.items():
             say(f"{name} ONNX bundle: {out / path.relative_to(tmp)}")
         if bench:
-            _bench_step(tmp, out, x_test, y_test, threads, latency_seconds, say)
+            folded_bundle = tmp / "folded-quantized" if quantize else tmp / "folded"
+            _bench_step(tmp, folded_bundle, out, x_test, y_test, threads, latency_seconds, say)
         say(f"all outputs: {out}  ({time.perf_counter() - start:.1f} s)")
 
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
@@ -466,10 +548,10 @@ def _np_accuracy(logits: np.ndarray, labels: torch.Tensor) -> float:
 
 def _table(rows: Sequence[_Row]) -> str:
     head = (
-        f"{'variant':<22} {'params':>8} {'MFLOPs':>7} {'test acc':>8} {'p50 ms':>8} {'p90 ms':>8}"
+        f"{'variant':<24} {'params':>8} {'MFLOPs':>7} {'test acc':>8} {'p50 ms':>8} {'p90 ms':>8}"
     )
     body = [
-        f"{r.variant:<22} {r.params:>8,} {r.flops / 1e6:>7.2f} {r.accuracy:>8.2%} "
+        f"{r.variant:<24} {r.params:>8,} {r.flops / 1e6:>7.2f} {r.accuracy:>8.2%} "
         f"{r.latency.p50_ms:>8.3f} {r.latency.p90_ms:>8.3f}"
         for r in rows
     ]

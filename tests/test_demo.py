@@ -24,6 +24,8 @@ def test_demo_end_to_end(tmp_path, capsys):
             "0.5",
             "--latency-seconds",
             "0.05",
+            "--quantize",
+            "int8",
         ]
     )
     captured = capsys.readouterr()
@@ -35,7 +37,12 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert (out / "demo_net.pt").is_file()
     assert (out / "summary.txt").read_text().strip() == captured.out.strip()
 
-    rows = [line for line in captured.out.splitlines() if line.startswith(VARIANTS)]
+    quantized_row = "onnxruntime folded int8 "
+    rows = [
+        line
+        for line in captured.out.splitlines()
+        if line.startswith(VARIANTS) and not line.startswith(quantized_row)
+    ]
     assert [next(v for v in VARIANTS if r.startswith(v + " ")) for r in rows] == list(VARIANTS)
     lora = [line for line in captured.out.splitlines() if line.startswith("LoRA fine-tune")]
     assert len(lora) == 1 and "on 2 layers" in lora[0] and "edgerep.merge" in lora[0]
@@ -48,8 +55,20 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "max fold error (float64" in captured.out
     assert "float32 max abs difference" in captured.out
 
+    # the quantize step: every candidate measured and reported; a variant is in the table
+    # only if it was chosen (faster by 1.15x and within one point of top-1)
+    assert "quantize: mode int8" in captured.out
+    quantized = json.loads((out / "folded-quantized" / "quantize_report.json").read_text())
+    ort = next(b for b in quantized["backends"] if b["backend"] == "onnxruntime")
+    assert {c["name"] for c in ort["selection"]["candidates"]} >= {"fp32", "int8-U8S8-pc"}
+
     results = json.loads((out / "demo.json").read_text())
     by_name = {r["variant"]: r for r in results["rows"]}
+    int8 = by_name.pop("onnxruntime folded int8", None)
+    assert (int8 is not None) == (ort["artifact"] is not None)
+    if int8 is not None:
+        assert int8["accuracy"] >= by_name["onnxruntime folded"]["accuracy"] - 0.01 - 1e-12
+    results["rows"] = [r for r in results["rows"] if r["variant"] in VARIANTS]
     assert list(by_name) == list(VARIANTS)
     assert by_name["torch folded"]["params"] < by_name["torch unfolded"]["params"]
     assert by_name["torch folded"]["flops"] < by_name["torch unfolded"]["flops"]
@@ -75,7 +94,11 @@ def test_demo_refuses_an_unrelated_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--seconds", "0"], "--seconds"), (["--threads", "0"], "--threads")],
+    [
+        (["--seconds", "0"], "--seconds"),
+        (["--threads", "0"], "--threads"),
+        (["--quantize", "int4"], "not a mode"),
+    ],
 )
 def test_demo_rejects_bad_options(tmp_path, capsys, args, message):
     rc = main(["--out", str(tmp_path / "new"), *args])
