@@ -15,13 +15,20 @@ from edgerep.quantize._bundle import (
     sqnr_db,
 )
 from edgerep.quantize._calib import CalibrationData, calibration_from_arrays, load_calibration
-from edgerep.quantize._equalize import EqualizedPair, EqualizeReport, equalize
+from edgerep.quantize._equalize import AbsorbedBias, EqualizedPair, EqualizeReport, equalize
 from edgerep.quantize._ort import OrtQuantConfig, QuantizedArtifact, quantize_onnx
 from edgerep.quantize._select import (
     DEFAULT_CANDIDATES,
     CandidateResult,
     SelectionReport,
     select_variant,
+)
+from edgerep.quantize._smooth import (
+    MigratedGroup,
+    ReparamReport,
+    SmoothReport,
+    reparam_scales,
+    smooth_quant,
 )
 
 __all__ = [
@@ -38,7 +45,13 @@ __all__ = [
     "CandidateResult",
     "SelectionReport",
     "select_variant",
+    "AbsorbedBias",
     "EqualizeReport",
+    "MigratedGroup",
+    "ReparamReport",
+    "SmoothReport",
+    "reparam_scales",
+    "smooth_quant",
     "EqualizedPair",
     "OrtQuantConfig",
     "QuantizedArtifact",
