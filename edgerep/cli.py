@@ -215,7 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quantize",
         metavar="MODE",
-        help="then quantize (int8, int8-dynamic, fp16) with --calib DATA; see `edgerep quantize`",
+        help="then quantize (int8, int8-dynamic, fp16, w8, w4) with --calib DATA; see "
+        "`edgerep quantize`",
     )
     _add_option_arg(p)
     p.set_defaults(handler=_cmd_convert)
@@ -231,7 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", metavar="BUNDLE", help="a bundle written by `edgerep convert`")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="new bundle directory")
     p.add_argument(
-        "--mode", default="int8", help="int8 (static, calibrated; default), int8-dynamic or fp16"
+        "--mode",
+        default="int8",
+        help="int8 (static, calibrated; default), int8-dynamic, fp16, w8 or w4 (weight-only)",
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -295,7 +298,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="quantization backend (repeat or comma-separate; default onnxruntime)",
+        help="quantization backend: onnxruntime, openvino (repeat or comma-separate; default: "
+        "every backend offering the mode whose float artifact the bundle holds)",
     )
     p.add_argument(
         "--max-drop",
@@ -329,19 +333,40 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_setup(
-    args: argparse.Namespace, input_names: Sequence[str], mode: str
+    args: argparse.Namespace, input_names: Sequence[str], mode: str, formats: Sequence[str]
 ) -> tuple[Any, list[str]]:
-    """(calibration data, backends) from the quantize options; fails before any work."""
-    from edgerep.quantize import MODES, available_backends, load_calibration
+    """(calibration data, backends) from the quantize options; fails before any work.
+
+    Without --backend: every backend that offers `mode` and quantizes one of `formats`.
+    """
+    from edgerep.quantize import (
+        MODES,
+        available_backends,
+        default_backends,
+        load_calibration,
+        supported_modes,
+    )
 
     problems = []
+    backends = [b for text in args.backend for b in text.split(",") if b]
     if mode not in MODES:
         problems.append(f"unknown quantization mode {mode!r}; allowed: {', '.join(MODES)}")
-    backends = [b for text in args.backend for b in text.split(",") if b] or ["onnxruntime"]
+    elif not backends:
+        backends = default_backends(mode, formats)
+        if not backends:
+            problems.append(
+                f"no backend quantizes {', '.join(formats)} in mode {mode!r}; backends offering "
+                f"it: {', '.join(available_backends(mode)) or 'none'} (export their format)"
+            )
     for b in backends:
         if b not in available_backends():
             problems.append(
                 f"unknown quantization backend {b!r}; available: {', '.join(available_backends())}"
+            )
+        elif mode in MODES and mode not in supported_modes(b):
+            problems.append(
+                f"backend {b!r} does not offer mode {mode!r} (it offers "
+                f"{', '.join(supported_modes(b))})"
             )
     if not args.calib:
         problems.append(
@@ -384,7 +409,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from edgerep.quantize import quantize_bundle
 
     manifest = read_manifest(args.bundle)
-    data, backends = _quant_setup(args, [i["name"] for i in manifest["inputs"]], args.mode)
+    formats = sorted({a["format"] for a in manifest["artifacts"] if a["precision"] == "fp32"})
+    data, backends = _quant_setup(args, [i["name"] for i in manifest["inputs"]], args.mode, formats)
     _, report = quantize_bundle(
         args.bundle,
         args.out,
@@ -434,6 +460,22 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-roofline", action="store_true", help="skip the GEMM peak measurement")
     p.add_argument("--no-progress", action="store_true", help="no progress counter on stderr")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--concurrency",
+        action="append",
+        default=[],
+        metavar="N",
+        help="also measure throughput with N concurrent calls (repeat or comma-separate)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("default", "f32", "f16", "bf16"),
+        help="OpenVINO inference precision hint (default: the device's own, bf16 on AMX CPUs)",
+    )
+    p.add_argument("--image-size", metavar="H[xW]", help="--data folder: resize images to this")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="--data folder: 1 or 3 (default)")
+    p.add_argument("--mean", metavar="M[,M,M]", help="--data folder: (v/255 - mean) / std")
+    p.add_argument("--std", metavar="S[,S,S]", help="--data folder: (v/255 - mean) / std")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -462,6 +504,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         config = LatencyConfig(**overrides)
     runtimes = [r.strip() for item in args.runtime for r in item.split(",") if r.strip()]
+    try:
+        concurrency = [int(n) for item in args.concurrency for n in item.split(",") if n.strip()]
+        data_options: dict[str, object] = {}
+        if args.image_size:
+            h, _, w = args.image_size.lower().partition("x")
+            data_options["image_size"] = (int(h), int(w or h))
+        for key in ("mean", "std"):
+            if getattr(args, key):
+                values = [float(v) for v in getattr(args, key).split(",")]
+                data_options[key] = values[0] if len(values) == 1 else values
+    except ValueError as e:
+        raise ConfigError(
+            f"bad number in --concurrency/--image-size/--mean/--std ({e}); e.g. --concurrency 2,4 "
+            "--image-size 224 or 224x160 --mean 0.485,0.456,0.406"
+        ) from e
+    if args.channels is not None:
+        data_options["channels"] = args.channels
+    if data_options and not args.data:
+        raise ConfigError("--image-size/--channels/--mean/--std describe --data; give --data")
 
     def progress(done: int, total: int, label: str) -> None:
         if not args.no_progress:
@@ -479,6 +540,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         device=args.device,
         roofline=not args.no_roofline,
         progress=progress,
+        concurrency=concurrency,
+        precision=args.precision,
+        data_options=data_options,
     )
     paths = write_report(report, args.out) if args.out else {}
     if args.json:
@@ -684,11 +748,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     formats, options = _formats_and_options(args)
     if args.quantize is not None:
-        if "onnx" not in formats:
-            raise ConfigError(
-                f"--quantize starts from the float ONNX artifact; add --to onnx (formats: "
-                f"{', '.join(formats)})"
-            )
         check_output_dir(args.out, overwrite=args.force)
     model, specs, description = _load(args)
     if args.quantize is None:
@@ -707,7 +766,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
         _show(result, args)
         return EXIT_OK
-    quantize = _quant_setup(args, [s.name for s in specs], args.quantize)
+    quantize = _quant_setup(args, [s.name for s in specs], args.quantize, formats)
     return _convert_then_quantize(args, model, specs, description, formats, options, quantize)
 
 

@@ -260,7 +260,7 @@ def _quantize_step(
     import numpy as np
 
     from edgerep.bench.latency import LatencyConfig
-    from edgerep.quantize import CalibrationData, available_backends, quantize_bundle
+    from edgerep.quantize import CalibrationData, default_backends, quantize_bundle
 
     generator = np.random.default_rng(seed)
     picks = generator.permutation(len(x_train))[:256]
@@ -281,7 +281,7 @@ def _quantize_step(
         tmp / "folded",
         tmp / "folded-quantized",
         data=data,
-        backends=available_backends(),
+        backends=default_backends(mode, ("onnx", "openvino")),
         mode=mode,
         latency_config=config,
     )

@@ -11,14 +11,18 @@ from edgerep.quantize._bundle import (
     BackendResult,
     QuantizeReport,
     available_backends,
+    default_backends,
     quantize_bundle,
     sqnr_db,
+    supported_modes,
 )
 from edgerep.quantize._calib import CalibrationData, calibration_from_arrays, load_calibration
 from edgerep.quantize._equalize import AbsorbedBias, EqualizedPair, EqualizeReport, equalize
+from edgerep.quantize._nncf import OvQuantConfig, OvQuantizedArtifact, quantize_openvino
 from edgerep.quantize._ort import OrtQuantConfig, QuantizedArtifact, quantize_onnx
 from edgerep.quantize._select import (
     DEFAULT_CANDIDATES,
+    DEFAULT_OV_CANDIDATES,
     CandidateResult,
     SelectionReport,
     select_variant,
@@ -37,11 +41,17 @@ __all__ = [
     "CalibrationData",
     "QuantizeReport",
     "available_backends",
+    "default_backends",
+    "supported_modes",
     "calibration_from_arrays",
     "load_calibration",
     "quantize_bundle",
     "sqnr_db",
     "DEFAULT_CANDIDATES",
+    "DEFAULT_OV_CANDIDATES",
+    "OvQuantConfig",
+    "OvQuantizedArtifact",
+    "quantize_openvino",
     "CandidateResult",
     "SelectionReport",
     "select_variant",

@@ -4,7 +4,8 @@
 each backend asked for:
 
 1. takes the bundle's float artifact that backend quantizes (onnxruntime: the
-   ``onnx`` artifact);
+   ``onnx`` artifact, quantized by onnxruntime.quantization; openvino: the
+   ``openvino`` IR, quantized by NNCF);
 2. builds the backend's candidate variants for the mode with the backend's own
    engine and lets `select_variant` measure them: latency at batch 1 with the one
    latency method, the user's metric (top-1 with labels, else arg-max agreement
@@ -27,7 +28,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ from edgerep.bundle import atomic_output_dir, check_output_dir, read_manifest, s
 from edgerep.bundle import write_manifest as _write_manifest
 from edgerep.errors import ConfigError, did_you_mean
 from edgerep.quantize._calib import CalibrationData
-from edgerep.quantize._ort import OrtQuantConfig
 from edgerep.quantize._select import SelectionReport, select_variant
 
 __all__ = [
@@ -48,14 +48,16 @@ __all__ = [
     "BackendResult",
     "QuantizeReport",
     "available_backends",
+    "default_backends",
     "quantize_bundle",
     "sqnr_db",
+    "supported_modes",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: modes the CLI offers; each backend says which it supports
-MODES = ("int8", "int8-dynamic", "fp16")
+#: modes the CLI offers; each backend says which it supports (`supported_modes`)
+MODES = ("int8", "int8-dynamic", "fp16", "w8", "w4")
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -76,32 +78,49 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class _Backend:
-    """How one backend quantizes: which float artifact it starts from and its candidates."""
+    """How one backend quantizes: the float artifact it starts from, and its candidate
+    configs per mode (a mode it lacks is not offered)."""
 
     name: str
     source_format: str
-    precision: Callable[[str], str]
-    candidates: Callable[[str], tuple[Any, ...]]
-    tool: str
+    modes: Mapping[str, tuple[Any, ...]]
+    tools: tuple[str, ...]
+    runtime_options: Mapping[str, Any]
 
 
-def _ort_candidates(mode: str) -> tuple[OrtQuantConfig, ...]:
-    if mode == "int8":
-        return (
-            OrtQuantConfig(mode="int8", types="U8S8", per_channel=True),
-            OrtQuantConfig(mode="int8", types="S8S8", per_channel=True),
-            OrtQuantConfig(mode="int8", types="U8S8", per_channel=False),
-        )
-    return (OrtQuantConfig(mode=mode),)
+def _ort_modes() -> dict[str, tuple[Any, ...]]:
+    from edgerep.quantize._ort import OrtQuantConfig as C
+
+    return {
+        "int8": (
+            C(mode="int8", types="U8S8", per_channel=True),
+            C(mode="int8", types="S8S8", per_channel=True),
+            C(mode="int8", types="U8S8", per_channel=False),
+        ),
+        "int8-dynamic": (C(mode="int8-dynamic"),),
+        "fp16": (C(mode="fp16"),),
+    }
+
+
+def _ov_modes() -> dict[str, tuple[Any, ...]]:
+    from edgerep.quantize._nncf import OvQuantConfig as C
+
+    return {
+        "int8": (C(mode="int8", preset="performance"), C(mode="int8", preset="mixed")),
+        "fp16": (C(mode="fp16"),),
+        "w8": (C(mode="w8"),),
+        "w4": (C(mode="w4"),),
+    }
 
 
 _BACKENDS: dict[str, _Backend] = {
-    "onnxruntime": _Backend(
-        "onnxruntime",
-        "onnx",
-        lambda mode: "fp16" if mode == "fp16" else "int8",
-        _ort_candidates,
-        "onnxruntime",
+    "onnxruntime": _Backend("onnxruntime", "onnx", _ort_modes(), ("onnxruntime",), {"threads": 1}),
+    "openvino": _Backend(
+        "openvino",
+        "openvino",
+        _ov_modes(),
+        ("openvino", "nncf"),
+        {"threads": 1, "inference_precision": "f32"},
     ),
 }
 
@@ -206,11 +225,12 @@ def _fixed_batch(manifest: dict[str, Any]) -> bool:
 
 
 def _run_batched(
-    runtime_name: str, path: Path, feeds: dict[str, np.ndarray], one_by_one: bool
+    backend: _Backend, path: Path, feeds: dict[str, np.ndarray], one_by_one: bool
 ) -> np.ndarray:
     from edgerep.runtimes import get_runtime
 
-    session = get_runtime(runtime_name).load(path, device="cpu", options={"threads": 1})
+    options = dict(backend.runtime_options)
+    session = get_runtime(backend.name).load(path, device="cpu", options=options)
     try:
         if not one_by_one:
             return np.asarray(session.run(feeds)[0])
@@ -268,6 +288,16 @@ def quantize_bundle(
     chosen_backends = [_backend(b) for b in dict.fromkeys(backends)]
     if not chosen_backends:
         raise ConfigError("no backend given; pass at least one, e.g. backends=('onnxruntime',)")
+    lacking = [b.name for b in chosen_backends if mode not in b.modes]
+    if lacking:
+        raise ConfigError(
+            "; ".join(
+                f"backend {n!r} does not offer mode {mode!r} (it offers "
+                f"{', '.join(supported_modes(n))})"
+                for n in lacking
+            )
+            + f"; backends offering {mode!r}: {', '.join(available_backends(mode)) or 'none'}"
+        )
     src = Path(bundle_dir).resolve()
     target = check_output_dir(out_dir, overwrite=overwrite)
     if target == src:
@@ -316,7 +346,7 @@ def quantize_bundle(
                 calib=data.calib,
                 eval_feeds=data.eval_feeds,
                 labels=data.labels,
-                candidates=b.candidates(mode),
+                candidates=b.modes[mode],
                 max_drop=max_drop,
                 min_speedup=min_speedup,
                 latency_config=latency_config,
@@ -335,8 +365,8 @@ def quantize_bundle(
                     }
                 )
                 continue
-            reference = _run_batched(b.name, src / art["file"], data.eval_feeds, one_by_one)
-            quantized = _run_batched(b.name, chosen_path, data.eval_feeds, one_by_one)
+            reference = _run_batched(b, src / art["file"], data.eval_feeds, one_by_one)
+            quantized = _run_batched(b, chosen_path, data.eval_feeds, one_by_one)
             sqnr = sqnr_db(reference, quantized)
             entry, rel = _artifact_entry(b, art, chosen_path, tmp, selection, sqnr, data, mode)
             index = new_artifacts.index(art)
@@ -387,21 +417,25 @@ def _artifact_entry(
 ) -> tuple[dict[str, Any], str]:
     from edgerep.exporters import package_versions
 
-    precision = backend.precision(mode)
     folder = root / f"{backend.source_format}-{selection.chosen}"
     folder.mkdir()
     dest = folder / Path(float_art["file"]).name
     shutil.copyfile(chosen_path, dest)
+    files = [dest]
+    weights = chosen_path.with_suffix(".bin")
+    if chosen_path.suffix == ".xml" and weights.is_file():  # an OpenVINO IR's weights
+        files.append(dest.with_suffix(".bin"))
+        shutil.copyfile(weights, files[-1])
     rel = dest.relative_to(root).as_posix()
     chosen = next(c for c in selection.candidates if c.name == selection.chosen)
     entry = {
         "format": backend.source_format,
         "file": rel,
-        "precision": precision,
+        "precision": mode,
         "status": "verified",
         "sha256": sha256_file(dest),
-        "files": [rel],
-        "tool_versions": package_versions(backend.tool),
+        "files": [f.relative_to(root).as_posix() for f in files],
+        "tool_versions": package_versions(*backend.tools),
         "parity": finite(
             {
                 "reference": f"the bundle's float artifact {float_art['file']} on {backend.name}",
@@ -428,6 +462,17 @@ def _artifact_entry(
     return entry, rel
 
 
-def available_backends() -> list[str]:
-    """Backend names `quantize_bundle` accepts."""
-    return sorted(_BACKENDS)
+def available_backends(mode: str | None = None) -> list[str]:
+    """Backend names `quantize_bundle` accepts (those offering `mode`, when given)."""
+    return sorted(n for n, b in _BACKENDS.items() if mode is None or mode in b.modes)
+
+
+def supported_modes(backend: str) -> list[str]:
+    """The modes `backend` offers."""
+    return list(_backend(backend).modes)
+
+
+def default_backends(mode: str, formats: Sequence[str]) -> list[str]:
+    """The backends that offer `mode` and quantize one of `formats` (a bundle's float
+    artifacts)."""
+    return [n for n in available_backends(mode) if _BACKENDS[n].source_format in formats]

@@ -1,30 +1,52 @@
 """Latency-aware selection: keep only variants that are faster, within the budget.
 
-Every candidate is built with `quantize_onnx`, timed with the one latency method
-(`edgerep.bench.benchmark_latency`, onnxruntime CPU, one thread, batch 1) and
-scored on the user's metric: top-1 when labels are given, else agreement of the
-arg-max with the float32 model. A candidate is eligible only when it is at least
-``min_speedup`` times faster than float32 (otherwise it is reported as
-"no speed-up") and loses at most ``max_drop`` of the metric ("over budget");
-the fastest eligible one is chosen, or float32 when none is.
+Every candidate is built with its backend's own quantizer, timed with the one
+latency method (`edgerep.bench.benchmark_latency`, batch 1, an explicit thread
+count) on that backend's runtime and scored on the user's metric: top-1 when
+labels are given, else agreement of the arg-max with the float32 model. A
+candidate is eligible only when it is at least ``min_speedup`` times faster than
+float32 on the same backend (otherwise it is reported as "no speed-up") and
+loses at most ``max_drop`` of the metric ("over budget"); the fastest eligible
+one is chosen, or float32 when none is. Candidates within 3% (`NEAR_TIE`, or the
+fastest one's measured run-to-run spread when larger) of the fastest are equally
+fast: among them the best metric wins.
+
+Backends are looked up by the candidates' config type in a registry:
+
+- `OrtQuantConfig` → onnxruntime (CPU provider; the float32 reference is the
+  input ONNX file; candidates are ``<name>.onnx``, the choice ``model.onnx``);
+- `OvQuantConfig` → OpenVINO (CPU, ``INFERENCE_PRECISION_HINT=f32`` for every
+  variant so that the reference is true float32 even on bf16-capable CPUs and the
+  float parts of quantized models stay float32; the precision that ran is in
+  each `CandidateResult`; the reference is the input converted to ``fp32.xml``,
+  candidates are ``<name>.xml``, the choice ``model.xml`` + ``model.bin``).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgerep.bench.latency import LatencyConfig, benchmark_latency
-from edgerep.errors import ConfigError, MissingDependencyError
+from edgerep.errors import ConfigError, did_you_mean
+from edgerep.quantize._nncf import OvQuantConfig, quantize_openvino, save_ir
 from edgerep.quantize._ort import OrtQuantConfig, quantize_onnx
 
-__all__ = ["DEFAULT_CANDIDATES", "CandidateResult", "SelectionReport", "select_variant"]
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "DEFAULT_OV_CANDIDATES",
+    "CandidateResult",
+    "SelectionBackend",
+    "SelectionReport",
+    "register_selection_backend",
+    "select_variant",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +58,139 @@ DEFAULT_CANDIDATES: tuple[OrtQuantConfig, ...] = (
     OrtQuantConfig(mode="int8-dynamic"),
 )
 
+DEFAULT_OV_CANDIDATES: tuple[OvQuantConfig, ...] = (
+    OvQuantConfig(mode="int8", preset="performance"),
+    OvQuantConfig(mode="int8", preset="mixed"),
+    OvQuantConfig(mode="w8"),
+)
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class SelectionBackend:
+    """How selection builds, loads and ships variants on one backend.
+
+    Attributes:
+        name: the backend name (``onnxruntime``, ``openvino``).
+        runtime: the `edgerep.runtimes` name that times and scores variants.
+        suffix: the model file suffix (``.onnx``, ``.xml``).
+        defaults: candidates tried when the caller names only the backend.
+        reference: ``(model_path, out_dir) -> path`` of the float32 model this
+            backend runs.
+        build: ``(model_path, out_path, config, calib, eval_items) -> path``;
+            `eval_items` are ``(feeds, label)`` pairs for quantizers that control
+            accuracy themselves.
+        options: ``threads -> runtime load options``.
+        files: ``path -> files that make up the model`` (for copying the choice).
+    """
+
+    name: str
+    runtime: str
+    suffix: str
+    defaults: tuple[Any, ...]
+    reference: Callable[[Path, Path], Path]
+    build: Callable[[Path, Path, Any, list[Feeds], Sequence[tuple[Feeds, Any]]], Path]
+    options: Callable[[int], dict[str, Any]]
+    files: Callable[[Path], list[Path]] = lambda p: [p]
+
+
+_BACKENDS: dict[type, SelectionBackend] = {}
+
+
+def register_selection_backend(config_type: type, backend: SelectionBackend) -> None:
+    """Register how `select_variant` handles candidates of `config_type`.
+
+    Raises:
+        ConfigError: the type or the backend name is already registered.
+    """
+    if config_type in _BACKENDS or backend.name in {b.name for b in _BACKENDS.values()}:
+        raise ConfigError(
+            f"a selection backend for {config_type.__name__} or named {backend.name!r} is "
+            "already registered; register each config type and name once"
+        )
+    _BACKENDS[config_type] = backend
+
+
+def _ov_reference(model_path: Path, out_dir: Path) -> Path:
+    if model_path.suffix.lower() == ".xml":
+        return model_path
+    import openvino as ov
+
+    return save_ir(ov, ov.Core().read_model(str(model_path)), out_dir / f"{FP32}.xml", fp16=False)
+
+
+def _ort_build(
+    src: Path, out: Path, config: OrtQuantConfig, calib: list[Feeds], items: Sequence[Any]
+) -> Path:
+    return quantize_onnx(src, out, config, calib=calib).path
+
+
+def _ov_build(
+    src: Path, out: Path, config: OvQuantConfig, calib: list[Feeds], items: Sequence[Any]
+) -> Path:
+    # int8-acc holds its own budget (config.max_drop) on the selection's metric and data
+    eval_data = list(items) if config.mode == "int8-acc" else None
+    return quantize_openvino(src, out, config, calib=calib, eval_data=eval_data).path
+
+
+register_selection_backend(
+    OrtQuantConfig,
+    SelectionBackend(
+        name="onnxruntime",
+        runtime="onnxruntime",
+        suffix=".onnx",
+        defaults=DEFAULT_CANDIDATES,
+        reference=lambda model_path, out_dir: model_path,
+        build=_ort_build,
+        options=lambda threads: {"threads": threads, "inter_op_threads": 1},
+    ),
+)
+register_selection_backend(
+    OvQuantConfig,
+    SelectionBackend(
+        name="openvino",
+        runtime="openvino",
+        suffix=".xml",
+        defaults=DEFAULT_OV_CANDIDATES,
+        reference=_ov_reference,
+        build=_ov_build,
+        options=lambda threads: {
+            "threads": threads,
+            "inference_precision": "f32",
+            "performance_hint": "LATENCY",
+        },
+        files=lambda p: [p.with_suffix(".bin"), p],
+    ),
+)
+
+
+def _backend_for(candidates: Sequence[Any] | None, backend: str | None) -> SelectionBackend:
+    by_name = {b.name: b for b in _BACKENDS.values()}
+    if backend is not None and backend not in by_name:
+        raise ConfigError(
+            f"no selection backend {backend!r}; available: {', '.join(sorted(by_name))}."
+            + did_you_mean(backend, by_name)
+        )
+    if candidates is None:
+        return by_name[backend or "onnxruntime"]
+    kinds = {type(c) for c in candidates}
+    unknown = sorted(k.__name__ for k in kinds if k not in _BACKENDS)
+    if unknown:
+        raise ConfigError(
+            f"no selection backend takes {', '.join(unknown)} candidates; give "
+            + " or ".join(sorted(k.__name__ for k in _BACKENDS))
+        )
+    names = sorted({_BACKENDS[k].name for k in kinds})
+    if len(names) > 1 or (backend is not None and names and names != [backend]):
+        raise ConfigError(
+            f"candidates for {', '.join(names)} given"
+            + (f" with backend={backend!r}" if backend else "")
+            + "; a selection compares variants against float32 on one backend: call "
+            "select_variant once per backend"
+        )
+    return by_name[names[0]] if names else by_name[backend or "onnxruntime"]
+
 
 @dataclass(frozen=True)
 class CandidateResult:
@@ -43,7 +198,7 @@ class CandidateResult:
 
     Attributes:
         name: ``fp32`` or the config's name.
-        path: its ONNX file.
+        path: its model file.
         latency_ms: p50 latency at batch 1.
         speedup: fp32 latency / this latency.
         metric: top-1 or agreement with fp32, in [0, 1].
@@ -52,6 +207,8 @@ class CandidateResult:
             ``over budget``.
         latency_spread: run-to-run spread of p50 (0.05: 5%); differences between
             candidates smaller than this are noise. 0.0 when latencies were given.
+        precision: the inference precision the runtime reported (OpenVINO:
+            ``fp32`` under the f32 hint); ``""`` for runtimes without such a setting.
     """
 
     name: str
@@ -62,6 +219,7 @@ class CandidateResult:
     drop: float
     status: str
     latency_spread: float = 0.0
+    precision: str = ""
 
 
 @dataclass
@@ -75,6 +233,8 @@ class SelectionReport:
         min_speedup: the required speed-up over fp32.
         candidates: every variant, fp32 first.
         latency_source: ``measured`` or ``given`` (injected by the caller).
+        backend: the backend every variant ran on.
+        threads: the runtime's thread count for timing and scoring.
     """
 
     chosen: str
@@ -83,50 +243,90 @@ class SelectionReport:
     min_speedup: float
     candidates: list[CandidateResult] = field(default_factory=list)
     latency_source: str = "measured"
+    backend: str = "onnxruntime"
+    threads: int = 1
 
 
-def _session(path: Path) -> Any:
+def _measure(
+    backend: SelectionBackend,
+    path: Path,
+    eval_feeds: Feeds,
+    threads: int,
+    latency: LatencyConfig | None,
+    given_ms: float | None,
+) -> tuple[np.ndarray, float, float, str]:
+    """Predictions on `eval_feeds`, p50 latency, its spread and the precision that ran."""
+    from edgerep.runtimes import get_runtime
+
+    session = get_runtime(backend.runtime).load(path, options=backend.options(threads))
     try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise MissingDependencyError("onnxruntime", "onnx", "latency-aware selection") from e
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        preds = np.asarray(session.run(eval_feeds)[0]).argmax(axis=1)
+        precision = str(session.describe().get("inference_precision", ""))
+        if given_ms is not None:
+            return preds, float(given_ms), 0.0, precision
+        one = {k: v[:1] for k, v in eval_feeds.items()}
+        result = benchmark_latency(session.run, one, config=latency or LatencyConfig())
+        return preds, result.stats.p50_ms, result.p50_spread, precision
+    finally:
+        session.close()
 
 
-def _predict(sess: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.asarray(sess.run(None, dict(feeds))[0]).argmax(axis=1)
+def _status(speedup: float, drop: float, min_speedup: float, max_drop: float) -> str:
+    if speedup < min_speedup:
+        return "no speed-up"
+    if drop > max_drop + 1e-12:
+        return "over budget"
+    return "eligible"
+
+
+#: candidates whose p50 is within this fraction of the fastest one (or within the
+#: fastest one's measured run-to-run spread, when larger) count as equally fast
+NEAR_TIE = 0.03
+
+
+def _best(eligible: Sequence[CandidateResult]) -> CandidateResult:
+    """The fastest eligible candidate; among those equally fast (within `NEAR_TIE` or
+    the measured spread), the one with the best metric."""
+    fastest = min(eligible, key=lambda r: r.latency_ms)
+    margin = max(NEAR_TIE, fastest.latency_spread)
+    near = [r for r in eligible if r.latency_ms <= fastest.latency_ms * (1 + margin)]
+    return max(near, key=lambda r: (r.metric, -r.latency_ms))
 
 
 def select_variant(
-    onnx_path: str | Path,
+    model_path: str | Path,
     out_dir: str | Path,
     *,
-    calib: Iterable[Mapping[str, np.ndarray]],
-    eval_feeds: Mapping[str, np.ndarray],
+    calib: Iterable[Feeds],
+    eval_feeds: Feeds,
     labels: np.ndarray | None = None,
-    candidates: Sequence[OrtQuantConfig] = DEFAULT_CANDIDATES,
+    candidates: Sequence[Any] | None = None,
+    backend: str | None = None,
     max_drop: float = 0.01,
     min_speedup: float = 1.15,
+    threads: int = 1,
     latency_config: LatencyConfig | None = None,
     latencies_ms: Mapping[str, float] | None = None,
 ) -> tuple[Path, SelectionReport]:
     """Build, measure and pick the fastest quantized variant within the budget.
 
     Args:
-        onnx_path: the float32 model.
-        out_dir: candidates are written here as ``<name>.onnx``; the choice is
-            copied to ``model.onnx``.
+        model_path: the float32 model (ONNX; OpenVINO also takes an IR ``.xml``).
+        out_dir: candidates are written here as ``<name><suffix>``; the choice is
+            copied to ``model<suffix>`` (``model.onnx``, or ``model.xml`` + ``.bin``).
         calib: calibration feeds for static candidates.
         eval_feeds: a batch of evaluation inputs (input name → array, first axis
             the sample); the first sample is the latency input.
         labels: class labels of `eval_feeds`; without them the metric is arg-max
             agreement with fp32.
-        candidates: the quantized configs to try.
+        candidates: the quantized configs to try, all of one backend
+            (`OrtQuantConfig` or `OvQuantConfig`); default: the backend's
+            defaults (`DEFAULT_CANDIDATES`, `DEFAULT_OV_CANDIDATES`).
+        backend: ``onnxruntime`` or ``openvino``; default: the candidates'
+            backend, else onnxruntime.
         max_drop: largest allowed metric loss versus fp32 (0.01: one point).
         min_speedup: a candidate must be at least this much faster than fp32.
+        threads: runtime threads for timing and scoring (batch 1, 1 thread by default).
         latency_config: sampling settings for `benchmark_latency`.
         latencies_ms: p50 latencies by variant name (``fp32`` included) to use
             instead of measuring; for deterministic tests and replaying a bench.
@@ -135,15 +335,19 @@ def select_variant(
         The path of the chosen model and the report.
 
     Raises:
-        ConfigError: a budget out of range, duplicate candidates, or injected
-            latencies that miss a variant.
+        ConfigError: a budget out of range, duplicate or mixed-backend candidates,
+            an unknown backend, or injected latencies that miss a variant.
     """
-    names = [FP32] + [c.name for c in candidates]
+    chosen_backend = _backend_for(candidates, backend)
+    configs = tuple(chosen_backend.defaults if candidates is None else candidates)
+    names = [FP32] + [c.name for c in configs]
     problems = []
     if not 0 <= max_drop <= 1:
         problems.append(f"max_drop must be in [0, 1] (0.01 is one point), got {max_drop}")
     if min_speedup < 1:
         problems.append(f"min_speedup must be >= 1, got {min_speedup}")
+    if threads < 1:
+        problems.append(f"threads must be >= 1 (timing at an explicit thread count), got {threads}")
     if len(set(names)) != len(names):
         problems.append(f"duplicate candidates: {names}")
     if latencies_ms is not None and set(names) - set(latencies_ms):
@@ -151,89 +355,81 @@ def select_variant(
     if problems:
         raise ConfigError("; ".join(problems))
 
-    out_dir = Path(out_dir)
+    model_path, out_dir = Path(model_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     calib = list(calib)
-    paths = {FP32: Path(onnx_path)}
-    for config in candidates:
-        art = quantize_onnx(onnx_path, out_dir / f"{config.name}.onnx", config, calib=calib)
-        paths[config.name] = art.path
+    given = latencies_ms or {}
 
-    one = {k: v[:1] for k, v in eval_feeds.items()}
-    preds, latency, spread = {}, {}, {}
-    for name, path in paths.items():
-        sess = _session(path)
-        preds[name] = _predict(sess, eval_feeds)
-        if latencies_ms is None:
+    def measure(path: Path, name: str) -> tuple[np.ndarray, float, float, str]:
+        return _measure(chosen_backend, path, eval_feeds, threads, latency_config, given.get(name))
 
-            def run(feeds: Mapping[str, np.ndarray], s: Any = sess) -> Any:
-                return s.run(None, feeds)
+    paths = {FP32: chosen_backend.reference(model_path, out_dir)}
+    measured = {FP32: measure(paths[FP32], FP32)}
+    truth = measured[FP32][0] if labels is None else np.asarray(labels)
+    n = len(truth)
+    items = [({k: v[i : i + 1] for k, v in eval_feeds.items()}, truth[i]) for i in range(n)]
+    for config in configs:
+        out = out_dir / f"{config.name}{chosen_backend.suffix}"
+        paths[config.name] = chosen_backend.build(model_path, out, config, calib, items)
+        measured[config.name] = measure(paths[config.name], config.name)
 
-            result = benchmark_latency(
-                run,
-                one,
-                config=latency_config or LatencyConfig(),
-            )
-            latency[name] = result.stats.p50_ms
-            spread[name] = result.p50_spread
-        else:
-            latency[name] = float(latencies_ms[name])
-
-    truth = preds[FP32] if labels is None else np.asarray(labels)
-    metric = {n: float((p == truth).mean()) for n, p in preds.items()}
     report = SelectionReport(
         chosen=FP32,
         metric="agreement" if labels is None else "top1",
         max_drop=max_drop,
         min_speedup=min_speedup,
         latency_source="measured" if latencies_ms is None else "given",
+        backend=chosen_backend.name,
+        threads=threads,
     )
-    results = []
+    metric = {name: float((m[0] == truth).mean()) for name, m in measured.items()}
+    ref_ms = measured[FP32][1]
     for name in names:
-        speedup = latency[FP32] / latency[name]
-        drop = metric[FP32] - metric[name]
-        if name == FP32:
-            status = "reference"
-        elif speedup < min_speedup:
-            status = "no speed-up"
-        elif drop > max_drop + 1e-12:
-            status = "over budget"
-        else:
-            status = "eligible"
-        results.append(
+        _, latency_ms, spread, precision = measured[name]
+        speedup, drop = ref_ms / latency_ms, metric[FP32] - metric[name]
+        status = "reference" if name == FP32 else _status(speedup, drop, min_speedup, max_drop)
+        report.candidates.append(
             CandidateResult(
                 name,
                 paths[name],
-                latency[name],
+                latency_ms,
                 speedup,
                 metric[name],
                 drop,
                 status,
-                spread.get(name, 0.0),
+                spread,
+                precision,
             )
         )
-    eligible = [r for r in results if r.status == "eligible"]
+    eligible = [r for r in report.candidates if r.status == "eligible"]
     if eligible:
-        best = min(eligible, key=lambda r: r.latency_ms)
+        best = _best(eligible)
         report.chosen = best.name
-        results = [
-            CandidateResult(**{**r.__dict__, "status": "chosen"}) if r is best else r
-            for r in results
+        report.candidates = [
+            replace(r, status="chosen") if r is best else r for r in report.candidates
         ]
-    report.candidates = results
-    for r in results:
+    for r in report.candidates:
         logger.info(
-            "%s: %.3f ms (%.2fx), %s %.4f (drop %.4f): %s",
+            "%s %s: %.3f ms (%.2fx, %s), %s %.4f (drop %.4f): %s",
+            report.backend,
             r.name,
             r.latency_ms,
             r.speedup,
+            r.precision or "-",
             report.metric,
             r.metric,
             r.drop,
             r.status,
         )
-    chosen = out_dir / "model.onnx"
-    tmp = out_dir / "model.onnx.tmp"
-    shutil.copyfile(paths[report.chosen], tmp)
-    tmp.replace(chosen)
-    return chosen, report
+    return _ship(chosen_backend, paths[report.chosen], out_dir), report
+
+
+def _ship(backend: SelectionBackend, src: Path, out_dir: Path) -> Path:
+    """Copy the chosen model's files to ``model<suffix>`` (temporary names, then renamed)."""
+    chosen = out_dir / f"model{backend.suffix}"
+    pairs = list(zip(backend.files(src), backend.files(chosen)))
+    for s, d in pairs:
+        shutil.copyfile(s, d.with_name(d.name + ".tmp"))
+    for _, d in pairs:  # the main file last: it appears only when its companions are there
+        d.with_name(d.name + ".tmp").replace(d)
+    return chosen

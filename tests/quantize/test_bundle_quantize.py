@@ -33,7 +33,11 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model, _, x_te, y_te = trained_digits()
     root = tmp_path_factory.mktemp("qbundle")
     bundle, _ = convert(
-        model, [parse_input_spec("x:Nx1x8x8")], to=("onnx",), out_dir=root / "float", fold=False
+        model,
+        [parse_input_spec("x:Nx1x8x8")],
+        to=("onnx", "openvino"),
+        out_dir=root / "float",
+        fold=False,
     )
     npz = root / "digits.npz"
     np.savez(npz, x=x_te.numpy(), y=y_te.numpy())
@@ -108,6 +112,31 @@ def test_chosen_variant_is_added_before_the_float_artifact(digits: dict, tmp_pat
     assert (logits.argmax(1) == digits["y"][:64]).mean() > 0.9
 
 
+def test_openvino_variant_ships_its_weights(digits: dict, tmp_path: Path) -> None:
+    out, report = quantize_bundle(
+        digits["bundle"],
+        tmp_path / "q",
+        data=digits["data"],
+        backends=["openvino"],
+        latencies_ms={"openvino": {"fp32": 1.0, "ov-int8": 0.5, "ov-int8-mixed": 0.6}},
+    )
+    (result,) = report.backends
+    assert result.chosen == "ov-int8" and result.sqnr_db is not None and result.sqnr_db > 20
+    entry = read_manifest(out)["artifacts"][1]
+    assert entry["format"] == "openvino" and entry["precision"] == "int8"
+    assert entry["files"] == ["openvino-ov-int8/model.xml", "openvino-ov-int8/model.bin"]
+    assert set(entry["tool_versions"]) == {"openvino", "nncf"}
+    predictor = edgerep.load(out, prefer=["openvino"])
+    assert predictor.artifact["precision"] == "int8"
+    assert (predictor.run({"x": digits["x"][:64]})[0].argmax(1) == digits["y"][:64]).mean() > 0.9
+
+
+def test_a_mode_a_backend_lacks_is_refused_before_work(digits: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'onnxruntime' does not offer mode 'w4'.*openvino"):
+        quantize_bundle(digits["bundle"], tmp_path / "q", data=digits["data"], mode="w4")
+    assert not (tmp_path / "q").exists()
+
+
 def test_nothing_added_when_no_variant_pays(digits: dict, tmp_path: Path) -> None:
     out, report = quantize_bundle(
         digits["bundle"],
@@ -118,7 +147,7 @@ def test_nothing_added_when_no_variant_pays(digits: dict, tmp_path: Path) -> Non
     assert report.backends[0].chosen == "fp32" and report.backends[0].artifact is None
     assert "no speed-up" in report.backends[0].reason
     manifest = read_manifest(out)
-    assert [a["precision"] for a in manifest["artifacts"]] == ["fp32"]
+    assert [a["precision"] for a in manifest["artifacts"]] == ["fp32", "fp32"]
     assert any(r["action"] == "kept" for r in manifest["ledger"] if r["stage"] == "quantize")
 
 
@@ -128,7 +157,7 @@ def test_bad_requests_fail_before_work(digits: dict, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean 'onnxruntime'"):
         quantize_bundle(digits["bundle"], tmp_path / "a", data=digits["data"], backends=["onnxrt"])
     with pytest.raises(ConfigError, match="unknown mode"):
-        quantize_bundle(digits["bundle"], tmp_path / "b", data=digits["data"], mode="int4")
+        quantize_bundle(digits["bundle"], tmp_path / "b", data=digits["data"], mode="int3")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     # a bundle without a float ONNX artifact: the message says how to get one
     tiny = make_bundle(tmp_path / "tiny", openvino=False)
@@ -154,6 +183,8 @@ def test_cli_quantize(digits: dict, tmp_path: Path, capsys: pytest.CaptureFixtur
             str(digits["npz"]),
             "--calib-samples",
             "64",
+            "--backend",
+            "onnxruntime",
             "--max-drop",
             "0.02",
             "--seconds",

@@ -1,14 +1,15 @@
-"""Latency-aware selection: the no-speed-up guard and the accuracy budget."""
+"""Latency-aware selection per backend: the no-speed-up guard and the accuracy budget."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 from edgerep.bench.latency import LatencyConfig
 from edgerep.errors import ConfigError
-from edgerep.quantize import OrtQuantConfig, select_variant
+from edgerep.quantize import OrtQuantConfig, OvQuantConfig, select_variant
 from tests.quantize._digits import calib_feeds, export_onnx, trained_digits
 
 U8 = OrtQuantConfig(types="U8S8")
@@ -114,3 +115,88 @@ def test_rejects_bad_budget_and_missing_latencies(digits: dict, tmp_path: Path) 
         )
     msg = str(err.value)
     assert "max_drop" in msg and "min_speedup" in msg and U8.name in msg
+
+
+HAVE_OV = importlib.util.find_spec("openvino") is not None and (
+    importlib.util.find_spec("nncf") is not None
+)
+NO_OV = "openvino and nncf are not installed (edgerep[openvino])"
+OV_INT8 = OvQuantConfig(mode="int8")
+OV_W8 = OvQuantConfig(mode="w8")
+
+
+@pytest.mark.skipif(not HAVE_OV, reason=NO_OV)
+def test_openvino_selection_picks_the_fastest_within_budget(digits: dict, tmp_path: Path) -> None:
+    # w8 is weight-only: decompression, no int8 compute, so no speed-up on a CPU
+    given = {"fp32": 1.0, OV_INT8.name: 0.4, OV_W8.name: 0.95}
+    chosen, report = select_variant(
+        digits["path"],
+        tmp_path,
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        labels=digits["labels"],
+        candidates=(OV_INT8, OV_W8),
+        latencies_ms=given,
+    )
+    assert report.backend == "openvino" and report.threads == 1
+    assert _status(report) == {
+        "fp32": "reference",
+        OV_INT8.name: "chosen",
+        OV_W8.name: "no speed-up",
+    }
+    assert chosen == tmp_path / "model.xml"
+    for suffix in (".xml", ".bin"):
+        q = (tmp_path / f"{OV_INT8.name}{suffix}").read_bytes()
+        assert chosen.with_suffix(suffix).read_bytes() == q
+    ref = report.candidates[0]
+    assert ref.path == tmp_path / "fp32.xml" and ref.precision == "fp32"  # the f32 hint ran
+    int8 = report.candidates[1]
+    assert int8.drop <= 0.01 and int8.metric > 0.9
+    # a slower int8 (as on a CPU without int8 units) is never shipped
+    slow = {**given, OV_INT8.name: 1.0 / 1.1}
+    chosen, report = select_variant(
+        digits["path"],
+        tmp_path / "slow",
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        labels=digits["labels"],
+        candidates=(OV_INT8,),
+        latencies_ms=slow,
+    )
+    assert report.chosen == "fp32" and _status(report)[OV_INT8.name] == "no speed-up"
+    assert chosen.read_bytes() == (tmp_path / "slow" / "fp32.xml").read_bytes()
+
+
+@pytest.mark.skipif(not HAVE_OV, reason=NO_OV)
+def test_openvino_measured_latencies_and_int8_acc_candidate(digits: dict, tmp_path: Path) -> None:
+    quick = LatencyConfig(warmup_iters=2, warmup_seconds=0, min_iters=5, min_seconds=0, repeats=1)
+    acc = OvQuantConfig(mode="int8-acc", max_drop=0.01)
+    _, report = select_variant(
+        digits["path"],
+        tmp_path,
+        calib=digits["calib"],
+        eval_feeds={"x": digits["eval"]["x"][:100]},
+        candidates=(acc,),
+        threads=2,
+        latency_config=quick,
+    )
+    assert report.latency_source == "measured" and report.threads == 2
+    assert report.metric == "agreement"  # int8-acc controlled agreement with fp32
+    assert all(c.latency_ms > 0 and c.precision == "fp32" for c in report.candidates)
+    assert report.candidates[1].drop <= 0.01 + 1e-12
+    assert report.chosen in {"fp32", acc.name}
+
+
+def test_backends_are_not_mixed_and_names_are_checked(digits: dict, tmp_path: Path) -> None:
+    common = {"calib": [], "eval_feeds": digits["eval"]}
+    with pytest.raises(ConfigError, match="once per backend"):
+        select_variant(digits["path"], tmp_path, candidates=(U8, OV_INT8), **common)
+    with pytest.raises(ConfigError, match="once per backend"):
+        select_variant(digits["path"], tmp_path, candidates=(U8,), backend="openvino", **common)
+    with pytest.raises(ConfigError, match="did you mean 'openvino'"):
+        select_variant(digits["path"], tmp_path, backend="openvin", **common)
+    with pytest.raises(ConfigError, match="no selection backend takes str"):
+        select_variant(digits["path"], tmp_path, candidates=("int8",), **common)
+    with pytest.raises(ConfigError, match="threads"):
+        select_variant(digits["path"], tmp_path, candidates=(U8,), threads=0, **common)
+    assert list(tmp_path.iterdir()) == []
