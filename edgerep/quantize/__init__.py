@@ -11,6 +11,7 @@ from edgerep.quantize._bundle import (
     BackendResult,
     QuantizeReport,
     available_backends,
+    candidates_for,
     default_backends,
     quantize_bundle,
     sqnr_db,
@@ -18,6 +19,7 @@ from edgerep.quantize._bundle import (
 )
 from edgerep.quantize._calib import CalibrationData, calibration_from_arrays, load_calibration
 from edgerep.quantize._equalize import AbsorbedBias, EqualizedPair, EqualizeReport, equalize
+from edgerep.quantize._mixed import MixedPrecisionReport, MixedPrecisionStep, mixed_precision
 from edgerep.quantize._nncf import OvQuantConfig, OvQuantizedArtifact, quantize_openvino
 from edgerep.quantize._ort import OrtQuantConfig, QuantizedArtifact, quantize_onnx
 from edgerep.quantize._select import (
@@ -26,6 +28,12 @@ from edgerep.quantize._select import (
     CandidateResult,
     SelectionReport,
     select_variant,
+)
+from edgerep.quantize._sensitivity import (
+    DEFAULT_OP_TYPES,
+    LayerSensitivity,
+    SensitivityReport,
+    layer_sensitivity,
 )
 from edgerep.quantize._smooth import (
     MigratedGroup,
@@ -41,6 +49,7 @@ __all__ = [
     "CalibrationData",
     "QuantizeReport",
     "available_backends",
+    "candidates_for",
     "default_backends",
     "supported_modes",
     "calibration_from_arrays",
@@ -67,4 +76,11 @@ __all__ = [
     "QuantizedArtifact",
     "equalize",
     "quantize_onnx",
+    "DEFAULT_OP_TYPES",
+    "LayerSensitivity",
+    "MixedPrecisionReport",
+    "MixedPrecisionStep",
+    "SensitivityReport",
+    "layer_sensitivity",
+    "mixed_precision",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "BackendResult",
     "QuantizeReport",
     "available_backends",
+    "candidates_for",
     "default_backends",
     "quantize_bundle",
     "sqnr_db",
@@ -470,6 +471,20 @@ def available_backends(mode: str | None = None) -> list[str]:
 def supported_modes(backend: str) -> list[str]:
     """The modes `backend` offers."""
     return list(_backend(backend).modes)
+
+
+def candidates_for(backend: str, mode: str) -> tuple[Any, ...]:
+    """The candidate configs `quantize_bundle` tries for `backend` in `mode`.
+
+    Raises:
+        ConfigError: an unknown backend, or a mode it does not offer.
+    """
+    b = _backend(backend)
+    if mode not in b.modes:
+        raise ConfigError(
+            f"backend {backend!r} does not offer mode {mode!r} (it offers {', '.join(b.modes)})"
+        )
+    return b.modes[mode]
 
 
 def default_backends(mode: str, formats: Sequence[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,84 @@ def test_missing_model_and_overwriting_the_input_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="is the input model"):
         quantize_onnx(model, model, config)
     assert model.read_bytes() == b"not read"
+
+
+def test_node_selection_config_round_trip_and_old_versions() -> None:
+    config = OrtQuantConfig(
+        nodes_to_exclude=["/2/Conv"],  # type: ignore[arg-type]  # a list (JSON) becomes a tuple
+        op_types_to_quantize=("Conv", "Gemm"),
+    )
+    assert config.nodes_to_exclude == ("/2/Conv",) and hash(config)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["version"] == 2 and data["nodes_to_exclude"] == ["/2/Conv"]
+    assert OrtQuantConfig.from_dict(data) == config
+    # a version-1 dictionary (written before node selection existed) still loads
+    old = {"mode": "int8", "types": "S8S8", "per_channel": False, "calibration": "minmax"}
+    loaded = OrtQuantConfig.from_dict({**old, "max_calib_samples": 64, "version": 1})
+    assert loaded == OrtQuantConfig(types="S8S8", per_channel=False, max_calib_samples=64)
+    assert OrtQuantConfig.from_dict(old).version == 2
+    with pytest.raises(ConfigError, match="unknown keys"):
+        OrtQuantConfig.from_dict({**old, "version": 1, "nodes_to_exclude": []})
+    with pytest.raises(ConfigError, match="version 3"):
+        OrtQuantConfig.from_dict({**old, "version": 3})
+    # names stay the same without a selection and differ between selections
+    assert OrtQuantConfig().name == "int8-U8S8-pc"
+    names = {
+        OrtQuantConfig(nodes_to_exclude=("/0/Conv",)).name,
+        OrtQuantConfig(nodes_to_exclude=("/2/Conv",)).name,
+        OrtQuantConfig(nodes_to_quantize=("/2/Conv",)).name,
+    }
+    assert len(names) == 3 and all(n.startswith("int8-U8S8-pc-") for n in names)
+
+
+def test_node_selection_problems_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        OrtQuantConfig(
+            nodes_to_quantize=("/0/Conv", "/0/Conv"),
+            nodes_to_exclude=("/0/Conv",),
+            op_types_to_quantize="Conv",  # type: ignore[arg-type]
+        )
+    msg = str(err.value)
+    assert "more than once" in msg and "both in" in msg and "list of names" in msg
+    with pytest.raises(ConfigError, match="leave it out"):
+        OrtQuantConfig(version=1)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "fp16"])
+def test_excluded_node_stays_float_in_every_mode(digits: dict, tmp_path: Path, mode: str) -> None:
+    config = OrtQuantConfig(mode=mode, nodes_to_exclude=("/2/Conv",))
+    art = quantize_onnx(
+        digits["path"], tmp_path / "q.onnx", config, calib=calib_feeds(digits["x_tr"], 32)
+    )
+    model = onnx.load(str(art.path))
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    excluded = by_name["/2/Conv"]
+    assert excluded.op_type == "Conv" and inits[excluded.input[1]] == onnx.TensorProto.FLOAT
+    if mode == "int8":  # the first conv reads int8 weights through DequantizeLinear
+        dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        assert by_name["/0/Conv"].input[1] in dq
+    elif mode == "int8-dynamic":  # onnxruntime renames the quantized conv
+        assert "/0/Conv" not in by_name and "ConvInteger" in {n.op_type for n in model.graph.node}
+    else:
+        assert inits[by_name["/0/Conv"].input[1]] == onnx.TensorProto.FLOAT16
+    ref, out = _run(digits["path"], digits["x_te"].numpy()), _run(art.path, digits["x_te"].numpy())
+    assert _sqnr_db(ref, out) > 20.0
+
+
+def test_unknown_op_type_and_calibration_cache_reuse(digits: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'Conv'"):
+        quantize_onnx(
+            digits["path"],
+            tmp_path / "q.onnx",
+            OrtQuantConfig(op_types_to_quantize=("Cnv",)),
+            calib=calib_feeds(digits["x_tr"], 8),
+        )
+    cache = tmp_path / "ranges.json"
+    calib = calib_feeds(digits["x_tr"], 64)
+    first = quantize_onnx(digits["path"], tmp_path / "a.onnx", calib=calib, calibration_cache=cache)
+    assert cache.is_file() and first.calib_samples == 64
+    # the cache alone (no feeds) reproduces the same ranges, hence the same model
+    again = quantize_onnx(digits["path"], tmp_path / "b.onnx", calibration_cache=cache)
+    x = digits["x_te"].numpy()
+    np.testing.assert_array_equal(_run(first.path, x), _run(again.path, x))
