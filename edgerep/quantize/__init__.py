@@ -18,7 +18,14 @@ from edgerep.quantize._bundle import (
     supported_modes,
 )
 from edgerep.quantize._calib import CalibrationData, calibration_from_arrays, load_calibration
+from edgerep.quantize._coreml import (
+    CoreMLQuantConfig,
+    CoreMLWeightQuant,
+    dense_weights,
+    quantize_coreml,
+)
 from edgerep.quantize._equalize import AbsorbedBias, EqualizedPair, EqualizeReport, equalize
+from edgerep.quantize._executorch import ExecuTorchQuantConfig, quantize_executorch
 from edgerep.quantize._mixed import MixedPrecisionReport, MixedPrecisionStep, mixed_precision
 from edgerep.quantize._nncf import OvQuantConfig, OvQuantizedArtifact, quantize_openvino
 from edgerep.quantize._ort import OrtQuantConfig, QuantizedArtifact, quantize_onnx
@@ -42,8 +49,24 @@ from edgerep.quantize._smooth import (
     reparam_scales,
     smooth_quant,
 )
+from edgerep.quantize._tensorrt import (
+    TensorRTQuantConfig,
+    build_tensorrt_engine,
+    prepare_tensorrt_int8,
+    tensorrt_qdq_problems,
+)
 
 __all__ = [
+    "CoreMLQuantConfig",
+    "CoreMLWeightQuant",
+    "dense_weights",
+    "quantize_coreml",
+    "ExecuTorchQuantConfig",
+    "quantize_executorch",
+    "TensorRTQuantConfig",
+    "build_tensorrt_engine",
+    "prepare_tensorrt_int8",
+    "tensorrt_qdq_problems",
     "MODES",
     "BackendResult",
     "CalibrationData",
