@@ -324,6 +324,16 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         "--seconds", type=float, metavar="S", help="timed seconds per latency run (default 1)"
     )
     p.add_argument("--repeats", type=int, metavar="N", help="latency runs per variant (default 3)")
+    p.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="write the per-layer int8 sensitivity report (onnxruntime) into the bundle",
+    )
+    p.add_argument(
+        "--no-mixed-precision",
+        action="store_true",
+        help="do not keep sensitive layers in float when every fast int8 variant is over budget",
+    )
     p.add_argument("--x-key", default="x", metavar="K", help="inputs array of an .npz (x)")
     p.add_argument("--y-key", default="y", metavar="K", help="labels array of an .npz (y)")
     p.add_argument("--image-size", type=int, metavar="PX", help="resize folder images to PXxPX")
@@ -421,6 +431,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         min_speedup=args.min_speedup,
         overwrite=args.force,
         latency_config=_quant_latency(args),
+        mixed=not args.no_mixed_precision,
+        sensitivity=args.sensitivity,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -813,6 +825,8 @@ def _convert_then_quantize(
             min_speedup=args.min_speedup,
             overwrite=args.force,
             latency_config=_quant_latency(args),
+            mixed=not args.no_mixed_precision,
+            sensitivity=args.sensitivity,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

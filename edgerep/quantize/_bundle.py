@@ -12,18 +12,26 @@ each backend asked for:
    with the float model) on evaluation samples disjoint from the calibration
    samples; a variant less than ``min_speedup`` times faster than float is "no
    speed-up", one losing more than ``max_drop`` is "over budget";
-3. adds the chosen variant to the new bundle as an artifact of its own (status
+3. on onnxruntime, when every variant fast enough is over budget, runs automatic
+   mixed precision (`mixed_precision`: the most sensitive layers, one at a time,
+   stay in float until the budget holds) from the fastest of them, and measures
+   the result like any candidate: it is kept only if it still pays;
+4. adds the chosen variant to the new bundle as an artifact of its own (status
    ``verified``: within the budget, output SQNR recorded), listed *before* the
    float artifact of its format so that `edgerep.load` runs it; when no variant
    pays, nothing is added and the ledger says why.
 
 Every candidate's numbers go to the manifest's ledger and to
 ``quantize_report.json``; the source bundle is never modified, and the new bundle
-is written to a temporary directory and renamed when complete.
+is written to a temporary directory and renamed when complete. With
+``sensitivity=True`` the per-layer sensitivity report (`layer_sensitivity`) of the
+onnxruntime int8 configuration goes into the bundle as ``sensitivity.json`` and
+``sensitivity.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -154,6 +162,7 @@ class BackendResult:
     sqnr_db: float | None
     selection: SelectionReport
     reason: str = ""
+    mixed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dictionary."""
@@ -168,6 +177,7 @@ class BackendResult:
                 "sqnr_db": self.sqnr_db,
                 "reason": self.reason,
                 "selection": sel,
+                "mixed_precision": self.mixed,
             }
         )
 
@@ -215,6 +225,12 @@ class QuantizeReport:
                     f"    {c.name:<18} {c.latency_ms:>9.4f} {c.speedup:>8.2f}x {c.metric:>9.4f} "
                     f"{c.drop:>7.4f}  {c.status}"
                 )
+            if b.mixed is not None:
+                kept = ", ".join(b.mixed["kept_float"]) or "none"
+                lines.append(
+                    f"    mixed precision ({b.mixed['status']}): kept in float: {kept}; "
+                    f"{b.mixed['reason']}"
+                )
             if b.sqnr_db is not None:
                 lines.append(f"    output SQNR of {b.chosen}: {b.sqnr_db:.1f} dB")
         return "\n".join(lines)
@@ -258,6 +274,8 @@ def quantize_bundle(
     overwrite: bool = False,
     latency_config: LatencyConfig | None = None,
     latencies_ms: Mapping[str, Mapping[str, float]] | None = None,
+    mixed: bool = True,
+    sensitivity: bool = False,
 ) -> tuple[Path, QuantizeReport]:
     """Quantize a bundle's float artifacts per backend and write a new bundle.
 
@@ -273,6 +291,10 @@ def quantize_bundle(
         latency_config: sampling settings of the latency measurements.
         latencies_ms: backend -> variant -> p50 latency to use instead of measuring
             (replaying a benchmark; deterministic tests).
+        mixed: on onnxruntime, try automatic mixed precision when the fast variants
+            are all over budget.
+        sensitivity: write the per-layer sensitivity report of the onnxruntime
+            int8 configuration into the bundle.
 
     Returns:
         The new bundle's path and the report.
@@ -353,10 +375,31 @@ def quantize_bundle(
                 latency_config=latency_config,
                 latencies_ms=(latencies_ms or {}).get(b.name),
             )
+            sens = None
+            if b.name == "onnxruntime" and (sensitivity or (mixed and _over_budget(selection))):
+                sens = _sensitivity(src / art["file"], data, _int8_config(b, mode, selection))
+                if sensitivity:
+                    _write_sensitivity(tmp, sens)
+            mixed_report = None
+            if b.name == "onnxruntime" and mixed and _over_budget(selection):
+                chosen_path, selection, mixed_report = _mixed_fallback(
+                    b,
+                    src / art["file"],
+                    work,
+                    data,
+                    mode,
+                    selection,
+                    sens,
+                    min_speedup=min_speedup,
+                    latency_config=latency_config,
+                    latencies_ms=(latencies_ms or {}).get(b.name),
+                )
             ledger += _ledger_rows(b.name, selection)
             if selection.chosen == "fp32":
                 why = _why_none(selection)
-                report.backends.append(BackendResult(b.name, "fp32", None, None, selection, why))
+                report.backends.append(
+                    BackendResult(b.name, "fp32", None, None, selection, why, mixed_report)
+                )
                 ledger.append(
                     {
                         "stage": "quantize",
@@ -372,7 +415,9 @@ def quantize_bundle(
             entry, rel = _artifact_entry(b, art, chosen_path, tmp, selection, sqnr, data, mode)
             index = new_artifacts.index(art)
             new_artifacts.insert(index, entry)
-            report.backends.append(BackendResult(b.name, selection.chosen, rel, sqnr, selection))
+            report.backends.append(
+                BackendResult(b.name, selection.chosen, rel, sqnr, selection, "", mixed_report)
+            )
             ledger.append(
                 {
                     "stage": "quantize",
@@ -386,6 +431,98 @@ def quantize_bundle(
             f.write("\n" + report.to_text() + "\n")
         _write_manifest(tmp, {**manifest, "artifacts": new_artifacts, "ledger": ledger})
     return target, report
+
+
+def _over_budget(selection: SelectionReport) -> bool:
+    """No variant was chosen, and some were fast enough but lost too much accuracy."""
+    return selection.chosen == "fp32" and any(
+        c.status == "over budget" for c in selection.candidates
+    )
+
+
+def _int8_config(backend: _Backend, mode: str, selection: SelectionReport) -> Any:
+    """The config to analyse: the chosen one, else the fastest over-budget one, else the
+    first candidate."""
+    by_name = {c.name: c for c in backend.modes[mode]}
+    if selection.chosen in by_name:
+        return by_name[selection.chosen]
+    over = [c for c in selection.candidates if c.status == "over budget" and c.name in by_name]
+    if over:
+        return by_name[min(over, key=lambda c: c.latency_ms).name]
+    return backend.modes[mode][0]
+
+
+def _sensitivity(path: Path, data: CalibrationData, config: Any) -> Any:
+    from edgerep.quantize._sensitivity import layer_sensitivity
+
+    return layer_sensitivity(
+        path, calib=data.calib, eval_feeds=data.eval_feeds, labels=data.labels, config=config
+    )
+
+
+def _write_sensitivity(root: Path, sens: Any) -> None:
+    (root / "sensitivity.json").write_text(json.dumps(finite(sens.to_dict()), indent=2) + "\n")
+    (root / "sensitivity.md").write_text(sens.to_markdown() + "\n")
+    with open(root / "report.txt", "a") as f:
+        f.write("\n" + sens.to_text() + "\n")
+
+
+def _mixed_fallback(
+    backend: _Backend,
+    path: Path,
+    work: Path,
+    data: CalibrationData,
+    mode: str,
+    selection: SelectionReport,
+    sens: Any,
+    *,
+    min_speedup: float,
+    latency_config: LatencyConfig | None,
+    latencies_ms: Mapping[str, float] | None,
+) -> tuple[Path, SelectionReport, dict[str, Any]]:
+    """Mixed precision from the fastest over-budget config; measured like a candidate.
+
+    Returns the selection extended by the mixed variant (chosen only if it pays), and
+    the mixed-precision report.
+    """
+    from edgerep.quantize._mixed import mixed_precision
+
+    config = _int8_config(backend, mode, selection)
+    _, mp = mixed_precision(
+        path,
+        work / "mixed" / "mixed.onnx",
+        calib=data.calib,
+        eval_feeds=data.eval_feeds,
+        labels=data.labels,
+        config=config,
+        max_drop=selection.max_drop,
+        sensitivity=sens,
+    )
+    summary = finite(mp.to_dict())
+    if mp.status != "within budget":
+        return work / "fp32", selection, summary
+    candidate = dataclasses.replace(config, nodes_to_exclude=tuple(mp.kept_float))
+    given = None
+    if latencies_ms is not None and candidate.name in latencies_ms:
+        given = {"fp32": latencies_ms["fp32"], candidate.name: latencies_ms[candidate.name]}
+    chosen_path, second = select_variant(
+        path,
+        work / "mixed-select",
+        calib=data.calib,
+        eval_feeds=data.eval_feeds,
+        labels=data.labels,
+        candidates=(candidate,),
+        max_drop=selection.max_drop,
+        min_speedup=min_speedup,
+        latency_config=latency_config,
+        latencies_ms=given,
+    )
+    merged = dataclasses.replace(
+        selection,
+        chosen=second.chosen,
+        candidates=[*selection.candidates, *second.candidates[1:]],
+    )
+    return chosen_path, merged, summary
 
 
 def _why_none(selection: SelectionReport) -> str:

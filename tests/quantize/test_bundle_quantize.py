@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import edgerep
+from edgerep.bench.latency import LatencyConfig
 from edgerep.bundle import read_manifest, write_manifest
 from edgerep.cli import EXIT_OK, EXIT_USAGE, main
 from edgerep.errors import ConfigError
@@ -21,7 +22,7 @@ from edgerep.quantize import (
 )
 from edgerep.spec import parse_input_spec
 from tests._tiny_bundle import make_bundle
-from tests.quantize._digits import trained_digits
+from tests.quantize._digits import make_fragile, trained_digits
 
 U8 = "int8-U8S8-pc"
 S8 = "int8-S8S8-pc"
@@ -42,7 +43,21 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
     npz = root / "digits.npz"
     np.savez(npz, x=x_te.numpy(), y=y_te.numpy())
     data = load_calibration(npz, input_names=["x"], samples=128)
-    return {"bundle": bundle, "data": data, "npz": npz, "x": x_te.numpy(), "y": y_te.numpy()}
+    fragile, _ = convert(
+        make_fragile(model),
+        [parse_input_spec("x:Nx1x8x8")],
+        to=("onnx",),
+        out_dir=root / "fragile",
+        fold=False,
+    )
+    return {
+        "bundle": bundle,
+        "fragile": fragile,
+        "data": data,
+        "npz": npz,
+        "x": x_te.numpy(),
+        "y": y_te.numpy(),
+    }
 
 
 def test_sqnr_db() -> None:
@@ -132,7 +147,7 @@ def test_openvino_variant_ships_its_weights(digits: dict, tmp_path: Path) -> Non
 
 
 def test_a_mode_a_backend_lacks_is_refused_before_work(digits: dict, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="'onnxruntime' does not offer mode 'w4'.*openvino"):
+    with pytest.raises(ConfigError, match=r"'onnxruntime' does not offer mode 'w4'.*openvino"):
         quantize_bundle(digits["bundle"], tmp_path / "q", data=digits["data"], mode="w4")
     assert not (tmp_path / "q").exists()
 
@@ -185,6 +200,7 @@ def test_cli_quantize(digits: dict, tmp_path: Path, capsys: pytest.CaptureFixtur
             "64",
             "--backend",
             "onnxruntime",
+            "--sensitivity",
             "--max-drop",
             "0.02",
             "--seconds",
@@ -200,3 +216,29 @@ def test_cli_quantize(digits: dict, tmp_path: Path, capsys: pytest.CaptureFixtur
     statuses = {c["name"]: c["status"] for c in report["backends"][0]["selection"]["candidates"]}
     assert set(statuses) == {"fp32", U8, S8, PT}
     assert read_manifest(out)["artifacts"]
+    assert (out / "sensitivity.md").read_text().count("|") > 10
+
+
+def test_mixed_precision_rescues_an_over_budget_int8(digits: dict, tmp_path: Path) -> None:
+    # every int8 variant is fast but breaks the fragile layer: mixed precision keeps that
+    # one layer in float, and the result is measured like any candidate
+    out, report = quantize_bundle(
+        digits["fragile"],
+        tmp_path / "q",
+        data=digits["data"],
+        backends=["onnxruntime"],
+        latencies_ms={"onnxruntime": {"fp32": 1.0, U8: 0.4, S8: 0.5, PT: 0.45}},
+        latency_config=LatencyConfig(min_seconds=0.02, repeats=1, warmup_iters=2),
+        sensitivity=True,
+    )
+    (result,) = report.backends
+    statuses = {c.name: c.status for c in result.selection.candidates}
+    assert statuses[U8] == statuses[S8] == statuses[PT] == "over budget"
+    assert result.mixed is not None and result.mixed["status"] == "within budget"
+    (kept,) = result.mixed["kept_float"]  # exactly the fragile layer
+    mixed_name = next(n for n in statuses if n.startswith(U8 + "-ex1"))
+    assert statuses[mixed_name] in ("chosen", "no speed-up")
+    assert (statuses[mixed_name] == "chosen") == (result.artifact is not None)
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert sens["layers"][0]["node"] == kept
+    assert "mixed precision" in report.to_text()

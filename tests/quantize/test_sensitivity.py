@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from edgerep.errors import ConfigError
 from edgerep.quantize import (
@@ -21,30 +18,18 @@ from edgerep.quantize import (
     mixed_precision,
 )
 from edgerep.quantize._sensitivity import _module_name
-from tests.quantize._digits import calib_feeds, export_onnx, trained_digits
+from tests.quantize._digits import calib_feeds, export_onnx, make_fragile, trained_digits
 
 FRAGILE = "/2/Conv"  # the middle layer: first in neither graph order nor reverse order
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The trained digits CNN (/0/Conv, /2/Conv, /5/Gemm) and a fragile copy.
-
-    Fragile copy: channel 3 of ``/0/Conv`` is made dead (zero weights, bias -1,
-    so its ReLU output is 0 on every input) and ``/2/Conv`` reads that channel
-    with weights 200x its largest weight. The float function only loses one
-    channel, but an int8 weight scale set by the outlier rounds the real weights
-    of ``/2/Conv`` to zero, per channel or per tensor: that layer alone breaks
-    the net, while its input and output tensors keep their ranges.
-    """
+    """The trained digits CNN (/0/Conv, /2/Conv, /5/Gemm) and a fragile copy
+    (`make_fragile`: ``/2/Conv`` alone breaks under int8)."""
     model, x_tr, x_te, y_te = trained_digits()
     work = tmp_path_factory.mktemp("sensitivity")
-    fragile = copy.deepcopy(model)
-    conv0, conv2 = (cast(torch.nn.Conv2d, fragile.get_submodule(k)) for k in ("0", "2"))
-    with torch.no_grad():
-        conv0.weight[3] = 0.0
-        conv0.bias[3] = -1.0  # type: ignore[index]
-        conv2.weight[:, 3] = 200 * conv2.weight.abs().max()
+    fragile = make_fragile(model)
     return {
         "path": export_onnx(model, work / "fp32.onnx"),
         "fragile": export_onnx(fragile, work / "fragile.onnx"),
