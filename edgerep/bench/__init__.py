@@ -1,9 +1,10 @@
 """Benchmarks: latency method, environment fingerprint, accuracy, roofline, reports.
 
-Submodules: `latency` (the one latency method), `env` (environment fingerprint),
-`accuracy` (reference metrics, datasets, metric registry), `roofline` (FLOPs,
-bytes, GEMM peak), `report` (JSON/Markdown/HTML), `suite` (``edgerep bench``).
-Only `latency` is imported here; the others load on use.
+Submodules: `latency` (the one latency method), `throughput` (inferences/s under
+concurrency), `env` (environment fingerprint), `accuracy` (reference metrics,
+datasets, metric registry), `roofline` (FLOPs, bytes, GEMM peak), `report`
+(JSON/Markdown/HTML), `suite` (``edgerep bench``).
+Only `latency` and `throughput` are imported here; the others load on use.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from edgerep.bench.latency import (
     measure_latency,
     summarize_runs,
 )
+from edgerep.bench.throughput import ThroughputResult, measure_throughput
 
 __all__ = [
     "LatencyConfig",
     "LatencyResult",
     "LatencyStats",
+    "ThroughputResult",
     "benchmark_latency",
     "measure_latency",
+    "measure_throughput",
     "summarize_runs",
 ]

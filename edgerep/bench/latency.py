@@ -240,6 +240,8 @@ class LatencyResult:
             includes everything the process did before; compare within a process).
         load_ms: load/compile time, when the caller measured it (see `timed_load`).
         end_to_end: statistics of ``post(run(pre(inputs)))`` when pre/post were given.
+        runtime: statistics of the runtime's own timer of each timed call (see
+            `benchmark_latency`'s ``runtime_timer``), None where not offered.
         config: the sampling settings.
         samples_ms: every pooled sample, in order (for plots; `to_dict` leaves it out).
     """
@@ -257,6 +259,7 @@ class LatencyResult:
     config: LatencyConfig
     load_ms: float | None = None
     end_to_end: LatencyStats | None = None
+    runtime: LatencyStats | None = None
     samples_ms: tuple[float, ...] = field(default=(), repr=False)
 
     def with_load_ms(self, load_ms: float | None) -> LatencyResult:
@@ -278,6 +281,7 @@ class LatencyResult:
             "peak_rss_bytes": self.peak_rss_bytes,
             "load_ms": self.load_ms,
             "end_to_end": None if self.end_to_end is None else self.end_to_end.to_dict(),
+            "runtime": None if self.runtime is None else self.runtime.to_dict(),
             "config": self.config.to_dict(),
         }
 
@@ -367,7 +371,13 @@ def peak_rss_bytes() -> int | None:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _sample(fn: Callable[[], Any], config: LatencyConfig, clock: Callable[[], int]) -> list[int]:
+def _sample(
+    fn: Callable[[], Any],
+    config: LatencyConfig,
+    clock: Callable[[], int],
+    runtime_timer: Callable[[], float | None] | None = None,
+    runtime_ms: list[float] | None = None,
+) -> list[int]:
     samples: list[int] = []
     total_ns = 0
     min_ns = config.min_seconds * 1e9
@@ -379,6 +389,10 @@ def _sample(fn: Callable[[], Any], config: LatencyConfig, clock: Callable[[], in
         elapsed = clock() - start
         samples.append(elapsed)
         total_ns += elapsed
+        if runtime_timer is not None and runtime_ms is not None:  # outside the timed call
+            value = runtime_timer()
+            if value is not None:
+                runtime_ms.append(value)
     return samples
 
 
@@ -402,6 +416,7 @@ def benchmark_latency(
     pre: Callable[[Any], Any] | None = None,
     post: Callable[[Any], Any] | None = None,
     load_ms: float | None = None,
+    runtime_timer: Callable[[], float | None] | None = None,
     clock: Callable[[], int] = time.perf_counter_ns,
 ) -> LatencyResult:
     """The one latency method for every backend.
@@ -425,6 +440,11 @@ def benchmark_latency(
         pre: pre-processing, raw inputs -> model inputs.
         post: post-processing, model outputs -> result.
         load_ms: load/compile time measured by the caller (see `timed_load`).
+        runtime_timer: the runtime's own measurement of the last call in ms (e.g.
+            `SessionBase.runtime_ms`: OpenVINO's ``InferRequest.latency``), read after
+            each timed call, outside the timed region; summarized as ``runtime``. It
+            leaves out the Python binding, as vendor tools do; the wall-clock
+            statistics stay the result.
         clock: nanosecond clock (replaceable for tests).
 
     Raises:
@@ -442,8 +462,13 @@ def benchmark_latency(
     model_call()
     first_ms = (clock() - start) / 1e6
     warm = _warm_up(model_call, config, clock)
+    runtime_ms: list[float] = []
     summary = summarize_runs(
-        [_sample(model_call, config, clock) for _ in range(config.repeats)], config=config
+        [
+            _sample(model_call, config, clock, runtime_timer, runtime_ms)
+            for _ in range(config.repeats)
+        ],
+        config=config,
     )
     end_to_end = None
     if pre is not None or post is not None:
@@ -467,6 +492,7 @@ def benchmark_latency(
         peak_rss_bytes=peak_rss_bytes(),
         load_ms=load_ms,
         end_to_end=end_to_end,
+        runtime=LatencyStats.from_samples_ns([v * 1e6 for v in runtime_ms]) if runtime_ms else None,
     )
 
 

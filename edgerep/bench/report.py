@@ -80,6 +80,8 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "reference": {"type": ["object", "null"]},
                     "roofline": {"type": ["object", "null"]},
                     "samples_ms": {"type": "array", "items": {"type": "number"}},
+                    "throughput": {"type": "array", "items": {"type": "object"}},
+                    "device_memory_bytes": {"type": ["integer", "null"]},
                 },
             },
         },
@@ -209,7 +211,27 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     ]
     for err in report.get("errors", []):
         notes.append(f"- {err['variant']} / {err['runtime']}: not measured: {err['error']}")
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + _throughput_lines(report)) + "\n"
+
+
+def _throughput_lines(report: Mapping[str, Any]) -> list[str]:
+    """The throughput table (rows measured with concurrency), or nothing."""
+    out = []
+    for row in report["rows"]:
+        for t in row.get("throughput") or []:
+            if "error" in t:
+                out.append(f"| {_label(row)} | {t.get('concurrency', '-')} | - | - | - | "
+                           f"{t['error']} |")  # fmt: skip
+                continue
+            lat = t["latency"]
+            out.append(
+                f"| {_label(row)} | {t['concurrency']} | {t['inferences_per_s']:.1f} | "
+                f"{lat['p50_ms']:.3f} | {lat['p99_ms']:.3f} | {t.get('setup', '')} |"
+            )
+    if not out:
+        return []
+    head = "| variant / runtime | concurrency | inferences/s | p50 ms under load | p99 ms | setup |"
+    return ["", head, "|" + "---|" * (head.count("|") - 1), *out]
 
 
 def _repeats(report: Mapping[str, Any]) -> str:

@@ -31,7 +31,8 @@ from edgerep.bench.accuracy import (
 )
 from edgerep.bench.latency import LatencyConfig, benchmark_latency, timed_load
 from edgerep.bench.report import REPORT_SCHEMA_VERSION
-from edgerep.errors import ConfigError, EdgerepError
+from edgerep.bench.throughput import measure_throughput
+from edgerep.errors import ConfigError, EdgerepError, UnsupportedError
 
 __all__ = ["BenchTarget", "parse_target", "run_bench"]
 
@@ -74,7 +75,9 @@ class _Row:
     session: Any
     load_ms: float
     flops: int | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    artifact: Path | None = None
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def _feeds(tensors: Sequence[Mapping[str, Any]], seed: int, batch: int = 1) -> dict[str, Any]:
@@ -103,12 +106,32 @@ def _dataset_batch(inputs: Sequence[Mapping[str, Any]]) -> int:
     return min(64, int(limit)) if isinstance(limit, int) and limit > 0 else 64
 
 
-def _runtime_options(runtime: str, threads: int | None) -> dict[str, Any]:
+_PRECISIONS = ("default", "f32", "f16", "bf16")
+
+
+def _openvino_streams(n: int, options: Mapping[str, Any]) -> dict[str, Any]:
+    """N streams, each with the threads one latency session had (threads are per model)."""
+    out = {**options, "num_streams": n, "performance_hint": "THROUGHPUT"}
+    if options.get("threads"):
+        out["threads"] = int(options["threads"]) * n
+    return out
+
+
+# runtime -> (N, latency load options) -> options with N parallel streams; the other
+# runtimes share one thread-safe session or load one session per thread
+_STREAM_OPTIONS: dict[str, Callable[[int, Mapping[str, Any]], dict[str, Any]]] = {
+    "openvino": _openvino_streams,
+}
+
+
+def _runtime_options(runtime: str, threads: int | None, precision: str | None) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if runtime in ("onnxruntime", "openvino") and threads is not None:
         opts["threads"] = threads
     if runtime == "openvino":
         opts["performance_hint"] = "LATENCY"
+        if precision is not None:
+            opts["inference_precision"] = precision
     return opts
 
 
@@ -118,6 +141,7 @@ def _bundle_sessions(
     threads: int | None,
     device: str,
     errors: list[dict[str, Any]],
+    precision: str | None = None,
 ) -> tuple[list[_Row], list[dict[str, Any]]]:
     from edgerep.bench.roofline import bundle_flops
     from edgerep.bundle import read_manifest
@@ -150,12 +174,10 @@ def _bundle_sessions(
                 if runtimes:
                     errors.append({"variant": target.name, "runtime": name, "error": why})
                 continue
+            options = _runtime_options(name, threads, precision)
             try:
                 session, load_ms = timed_load(
-                    rt,
-                    Path(target.path) / art["file"],
-                    device=device,
-                    options=_runtime_options(name, threads),
+                    rt, Path(target.path) / art["file"], device=device, options=options
                 )
             except EdgerepError as e:
                 errors.append({"variant": target.name, "runtime": name, "error": str(e)})
@@ -170,6 +192,9 @@ def _bundle_sessions(
                     session,
                     load_ms,
                     flops,
+                    Path(target.path) / art["file"],
+                    device,
+                    options,
                 )
             )
     if runtimes is None and not rows:
@@ -221,6 +246,9 @@ def run_bench(
     roofline: bool = True,
     progress: Progress | None = None,
     seed: int = 0,
+    concurrency: Sequence[int] = (),
+    precision: str | None = None,
+    data_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Benchmark every (target, runtime) pair; returns the report (see `edgerep.bench.report`).
 
@@ -235,6 +263,17 @@ def run_bench(
         roofline: measure (or read the cached) GEMM peak and report % of it.
         progress: ``progress(done, total, label)`` callback.
         seed: seed of the random latency input.
+        concurrency: also measure throughput with each of these numbers of
+            concurrent calls (`measure_throughput`, ``config.min_seconds`` each):
+            OpenVINO compiles a second model with that many streams and gives each
+            thread an infer request; thread-safe sessions (onnxruntime, torch) are
+            shared by the threads; other runtimes load one session per thread.
+        precision: OpenVINO's inference precision hint, ``"default"`` (the device's
+            choice: bf16 on CPUs with AMX/AVX512-BF16), ``"f32"``, ``"f16"`` or
+            ``"bf16"``; None leaves it to the device, as ``"default"``. Recorded in
+            the settings; the precision that ran is in each row's session.
+        data_options: keyword arguments of `load_dataset` for `data` (image folders:
+            ``image_size``, ``channels``, ``mean``, ``std``).
 
     Raises:
         ConfigError: a bad target, runtime name or dataset, before anything is timed.
@@ -248,12 +287,20 @@ def run_bench(
         raise ConfigError("nothing to benchmark: give at least one bundle or model source")
     for m in metrics:
         get_metric(m)
-    dataset = load_dataset(data) if isinstance(data, str) else data
+    if precision is not None and precision not in _PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; allowed: {', '.join(_PRECISIONS)} "
+            "(OpenVINO's inference precision hint)"
+        )
+    bad = [n for n in concurrency if not isinstance(n, int) or n < 1]
+    if bad:
+        raise ConfigError(f"concurrency values must be integers >= 1; got {bad}")
+    dataset = load_dataset(data, **dict(data_options or {})) if isinstance(data, str) else data
     errors: list[dict[str, Any]] = []
     planned: list[tuple[_Row, list[dict[str, Any]]]] = []
     for t in parsed:
         if t.is_bundle:
-            rows, inputs = _bundle_sessions(t, runtimes, threads, device, errors)
+            rows, inputs = _bundle_sessions(t, runtimes, threads, device, errors, precision)
             planned += [(r, inputs) for r in rows]
         elif runtimes is None or "torch" in runtimes:
             planned.append(_source_session(t, threads))
@@ -270,7 +317,11 @@ def run_bench(
         if progress:
             progress(i, total, label)
         try:
-            out_rows.append(_measure(row, inputs, dataset, metrics, config, peak, reference, seed))
+            measured = _measure(row, inputs, dataset, metrics, config, peak, reference, seed)
+            measured["throughput"] = [
+                _throughput(row, _feeds(inputs, seed), n, config) for n in concurrency
+            ]
+            out_rows.append(measured)
         except EdgerepError as e:
             errors.append({"variant": row.variant, "runtime": row.runtime, "error": str(e)})
         finally:
@@ -289,6 +340,9 @@ def run_bench(
             "runtimes": list(runtimes) if runtimes else None,
             "data": None if dataset is None else dataset.source,
             "metrics": list(metrics),
+            "data_options": dict(data_options or {}),
+            "openvino_precision": precision or "default",
+            "concurrency": list(concurrency),
             "peak": peak,
             "reference_row": out_rows[0]["variant"] + " / " + out_rows[0]["runtime"]
             if out_rows
@@ -313,9 +367,17 @@ def _measure(
     import numpy as np
 
     from edgerep.bench.roofline import roofline
+    from edgerep.runtimes._base import SessionBase
 
     feeds = _feeds(inputs, seed)
-    result = benchmark_latency(row.session.run, feeds, config=config, load_ms=row.load_ms)
+    ours = isinstance(row.session, SessionBase)  # third-party sessions lack the extras
+    result = benchmark_latency(
+        row.session.run,
+        feeds,
+        config=config,
+        load_ms=row.load_ms,
+        runtime_timer=row.session.runtime_ms if ours else None,
+    )
     accuracy = None
     check_inputs = (
         {inputs[0]["name"]: np.ascontiguousarray(dataset.x[: _dataset_batch(inputs)])}
@@ -355,5 +417,55 @@ def _measure(
         "accuracy": accuracy,
         "reference": agreement,
         "roofline": roof,
+        "device_memory_bytes": row.session.device_memory_bytes() if ours else None,
         "samples_ms": list(result.samples_ms),
     }
+
+
+def _throughput(
+    row: _Row, feeds: Mapping[str, Any], n: int, config: LatencyConfig
+) -> dict[str, Any]:
+    """Throughput of `row` at concurrency `n` (see `run_bench`); errors are recorded."""
+    from edgerep.runtimes import get_runtime
+    from edgerep.runtimes._base import SessionBase
+
+    extra: list[Any] = []
+    try:
+        if row.runtime in _STREAM_OPTIONS and row.artifact is not None:
+            options = _STREAM_OPTIONS[row.runtime](n, row.options)
+            streamed: Any = get_runtime(row.runtime).load(
+                row.artifact, device=row.device, options=options
+            )
+            extra.append(streamed)
+            runs = streamed.concurrent_runs(n)
+            got = streamed.describe().get("num_streams")
+            setup = f"{n} infer requests on {got} streams"
+        else:
+            try:
+                session = row.session
+                if not isinstance(session, SessionBase):
+                    raise UnsupportedError("not an edgerep session")
+                runs = session.concurrent_runs(n)
+                setup = f"one session shared by {n} threads"
+            except UnsupportedError:
+                if row.artifact is None:
+                    raise
+                rt = get_runtime(row.runtime)
+                for _ in range(n):
+                    extra.append(rt.load(row.artifact, device=row.device, options=row.options))
+                runs = [s.run for s in extra]
+                setup = f"{n} sessions, one per thread"
+        result = measure_throughput(
+            runs,
+            feeds,
+            concurrency=n,
+            seconds=max(config.min_seconds, 0.1),
+            warmup_seconds=config.warmup_seconds,
+            setup=setup,
+        )
+        return result.to_dict()
+    except EdgerepError as e:
+        return {"concurrency": n, "error": str(e)}
+    finally:
+        for s in extra:
+            s.close()

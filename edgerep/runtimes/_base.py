@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edgerep.errors import ConfigError
+from edgerep.errors import ConfigError, UnsupportedError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -88,14 +88,21 @@ class Runtime(Protocol):
 
 
 class SessionBase:
-    """What every session shares: its input/output names and the context manager.
+    """What every session shares: names, the context manager and optional measurements.
 
     Subclasses set ``_input_names`` and ``_output_names`` (empty while unknown)
-    and implement ``run``, ``close`` and ``describe``.
+    and implement ``run``, ``close`` (idempotent) and ``describe``. They may
+    override `concurrent_runs` (several runs at once), `runtime_ms` (the
+    runtime's own timer of the last call) and `device_memory_bytes`; the defaults
+    say "not offered".
+
+    Attributes:
+        thread_safe: `run` may be called from several threads at once on one session.
     """
 
     _input_names: list[str]
     _output_names: list[str]
+    thread_safe: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -106,6 +113,39 @@ class SessionBase:
     def output_names(self) -> list[str]:
         """Names of the model's outputs, in `run` order (empty while unknown)."""
         return list(self._output_names)
+
+    def concurrent_runs(self, n: int) -> list[Callable[[Mapping[str, Any]], list[Any]]]:
+        """`n` run functions that may be called at the same time, one per thread.
+
+        The default shares `run` when the session is `thread_safe`; a runtime with
+        per-call state (an OpenVINO infer request) gives each its own.
+
+        Raises:
+            ConfigError: `n` < 1.
+            UnsupportedError: the session cannot run concurrently; load one session
+                per thread instead.
+        """
+        if n < 1:
+            raise ConfigError(f"concurrency must be >= 1; got {n}")
+        if not self.thread_safe:
+            raise UnsupportedError(
+                f"{type(self).__name__}.run is not thread-safe; load one session per thread "
+                "for concurrent runs"
+            )
+        run: Callable[[Mapping[str, Any]], list[Any]] = self.run  # type: ignore[attr-defined]
+        return [run] * n
+
+    def runtime_ms(self) -> float | None:
+        """The runtime's own measurement of the last `run`, in ms (None: not offered).
+
+        It excludes the Python binding, unlike a wall-clock timer around `run`; it
+        is what vendor tools such as OpenVINO's benchmark_app report.
+        """
+        return None
+
+    def device_memory_bytes(self) -> int | None:
+        """Accelerator memory the session holds or held at peak (None: not exposed or CPU)."""
+        return None
 
     def close(self) -> None:
         """Release the session."""

@@ -54,18 +54,21 @@ class ExecuTorchSession(SessionBase):
         input_names: list[str],
         output_names: list[str],
         backends: list[str],
+        input_dtypes: Mapping[str, str] | None = None,
     ) -> None:
         self._method: Any = method
         self._path = path
         self._input_names = input_names
         self._output_names = output_names
         self._backends = backends
+        self._input_dtypes = dict(input_dtypes or {})
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; inputs are passed in `input_names` order.
 
         Raises:
-            ConfigError: the feeds do not match the inputs, or the session is closed.
+            ConfigError: the feeds do not match the inputs by name or by the dtype the
+                sidecar records, or the session is closed.
             UnsupportedError: the runtime rejects the inputs (e.g. a shape outside the
                 exported range).
         """
@@ -75,7 +78,15 @@ class ExecuTorchSession(SessionBase):
         if self._method is None:
             raise ConfigError(f"the ExecuTorch session for {str(self._path)!r} is closed")
         check_feeds(feeds, self._input_names, "executorch")
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self._input_names]
+        arrays = [np.ascontiguousarray(feeds[n]) for n in self._input_names]
+        for name, arr in zip(self._input_names, arrays):
+            want = self._input_dtypes.get(name)
+            if want is not None and arr.dtype.name != want:
+                raise ConfigError(
+                    f"input {name!r} of {self._path.name} expects {want}, got {arr.dtype.name}; "
+                    f"convert it with .astype(np.{want})"
+                )
+        args = [torch.from_numpy(a) for a in arrays]
         try:
             outs = self._method.execute(args)
         except Exception as e:
@@ -90,7 +101,7 @@ class ExecuTorchSession(SessionBase):
         ]
 
     def close(self) -> None:
-        """Drop the method."""
+        """Drop the method; idempotent."""
         self._method = None
 
     def describe(self) -> dict[str, Any]:
@@ -180,7 +191,12 @@ class ExecuTorchRuntime:
         if len(outputs) != n_out:
             outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
         backends = list(io.get("backends", []))
-        return ExecuTorchSession(method, path, inputs, outputs, backends)
+        dtypes = {
+            str(t["name"]): str(t["dtype"])
+            for t in io.get("inputs", [])
+            if isinstance(t, dict) and "dtype" in t and "name" in t
+        }
+        return ExecuTorchSession(method, path, inputs, outputs, backends, dtypes)
 
 
 def _read_io(path: Path) -> dict[str, Any]:

@@ -150,8 +150,21 @@ class TensorRTSession(SessionBase):
             o.float().cpu().numpy() if o.dtype == torch.bfloat16 else o.cpu().numpy() for o in outs
         ]
 
+    def device_memory_bytes(self) -> int | None:
+        """The engine's activation memory plus what torch allocated for the buffers, at peak."""
+        if self._engine is None:
+            return None
+        import torch
+
+        engine = self._engine
+        # TensorRT 10 names it device_memory_size_v2; 8.x device_memory_size
+        size: Any = getattr(engine, "device_memory_size_v2", None)
+        if size is None:
+            size = getattr(engine, "device_memory_size", 0)
+        return int(size) + int(torch.cuda.max_memory_allocated(self._device_index))
+
     def close(self) -> None:
-        """Drop the context and the engine."""
+        """Drop the context and the engine; idempotent."""
         self._context = None
         self._engine = None
 

@@ -36,7 +36,12 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class TorchEagerSession(SessionBase):
-    """Runs `module(*inputs)` under ``torch.no_grad``; outputs are flattened in pytree order."""
+    """Runs `module(*inputs)` under ``torch.no_grad``; outputs are flattened in pytree order.
+
+    Eval-mode forwards do not mutate the module, so threads may share a session.
+    """
+
+    thread_safe = True
 
     def __init__(
         self,
@@ -69,8 +74,16 @@ class TorchEagerSession(SessionBase):
         self._output_names = output_names_for(len(leaves))
         return [_to_numpy(t) for t in leaves]
 
+    def device_memory_bytes(self) -> int | None:
+        """Peak CUDA memory torch allocated on the session's device (None on CPU)."""
+        if not self._device.startswith("cuda"):
+            return None
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(torch.device(self._device)))
+
     def close(self) -> None:
-        """Drop the reference to the module."""
+        """Drop the reference to the module; idempotent."""
         self._module = None
 
     def describe(self) -> dict[str, Any]:

@@ -144,3 +144,33 @@ def test_config_mlperf_and_round_trip():
         LatencyConfig.from_dict({"bogus": 1})
     rss = peak_rss_bytes()
     assert rss is None or rss > 1_000_000
+
+
+def test_runtime_timer_is_read_after_each_timed_call_only():
+    fake = FakeClock(0)
+    state = {"calls": 0, "timed": False}
+
+    def run(_):
+        state["calls"] += 1
+        fake.advance(3 * MS)  # wall clock: 3 ms a call
+
+    reads = []
+
+    def runtime_timer():
+        # the runtime's own timer: 2 ms, or None (e.g. not offered on some calls)
+        reads.append(state["calls"])
+        return None if state["calls"] % 5 == 0 else 2.0
+
+    cfg = LatencyConfig(
+        warmup_iters=4, warmup_seconds=0.0, min_iters=10, min_seconds=0.0, repeats=2,
+        bootstrap_samples=10,
+    )  # fmt: skip
+    r = benchmark_latency(run, None, config=cfg, runtime_timer=runtime_timer, clock=fake.clock)
+    # read once per timed call (20), never during the first call or the warm-up (5 calls)
+    assert reads == list(range(6, 26))
+    assert r.stats.p50_ms == pytest.approx(3.0)
+    assert r.runtime is not None and r.runtime.n == 16  # the 4 None reads are left out
+    assert r.runtime.p50_ms == pytest.approx(2.0)
+    assert r.to_dict()["runtime"]["p50_ms"] == pytest.approx(2.0)
+    plain = benchmark_latency(run, None, config=cfg, clock=fake.clock)
+    assert plain.runtime is None and plain.to_dict()["runtime"] is None

@@ -78,3 +78,42 @@ def test_precision_names():
         "bf16",
         "i8",
     ]
+
+
+def test_static_shape_streams_timer_and_output_order(matmul_ir, tmp_path):
+    from openvino import opset13 as ops
+
+    rt = get_runtime("openvino")
+    w = ov.Core().read_model(str(matmul_ir)).get_ordered_ops()[1].get_data()
+    x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    opts = {"inference_precision": "f32", "threads": 2, "num_streams": 2, "shape": {"x": [2, 64]}}
+    with rt.load(matmul_ir, options=opts) as s:
+        assert s.describe()["num_streams"] == 2
+        assert s.runtime_ms() is not None
+        (y,) = s.run({"x": x})
+        np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-4)
+        assert 0 < s.runtime_ms() < 1000  # OpenVINO's own timer of that call, in ms
+        with pytest.raises(RuntimeError):  # compiled for [2, 64] only
+            s.run({"x": np.zeros((3, 64), np.float32)})
+        assert s.device_memory_bytes() is None  # CPU
+    with pytest.raises(ConfigError, match="num_streams"):
+        rt.load(matmul_ir, options={"num_streams": 0})
+    # several outputs come back in the compiled model's order, each a fresh copy
+    p = ops.parameter(ov.PartialShape([-1, 3]), ov.Type.f32, name="a")
+    first = ops.multiply(p, ops.constant(np.float32(2)))
+    second = ops.add(p, ops.constant(np.float32(1)))
+    first.output(0).get_tensor().set_names({"double"})
+    second.output(0).get_tensor().set_names({"plus_one"})
+    path = tmp_path / "two.xml"
+    ov.save_model(ov.Model([first, second], [p], "two"), str(path), compress_to_fp16=False)
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with rt.load(path, options={"inference_precision": "f32"}) as s:
+        assert s.output_names == ["double", "plus_one"]
+        d, e = s.run({"a": a})
+        np.testing.assert_array_equal(d, 2 * a)
+        np.testing.assert_array_equal(e, a + 1)
+        s.run({"a": a[:1] * 0})  # a new shape: the request's tensors change
+        np.testing.assert_array_equal(d, 2 * a)
+        big = np.ones((6000, 3), np.float32)  # above the zero-copy threshold
+        np.testing.assert_array_equal(s.run({"a": big})[1], big + 1)
+        np.testing.assert_array_equal(s.run({"a": a})[0], 2 * a)
