@@ -254,21 +254,35 @@ def _measure(
     threads: int,
     latency: LatencyConfig | None,
     given_ms: float | None,
+    latency_feeds: Feeds | None = None,
 ) -> tuple[np.ndarray, float, float, str]:
     """Predictions on `eval_feeds`, p50 latency, its spread and the precision that ran."""
     from edgerep.runtimes import get_runtime
 
     session = get_runtime(backend.runtime).load(path, options=backend.options(threads))
     try:
-        preds = np.asarray(session.run(eval_feeds)[0]).argmax(axis=1)
+        preds = _predict(session, eval_feeds)
         precision = str(session.describe().get("inference_precision", ""))
         if given_ms is not None:
             return preds, float(given_ms), 0.0, precision
-        one = {k: v[:1] for k, v in eval_feeds.items()}
+        one = latency_feeds or {k: v[:1] for k, v in eval_feeds.items()}
         result = benchmark_latency(session.run, one, config=latency or LatencyConfig())
         return preds, result.stats.p50_ms, result.p50_spread, precision
     finally:
         session.close()
+
+
+def _predict(session: Any, feeds: Feeds, batch: int = 32) -> np.ndarray:
+    """Arg-max predictions in batches of `batch`; one sample at a time for a model whose
+    batch dimension is fixed (its runtime refuses the larger batch)."""
+    n = len(next(iter(feeds.values())))
+    chunks = [{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, n, batch)]
+    try:
+        outs = [session.run(c)[0] for c in chunks]
+    except Exception:  # runtimes word a fixed-dim refusal differently; one by one must work
+        logger.debug("batched evaluation refused; evaluating one sample at a time", exc_info=True)
+        outs = [session.run({k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(n)]
+    return np.concatenate([np.asarray(o) for o in outs]).argmax(axis=1)
 
 
 def _status(speedup: float, drop: float, min_speedup: float, max_drop: float) -> str:
@@ -307,6 +321,7 @@ def select_variant(
     threads: int = 1,
     latency_config: LatencyConfig | None = None,
     latencies_ms: Mapping[str, float] | None = None,
+    latency_feeds: Feeds | None = None,
 ) -> tuple[Path, SelectionReport]:
     """Build, measure and pick the fastest quantized variant within the budget.
 
@@ -330,6 +345,9 @@ def select_variant(
         latency_config: sampling settings for `benchmark_latency`.
         latencies_ms: p50 latencies by variant name (``fp32`` included) to use
             instead of measuring; for deterministic tests and replaying a bench.
+        latency_feeds: the input to time (input name → array); default the first
+            evaluation sample. E.g. the deployment resolution of a fully
+            convolutional net evaluated on smaller images.
 
     Returns:
         The path of the chosen model and the report.
@@ -361,7 +379,15 @@ def select_variant(
     given = latencies_ms or {}
 
     def measure(path: Path, name: str) -> tuple[np.ndarray, float, float, str]:
-        return _measure(chosen_backend, path, eval_feeds, threads, latency_config, given.get(name))
+        return _measure(
+            chosen_backend,
+            path,
+            eval_feeds,
+            threads,
+            latency_config,
+            given.get(name),
+            latency_feeds,
+        )
 
     paths = {FP32: chosen_backend.reference(model_path, out_dir)}
     measured = {FP32: measure(paths[FP32], FP32)}

@@ -200,3 +200,26 @@ def test_backends_are_not_mixed_and_names_are_checked(digits: dict, tmp_path: Pa
     with pytest.raises(ConfigError, match="threads"):
         select_variant(digits["path"], tmp_path, candidates=(U8,), threads=0, **common)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fixed_batch_model_is_scored_one_sample_at_a_time(digits: dict, tmp_path: Path) -> None:
+    import torch
+
+    from tests.quantize._digits import trained_digits
+
+    model = trained_digits()[0]
+    fixed = tmp_path / "fixed.onnx"
+    torch.onnx.export(
+        model, (torch.zeros(1, 1, 8, 8),), str(fixed), dynamo=False, input_names=["x"]
+    )
+    _, report = select_variant(
+        fixed,
+        tmp_path / "out",
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        labels=digits["labels"],
+        candidates=(U8,),
+        latencies_ms={"fp32": 1.0, U8.name: 0.5},
+    )
+    fp32 = report.candidates[0]
+    assert fp32.metric > 0.9 and report.chosen == U8.name
