@@ -30,6 +30,7 @@ __all__ = [
     "REPORT_SCHEMA_VERSION",
     "markdown_table",
     "pareto_front",
+    "quantization_markdown",
     "render_html",
     "validate_report",
     "write_report",
@@ -84,6 +85,10 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "device_memory_bytes": {"type": ["integer", "null"]},
                 },
             },
+        },
+        "quantization": {
+            "type": "array",
+            "items": {"type": "object", "required": ["variant", "report"]},
         },
         "errors": {
             "type": "array",
@@ -214,6 +219,41 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines + notes + _throughput_lines(report)) + "\n"
 
 
+def quantization_markdown(report: Mapping[str, Any]) -> str:
+    """Per quantized bundle and backend: every variant `edgerep quantize` measured, the
+    choice, and the per-layer sensitivity table when the bundle has one ("" if none)."""
+    out: list[str] = []
+    for q in report.get("quantization") or []:
+        rep = q["report"]
+        out.append(
+            f"### Quantization of {q['variant']} (mode {rep['mode']}, budget "
+            f"{rep['max_drop']:.2%}, at least {rep['min_speedup']:.2f}x)"
+        )
+        for b in rep["backends"]:
+            sel = b["selection"]
+            out += [
+                "",
+                f"{b['backend']}: chose **{b['chosen']}**"
+                + (f" ({b['reason']})" if b["reason"] else ""),
+                "",
+                f"| variant | p50 ms | speed-up | {sel['metric']} | drop | status |",
+                "|---|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {c['name']} | {c['latency_ms']:.4f} | {c['speedup']:.2f}x | "
+                f"{c['metric']:.4f} | {c['drop']:.4f} | {c['status']} |"
+                for c in sel["candidates"]
+            ]
+            mixed = b.get("mixed_precision")
+            if mixed:
+                kept = ", ".join(mixed["kept_float"]) or "none"
+                out += ["", f"mixed precision: {mixed['status']}; kept in float: {kept}"]
+        if q.get("sensitivity_markdown"):
+            out += ["", q["sensitivity_markdown"].rstrip()]
+        out.append("")
+    return "\n".join(out)
+
+
 def _throughput_lines(report: Mapping[str, Any]) -> list[str]:
     """The throughput table (rows measured with concurrency), or nothing."""
     out = []
@@ -325,6 +365,9 @@ def render_html(report: Mapping[str, Any]) -> str:
                 f"<h2>{title}</h2><img id='plot-{name}' alt='{title}' "
                 f"src='data:image/png;base64,{plots[name]}'>"
             )
+    quantized = quantization_markdown(report)
+    if quantized:
+        parts.append("<h2>Quantization</h2><pre>" + html.escape(quantized) + "</pre>")
     env = json.dumps(report.get("environment", {}), indent=2, default=str)
     settings = json.dumps(report.get("settings", {}), indent=2, default=str)
     parts += [
@@ -366,7 +409,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench.json", "markdown": out / "bench.md"}
     _write(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
-    _write(paths["markdown"], markdown_table(data))
+    quantized = quantization_markdown(data)
+    _write(paths["markdown"], markdown_table(data) + ("\n" + quantized if quantized else ""))
     if html_page:
         paths["html"] = out / "bench.html"
         _write(paths["html"], render_html(data))

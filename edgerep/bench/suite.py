@@ -16,6 +16,7 @@ silently dropped.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -351,7 +352,27 @@ def run_bench(
         },
         "rows": out_rows,
         "errors": errors,
+        "quantization": _quantization(parsed),
     }
+
+
+def _quantization(targets: Sequence[BenchTarget]) -> list[dict[str, Any]]:
+    """What ``edgerep quantize`` recorded in each bundle: the selection per backend and
+    the per-layer sensitivity table, when present."""
+    out = []
+    for t in targets:
+        root = Path(t.path)
+        if not t.is_bundle or not (root / "quantize_report.json").is_file():
+            continue
+        sensitivity = root / "sensitivity.md"
+        out.append(
+            {
+                "variant": t.name,
+                "report": json.loads((root / "quantize_report.json").read_text()),
+                "sensitivity_markdown": sensitivity.read_text() if sensitivity.is_file() else None,
+            }
+        )
+    return out
 
 
 def _measure(

@@ -10,6 +10,8 @@ import pytest
 
 import edgerep
 from edgerep.bench.latency import LatencyConfig
+from edgerep.bench.report import write_report
+from edgerep.bench.suite import run_bench
 from edgerep.bundle import read_manifest, write_manifest
 from edgerep.cli import EXIT_OK, EXIT_USAGE, main
 from edgerep.errors import ConfigError
@@ -217,6 +219,17 @@ def test_cli_quantize(digits: dict, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert set(statuses) == {"fp32", U8, S8, PT}
     assert read_manifest(out)["artifacts"]
     assert (out / "sensitivity.md").read_text().count("|") > 10
+    # the bench report of the quantized bundle shows the selection and the sensitivity table
+    report = run_bench(
+        [str(out)],
+        runtimes=["onnxruntime"],
+        config=LatencyConfig(min_seconds=0.01, repeats=1, warmup_iters=1, min_iters=5),
+        roofline=False,
+    )
+    paths = write_report(report, tmp_path / "bench")
+    text = paths["markdown"].read_text()
+    assert "### Quantization of q" in text and "Per-layer sensitivity" in text
+    assert "Quantization" in paths["html"].read_text()
 
 
 def test_mixed_precision_rescues_an_over_budget_int8(digits: dict, tmp_path: Path) -> None:
