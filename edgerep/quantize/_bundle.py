@@ -31,7 +31,6 @@ onnxruntime int8 configuration goes into the bundle as ``sensitivity.json`` and
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -374,26 +373,12 @@ def quantize_bundle(
                 min_speedup=min_speedup,
                 latency_config=latency_config,
                 latencies_ms=(latencies_ms or {}).get(b.name),
+                mixed=mixed,
             )
-            sens = None
-            if b.name == "onnxruntime" and (sensitivity or (mixed and _over_budget(selection))):
+            if b.name == "onnxruntime" and sensitivity:
                 sens = _sensitivity(src / art["file"], data, _int8_config(b, mode, selection))
-                if sensitivity:
-                    _write_sensitivity(tmp, sens)
-            mixed_report = None
-            if b.name == "onnxruntime" and mixed and _over_budget(selection):
-                chosen_path, selection, mixed_report = _mixed_fallback(
-                    b,
-                    src / art["file"],
-                    work,
-                    data,
-                    mode,
-                    selection,
-                    sens,
-                    min_speedup=min_speedup,
-                    latency_config=latency_config,
-                    latencies_ms=(latencies_ms or {}).get(b.name),
-                )
+                _write_sensitivity(tmp, sens)
+            mixed_report = selection.mixed
             ledger += _ledger_rows(b.name, selection)
             if selection.chosen == "fp32":
                 why = _why_none(selection)
@@ -433,19 +418,14 @@ def quantize_bundle(
     return target, report
 
 
-def _over_budget(selection: SelectionReport) -> bool:
-    """No variant was chosen, and some were fast enough but lost too much accuracy."""
-    return selection.chosen == "fp32" and any(
-        c.status == "over budget" for c in selection.candidates
-    )
-
-
 def _int8_config(backend: _Backend, mode: str, selection: SelectionReport) -> Any:
     """The config to analyse: the chosen one, else the fastest over-budget one, else the
     first candidate."""
     by_name = {c.name: c for c in backend.modes[mode]}
     if selection.chosen in by_name:
         return by_name[selection.chosen]
+    if selection.mixed and selection.mixed.get("from") in by_name:
+        return by_name[selection.mixed["from"]]
     over = [c for c in selection.candidates if c.status == "over budget" and c.name in by_name]
     if over:
         return by_name[min(over, key=lambda c: c.latency_ms).name]
@@ -465,64 +445,6 @@ def _write_sensitivity(root: Path, sens: Any) -> None:
     (root / "sensitivity.md").write_text(sens.to_markdown() + "\n")
     with open(root / "report.txt", "a") as f:
         f.write("\n" + sens.to_text() + "\n")
-
-
-def _mixed_fallback(
-    backend: _Backend,
-    path: Path,
-    work: Path,
-    data: CalibrationData,
-    mode: str,
-    selection: SelectionReport,
-    sens: Any,
-    *,
-    min_speedup: float,
-    latency_config: LatencyConfig | None,
-    latencies_ms: Mapping[str, float] | None,
-) -> tuple[Path, SelectionReport, dict[str, Any]]:
-    """Mixed precision from the fastest over-budget config; measured like a candidate.
-
-    Returns the selection extended by the mixed variant (chosen only if it pays), and
-    the mixed-precision report.
-    """
-    from edgerep.quantize._mixed import mixed_precision
-
-    config = _int8_config(backend, mode, selection)
-    _, mp = mixed_precision(
-        path,
-        work / "mixed" / "mixed.onnx",
-        calib=data.calib,
-        eval_feeds=data.eval_feeds,
-        labels=data.labels,
-        config=config,
-        max_drop=selection.max_drop,
-        sensitivity=sens,
-    )
-    summary = finite(mp.to_dict())
-    if mp.status != "within budget":
-        return work / "fp32", selection, summary
-    candidate = dataclasses.replace(config, nodes_to_exclude=tuple(mp.kept_float))
-    given = None
-    if latencies_ms is not None and candidate.name in latencies_ms:
-        given = {"fp32": latencies_ms["fp32"], candidate.name: latencies_ms[candidate.name]}
-    chosen_path, second = select_variant(
-        path,
-        work / "mixed-select",
-        calib=data.calib,
-        eval_feeds=data.eval_feeds,
-        labels=data.labels,
-        candidates=(candidate,),
-        max_drop=selection.max_drop,
-        min_speedup=min_speedup,
-        latency_config=latency_config,
-        latencies_ms=given,
-    )
-    merged = dataclasses.replace(
-        selection,
-        chosen=second.chosen,
-        candidates=[*selection.candidates, *second.candidates[1:]],
-    )
-    return chosen_path, merged, summary
 
 
 def _why_none(selection: SelectionReport) -> str:

@@ -83,6 +83,9 @@ class SelectionBackend:
             accuracy themselves.
         options: ``threads -> runtime load options``.
         files: ``path -> files that make up the model`` (for copying the choice).
+        rescue: ``(model_path, out_dir, config, calib, eval_feeds, labels, max_drop)
+            -> (config or None, summary)``: a variant of an over-budget `config` that
+            may meet the budget (onnxruntime: mixed precision), or None.
     """
 
     name: str
@@ -93,6 +96,7 @@ class SelectionBackend:
     build: Callable[[Path, Path, Any, list[Feeds], Sequence[tuple[Feeds, Any]]], Path]
     options: Callable[[int], dict[str, Any]]
     files: Callable[[Path], list[Path]] = lambda p: [p]
+    rescue: Callable[..., tuple[Any, dict[str, Any]]] | None = None
 
 
 _BACKENDS: dict[type, SelectionBackend] = {}
@@ -126,6 +130,36 @@ def _ort_build(
     return quantize_onnx(src, out, config, calib=calib).path
 
 
+def _ort_rescue(
+    model_path: Path,
+    out_dir: Path,
+    config: OrtQuantConfig,
+    calib: list[Feeds],
+    eval_feeds: Feeds,
+    labels: np.ndarray | None,
+    max_drop: float,
+) -> tuple[OrtQuantConfig | None, dict[str, Any]]:
+    """Mixed precision from `config`: its most sensitive layers kept in float until the
+    budget holds; the config with those nodes excluded, or None when even that fails."""
+    from edgerep._json import finite
+    from edgerep.quantize._mixed import mixed_precision
+
+    _, mp = mixed_precision(
+        model_path,
+        out_dir / "mixed-precision" / "mixed.onnx",
+        calib=calib,
+        eval_feeds=eval_feeds,
+        labels=labels,
+        config=config,
+        max_drop=max_drop,
+    )
+    summary = finite(mp.to_dict())
+    summary["from"] = config.name
+    if mp.status != "within budget" or not mp.kept_float:
+        return None, summary
+    return replace(config, nodes_to_exclude=tuple(mp.kept_float)), summary
+
+
 def _ov_build(
     src: Path, out: Path, config: OvQuantConfig, calib: list[Feeds], items: Sequence[Any]
 ) -> Path:
@@ -144,6 +178,7 @@ register_selection_backend(
         reference=lambda model_path, out_dir: model_path,
         build=_ort_build,
         options=lambda threads: {"threads": threads, "inter_op_threads": 1},
+        rescue=_ort_rescue,
     ),
 )
 register_selection_backend(
@@ -245,6 +280,7 @@ class SelectionReport:
     latency_source: str = "measured"
     backend: str = "onnxruntime"
     threads: int = 1
+    mixed: dict[str, Any] | None = None
 
 
 def _measure(
@@ -322,6 +358,7 @@ def select_variant(
     latency_config: LatencyConfig | None = None,
     latencies_ms: Mapping[str, float] | None = None,
     latency_feeds: Feeds | None = None,
+    mixed: bool = True,
 ) -> tuple[Path, SelectionReport]:
     """Build, measure and pick the fastest quantized variant within the budget.
 
@@ -348,6 +385,10 @@ def select_variant(
         latency_feeds: the input to time (input name → array); default the first
             evaluation sample. E.g. the deployment resolution of a fully
             convolutional net evaluated on smaller images.
+        mixed: when every variant fast enough is over budget, let the backend try
+            to rescue the fastest of them (onnxruntime: automatic mixed precision,
+            `mixed_precision`); the result is measured like any candidate and its
+            summary is in `SelectionReport.mixed`.
 
     Returns:
         The path of the chosen model and the report.
@@ -408,25 +449,35 @@ def select_variant(
         backend=chosen_backend.name,
         threads=threads,
     )
-    metric = {name: float((m[0] == truth).mean()) for name, m in measured.items()}
-    ref_ms = measured[FP32][1]
-    for name in names:
-        _, latency_ms, spread, precision = measured[name]
-        speedup, drop = ref_ms / latency_ms, metric[FP32] - metric[name]
+
+    def result(name: str) -> CandidateResult:
+        preds, latency_ms, spread, precision = measured[name]
+        value = float((preds == truth).mean())
+        ref_ms, ref_value = measured[FP32][1], float((measured[FP32][0] == truth).mean())
+        speedup, drop = ref_ms / latency_ms, ref_value - value
         status = "reference" if name == FP32 else _status(speedup, drop, min_speedup, max_drop)
-        report.candidates.append(
-            CandidateResult(
-                name,
-                paths[name],
-                latency_ms,
-                speedup,
-                metric[name],
-                drop,
-                status,
-                spread,
-                precision,
-            )
+        return CandidateResult(
+            name, paths[name], latency_ms, speedup, value, drop, status, spread, precision
         )
+
+    report.candidates = [result(name) for name in names]
+    over = [r for r in report.candidates if r.status == "over budget"]
+    if (
+        mixed
+        and chosen_backend.rescue
+        and over
+        and not any(r.status == "eligible" for r in report.candidates)
+    ):
+        by_name = {c.name: c for c in configs}
+        base = by_name[min(over, key=lambda r: r.latency_ms).name]
+        rescued, report.mixed = chosen_backend.rescue(
+            model_path, out_dir, base, calib, eval_feeds, labels, max_drop
+        )
+        if rescued is not None and rescued.name not in paths:
+            out = out_dir / f"{rescued.name}{chosen_backend.suffix}"
+            paths[rescued.name] = chosen_backend.build(model_path, out, rescued, calib, items)
+            measured[rescued.name] = measure(paths[rescued.name], rescued.name)
+            report.candidates.append(result(rescued.name))
     eligible = [r for r in report.candidates if r.status == "eligible"]
     if eligible:
         best = _best(eligible)
