@@ -12,8 +12,9 @@ short summary. Sections (see ``bench/README.md`` for every field):
    width multipliers (0.3M to 9.1M parameters, RepVGG-A0 itself included), each
    with random weights and BN statistics (`edgerep.zoo.randomize_`); the median
    of ``--repeats`` folds after one warm-up fold, the warm-up kept separately
-   (the first fold of the process also pays torch.export's one-time start-up),
-   and a least-squares fit ``seconds = a + b * params``.
+   (the first fold of the process also pays one-time start-up costs), each
+   call's split into stages (`FoldReport.stage_seconds`) and its median per
+   stage, and a least-squares fit ``seconds = a + b * params``.
 2. ``latency``: batch-1 latency of RepVGG-A0 and `edgerep.zoo.mobileone_net`
    at 224x224, unfolded and folded, in torch eager and onnxruntime (ONNX files
    from `edgerep.pipeline.convert` with ``fold=True`` / ``fold=False``, so each is
@@ -150,14 +151,23 @@ def scaled_repvgg(multiplier: float) -> tuple[str, tuple[int, ...], nn.Module]:
 
 
 def timed_fold(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Any], Any]:
-    """One `fold` call: its wall time, the CPU other processes used meanwhile, the report."""
+    """One `fold` call: its wall time and stages, the CPU other processes used meanwhile
+    and the 1-minute load average after it, the report."""
     meter = CpuMeter()
     start = time.perf_counter()
     _, report = fold(model, x)
     seconds = time.perf_counter() - start
-    others = meter.read()["others_cores"]
+    cpu = meter.read()
+    others = cpu["others_cores"]
     disturbed = others is not None and others > DISTURBED_CORES
-    return {"seconds": seconds, "others_cores": others, "disturbed": disturbed}, report
+    run = {
+        "seconds": seconds,
+        "stage_seconds": dict(report.stage_seconds),
+        "others_cores": others,
+        "loadavg_1": cpu["loadavg_1_5_15"][0],
+        "disturbed": disturbed,
+    }
+    return run, report
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
@@ -244,9 +254,15 @@ def section_fold_scaling(size: int, repeats: int, say: Callable[[str], None]) ->
             runs.append(timed_fold(model, x)[0])
             if sum(not r["disturbed"] for r in runs) >= repeats:
                 break
-        quiet = [r["seconds"] for r in runs if not r["disturbed"]]
-        counted = quiet if len(quiet) >= repeats else [r["seconds"] for r in runs]
+        quiet_runs = [r for r in runs if not r["disturbed"]]
+        counted_runs = quiet_runs if len(quiet_runs) >= repeats else runs
+        quiet = [r["seconds"] for r in quiet_runs]
+        counted = quiet if counted_runs is quiet_runs else [r["seconds"] for r in runs]
         median = statistics.median(counted)
+        stages = {
+            name: statistics.median(r["stage_seconds"].get(name, 0.0) for r in counted_runs)
+            for name in counted_runs[0]["stage_seconds"]
+        }
         params = count_params(model)
         rows.append(
             {
@@ -263,6 +279,8 @@ def section_fold_scaling(size: int, repeats: int, say: Callable[[str], None]) ->
                 "fold_runs": runs,
                 "fold_seconds_median": median,
                 "fold_seconds_min": min(counted),
+                "stage_seconds_median": stages,
+                "loadavg_1_median": statistics.median(r["loadavg_1"] for r in counted_runs),
                 "median_over": "undisturbed runs"
                 if counted is quiet
                 else "all runs (too few undisturbed)",
@@ -294,8 +312,8 @@ def section_fold_scaling(size: int, repeats: int, say: Callable[[str], None]) ->
         "disturbed": f"a call during which other processes used > {DISTURBED_CORES} cores; "
         f"repeated, up to {EXTRA_FOLD_RUNS} extra calls per net",
         "process_cold_fold_seconds": rows[0]["first_fold_seconds"],
-        "process_cold_note": "first fold of the process (includes torch.export's one-time "
-        f"start-up) on {rows[0]['name']}; its warm median is "
+        "process_cold_note": "first fold of the process (includes one-time start-up costs) "
+        f"on {rows[0]['name']}; its warm median is "
         f"{rows[0]['fold_seconds_median']:.3f} s",
         "nets": rows,
         "fit_seconds_vs_params": {
@@ -591,6 +609,12 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         f" s + {fs['fit_min_seconds_vs_params']['seconds_per_million_params']:.3f} s/Mparam, "
         f"R² = {fs['fit_min_seconds_vs_params']['r2']:.3f}); process cold fold "
         f"{fs['process_cold_fold_seconds']:.2f} s",
+        *(
+            f"  {r['name']} stages (median): "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in r["stage_seconds_median"].items())
+            + f"; capture {r['capture']}; load average {r['loadavg_1_median']:.2f}"
+            for r in fs["nets"][-1:]
+        ),
         "batch-1 speed-up, unfolded p50 / folded p50:",
     ]
     for row in results["latency"]["nets"]:

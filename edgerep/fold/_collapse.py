@@ -104,7 +104,8 @@ def from_map(
         return probe.build_linear(m.weight, m.bias), "linear"
     weight, offset = m.weight, list(m.offset)
     nd = m.nd
-    mag = weight.abs().amax(dim=(0, 1))
+    # max over (out, in) as a reduction over one leading dim (amax over two is slow)
+    mag = weight.abs().reshape(-1, *weight.shape[2:]).max(dim=0).values
     scale = mag.max().item()
     if scale == 0:
         raise _compose.Decline("the composed kernel is zero")

@@ -14,7 +14,13 @@ Algebra (per spatial dimension; a map is ``y[:, i] = Σ_t W[:, :, t] x[:, i·s +
   (zero padding of a biased map is not a conv);
 * BN and per-channel scale: rows of ``W`` and ``b`` scaled, shift added to ``b``;
 * sum of two maps with equal strides: kernels aligned on their offsets and added;
-* zero pad by ``l``: offset ``o - l·s``; avg-pool: a depthwise conv of ``1/k``.
+* zero pad by ``l``: offset ``o - l·s``; avg-pool: a depthwise conv of ``1/k``;
+* a conv of the region's input itself (the identity map) is its own kernel,
+  dilated, with offset ``-p2``: no products needed.
+
+Handlers are keyed by the ATen overloads of a torch.export graph (here) and by
+the functions, tensor methods and leaf module types of a torch.fx graph
+(`edgerep.fold._compose_fx`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["Decline", "KernelMap", "LinearMap", "compose"]
+__all__ = [
+    "HANDLERS",
+    "METHOD_HANDLERS",
+    "MODULE_HANDLERS",
+    "Decline",
+    "KernelMap",
+    "LinearMap",
+    "compose",
+]
 
 aten = torch.ops.aten
 _F64 = torch.float64
@@ -46,6 +60,7 @@ class KernelMap:
     bias: torch.Tensor  # (C_out,)
     stride: tuple[int, ...]
     offset: tuple[int, ...]
+    identity: bool = False  # the region's input itself: a conv of it is its own kernel
 
     @property
     def nd(self) -> int:
@@ -142,10 +157,25 @@ def _conv(
     c_mid = c_mid_g * groups
     if c_mid != x.weight.shape[0]:
         raise Decline("conv input channels do not match")
-    dense = torch.zeros((c_out, c_mid, *w.shape[2:]), dtype=_F64)
-    og = c_out // groups
-    for g in range(groups):
-        dense[g * og : (g + 1) * og, g * c_mid_g : (g + 1) * c_mid_g] = w[g * og : (g + 1) * og]
+    if groups == 1:
+        dense = w
+    else:
+        dense = torch.zeros((c_out, c_mid, *w.shape[2:]), dtype=_F64)
+        og = c_out // groups
+        for g in range(groups):
+            dense[g * og : (g + 1) * og, g * c_mid_g : (g + 1) * c_mid_g] = w[g * og : (g + 1) * og]
+    out_stride = tuple(s2 * s for s2, s in zip(stride, x.stride))
+    out_offset = tuple(o - p * s for o, p, s in zip(x.offset, padding, x.stride))
+    if x.identity:  # the conv of the input itself: its own (dense, dilated) kernel
+        if any(d != 1 for d in dilation):
+            spread = torch.zeros(
+                (c_out, c_mid, *((k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation))),
+                dtype=_F64,
+            )
+            spread[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))] = dense
+            dense = spread
+        b = torch.zeros(c_out, dtype=_F64) if bias is None else bias.to(_F64)
+        return KernelMap(dense, b, out_stride, out_offset)
     k2 = w.shape[2:]
     kx = x.weight.shape[2:]
     size = tuple((k - 1) * d * s + kk for k, d, s, kk in zip(k2, dilation, x.stride, kx))
@@ -161,12 +191,7 @@ def _conv(
     b = dense.sum(dim=tuple(range(2, 2 + nd))) @ x.bias
     if bias is not None:
         b = b + bias.to(_F64)
-    return KernelMap(
-        out,
-        b,
-        tuple(s2 * s for s2, s in zip(stride, x.stride)),
-        tuple(o - p * s for o, p, s in zip(x.offset, padding, x.stride)),
-    )
+    return KernelMap(out, b, out_stride, out_offset)
 
 
 def _taps(kernel: tuple[int, ...] | torch.Size) -> list[tuple[int, ...]]:
@@ -395,6 +420,10 @@ HANDLERS: dict[Any, Callable[..., Any]] = {
 }
 
 
+METHOD_HANDLERS: dict[str, Callable[..., Any]] = {}
+MODULE_HANDLERS: dict[type, Callable[[Value, Any], Value]] = {}
+
+
 def _is_map(v: Any) -> bool:
     return isinstance(v, (KernelMap, LinearMap))
 
@@ -422,12 +451,24 @@ class _Composer(fx.Interpreter):
             raise Decline(f"unexpected arguments to {target}: {e}") from e
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if any(_is_map(a) for a in args):
+        if not any(_is_map(a) for a in [*args, *kwargs.values()]):
+            return super().call_method(target, args, kwargs)
+        handler = METHOD_HANDLERS.get(target)
+        if handler is None:
             raise Decline(f"no analytic rule for method {target}")
-        return super().call_method(target, args, kwargs)
+        try:
+            return handler(*args, **kwargs)
+        except TypeError as e:
+            raise Decline(f"unexpected arguments to method {target}: {e}") from e
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        raise Decline("module calls are left to the probe")
+        module = self.fetch_attr(target)
+        if not any(_is_map(a) for a in [*args, *kwargs.values()]):
+            return super().call_module(target, args, kwargs)
+        handler = MODULE_HANDLERS.get(type(module))
+        if handler is None or kwargs or len(args) != 1:
+            raise Decline(f"no analytic rule for a call of {type(module).__name__}")
+        return handler(args[0], module)
 
 
 def compose(gm: fx.GraphModule, in_shape: tuple[int, ...], role: str) -> KernelMap | LinearMap:
@@ -447,7 +488,7 @@ def compose(gm: fx.GraphModule, in_shape: tuple[int, ...], role: str) -> KernelM
         if nd < 1:
             raise Decline("a conv region without spatial dimensions")
         eye = torch.eye(c, dtype=_F64).reshape(c, c, *([1] * nd))
-        start: Value = KernelMap(eye, torch.zeros(c, dtype=_F64), (1,) * nd, (0,) * nd)
+        start: Value = KernelMap(eye, torch.zeros(c, dtype=_F64), (1,) * nd, (0,) * nd, True)
     else:
         f = in_shape[-1]
         start = LinearMap(torch.eye(f, dtype=_F64), torch.zeros(f, dtype=_F64), len(in_shape))
@@ -458,3 +499,7 @@ def compose(gm: fx.GraphModule, in_shape: tuple[int, ...], role: str) -> KernelM
     if not _is_map(result):
         raise Decline("the region's output is not an affine map of its input")
     return result
+
+
+# the torch.fx handlers fill HANDLERS, METHOD_HANDLERS and MODULE_HANDLERS
+from edgerep.fold import _compose_fx  # noqa: E402, F401

@@ -6,11 +6,13 @@ FLOPs are counted by `torch.utils.flop_counter` (matmul and convolution FLOPs,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_params"]
+__all__ = ["count_flops", "count_params", "run_counting_flops"]
 
 
 def count_params(module: nn.Module) -> int:
@@ -27,3 +29,11 @@ def count_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
     except Exception:
         return 0
     return int(counter.get_total_flops())
+
+
+def run_counting_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, int]:
+    """`module(*inputs)` (no grad) and the FLOPs it took; exceptions propagate."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        out = module(*inputs)
+    return out, int(counter.get_total_flops())

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
 from edgerep.errors import ConfigError, UnsupportedError, VerificationError
-from edgerep.fold import _collapse, _graph, probe, verify
-from edgerep.fold._cost import count_flops, count_params
+from edgerep.fold import _capture, _collapse, _graph, _structure, probe, verify
+from edgerep.fold._cost import count_flops, count_params, run_counting_flops
 from edgerep.fold.report import FoldedRegion, FoldReport, KeptRegion
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def fold(
     Linear/Conv layer, read off the function in float64 (`edgerep.fold.probe`) and
     kept only if `edgerep.fold.verify` finds it equal within `rtol` at several
     input sizes. Two passes: submodules that are affine as a whole collapse to
-    one layer; then, in the captured graph (torch.export, else torch.fx), each
+    one layer; then, in the captured graph (torch.fx, else torch.export), each
     maximal affine region with one input and one output (conv/linear, eval BN,
     add/sub, scale, zero pad, avg pool, identity) folds to one layer.
 
@@ -111,8 +111,9 @@ def fold(
             "example_inputs must be a tensor or a tuple of tensors, got "
             f"{[type(t).__name__ for t in inputs]}"
         )
-    _refuse_non_finite(model)
     report = FoldReport()
+    stage = _stopwatch(report)
+    _refuse_non_finite(model)
     work = _copy(model)
     if model.training:
         report.notes.append(
@@ -121,7 +122,7 @@ def fold(
         )
     work.eval()
     try:
-        calls = _record_inputs(work, inputs)
+        calls, output = _record_inputs(work, inputs)
     except Exception as e:
         shapes = [list(t.shape) for t in inputs]
         raise UnsupportedError(
@@ -130,39 +131,72 @@ def fold(
         ) from e
     _remove_parametrizations(work, report, calls, rtol)
     report.params_before = count_params(model)
-    report.flops_before = count_flops(work, inputs)
+    # FLOPs are counted while the end-to-end check runs both models, except where a
+    # parametrization was evaluated: the original then also computes its weights.
+    parametrized = any(r.level == "parametrization" for r in report.folded)
+    if parametrized:
+        report.flops_before = count_flops(work, inputs)
+    stage("prepare")
 
     nonaffine: dict[str, str] = {}
-    cap = _graph.capture(work, inputs) if graph_level else None
+    cap = _capture.capture(work, inputs, reference=output) if graph_level else None
+    stage("capture")
     if module_level:
         # When the graph is captured, modules made only of ops the graph pass folds are
         # left to it (one fold instead of two); the module pass handles the rest.
         graph_ok = cap is not None and cap.gm is not None
+        structures = (
+            _structure.of_graph(cap.gm)
+            if cap is not None and cap.gm is not None and cap.method == "torch.fx"
+            else {}
+        )
         n_before = len(report.folded)
         work = _module_pass(
             work,
-            inputs,
+            calls,
             report,
             nonaffine,
             rtol,
             allow_flops_increase,
+            structures=structures,
             skip_transparent=graph_ok,
         )
         if any(r.level == "module" for r in report.folded[n_before:]):
             cap = None  # the module tree changed: capture it again
+        stage("module pass")
     root_collapsed = any(r.level == "module" and r.path == "" for r in report.folded)
     if graph_level and not root_collapsed:
-        work = _graph_pass(work, inputs, report, rtol, allow_flops_increase, cap)
+        if cap is None:
+            with torch.no_grad():
+                reference = work(*inputs)
+            cap = _capture.capture(work, inputs, reference=reference)
+            stage("capture")
+        work = _graph_pass(work, report, rtol, allow_flops_increase, cap)
+        stage("graph pass")
     else:
         report.capture = "skipped"
     _report_nonaffine(report, nonaffine)
 
     report.params_after = count_params(work)
-    report.flops_after = count_flops(work, inputs)
-    _end_to_end_check(model, work, inputs, report)
+    flops_original, report.flops_after = _end_to_end_check(model, work, inputs, report)
+    if not parametrized:
+        report.flops_before = flops_original
+    stage("end-to-end check")
     report.seconds = time.perf_counter() - start
     work.eval()
     return work, report
+
+
+def _stopwatch(report: FoldReport) -> Callable[[str], None]:
+    """`stage(name)` adds the seconds since the previous call to ``report.stage_seconds``."""
+    last = [time.perf_counter()]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        report.stage_seconds[name] = report.stage_seconds.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    return stage
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -272,7 +306,10 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _record_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, list[Any]]:
+def _record_inputs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[dict[str, list[Any]], Any]:
+    """The (args, kwargs) of every call of every submodule, and the model's output."""
     calls: dict[str, list[Any]] = {}
     handles = []
     for name, module in model.named_modules():
@@ -283,11 +320,11 @@ def _record_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[s
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            model(*inputs)
+            output = model(*inputs)
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return calls, output
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -320,15 +357,17 @@ def _small_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _module_pass(
     work: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    calls: dict[str, list[Any]],
     report: FoldReport,
     nonaffine: dict[str, str],
     rtol: float,
     allow_flops_increase: bool,
     *,
+    structures: dict[str, str],
     skip_transparent: bool,
 ) -> nn.Module:
-    calls = _record_inputs(work, inputs)
+    # `calls` was recorded before parametrizations were evaluated: that changes the
+    # values, not which modules run or the shapes they see, which is all used here.
     done: list[str] = []
     for name, module in list(work.named_modules()):
         if any(name.startswith(d + ".") for d in done):
@@ -343,14 +382,14 @@ def _module_pass(
             continue
         if not args[0].is_floating_point():
             continue
-        structure = _structure(module)
+        structure = structures.get(name) or _structure.of_module(module)
         if skip_transparent and structure == "transparent":
             continue
         if structure.startswith("contains "):
             nonaffine[name] = f"not affine ({structure})"
             continue
         shape = tuple(args[0].shape)
-        f64 = copy.deepcopy(module).to(torch.float64).eval()
+        f64 = _capture.float64_copy(module).eval()
         try:
             err = verify.affinity_error(f64, _small_shape(shape))
         except Exception:
@@ -407,81 +446,6 @@ def _module_pass(
     return work
 
 
-# Ops known to be nonlinear: a module whose traced graph applies one of them to its
-# input is not affine, so it is not probed at all.
-_NONLINEAR_NAMES = frozenset(
-    {
-        "relu",
-        "relu_",
-        "relu6",
-        "gelu",
-        "silu",
-        "sigmoid",
-        "tanh",
-        "hardswish",
-        "hardsigmoid",
-        "softmax",
-        "log_softmax",
-        "leaky_relu",
-        "elu",
-        "mish",
-        "layer_norm",
-        "group_norm",
-        "max_pool1d",
-        "max_pool2d",
-        "max_pool3d",
-        "softplus",
-        "exp",
-        "log",
-        "abs",
-    }
-)
-_NONLINEAR_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Softmax,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Mish,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.Softplus,
-    nn.PReLU,
-)
-
-
-def _structure(module: nn.Module) -> str:
-    """'transparent' when the graph pass folds every activation op of `module`,
-    'contains <op>' when it applies a known nonlinearity, else 'opaque'."""
-    try:
-        gm = fx.symbolic_trace(module)
-    except Exception:
-        return "opaque"
-    const, affine = _graph._classify(gm)
-    opaque = False
-    for n in gm.graph.nodes:
-        if n.op not in ("call_function", "call_method", "call_module") or n in const or n in affine:
-            continue
-        if n.op == "call_module":
-            sub = gm.get_submodule(str(n.target))
-            if isinstance(sub, _NONLINEAR_MODULES):
-                return f"contains {type(sub).__name__}"
-        else:
-            name = getattr(n.target, "__name__", str(n.target))
-            if name in _NONLINEAR_NAMES:
-                return f"contains {name}"
-        opaque = True
-    return "opaque" if opaque else "transparent"
-
-
 def _describe(module: nn.Module) -> str:
     text = repr(module)
     return " ".join(text.split())
@@ -489,14 +453,11 @@ def _describe(module: nn.Module) -> str:
 
 def _graph_pass(
     work: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
     report: FoldReport,
     rtol: float,
     allow_flops_increase: bool,
-    cap: _graph.Capture | None,
+    cap: _capture.Capture,
 ) -> nn.Module:
-    if cap is None:
-        cap = _graph.capture(work, inputs)
     report.capture = cap.method
     if cap.gm is None:
         report.notes.append(
@@ -504,7 +465,7 @@ def _graph_pass(
         )
         return work
     if cap.errors:
-        report.notes.append("torch.export failed, used torch.fx: " + " | ".join(cap.errors))
+        report.notes.append(f"graph capture used {cap.method} after: " + " | ".join(cap.errors))
     folded_gm, outcomes, declined = _graph.fold_regions(
         cap.gm, rtol=rtol, allow_flops_increase=allow_flops_increase
     )
@@ -560,20 +521,15 @@ def _report_nonaffine(report: FoldReport, nonaffine: dict[str, str]) -> None:
         report.kept.append(KeptRegion(name, (name,), reason))
 
 
-def _float64_copy(module: nn.Module) -> nn.Module:
-    if isinstance(module, fx.GraphModule):
-        return _graph._to_float64(module)
-    return copy.deepcopy(module).to(torch.float64)
-
-
 def _end_to_end_check(
     original: nn.Module, folded: nn.Module, inputs: tuple[torch.Tensor, ...], report: FoldReport
-) -> None:
-    ref_model = _copy(original).to(torch.float64).eval()
-    new_model = _float64_copy(folded).eval()
+) -> tuple[int, int]:
+    """Compare both models in float64 on the example; returns their FLOPs there."""
+    ref_model = _capture.float64_copy(original).eval()
+    new_model = _capture.float64_copy(folded).eval()
     x64 = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)
-    with torch.no_grad():
-        ref, out = ref_model(*x64), new_model(*x64)
+    ref, flops_ref = run_counting_flops(ref_model, x64)
+    out, flops_out = run_counting_flops(new_model, x64)
     refs = ref if isinstance(ref, (tuple, list)) else (ref,)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     worst = 0.0
@@ -595,3 +551,4 @@ def _end_to_end_check(
             f"the folded model differs from the original by {worst:.2e} relative in float64 "
             f"(> {gate:.0e}) although every region passed; please report this model as a bug"
         )
+    return flops_ref, flops_out

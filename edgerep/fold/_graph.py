@@ -1,5 +1,6 @@
-"""Graph-level folding: capture the forward graph, find maximal affine regions
-with one tensor in and one out, and replace each with the one layer it equals.
+"""Graph-level folding: in a captured forward graph (`edgerep.fold._capture`), find
+maximal affine regions with one tensor in and one out, and replace each with the
+one layer it equals.
 
 Nothing here knows block classes: a RepVGG block is a region
 ``conv+BN + conv+BN + BN`` summed, closed by a ReLU that is simply not affine.
@@ -10,69 +11,20 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from edgerep.fold import _collapse, _compose, _ops, probe, verify
+from edgerep.fold._capture import float64_copy
 from edgerep.fold._cost import count_flops, count_params
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Capture", "Region", "capture", "find_regions", "fold_regions"]
-
-
-@dataclass
-class Capture:
-    """A captured model: a GraphModule, or the reason capture failed."""
-
-    gm: fx.GraphModule | None
-    method: str
-    errors: list[str] = field(default_factory=list)
-
-
-def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
-    """Capture `model` (eval mode) with torch.export, else torch.fx; shapes recorded."""
-    errors: list[str] = []
-    # torch.export specializes dimensions of size 1: trace with a batch of two so the
-    # folded graph keeps a dynamic batch.
-    traced = tuple(
-        t.repeat(2, *([1] * (t.ndim - 1))) if t.ndim and t.shape[0] == 1 else t
-        for t in example_inputs
-    )
-    try:
-        dyn = tuple(
-            {i: torch.export.Dim.AUTO for i in range(t.ndim) if t.shape[i] > 1} for t in traced
-        )
-        ep = torch.export.export(model, traced, dynamic_shapes=dyn)
-        unlifted = ep.module()
-        for node in list(unlifted.graph.nodes):
-            if node.op == "call_module" and str(node.target).startswith("_guards"):
-                unlifted.graph.erase_node(node)
-        gm = fx.GraphModule(unlifted, unlifted.graph)
-        gm.eval()
-        ShapeProp(gm).propagate(*example_inputs)
-        return Capture(gm, "torch.export", errors)
-    except Exception as e:
-        errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
-    try:
-        gm = fx.symbolic_trace(model)
-        gm.eval()
-        ShapeProp(gm).propagate(*example_inputs)
-        return Capture(gm, "torch.fx", errors)
-    except Exception as e:
-        errors.append(f"torch.fx: {type(e).__name__}: {_first_line(e)}")
-    return Capture(None, "none", errors)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""
+__all__ = ["Region", "find_regions", "fold_regions", "region_module"]
 
 
 def _inputs(node: fx.Node) -> list[fx.Node]:
@@ -267,7 +219,7 @@ def region_module(root: nn.Module, region: Region) -> fx.GraphModule:
                 )
             owned[target] = value
         elif node.op == "call_module":
-            owned[target] = copy.deepcopy(root.get_submodule(target)).to(torch.float64)
+            owned[target] = _float64_layer(root.get_submodule(target))
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {region.input: graph.placeholder("x")}
     keep = set(region.nodes) | set(region.consts)
@@ -276,6 +228,32 @@ def region_module(root: nn.Module, region: Region) -> fx.GraphModule:
             env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(env[region.output])
     return fx.GraphModule(owned, graph)
+
+
+def _float64_layer(module: nn.Module) -> nn.Module:
+    """A float64 copy of a captured layer, to replay a region.
+
+    A torch.nn layer without children (what fx leaves as a call) is copied
+    shallowly with its own float64 parameters and buffers (a deepcopy costs ten
+    times as much and a region may call several); anything else is deep-copied.
+    """
+    if module._modules or not type(module).__module__.startswith("torch.nn."):
+        return float64_copy(module)
+    clone = copy.copy(module)
+    params: dict[str, Any] = {}
+    for name, p in module._parameters.items():
+        if p is not None and p.is_floating_point():
+            data = p.detach().to(torch.float64, copy=True)
+            p = nn.Parameter(data, requires_grad=p.requires_grad)
+        params[name] = p
+    clone._parameters = params
+    clone._buffers = {
+        name: b.detach().to(torch.float64, copy=True)
+        if b is not None and b.is_floating_point()
+        else b
+        for name, b in module._buffers.items()
+    }
+    return clone
 
 
 def _attr(root: nn.Module, target: str) -> Any:
@@ -321,25 +299,6 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return tuple(int(s) for s in shape) if shape is not None else None
-
-
-def _to_float64(gm: fx.GraphModule) -> fx.GraphModule:
-    with warnings.catch_warnings():
-        # deepcopy of an exported GraphModule trips a pytree deprecation warning in torch
-        warnings.simplefilter("ignore", FutureWarning)
-        gm64 = copy.deepcopy(gm).to(torch.float64)
-    for node in gm64.graph.nodes:
-        if node.op == "get_attr":
-            owner_path, _, name = str(node.target).rpartition(".")
-            owner = gm64.get_submodule(owner_path) if owner_path else gm64
-            value = getattr(owner, name)
-            if (
-                isinstance(value, torch.Tensor)
-                and value.is_floating_point()
-                and value.dtype != torch.float64
-            ):
-                setattr(owner, name, value.to(torch.float64))
-    return gm64
 
 
 def _analytic(

@@ -55,8 +55,10 @@ def _arg(node: fx.Node, index: int, name: str, default: object) -> object:
     return node.kwargs.get(name, default)
 
 
-def _not_training(index: int, name: str = "training") -> Callable[[fx.Node], bool]:
-    return lambda n: bool(_arg(n, index, name, False) is False)
+def _not_training(
+    index: int, name: str = "training", default: bool = False
+) -> Callable[[fx.Node], bool]:
+    return lambda n: bool(_arg(n, index, name, default) is False)
 
 
 def _constant_pad(n: fx.Node) -> bool:
@@ -120,7 +122,7 @@ for _key, _rule in [
     (aten.alias.default, _ELEM),
     (aten.detach.default, _ELEM),
     (aten.dropout.default, AffineRule("elementwise", check=_not_training(2, "train"))),
-    # torch.fx (Python-level) ops, for the fallback capture
+    # torch.fx (Python-level) ops: the first capture tried
     (operator.add, _SUM),
     (operator.sub, _SUM),
     (operator.mul, _PRODUCT),
@@ -137,7 +139,8 @@ for _key, _rule in [
     (F.avg_pool1d, _ELEM),
     (F.avg_pool2d, _ELEM),
     (F.batch_norm, AffineRule("elementwise", check=_not_training(5))),
-    (F.dropout, AffineRule("elementwise", check=_not_training(2))),
+    # F.dropout trains unless told not to
+    (F.dropout, AffineRule("elementwise", check=_not_training(2, default=True))),
     (("method", "add"), _SUM),
     (("method", "sub"), _SUM),
     (("method", "mul"), _PRODUCT),

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 __all__ = [
     "ConvGeometry",
@@ -285,11 +286,12 @@ def _detect_groups(weight: torch.Tensor) -> int:
     scale = conn.max().item()
     if scale == 0:
         return 1
-    nonzero = (conn > 1e-13 * scale).to(torch.float32)
+    nonzero = conn > 1e-13 * scale
     g_max = math.gcd(cout, cin)
+    rows, cols = torch.arange(cout)[:, None], torch.arange(cin)[None, :]
     for g in sorted((g for g in range(2, g_max + 1) if g_max % g == 0), reverse=True):
-        blocks = nonzero.reshape(g, cout // g, g, cin // g).amax(dim=(1, 3))  # (g, g)
-        if not (blocks - torch.diag(torch.diagonal(blocks))).any():
+        off_block = (rows // (cout // g)) != (cols // (cin // g))
+        if not (nonzero & off_block).any():
             return g
     return 1
 
@@ -366,7 +368,8 @@ def build_conv(
         "dtype": weight.dtype,
     }
     kernel: Any = geo.kernel
-    conv = _CONV[geo.ndim](geo.in_channels, geo.out_channels, kernel, **options)
+    # skip_init: the random initialization of a large kernel costs more than the fold
+    conv = skip_init(_CONV[geo.ndim], geo.in_channels, geo.out_channels, kernel, **options)
     with torch.no_grad():
         conv.weight.copy_(weight)
         if b is not None and conv.bias is not None:
@@ -382,7 +385,9 @@ def build_conv(
 def build_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     """The plain Linear with these weights."""
     b = _bias_or_none(bias)
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None, dtype=weight.dtype)
+    lin = skip_init(
+        nn.Linear, weight.shape[1], weight.shape[0], bias=b is not None, dtype=weight.dtype
+    )
     with torch.no_grad():
         lin.weight.copy_(weight)
         if b is not None and lin.bias is not None:
@@ -407,7 +412,9 @@ def build_flat_linear(
     og, ig = n_out // groups, n_in // groups
     blocks = [weight[g * og : (g + 1) * og, g * ig : (g + 1) * ig] for g in range(groups)]
     b = _bias_or_none(bias)
-    conv = nn.Conv1d(n_in, n_out, 1, groups=groups, bias=b is not None, dtype=weight.dtype)
+    conv = skip_init(
+        nn.Conv1d, n_in, n_out, 1, groups=groups, bias=b is not None, dtype=weight.dtype
+    )
     with torch.no_grad():
         conv.weight.copy_(torch.cat(blocks, dim=0).unsqueeze(-1))
         if b is not None and conv.bias is not None:

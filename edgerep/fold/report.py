@@ -51,7 +51,12 @@ class KeptRegion:
 
 @dataclass
 class FoldReport:
-    """The report of one `edgerep.fold` call."""
+    """The report of one `edgerep.fold` call.
+
+    ``seconds`` is the wall time of the call and ``stage_seconds`` its split:
+    'prepare' (copy, example run, parametrizations), 'capture', 'module pass',
+    'graph pass' (regions composed or probed, and verified) and 'end-to-end check'.
+    """
 
     capture: str = "none"
     folded: list[FoldedRegion] = field(default_factory=list)
@@ -63,6 +68,7 @@ class FoldReport:
     flops_after: int = 0
     max_rel_error: float = 0.0
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def max_error(self) -> float:
@@ -81,7 +87,12 @@ class FoldReport:
             f"capture: {self.capture}",
             f"parameters: {self.params_before:,} -> {self.params_after:,}   "
             f"FLOPs: {self.flops_before:,} -> {self.flops_after:,}   "
-            f"max rel error (float64): {self.max_error:.2e}   time: {self.seconds:.2f} s",
+            f"max rel error (float64): {self.max_error:.2e}   time: {self.seconds:.2f} s"
+            + (
+                " (" + ", ".join(f"{k} {v:.2f} s" for k, v in self.stage_seconds.items()) + ")"
+                if self.stage_seconds
+                else ""
+            ),
         ]
         for note in self.notes:
             lines.append(f"note: {note}")

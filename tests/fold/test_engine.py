@@ -64,6 +64,9 @@ def test_branchy_block_folds_to_one_conv_and_relu():
     assert len([r for r in report.folded if r.level == "graph"]) == 2
     assert report.params_after < report.params_before
     assert report.max_error <= RTOL
+    stages = ["prepare", "capture", "module pass", "graph pass", "end-to-end check"]
+    assert list(report.stage_seconds) == stages
+    assert 0 < sum(report.stage_seconds.values()) <= report.seconds
 
 
 def test_input_model_is_not_mutated_and_stays_in_train_mode():
@@ -166,7 +169,7 @@ def test_capture_failure_falls_back_to_module_level_only():
     _close(model, folded, (1, 3, 8, 8), (1, 3, 9, 7))
 
 
-def test_fx_fallback_when_export_fails(monkeypatch):
+def test_fx_capture_needs_no_torch_export(monkeypatch):
     torch.manual_seed(6)
 
     def broken(*args, **kwargs):
@@ -178,6 +181,95 @@ def test_fx_fallback_when_export_fails(monkeypatch):
     assert report.capture == "torch.fx"
     assert [r.level for r in report.folded] == ["graph"]
     _close(model, folded, (1, 6, 8, 8), (2, 6, 7, 9))
+
+
+class ShapeBranch(nn.Module):
+    """Control flow on a shape: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Branchy()
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            return self.block(x)
+        return x
+
+
+def test_torch_export_captures_what_fx_cannot_trace():
+    torch.manual_seed(9)
+    model = ShapeBranch().double().eval()
+    folded, report = fold(model, torch.randn(1, 6, 8, 8, dtype=torch.float64))
+    assert report.capture == "torch.export"
+    assert any("torch.fx" in n and "after" in n for n in report.notes), report.notes
+    assert [r.level for r in report.folded] == ["graph"]
+    assert report.max_error <= RTOL
+    # the batch stays dynamic although torch.export saw one example
+    _close(model, folded, (1, 6, 8, 8), (3, 6, 9, 7))
+
+
+class TracingSensitive(nn.Module):
+    """Computes something else while torch.fx traces it: that trace must not be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Branchy()
+
+    def forward(self, x):
+        y = self.block(x)
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            return -y
+        return y
+
+
+def test_trace_that_does_not_reproduce_the_model_is_rejected():
+    torch.manual_seed(10)
+    model = TracingSensitive().double().eval()
+    folded, report = fold(model, torch.randn(1, 6, 8, 8, dtype=torch.float64))
+    assert report.capture == "torch.export"
+    assert any("differs from the model" in n for n in report.notes), report.notes
+    assert [r.level for r in report.folded] == ["graph"]
+    _close(model, folded, (2, 6, 8, 8), (1, 6, 7, 9))
+
+
+class OptionalShift(nn.Module):
+    """An optional argument left at None: traced as a placeholder it would be truthy."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Branchy()
+
+    def forward(self, x, shift=None):
+        y = self.block(x)
+        if shift is not None:
+            y = y + shift
+        return y
+
+
+def test_fx_keeps_defaults_of_arguments_the_example_omits():
+    torch.manual_seed(11)
+    model = OptionalShift().double().eval()
+    folded, report = fold(model, torch.randn(1, 6, 8, 8, dtype=torch.float64))
+    assert report.capture == "torch.fx"
+    assert [r.level for r in report.folded] == ["graph"]
+    _close(model, folded, (2, 6, 8, 8), (1, 6, 9, 7))
+
+
+def test_fx_regions_are_composed_analytically(monkeypatch):
+    """The fast path models fx's call_module/operator nodes: no region needs the probe."""
+    from edgerep.fold import _collapse
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the probe ran: the analytic path declined an fx region")
+
+    monkeypatch.setattr(_collapse, "collapse", no_probe)
+    torch.manual_seed(12)
+    dilated = nn.Sequential(nn.Conv2d(6, 4, 3, padding=2, dilation=2, groups=2), _bn(4))
+    model = nn.Sequential(Branchy(), Branchy(), dilated).double().eval()
+    folded, report = fold(model, torch.randn(1, 6, 11, 10, dtype=torch.float64))
+    assert report.capture == "torch.fx"
+    assert len([r for r in report.folded if r.level == "graph"]) == 3
+    _close(model, folded, (1, 6, 11, 10), (2, 6, 12, 9))
 
 
 def test_weight_norm_parametrization_is_evaluated_once():
