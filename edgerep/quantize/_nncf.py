@@ -24,6 +24,8 @@ stay float32.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -346,7 +348,7 @@ def _quantize(
             model,
             calib,
             preset=preset,
-            subset_size=config.subset_size,
+            subset_size=min(config.subset_size, len(feeds)),
             fast_bias_correction=config.fast_bias_correction,
         )
     if config.mode == "int8-acc":
@@ -366,7 +368,7 @@ def _quantize(
             validation_fn,
             max_drop=config.max_drop,
             preset=preset,
-            subset_size=config.subset_size,
+            subset_size=min(config.subset_size, len(feeds)),
             fast_bias_correction=config.fast_bias_correction,
         )
     if config.mode == "w8":
@@ -475,7 +477,10 @@ def quantize_openvino(
         with _writing_ir(out_path) as tmp_xml:
             core = ov.Core()
             model = core.read_model(str(model_path))
-            result = _quantize(nncf, model, config, feeds, metric, eval_data)
+            # NNCF draws progress bars on stdout (rich); a library must not print
+            with contextlib.redirect_stdout(io.StringIO()) as progress:
+                result = _quantize(nncf, model, config, feeds, metric, eval_data)
+            logger.debug("NNCF progress:\n%s", progress.getvalue())
             ov.save_model(result, str(tmp_xml), compress_to_fp16=config.mode == "fp16")
             saved = core.read_model(str(tmp_xml))
             if config.mode == "int8-acc":
