@@ -282,6 +282,15 @@ def _static_kwargs(config: OrtQuantConfig, cache: Path | None) -> dict[str, Any]
     return kwargs
 
 
+class _PreprocessHint(logging.Filter):
+    """Drops onnxruntime's "consider pre-processing" hint, which its quantizer logs on
+    the root logger at every call (edgerep's models are already folded and simplified);
+    installed only while edgerep calls the quantizer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def quantize_onnx(
     onnx_path: str | Path,
     out_path: str | Path,
@@ -339,6 +348,8 @@ def quantize_onnx(
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=out_path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    quiet = _PreprocessHint()
+    logging.getLogger().addFilter(quiet)
     try:
         if config.mode == "int8":
             act = q.QuantType.QUInt8 if config.types == "U8S8" else q.QuantType.QInt8
@@ -387,6 +398,7 @@ def quantize_onnx(
             f"onnxruntime could not quantize {onnx_path} with {config.name}: {e}"
         ) from e
     finally:
+        logging.getLogger().removeFilter(quiet)
         tmp.unlink(missing_ok=True)
     logger.info("quantized %s -> %s (%s)", onnx_path, out_path, config.name)
     return QuantizedArtifact(out_path, config, out_path.stat().st_size, len(feeds))
