@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgerep.errors import ConfigError, ExportError, UnsupportedError, did_you_mean
+from edgerep.quantize._config import config_values
 
 if TYPE_CHECKING:
     import torch
@@ -268,16 +269,7 @@ class CoreMLQuantConfig:
         Raises:
             ConfigError: unknown keys or another version.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown or data.get("version", 1) != 1:
-            hints = "".join(did_you_mean(k, known) for k in unknown)
-            raise ConfigError(
-                f"cannot read Core ML quantization config {dict(data)!r}: unknown keys "
-                f"{unknown} or version {data.get('version')!r} (this edgerep reads version 1)."
-                f"{hints}"
-            )
-        values = dict(data)
+        values = config_values(cls, data, "Core ML quantization")
         if isinstance(values.get("weights"), Mapping):
             values["weights"] = CoreMLWeightQuant(**values["weights"])
         return cls(**values)

@@ -31,13 +31,14 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgerep.errors import ConfigError, ExportError, UnsupportedError, did_you_mean
+from edgerep.quantize._config import config_values
 
 if TYPE_CHECKING:
     import torch
@@ -108,16 +109,7 @@ class ExecuTorchQuantConfig:
         Raises:
             ConfigError: unknown keys or another version.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown or data.get("version", 1) != 1:
-            hints = "".join(did_you_mean(k, known) for k in unknown)
-            raise ConfigError(
-                f"cannot read ExecuTorch quantization config {dict(data)!r}: unknown keys "
-                f"{unknown} or version {data.get('version')!r} (this edgerep reads version 1)."
-                f"{hints}"
-            )
-        values = dict(data)
+        values = config_values(cls, data, "ExecuTorch quantization")
         values["keep_float"] = tuple(values.get("keep_float", ()))
         return cls(**values)
 

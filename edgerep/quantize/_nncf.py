@@ -30,13 +30,14 @@ import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgerep.errors import ConfigError, ExportError, MissingDependencyError, did_you_mean
+from edgerep.quantize._config import config_values
 
 __all__ = ["OvQuantConfig", "OvQuantizedArtifact", "quantize_openvino"]
 
@@ -130,16 +131,7 @@ class OvQuantConfig:
         Raises:
             ConfigError: unknown keys or another version.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown or data.get("version", 1) != 1:
-            hints = "".join(did_you_mean(k, known) for k in unknown)
-            raise ConfigError(
-                f"cannot read OpenVINO quantization config {dict(data)!r}: unknown keys "
-                f"{unknown} or version {data.get('version')!r} (this edgerep reads version 1)."
-                f"{hints}"
-            )
-        return cls(**data)
+        return cls(**config_values(cls, data, "OpenVINO quantization"))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgerep.errors import ConfigError, ExportError, MissingDependencyError, did_you_mean
+from edgerep.quantize._config import config_values
 
 __all__ = ["OrtQuantConfig", "QuantizedArtifact", "quantize_onnx"]
 
@@ -162,14 +163,10 @@ class OrtQuantConfig:
         """
         version = data.get("version")  # None: hand-written, read as the current version
         known = set(_V1_KEYS) if version == 1 else {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown or version not in (None, 1, VERSION):
-            hints = "".join(did_you_mean(k, known) for k in unknown)
-            raise ConfigError(
-                f"cannot read quantization config {dict(data)!r}: unknown keys {unknown} or "
-                f"version {version!r} (this edgerep reads versions 1 and {VERSION}).{hints}"
-            )
-        return cls(**{**data, "version": VERSION})
+        values = config_values(
+            cls, data, "onnxruntime quantization", versions=(None, 1, VERSION), known=known
+        )
+        return cls(**{**values, "version": VERSION})
 
 
 @dataclass(frozen=True)

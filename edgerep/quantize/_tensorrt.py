@@ -34,7 +34,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ from edgerep.errors import (
     did_you_mean,
 )
 from edgerep.exporters._base import Artifact, Problem
+from edgerep.quantize._config import config_values
 
 if TYPE_CHECKING:
     import onnx
@@ -154,16 +155,7 @@ class TensorRTQuantConfig:
         Raises:
             ConfigError: unknown keys or another version.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown or data.get("version", 1) != 1:
-            hints = "".join(did_you_mean(k, known) for k in unknown)
-            raise ConfigError(
-                f"cannot read TensorRT quantization config {dict(data)!r}: unknown keys "
-                f"{unknown} or version {data.get('version')!r} (this edgerep reads version 1)."
-                f"{hints}"
-            )
-        return cls(**data)
+        return cls(**config_values(cls, data, "TensorRT quantization"))
 
 
 # --- offline Q/DQ inspection -----------------------------------------------------------
