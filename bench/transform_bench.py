@@ -53,6 +53,7 @@ from edgerep.quantize import (
     quantize_onnx,
     reparam_scales,
     smooth_quant,
+    sqnr_db,
 )
 from edgerep.zoo import demo_net, load_digits_tensors, train_classifier
 
@@ -126,15 +127,6 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(sess.run(None, {"x": x})[0])
 
 
-def _sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - approx) ** 2))
-    return (
-        float("inf")
-        if noise == 0
-        else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
-    )
-
-
 def _measure(
     net: str,
     variants: dict[str, tuple[nn.Module, dict[str, Any]]],
@@ -156,14 +148,14 @@ def _measure(
             "net": net,
             "variant": name,
             "fp32_top1": round(float((logits.argmax(1) == labels).mean()), 4),
-            "fp32_sqnr_db_vs_plain": round(_sqnr_db(reference, logits), 2),
+            "fp32_sqnr_db_vs_plain": round(sqnr_db(reference, logits), 2),
             **info,
         }
         for cname, config in CONFIGS.items():
             art = quantize_onnx(fp32, work / f"{net}-{name}-{cname}.onnx", config, calib=calib)
             q = _run(art.path, x_eval)
             row[cname] = {
-                "sqnr_db": round(_sqnr_db(reference, q), 2),
+                "sqnr_db": round(sqnr_db(reference, q), 2),
                 "top1": round(float((q.argmax(1) == labels).mean()), 4),
             }
         print(
