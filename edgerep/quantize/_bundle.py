@@ -235,26 +235,34 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def _fixed_batch(manifest: dict[str, Any]) -> bool:
-    """Whether some input has a fixed leading dim (then evaluation runs one sample at a time)."""
-    return any(isinstance(i["shape"][0], int) for i in manifest["inputs"] if i["shape"])
+def eval_batch(manifest: Mapping[str, Any], default: int = 32) -> int:
+    """The largest batch every input of a bundle accepts (at most `default`): a fixed
+    leading dim, the max of a bounded symbolic one (``N[1..1..8]``), else `default`."""
+    batch = default
+    for spec in manifest["inputs"]:
+        lead = spec["shape"][0] if spec["shape"] else 1
+        if isinstance(lead, int):
+            batch = min(batch, lead)
+        else:
+            top = (spec.get("ranges") or {}).get(lead, {}).get("max")
+            if top is not None:
+                batch = min(batch, int(top))
+    return max(batch, 1)
 
 
 def _run_batched(
-    backend: _Backend, path: Path, feeds: dict[str, np.ndarray], one_by_one: bool
+    backend: _Backend, path: Path, feeds: dict[str, np.ndarray], batch: int
 ) -> np.ndarray:
     from edgerep.runtimes import get_runtime
 
     options = dict(backend.runtime_options)
     session = get_runtime(backend.name).load(path, device="cpu", options=options)
     try:
-        if not one_by_one:
-            return np.asarray(session.run(feeds)[0])
         n = len(next(iter(feeds.values())))
         return np.concatenate(
             [
-                np.asarray(session.run({k: v[i : i + 1] for k, v in feeds.items()})[0])
-                for i in range(n)
+                np.asarray(session.run({k: v[i : i + batch] for k, v in feeds.items()})[0])
+                for i in range(0, n, batch)
             ]
         )
     finally:
@@ -351,7 +359,7 @@ def quantize_bundle(
         raise ConfigError("; ".join(problems))
 
     report = QuantizeReport(mode, max_drop, min_speedup, data.describe())
-    one_by_one = _fixed_batch(manifest)
+    batch = eval_batch(manifest)
     with (
         tempfile.TemporaryDirectory(prefix="edgerep-quantize-") as work_root,
         atomic_output_dir(target, overwrite=overwrite) as tmp,
@@ -374,6 +382,7 @@ def quantize_bundle(
                 latency_config=latency_config,
                 latencies_ms=(latencies_ms or {}).get(b.name),
                 mixed=mixed,
+                eval_batch=batch,
             )
             if b.name == "onnxruntime" and sensitivity:
                 sens = _sensitivity(src / art["file"], data, _int8_config(b, mode, selection))
@@ -394,8 +403,8 @@ def quantize_bundle(
                     }
                 )
                 continue
-            reference = _run_batched(b, src / art["file"], data.eval_feeds, one_by_one)
-            quantized = _run_batched(b, chosen_path, data.eval_feeds, one_by_one)
+            reference = _run_batched(b, src / art["file"], data.eval_feeds, batch)
+            quantized = _run_batched(b, chosen_path, data.eval_feeds, batch)
             sqnr = sqnr_db(reference, quantized)
             entry, rel = _artifact_entry(b, art, chosen_path, tmp, selection, sqnr, data, mode)
             index = new_artifacts.index(art)

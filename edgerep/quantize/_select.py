@@ -291,13 +291,14 @@ def _measure(
     latency: LatencyConfig | None,
     given_ms: float | None,
     latency_feeds: Feeds | None = None,
+    eval_batch: int = 32,
 ) -> tuple[np.ndarray, float, float, str]:
     """Predictions on `eval_feeds`, p50 latency, its spread and the precision that ran."""
     from edgerep.runtimes import get_runtime
 
     session = get_runtime(backend.runtime).load(path, options=backend.options(threads))
     try:
-        preds = _predict(session, eval_feeds)
+        preds = _predict(session, eval_feeds, eval_batch)
         precision = str(session.describe().get("inference_precision", ""))
         if given_ms is not None:
             return preds, float(given_ms), 0.0, precision
@@ -359,6 +360,7 @@ def select_variant(
     latencies_ms: Mapping[str, float] | None = None,
     latency_feeds: Feeds | None = None,
     mixed: bool = True,
+    eval_batch: int = 32,
 ) -> tuple[Path, SelectionReport]:
     """Build, measure and pick the fastest quantized variant within the budget.
 
@@ -389,6 +391,8 @@ def select_variant(
             to rescue the fastest of them (onnxruntime: automatic mixed precision,
             `mixed_precision`); the result is measured like any candidate and its
             summary is in `SelectionReport.mixed`.
+        eval_batch: evaluation runs in batches of this size (the model's largest
+            batch, when bounded); one sample at a time if the runtime refuses it.
 
     Returns:
         The path of the chosen model and the report.
@@ -428,6 +432,7 @@ def select_variant(
             latency_config,
             given.get(name),
             latency_feeds,
+            eval_batch,
         )
 
     paths = {FP32: chosen_backend.reference(model_path, out_dir)}
