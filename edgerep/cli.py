@@ -343,7 +343,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_setup(
-    args: argparse.Namespace, input_names: Sequence[str], mode: str, formats: Sequence[str]
+    args: argparse.Namespace,
+    input_names: Sequence[str],
+    mode: str,
+    formats: Sequence[str],
+    *,
+    with_model: bool = False,
 ) -> tuple[Any, list[str]]:
     """(calibration data, backends) from the quantize options; fails before any work.
 
@@ -362,7 +367,7 @@ def _quant_setup(
     if mode not in MODES:
         problems.append(f"unknown quantization mode {mode!r}; allowed: {', '.join(MODES)}")
     elif not backends:
-        backends = default_backends(mode, formats)
+        backends = default_backends(mode, formats, with_model=with_model)
         if not backends:
             problems.append(
                 f"no backend quantizes {', '.join(formats)} in mode {mode!r}; backends offering "
@@ -778,8 +783,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
         _show(result, args)
         return EXIT_OK
-    quantize = _quant_setup(args, [s.name for s in specs], args.quantize, formats)
+    quantize = _quant_setup(args, [s.name for s in specs], args.quantize, formats, with_model=True)
     return _convert_then_quantize(args, model, specs, description, formats, options, quantize)
+
+
+def _model_for_quantizers(
+    args: argparse.Namespace, model: Any, specs: list[Any]
+) -> tuple[Any, Any, list[Any]]:
+    """(model, example inputs, specs) as the bundle's artifacts were exported: merged and
+    folded like `convert` does, for quantizers that work on the PyTorch model."""
+    from edgerep.spec import example_inputs
+
+    example = example_inputs(specs, seed=args.seed)
+    if args.merge_options is not None:
+        from edgerep.merge import merge
+
+        model, _ = merge(model, **args.merge_options)
+    if args.no_fold:
+        import copy
+
+        return copy.deepcopy(model).eval(), example, specs
+    from edgerep.fold import fold
+
+    folded, _ = fold(model, example)
+    return folded, example, specs
 
 
 def _convert_then_quantize(
@@ -799,6 +826,7 @@ def _convert_then_quantize(
     from edgerep.quantize import quantize_bundle
 
     data, backends = quantize
+    torch_model = _model_for_quantizers(args, model, specs) if "executorch" in backends else None
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
@@ -827,6 +855,7 @@ def _convert_then_quantize(
             latency_config=_quant_latency(args),
             mixed=not args.no_mixed_precision,
             sensitivity=args.sensitivity,
+            model=torch_model,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

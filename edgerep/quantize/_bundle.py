@@ -35,7 +35,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,8 @@ class _Backend:
     modes: Mapping[str, tuple[Any, ...]]
     tools: tuple[str, ...]
     runtime_options: Mapping[str, Any]
+    files: Callable[[Path], list[Path]] = lambda p: [p]
+    needs_model: bool = False
 
 
 def _ort_modes() -> dict[str, tuple[Any, ...]]:
@@ -121,6 +123,12 @@ def _ov_modes() -> dict[str, tuple[Any, ...]]:
     }
 
 
+def _et_modes() -> dict[str, tuple[Any, ...]]:
+    from edgerep.quantize._executorch import ExecuTorchQuantConfig as C
+
+    return {"int8": (C(mode="int8"),), "int8-dynamic": (C(mode="int8-dynamic"),)}
+
+
 _BACKENDS: dict[str, _Backend] = {
     "onnxruntime": _Backend("onnxruntime", "onnx", _ort_modes(), ("onnxruntime",), {"threads": 1}),
     "openvino": _Backend(
@@ -129,6 +137,17 @@ _BACKENDS: dict[str, _Backend] = {
         _ov_modes(),
         ("openvino", "nncf"),
         {"threads": 1, "inference_precision": "f32"},
+        files=lambda p: [p, p.with_suffix(".bin")],
+    ),
+    # PT2E quantizes the PyTorch model: only where the model is at hand (convert --quantize)
+    "executorch": _Backend(
+        "executorch",
+        "executorch",
+        _et_modes(),
+        ("executorch", "torchao"),
+        {},
+        files=lambda p: [p, p.with_name(p.name + ".json")],
+        needs_model=True,
     ),
 }
 
@@ -283,6 +302,7 @@ def quantize_bundle(
     latencies_ms: Mapping[str, Mapping[str, float]] | None = None,
     mixed: bool = True,
     sensitivity: bool = False,
+    model: tuple[Any, Sequence[Any], Sequence[Any]] | None = None,
 ) -> tuple[Path, QuantizeReport]:
     """Quantize a bundle's float artifacts per backend and write a new bundle.
 
@@ -302,6 +322,9 @@ def quantize_bundle(
             are all over budget.
         sensitivity: write the per-layer sensitivity report of the onnxruntime
             int8 configuration into the bundle.
+        model: ``(model, example_inputs, specs)``: the (folded) PyTorch model the
+            bundle was exported from, for backends that quantize the model itself
+            (ExecuTorch's PT2E quantizer); required when such a backend is asked for.
 
     Returns:
         The new bundle's path and the report.
@@ -318,6 +341,13 @@ def quantize_bundle(
     chosen_backends = [_backend(b) for b in dict.fromkeys(backends)]
     if not chosen_backends:
         raise ConfigError("no backend given; pass at least one, e.g. backends=('onnxruntime',)")
+    needing = [b.name for b in chosen_backends if b.needs_model]
+    if needing and model is None:
+        raise ConfigError(
+            f"{', '.join(needing)} quantizes the PyTorch model (PT2E), which a bundle does not "
+            "hold: use `edgerep convert ... --quantize MODE` (it has the model), or pass "
+            "model=(model, example_inputs, specs)"
+        )
     lacking = [b.name for b in chosen_backends if mode not in b.modes]
     if lacking:
         raise ConfigError(
@@ -383,6 +413,7 @@ def quantize_bundle(
                 latencies_ms=(latencies_ms or {}).get(b.name),
                 mixed=mixed,
                 eval_batch=batch,
+                backend=_selection_backend(b, model),
             )
             if b.name == "onnxruntime" and sensitivity:
                 sens = _sensitivity(src / art["file"], data, _int8_config(b, mode, selection))
@@ -474,6 +505,16 @@ def _ledger_rows(backend: str, selection: SelectionReport) -> list[dict[str, Any
     ]
 
 
+def _selection_backend(b: _Backend, model: tuple[Any, Sequence[Any], Sequence[Any]] | None) -> Any:
+    """The `select_variant` backend: by config type, or built for the model (ExecuTorch)."""
+    if not b.needs_model:
+        return None
+    from edgerep.quantize._executorch import executorch_selection
+
+    assert model is not None  # checked before any work
+    return executorch_selection(*model)
+
+
 def _artifact_entry(
     backend: _Backend,
     float_art: dict[str, Any],
@@ -488,13 +529,11 @@ def _artifact_entry(
 
     folder = root / f"{backend.source_format}-{selection.chosen}"
     folder.mkdir()
-    dest = folder / Path(float_art["file"]).name
-    shutil.copyfile(chosen_path, dest)
-    files = [dest]
-    weights = chosen_path.with_suffix(".bin")
-    if chosen_path.suffix == ".xml" and weights.is_file():  # an OpenVINO IR's weights
-        files.append(dest.with_suffix(".bin"))
-        shutil.copyfile(weights, files[-1])
+    files = []
+    for f in backend.files(chosen_path):  # the model first, then its companions
+        files.append(folder / f.name)
+        shutil.copyfile(f, files[-1])
+    dest = files[0]
     rel = dest.relative_to(root).as_posix()
     chosen = next(c for c in selection.candidates if c.name == selection.chosen)
     entry = {
@@ -555,7 +594,11 @@ def candidates_for(backend: str, mode: str) -> tuple[Any, ...]:
     return b.modes[mode]
 
 
-def default_backends(mode: str, formats: Sequence[str]) -> list[str]:
+def default_backends(mode: str, formats: Sequence[str], *, with_model: bool = False) -> list[str]:
     """The backends that offer `mode` and quantize one of `formats` (a bundle's float
-    artifacts)."""
-    return [n for n in available_backends(mode) if _BACKENDS[n].source_format in formats]
+    artifacts); those that quantize the PyTorch model (ExecuTorch) only `with_model`."""
+    return [
+        n
+        for n in available_backends(mode)
+        if _BACKENDS[n].source_format in formats and (with_model or not _BACKENDS[n].needs_model)
+    ]

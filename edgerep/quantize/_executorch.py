@@ -46,7 +46,12 @@ if TYPE_CHECKING:
     from edgerep.exporters._base import Artifact
     from edgerep.spec import InputSpec
 
-__all__ = ["ExecuTorchQuantConfig", "quantize_executorch", "quantized_op_counts"]
+__all__ = [
+    "ExecuTorchQuantConfig",
+    "executorch_selection",
+    "quantize_executorch",
+    "quantized_op_counts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -319,3 +324,38 @@ def _versions() -> dict[str, str | None]:
     from edgerep.exporters._base import package_versions
 
     return package_versions("torchao")
+
+
+def executorch_selection(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    specs: Sequence[InputSpec],
+) -> Any:
+    """A `select_variant` backend that quantizes `model` with `quantize_executorch`.
+
+    ExecuTorch's quantizer works on the PyTorch model (PT2E), not on an exported
+    program, so the backend is built for one model: ``select_variant(float_pte, ...,
+    backend=executorch_selection(model, example_inputs, specs))`` compares each
+    quantized ``.pte`` with the float ``.pte`` on the ExecuTorch runtime.
+    """
+    from edgerep.exporters.executorch import IO_SUFFIX
+    from edgerep.quantize._select import SelectionBackend
+
+    def build(
+        src: Path, out: Path, config: ExecuTorchQuantConfig, calib: list[Any], items: Any
+    ) -> Path:
+        art = quantize_executorch(
+            model, example_inputs, specs, out.with_suffix(""), config, calib=calib
+        )
+        return art.path
+
+    return SelectionBackend(
+        name="executorch",
+        runtime="executorch",
+        suffix=".pte",
+        defaults=(ExecuTorchQuantConfig(),),
+        reference=lambda model_path, out_dir: model_path,
+        build=build,
+        options=lambda threads: {},
+        files=lambda p: [p.with_name(p.name + IO_SUFFIX), p],
+    )

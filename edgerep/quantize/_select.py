@@ -200,7 +200,11 @@ register_selection_backend(
 )
 
 
-def _backend_for(candidates: Sequence[Any] | None, backend: str | None) -> SelectionBackend:
+def _backend_for(
+    candidates: Sequence[Any] | None, backend: str | SelectionBackend | None
+) -> SelectionBackend:
+    if isinstance(backend, SelectionBackend):  # built for one model (ExecuTorch: PT2E)
+        return backend
     by_name = {b.name: b for b in _BACKENDS.values()}
     if backend is not None and backend not in by_name:
         raise ConfigError(
@@ -352,7 +356,7 @@ def select_variant(
     eval_feeds: Feeds,
     labels: np.ndarray | None = None,
     candidates: Sequence[Any] | None = None,
-    backend: str | None = None,
+    backend: str | SelectionBackend | None = None,
     max_drop: float = 0.01,
     min_speedup: float = 1.15,
     threads: int = 1,
@@ -377,7 +381,9 @@ def select_variant(
             (`OrtQuantConfig` or `OvQuantConfig`); default: the backend's
             defaults (`DEFAULT_CANDIDATES`, `DEFAULT_OV_CANDIDATES`).
         backend: ``onnxruntime`` or ``openvino``; default: the candidates'
-            backend, else onnxruntime.
+            backend, else onnxruntime. Or a `SelectionBackend` built for one model
+            (`executorch_selection`: ExecuTorch quantizes the PyTorch model, so
+            `model_path` is then the float ``.pte`` it is compared with).
         max_drop: largest allowed metric loss versus fp32 (0.01: one point).
         min_speedup: a candidate must be at least this much faster than fp32.
         threads: runtime threads for timing and scoring (batch 1, 1 thread by default).

@@ -18,6 +18,7 @@ from edgerep.errors import ConfigError
 from edgerep.pipeline import convert
 from edgerep.quantize import (
     calibration_from_arrays,
+    default_backends,
     load_calibration,
     quantize_bundle,
     sqnr_db,
@@ -268,3 +269,31 @@ def test_mixed_precision_rescues_an_over_budget_int8(digits: dict, tmp_path: Pat
     sens = json.loads((out / "sensitivity.json").read_text())
     assert sens["layers"][0]["node"] == kept
     assert "mixed precision" in report.to_text()
+
+
+def test_executorch_quantizes_the_model_into_the_bundle(tmp_path: Path) -> None:
+    # ExecuTorch's PT2E quantizer needs the PyTorch model: without it, a clear refusal
+    model, _, x_te, y_te = trained_digits()
+    specs = [parse_input_spec("x:N[1..1..8]x1x8x8")]
+    bundle, _ = convert(model, specs, to=("executorch",), out_dir=tmp_path / "et", fold=False)
+    data = calibration_from_arrays(x_te.numpy(), y_te.numpy(), input_names=["x"], samples=64)
+    with pytest.raises(ConfigError, match=r"convert .*--quantize"):
+        quantize_bundle(bundle, tmp_path / "q0", data=data, backends=["executorch"])
+    assert default_backends("int8", ["executorch"]) == []
+    assert default_backends("int8", ["executorch"], with_model=True) == ["executorch"]
+    out, report = quantize_bundle(
+        bundle,
+        tmp_path / "q",
+        data=data,
+        backends=["executorch"],
+        latencies_ms={"executorch": {"fp32": 1.0, "int8-pc": 0.5}},
+        model=(model, (x_te[:1],), specs),
+    )
+    (result,) = report.backends
+    assert result.chosen == "int8-pc" and result.sqnr_db is not None and result.sqnr_db > 20
+    entry = read_manifest(out)["artifacts"][0]
+    assert entry["format"] == "executorch" and entry["precision"] == "int8"
+    assert entry["files"] == ["executorch-int8-pc/model.pte", "executorch-int8-pc/model.pte.json"]
+    predictor = edgerep.load(out, prefer=["executorch"])
+    assert predictor.artifact["precision"] == "int8"
+    assert (predictor.run({"x": x_te[:8].numpy()})[0].argmax(1) == y_te[:8].numpy()).mean() >= 0.75
