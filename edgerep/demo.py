@@ -247,6 +247,7 @@ def _lora_step(
 
 def _quantize_step(
     tmp: Path,
+    folded: tuple[Any, Any, Any],
     x_train: torch.Tensor,
     x_test: torch.Tensor,
     y_test: torch.Tensor,
@@ -281,9 +282,10 @@ def _quantize_step(
         tmp / "folded",
         tmp / "folded-quantized",
         data=data,
-        backends=default_backends(mode, ("onnx", "openvino")),
+        backends=default_backends(mode, ("onnx", "openvino", "executorch"), with_model=True),
         mode=mode,
         latency_config=config,
+        model=folded,
     )
     say("")
     say(report.to_text())
@@ -467,7 +469,15 @@ def _run(
         }
         if quantize is not None:
             quantized = _quantize_step(
-                tmp, x_train, x_test, y_test, quantize, latency_seconds, seed, say
+                tmp,
+                (folded, (example,), specs),
+                x_train,
+                x_test,
+                y_test,
+                quantize,
+                latency_seconds,
+                seed,
+                say,
             )
             if quantized is not None:
                 q_session = _ort_session(quantized, threads)
