@@ -48,6 +48,7 @@ from edgerep.bundle import atomic_output_dir, check_output_dir, read_manifest, s
 from edgerep.bundle import write_manifest as _write_manifest
 from edgerep.errors import ConfigError, did_you_mean
 from edgerep.quantize._calib import CalibrationData
+from edgerep.quantize._metrics import sqnr_db
 from edgerep.quantize._select import SelectionReport, select_variant
 
 __all__ = [
@@ -66,22 +67,6 @@ logger = logging.getLogger(__name__)
 
 #: modes the CLI offers; each backend says which it supports (`supported_modes`)
 MODES = ("int8", "int8-dynamic", "fp16", "w8", "w4")
-
-
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``.
-
-    ``inf`` when the two are equal; ``-inf`` when the reference is all zeros and
-    the approximation is not.
-    """
-    ref = np.asarray(reference, dtype=np.float64)
-    noise = float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * float(np.log10(signal / noise))
 
 
 @dataclass(frozen=True)

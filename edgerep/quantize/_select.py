@@ -9,7 +9,7 @@ float32 on the same backend (otherwise it is reported as "no speed-up") and
 loses at most ``max_drop`` of the metric ("over budget"); the fastest eligible
 one is chosen, or float32 when none is. Candidates within 3% (`NEAR_TIE`, or the
 fastest one's measured run-to-run spread when larger) of the fastest are equally
-fast: among them the best metric wins.
+fast: among them the best metric wins, then the best output SQNR.
 
 Backends are looked up by the candidates' config type in a registry:
 
@@ -25,6 +25,7 @@ Backends are looked up by the candidates' config type in a registry:
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ import numpy as np
 
 from edgerep.bench.latency import LatencyConfig, benchmark_latency
 from edgerep.errors import ConfigError, did_you_mean
+from edgerep.quantize._metrics import sqnr_db
 from edgerep.quantize._nncf import OvQuantConfig, quantize_openvino, save_ir
 from edgerep.quantize._ort import OrtQuantConfig, quantize_onnx
 
@@ -248,6 +250,8 @@ class CandidateResult:
             candidates smaller than this are noise. 0.0 when latencies were given.
         precision: the inference precision the runtime reported (OpenVINO:
             ``fp32`` under the f32 hint); ``""`` for runtimes without such a setting.
+        sqnr_db: output SQNR against the fp32 reference on the evaluation samples
+            (``inf`` for the reference itself).
     """
 
     name: str
@@ -259,6 +263,7 @@ class CandidateResult:
     status: str
     latency_spread: float = 0.0
     precision: str = ""
+    sqnr_db: float | None = None
 
 
 @dataclass
@@ -302,7 +307,7 @@ def _measure(
 
     session = get_runtime(backend.runtime).load(path, options=backend.options(threads))
     try:
-        preds = _predict(session, eval_feeds, eval_batch)
+        preds = _outputs(session, eval_feeds, eval_batch)
         precision = str(session.describe().get("inference_precision", ""))
         if given_ms is not None:
             return preds, float(given_ms), 0.0, precision
@@ -313,8 +318,8 @@ def _measure(
         session.close()
 
 
-def _predict(session: Any, feeds: Feeds, batch: int = 32) -> np.ndarray:
-    """Arg-max predictions in batches of `batch`; one sample at a time for a model whose
+def _outputs(session: Any, feeds: Feeds, batch: int = 32) -> np.ndarray:
+    """The first output in batches of `batch`; one sample at a time for a model whose
     batch dimension is fixed (its runtime refuses the larger batch)."""
     n = len(next(iter(feeds.values())))
     chunks = [{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, n, batch)]
@@ -323,7 +328,7 @@ def _predict(session: Any, feeds: Feeds, batch: int = 32) -> np.ndarray:
     except Exception:  # runtimes word a fixed-dim refusal differently; one by one must work
         logger.debug("batched evaluation refused; evaluating one sample at a time", exc_info=True)
         outs = [session.run({k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(n)]
-    return np.concatenate([np.asarray(o) for o in outs]).argmax(axis=1)
+    return np.concatenate([np.asarray(o) for o in outs])
 
 
 def _status(speedup: float, drop: float, min_speedup: float, max_drop: float) -> str:
@@ -341,11 +346,11 @@ NEAR_TIE = 0.03
 
 def _best(eligible: Sequence[CandidateResult]) -> CandidateResult:
     """The fastest eligible candidate; among those equally fast (within `NEAR_TIE` or
-    the measured spread), the one with the best metric."""
+    the measured spread), the one with the best metric, then the best output SQNR."""
     fastest = min(eligible, key=lambda r: r.latency_ms)
     margin = max(NEAR_TIE, fastest.latency_spread)
     near = [r for r in eligible if r.latency_ms <= fastest.latency_ms * (1 + margin)]
-    return max(near, key=lambda r: (r.metric, -r.latency_ms))
+    return max(near, key=lambda r: (r.metric, r.sqnr_db or -math.inf, -r.latency_ms))
 
 
 def select_variant(
@@ -443,7 +448,7 @@ def select_variant(
 
     paths = {FP32: chosen_backend.reference(model_path, out_dir)}
     measured = {FP32: measure(paths[FP32], FP32)}
-    truth = measured[FP32][0] if labels is None else np.asarray(labels)
+    truth = measured[FP32][0].argmax(axis=1) if labels is None else np.asarray(labels)
     n = len(truth)
     items = [({k: v[i : i + 1] for k, v in eval_feeds.items()}, truth[i]) for i in range(n)]
     for config in configs:
@@ -462,13 +467,23 @@ def select_variant(
     )
 
     def result(name: str) -> CandidateResult:
-        preds, latency_ms, spread, precision = measured[name]
-        value = float((preds == truth).mean())
-        ref_ms, ref_value = measured[FP32][1], float((measured[FP32][0] == truth).mean())
+        logits, latency_ms, spread, precision = measured[name]
+        ref_logits, ref_ms = measured[FP32][0], measured[FP32][1]
+        value = float((logits.argmax(axis=1) == truth).mean())
+        ref_value = float((ref_logits.argmax(axis=1) == truth).mean())
         speedup, drop = ref_ms / latency_ms, ref_value - value
         status = "reference" if name == FP32 else _status(speedup, drop, min_speedup, max_drop)
         return CandidateResult(
-            name, paths[name], latency_ms, speedup, value, drop, status, spread, precision
+            name,
+            paths[name],
+            latency_ms,
+            speedup,
+            value,
+            drop,
+            status,
+            spread,
+            precision,
+            sqnr_db(ref_logits, logits),
         )
 
     report.candidates = [result(name) for name in names]

@@ -223,3 +223,23 @@ def test_fixed_batch_model_is_scored_one_sample_at_a_time(digits: dict, tmp_path
     )
     fp32 = report.candidates[0]
     assert fp32.metric > 0.9 and report.chosen == U8.name
+
+
+def test_near_ties_go_to_the_better_metric_then_the_better_sqnr(
+    digits: dict, tmp_path: Path
+) -> None:
+    pt = OrtQuantConfig(types="U8S8", per_channel=False)
+    _, report = select_variant(
+        digits["path"],
+        tmp_path,
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        labels=digits["labels"],
+        candidates=(pt, U8),  # per-tensor first: a plain max() would keep it on a full tie
+        latencies_ms={"fp32": 1.0, pt.name: 0.5, U8.name: 0.505},  # within 3%: a tie
+    )
+    quantized = [c for c in report.candidates if c.status != "reference"]
+    assert all(c.sqnr_db is not None and 0 < c.sqnr_db < float("inf") for c in quantized)
+    assert report.candidates[0].sqnr_db == float("inf")
+    best = max(quantized, key=lambda c: (c.metric, c.sqnr_db))
+    assert report.chosen == best.name
