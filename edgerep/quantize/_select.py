@@ -292,30 +292,55 @@ class SelectionReport:
     mixed: dict[str, Any] | None = None
 
 
-def _measure(
-    backend: SelectionBackend,
-    path: Path,
-    eval_feeds: Feeds,
-    threads: int,
-    latency: LatencyConfig | None,
-    given_ms: float | None,
-    latency_feeds: Feeds | None = None,
-    eval_batch: int = 32,
-) -> tuple[np.ndarray, float, float, str]:
-    """Predictions on `eval_feeds`, p50 latency, its spread and the precision that ran."""
+def _score(
+    backend: SelectionBackend, path: Path, eval_feeds: Feeds, threads: int, eval_batch: int
+) -> tuple[np.ndarray, str]:
+    """The first output on `eval_feeds` and the precision that ran."""
     from edgerep.runtimes import get_runtime
 
     session = get_runtime(backend.runtime).load(path, options=backend.options(threads))
     try:
-        preds = _outputs(session, eval_feeds, eval_batch)
-        precision = str(session.describe().get("inference_precision", ""))
-        if given_ms is not None:
-            return preds, float(given_ms), 0.0, precision
-        one = latency_feeds or {k: v[:1] for k, v in eval_feeds.items()}
-        result = benchmark_latency(session.run, one, config=latency or LatencyConfig())
-        return preds, result.stats.p50_ms, result.p50_spread, precision
+        out = _outputs(session, eval_feeds, eval_batch)
+        return out, str(session.describe().get("inference_precision", ""))
     finally:
         session.close()
+
+
+def _time_interleaved(
+    backend: SelectionBackend,
+    paths: Mapping[str, Path],
+    feeds: Feeds,
+    threads: int,
+    config: LatencyConfig,
+) -> dict[str, tuple[float, float]]:
+    """p50 and run-to-run spread per variant, the runs of all variants interleaved.
+
+    Each of ``config.repeats`` rounds times every variant once (one run of
+    `benchmark_latency`), in alternating order (A..Z, then Z..A), so that a slow drift
+    of the machine (frequency, other processes) between variants cancels instead of
+    favouring whichever was timed in the quiet moment; the p50 of a variant is the
+    median of its rounds' p50s.
+    """
+    from edgerep.runtimes import get_runtime
+
+    runtime = get_runtime(backend.runtime)
+    sessions = {n: runtime.load(p, options=backend.options(threads)) for n, p in paths.items()}
+    one_run = replace(config, repeats=1)
+    rounds: dict[str, list[float]] = {n: [] for n in paths}
+    try:
+        order = list(paths)
+        for r in range(config.repeats):
+            for name in order if r % 2 == 0 else order[::-1]:
+                result = benchmark_latency(sessions[name].run, feeds, config=one_run)
+                rounds[name].append(result.stats.p50_ms)
+    finally:
+        for session in sessions.values():
+            session.close()
+    out = {}
+    for name, p50s in rounds.items():
+        mid = float(np.median(p50s))
+        out[name] = (mid, (max(p50s) - min(p50s)) / mid if mid > 0 else 0.0)
+    return out
 
 
 def _outputs(session: Any, feeds: Feeds, batch: int = 32) -> np.ndarray:
@@ -394,7 +419,9 @@ def select_variant(
         threads: runtime threads for timing and scoring (batch 1, 1 thread by default).
         latency_config: sampling settings for `benchmark_latency`.
         latencies_ms: p50 latencies by variant name (``fp32`` included) to use
-            instead of measuring; for deterministic tests and replaying a bench.
+            instead of measuring; for deterministic tests and replaying a bench. A
+            variant made by the rescue is still measured (its speed-up against fp32
+            applied to the given fp32 latency).
         latency_feeds: the input to time (input name → array); default the first
             evaluation sample. E.g. the deployment resolution of a fully
             convolutional net evaluated on smaller images.
@@ -434,27 +461,34 @@ def select_variant(
     calib = list(calib)
     given = latencies_ms or {}
 
-    def measure(path: Path, name: str) -> tuple[np.ndarray, float, float, str]:
-        return _measure(
-            chosen_backend,
-            path,
-            eval_feeds,
-            threads,
-            latency_config,
-            given.get(name),
-            latency_feeds,
-            eval_batch,
-        )
+    one = latency_feeds or {k: v[:1] for k, v in eval_feeds.items()}
+
+    def score(name: str) -> tuple[np.ndarray, str]:
+        return _score(chosen_backend, paths[name], eval_feeds, threads, eval_batch)
+
+    def timings() -> dict[str, tuple[float, float]]:
+        config = latency_config or LatencyConfig()
+        if latencies_ms is None:
+            return _time_interleaved(chosen_backend, paths, one, threads, config)
+        out = {n: (float(given[n]), 0.0) for n in paths if n in given}
+        missing = [n for n in paths if n not in given]  # a rescued variant: measured
+        if missing:  # against fp32, its speed-up put on the given fp32 scale
+            pair = {n: paths[n] for n in (FP32, *missing)}
+            t = _time_interleaved(chosen_backend, pair, one, threads, config)
+            for n in missing:
+                out[n] = (float(given[FP32]) * t[n][0] / t[FP32][0], t[n][1])
+        return out
 
     paths = {FP32: chosen_backend.reference(model_path, out_dir)}
-    measured = {FP32: measure(paths[FP32], FP32)}
-    truth = measured[FP32][0].argmax(axis=1) if labels is None else np.asarray(labels)
+    scored = {FP32: score(FP32)}
+    truth = scored[FP32][0].argmax(axis=1) if labels is None else np.asarray(labels)
     n = len(truth)
     items = [({k: v[i : i + 1] for k, v in eval_feeds.items()}, truth[i]) for i in range(n)]
     for config in configs:
         out = out_dir / f"{config.name}{chosen_backend.suffix}"
         paths[config.name] = chosen_backend.build(model_path, out, config, calib, items)
-        measured[config.name] = measure(paths[config.name], config.name)
+        scored[config.name] = score(config.name)
+    timed = timings()
 
     report = SelectionReport(
         chosen=FP32,
@@ -467,8 +501,8 @@ def select_variant(
     )
 
     def result(name: str) -> CandidateResult:
-        logits, latency_ms, spread, precision = measured[name]
-        ref_logits, ref_ms = measured[FP32][0], measured[FP32][1]
+        (logits, precision), (latency_ms, spread) = scored[name], timed[name]
+        ref_logits, ref_ms = scored[FP32][0], timed[FP32][0]
         value = float((logits.argmax(axis=1) == truth).mean())
         ref_value = float((ref_logits.argmax(axis=1) == truth).mean())
         speedup, drop = ref_ms / latency_ms, ref_value - value
@@ -502,8 +536,9 @@ def select_variant(
         if rescued is not None and rescued.name not in paths:
             out = out_dir / f"{rescued.name}{chosen_backend.suffix}"
             paths[rescued.name] = chosen_backend.build(model_path, out, rescued, calib, items)
-            measured[rescued.name] = measure(paths[rescued.name], rescued.name)
-            report.candidates.append(result(rescued.name))
+            scored[rescued.name] = score(rescued.name)
+            timed = timings()  # every variant again, interleaved with the new one
+            report.candidates = [result(name) for name in [*names, rescued.name]]
     eligible = [r for r in report.candidates if r.status == "eligible"]
     if eligible:
         best = _best(eligible)

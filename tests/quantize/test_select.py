@@ -243,3 +243,27 @@ def test_near_ties_go_to_the_better_metric_then_the_better_sqnr(
     assert report.candidates[0].sqnr_db == float("inf")
     best = max(quantized, key=lambda c: (c.metric, c.sqnr_db))
     assert report.chosen == best.name
+
+
+def test_variants_are_timed_interleaved_in_alternating_order(
+    digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a drift of the machine between variants must not favour the one timed last
+    from edgerep.bench.latency import benchmark_latency
+    from edgerep.quantize import _select
+
+    order: list[int] = []
+
+    def recording(fn, feeds, *, config):  # type: ignore[no-untyped-def]
+        order.append(id(fn.__self__))
+        return benchmark_latency(fn, feeds, config=config)
+
+    monkeypatch.setattr(_select, "benchmark_latency", recording)
+    backend = _select._backend_for(None, "onnxruntime")
+    paths = {"a": digits["path"], "b": digits["path"], "c": digits["path"]}
+    config = LatencyConfig(warmup_iters=1, min_iters=3, min_seconds=0.0, repeats=3)
+    out = _select._time_interleaved(backend, paths, {"x": digits["eval"]["x"][:1]}, 1, config)
+    assert set(out) == {"a", "b", "c"} and all(p50 > 0 for p50, _ in out.values())
+    a, b, c = order[:3]
+    assert len({a, b, c}) == 3
+    assert order == [a, b, c, c, b, a, a, b, c]
