@@ -317,6 +317,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="keep a variant only if at least this much faster than float (default 1.15)",
     )
     p.add_argument(
+        "--min-sqnr",
+        type=float,
+        metavar="DB",
+        help="never choose a variant whose output SQNR against float is below DB",
+    )
+    p.add_argument(
         "--calib-samples", type=int, default=256, metavar="N", help="calibration samples (256)"
     )
     p.add_argument("--calib-seed", type=int, default=0, metavar="N", help="seed of the split")
@@ -438,6 +444,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         latency_config=_quant_latency(args),
         mixed=not args.no_mixed_precision,
         sensitivity=args.sensitivity,
+        min_sqnr_db=args.min_sqnr,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -855,6 +862,7 @@ def _convert_then_quantize(
             latency_config=_quant_latency(args),
             mixed=not args.no_mixed_precision,
             sensitivity=args.sensitivity,
+            min_sqnr_db=args.min_sqnr,
             model=torch_model,
         )
     finally:

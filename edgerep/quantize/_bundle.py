@@ -288,6 +288,7 @@ def quantize_bundle(
     mixed: bool = True,
     sensitivity: bool = False,
     model: tuple[Any, Sequence[Any], Sequence[Any]] | None = None,
+    min_sqnr_db: float | None = None,
 ) -> tuple[Path, QuantizeReport]:
     """Quantize a bundle's float artifacts per backend and write a new bundle.
 
@@ -310,6 +311,8 @@ def quantize_bundle(
         model: ``(model, example_inputs, specs)``: the (folded) PyTorch model the
             bundle was exported from, for backends that quantize the model itself
             (ExecuTorch's PT2E quantizer); required when such a backend is asked for.
+        min_sqnr_db: never choose a variant whose output SQNR against float is below
+            this (reported as "low SQNR").
 
     Returns:
         The new bundle's path and the report.
@@ -399,6 +402,7 @@ def quantize_bundle(
                 mixed=mixed,
                 eval_batch=batch,
                 backend=_selection_backend(b, model),
+                min_sqnr_db=min_sqnr_db,
             )
             if b.name == "onnxruntime" and sensitivity:
                 sens = _sensitivity(src / art["file"], data, _int8_config(b, mode, selection))

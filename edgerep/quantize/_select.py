@@ -244,8 +244,8 @@ class CandidateResult:
         speedup: fp32 latency / this latency.
         metric: top-1 or agreement with fp32, in [0, 1].
         drop: fp32 metric - this metric.
-        status: ``reference``, ``chosen``, ``eligible``, ``no speed-up`` or
-            ``over budget``.
+        status: ``reference``, ``chosen``, ``eligible``, ``no speed-up``,
+            ``over budget`` or ``low SQNR`` (below the caller's floor).
         latency_spread: run-to-run spread of p50 (0.05: 5%); differences between
             candidates smaller than this are noise. 0.0 when latencies were given.
         precision: the inference precision the runtime reported (OpenVINO:
@@ -356,11 +356,20 @@ def _outputs(session: Any, feeds: Feeds, batch: int = 32) -> np.ndarray:
     return np.concatenate([np.asarray(o) for o in outs])
 
 
-def _status(speedup: float, drop: float, min_speedup: float, max_drop: float) -> str:
+def _status(
+    speedup: float,
+    drop: float,
+    sqnr: float,
+    min_speedup: float,
+    max_drop: float,
+    min_sqnr_db: float | None,
+) -> str:
     if speedup < min_speedup:
         return "no speed-up"
     if drop > max_drop + 1e-12:
         return "over budget"
+    if min_sqnr_db is not None and not sqnr >= min_sqnr_db:
+        return "low SQNR"
     return "eligible"
 
 
@@ -395,6 +404,7 @@ def select_variant(
     latency_feeds: Feeds | None = None,
     mixed: bool = True,
     eval_batch: int = 32,
+    min_sqnr_db: float | None = None,
 ) -> tuple[Path, SelectionReport]:
     """Build, measure and pick the fastest quantized variant within the budget.
 
@@ -429,6 +439,9 @@ def select_variant(
             to rescue the fastest of them (onnxruntime: automatic mixed precision,
             `mixed_precision`); the result is measured like any candidate and its
             summary is in `SelectionReport.mixed`.
+        min_sqnr_db: when given, a variant whose output SQNR against fp32 is below
+            it is "low SQNR" and never chosen (the metric alone can hide a variant
+            far from the float model, e.g. on an untrained or tiny evaluation set).
         eval_batch: evaluation runs in batches of this size (the model's largest
             batch, when bounded); one sample at a time if the runtime refuses it.
 
@@ -506,7 +519,12 @@ def select_variant(
         value = float((logits.argmax(axis=1) == truth).mean())
         ref_value = float((ref_logits.argmax(axis=1) == truth).mean())
         speedup, drop = ref_ms / latency_ms, ref_value - value
-        status = "reference" if name == FP32 else _status(speedup, drop, min_speedup, max_drop)
+        sqnr = sqnr_db(ref_logits, logits)
+        status = (
+            "reference"
+            if name == FP32
+            else _status(speedup, drop, sqnr, min_speedup, max_drop, min_sqnr_db)
+        )
         return CandidateResult(
             name,
             paths[name],
@@ -517,7 +535,7 @@ def select_variant(
             status,
             spread,
             precision,
-            sqnr_db(ref_logits, logits),
+            sqnr,
         )
 
     report.candidates = [result(name) for name in names]

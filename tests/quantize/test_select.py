@@ -267,3 +267,19 @@ def test_variants_are_timed_interleaved_in_alternating_order(
     a, b, c = order[:3]
     assert len({a, b, c}) == 3
     assert order == [a, b, c, c, b, a, a, b, c]
+
+
+def test_sqnr_floor_refuses_a_variant_far_from_float(digits: dict, tmp_path: Path) -> None:
+    given = {"fp32": 1.0, U8.name: 0.5}
+    common = dict(
+        calib=digits["calib"],
+        eval_feeds=digits["eval"],
+        labels=digits["labels"],
+        candidates=(U8,),
+        latencies_ms=given,
+    )
+    _, loose = select_variant(digits["path"], tmp_path / "a", min_sqnr_db=20.0, **common)
+    sqnr = loose.candidates[1].sqnr_db
+    assert loose.chosen == U8.name and sqnr is not None and 20.0 < sqnr < 80.0
+    _, strict = select_variant(digits["path"], tmp_path / "b", min_sqnr_db=sqnr + 1, **common)
+    assert strict.chosen == "fp32" and _status(strict)[U8.name] == "low SQNR"
