@@ -418,11 +418,20 @@ def _quant_setup(
     return data, backends
 
 
-def _quant_latency(args: argparse.Namespace) -> Any:
+def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword options of `quantize_bundle` that come straight from the flags."""
     from edgerep.bench.latency import LatencyConfig
 
     overrides = {"min_seconds": args.seconds, "repeats": args.repeats}
-    return LatencyConfig(**{k: v for k, v in overrides.items() if v is not None})
+    return {
+        "max_drop": args.max_drop,
+        "min_speedup": args.min_speedup,
+        "overwrite": args.force,
+        "latency_config": LatencyConfig(**{k: v for k, v in overrides.items() if v is not None}),
+        "mixed": not args.no_mixed_precision,
+        "sensitivity": args.sensitivity,
+        "min_sqnr_db": args.min_sqnr,
+    }
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -438,13 +447,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         data=data,
         backends=backends,
         mode=args.mode,
-        max_drop=args.max_drop,
-        min_speedup=args.min_speedup,
-        overwrite=args.force,
-        latency_config=_quant_latency(args),
-        mixed=not args.no_mixed_precision,
-        sensitivity=args.sensitivity,
-        min_sqnr_db=args.min_sqnr,
+        **_quant_options(args),
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -856,13 +859,7 @@ def _convert_then_quantize(
             data=data,
             backends=backends,
             mode=args.quantize,
-            max_drop=args.max_drop,
-            min_speedup=args.min_speedup,
-            overwrite=args.force,
-            latency_config=_quant_latency(args),
-            mixed=not args.no_mixed_precision,
-            sensitivity=args.sensitivity,
-            min_sqnr_db=args.min_sqnr,
+            **_quant_options(args),
             model=torch_model,
         )
     finally:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from edgerep.errors import ConfigError, MissingDependencyError
-from edgerep.quantize._bundle import sqnr_db
+from edgerep.quantize._metrics import sqnr_db
 from edgerep.quantize._ort import OrtQuantConfig, quantize_onnx
 
 __all__ = [

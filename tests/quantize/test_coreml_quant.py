@@ -15,6 +15,7 @@ import torch
 from edgerep.errors import ConfigError, UnsupportedError
 from edgerep.quantize import CoreMLQuantConfig, CoreMLWeightQuant, dense_weights, quantize_coreml
 from edgerep.quantize._coreml import _torch_ptq
+from edgerep.quantize._metrics import sqnr_db
 from edgerep.runtimes import get_runtime
 from edgerep.spec import example_inputs, parse_input_spec
 from tests.quantize._digits import calib_feeds, trained_digits
@@ -28,10 +29,6 @@ SPECS = [parse_input_spec("x:N[1..1..8]x1x8x8")]
 ON_MAC = sys.platform == "darwin"
 NOT_MAC = "Core ML predicts only on macOS; coremltools converts on Linux but cannot run models"
 ALL = 0  # weight_threshold: compress every weight of the tiny net
-
-
-def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2)))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +115,7 @@ def test_weight_compression_ops_size_and_accuracy(
     q = art.metadata["quantization"]
     assert q["size_bytes"] < 0.6 * q["float_size_bytes"], q
     out = _with_package_weights(model, art.path)(digits["x_te"]).detach().numpy()
-    assert _sqnr_db(digits["ref"], out) > min_sqnr_db
+    assert sqnr_db(digits["ref"], out) > min_sqnr_db
     top1_fp32 = float((digits["ref"].argmax(1) == digits["y_te"].numpy()).mean())
     top1_q = float((out.argmax(1) == digits["y_te"].numpy()).mean())
     assert top1_fp32 - top1_q <= 0.01 + 1e-12, (top1_fp32, top1_q)
@@ -140,7 +137,7 @@ def test_w8a8_through_coremltools_optimize_torch(digits: dict, tmp_path: Path) -
     fq = _torch_ptq(model, example_inputs(SPECS, seed=0), args, config)
     with torch.no_grad():
         out = fq(digits["x_te"]).numpy()
-    assert _sqnr_db(digits["ref"], out) > 15.0
+    assert sqnr_db(digits["ref"], out) > 15.0
     top1_fp32 = float((digits["ref"].argmax(1) == digits["y_te"].numpy()).mean())
     top1_q = float((out.argmax(1) == digits["y_te"].numpy()).mean())
     assert top1_fp32 - top1_q <= 0.01 + 1e-12, (top1_fp32, top1_q)
@@ -203,4 +200,4 @@ def test_predict_on_macos(digits: dict, tmp_path: Path) -> None:
     x_te = digits["x_te"].numpy()
     with get_runtime("coreml").load(art.path, device="cpu") as s:
         got = np.concatenate([s.run({"x": x_te[i : i + 8]})[0] for i in range(0, len(x_te), 8)])
-    assert _sqnr_db(digits["ref"], got) > 40.0
+    assert sqnr_db(digits["ref"], got) > 40.0

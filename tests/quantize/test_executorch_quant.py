@@ -13,6 +13,7 @@ from torch import nn
 from edgerep.errors import ConfigError, UnsupportedError
 from edgerep.quantize import ExecuTorchQuantConfig, quantize_executorch
 from edgerep.quantize._executorch import _pt2e, quantized_op_counts
+from edgerep.quantize._metrics import sqnr_db
 from edgerep.runtimes import get_runtime
 from edgerep.spec import example_inputs, parse_input_spec, with_bounded_ranges
 from tests.quantize._digits import calib_feeds, digits_net, trained_digits
@@ -23,10 +24,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 SPECS = [parse_input_spec("x:N[1..1..8]x1x8x8")]  # conv nets: a small bounded dynamic batch
-
-
-def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2)))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +54,7 @@ def test_int8_pte_top1_and_sqnr_through_the_runtime(quantized: dict) -> None:
     top1_int8 = float((got.argmax(1) == y_te.numpy()).mean())
     assert top1_fp32 > 0.9
     assert top1_fp32 - top1_int8 <= 0.01 + 1e-12, (top1_fp32, top1_int8)
-    assert _sqnr_db(ref, got) > 20.0  # measured 42.7 dB
+    assert sqnr_db(ref, got) > 20.0  # measured 42.7 dB
 
 
 def test_program_holds_quantized_xnnpack_delegates(quantized: dict) -> None:

@@ -10,15 +10,12 @@ import pytest
 
 from edgerep.errors import ConfigError, ExportError
 from edgerep.quantize import OvQuantConfig, quantize_openvino
+from edgerep.quantize._metrics import sqnr_db
 from edgerep.quantize._nncf import weight_precisions
 from tests.quantize._digits import calib_feeds, export_onnx, trained_digits
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (edgerep[openvino])")
 pytest.importorskip("nncf", reason="nncf is not installed (edgerep[openvino])")
-
-
-def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2)))
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -92,7 +89,7 @@ def test_int8_keeps_top1_within_one_point(digits: dict, tmp_path: Path) -> None:
     assert dict(art.weight_precisions) == {"int4": 0, "int8": 3, "fp16": 0, "fp32": 0}
     assert art.calib_samples == len(digits["calib"]) and art.notes == ()
     out = _run(art.path, digits["x"])
-    assert _sqnr_db(digits["ref"], out) > 20.0
+    assert sqnr_db(digits["ref"], out) > 20.0
     top1 = float((out.argmax(1) == digits["y"]).mean())
     assert digits["top1"] - top1 <= 0.01 + 1e-12, (digits["top1"], top1)
     assert _bin_bytes(art.path) < 0.4 * _bin_bytes(digits["ir"])  # int8 weights in the .bin
@@ -105,7 +102,7 @@ def test_w8_compresses_every_weight(digits: dict, tmp_path: Path) -> None:
     assert dict(art.weight_precisions) == {"int4": 0, "int8": 3, "fp16": 0, "fp32": 0}
     assert art.compressed_layers == 3 and art.fake_quantize_ops == 0 and art.calib_samples == 0
     assert _bin_bytes(art.path) < 0.4 * _bin_bytes(digits["ir"])
-    assert _sqnr_db(digits["ref"], _run(art.path, digits["x"])) > 20.0
+    assert sqnr_db(digits["ref"], _run(art.path, digits["x"])) > 20.0
 
 
 def test_w4_on_a_conv_net_says_what_stayed_int8(digits: dict, tmp_path: Path) -> None:
@@ -123,14 +120,14 @@ def test_w4_on_a_conv_net_says_what_stayed_int8(digits: dict, tmp_path: Path) ->
     assert dict(every.weight_precisions) == {"int4": 1, "int8": 2, "fp16": 0, "fp32": 0}
     assert "1 of 3" in every.notes[0]
     assert every.path.with_suffix(".bin").stat().st_size < _bin_bytes(default.path)
-    assert _sqnr_db(digits["ref"], _run(every.path, digits["x"])) > 12.0
+    assert sqnr_db(digits["ref"], _run(every.path, digits["x"])) > 12.0
 
 
 def test_fp16_halves_the_weights(digits: dict, tmp_path: Path) -> None:
     art = quantize_openvino(digits["path"], tmp_path / "fp16.xml", OvQuantConfig(mode="fp16"))
     assert dict(art.weight_precisions) == {"int4": 0, "int8": 0, "fp16": 3, "fp32": 0}
     assert _bin_bytes(art.path) < 0.6 * _bin_bytes(digits["ir"])
-    assert _sqnr_db(digits["ref"], _run(art.path, digits["x"])) > 50.0
+    assert sqnr_db(digits["ref"], _run(art.path, digits["x"])) > 50.0
 
 
 def test_int8_acc_calls_the_metric_and_respects_the_budget(digits: dict, tmp_path: Path) -> None:

@@ -13,12 +13,9 @@ import torch
 from edgerep.errors import ConfigError
 from edgerep.fold import fold
 from edgerep.quantize import OrtQuantConfig, equalize, quantize_onnx
+from edgerep.quantize._metrics import sqnr_db
 from edgerep.zoo import accuracy, demo_net, randomize_
 from tests.quantize._digits import calib_feeds, export_onnx, trained_digits
-
-
-def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2)))
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -58,7 +55,7 @@ def test_quantized_digits_sqnr_and_top1(
     assert art.path.exists() and not list(tmp_path.glob("tmp*"))
     assert ops <= {n.op_type for n in onnx.load(str(art.path)).graph.node}
     ref, out = _run(digits["path"], x_te), _run(art.path, x_te)
-    assert _sqnr_db(ref, out) > min_sqnr_db
+    assert sqnr_db(ref, out) > min_sqnr_db
     top1_fp32 = accuracy(digits["model"], digits["x_te"], digits["y_te"])
     assert top1_fp32 > 0.9  # the model really learned something
     top1_q = float((out.argmax(1) == digits["y_te"].numpy()).mean())
@@ -115,7 +112,7 @@ def test_zoo_net_sqnr_and_equalization_gain(tmp_path: Path) -> None:
     def sqnr(model: torch.nn.Module, config: OrtQuantConfig, tag: str) -> float:
         fp32 = _export_16(model, tmp_path / f"{tag}.onnx")
         art = quantize_onnx(fp32, tmp_path / f"{tag}-q.onnx", config, calib=calib)
-        return _sqnr_db(_run(fp32, x), _run(art.path, x))
+        return sqnr_db(_run(fp32, x), _run(art.path, x))
 
     assert sqnr(_folded_demo_net(0.0), OrtQuantConfig(), "balanced") > 20.0
     imbalanced = _folded_demo_net(2.0)
@@ -215,7 +212,7 @@ def test_excluded_node_stays_float_in_every_mode(digits: dict, tmp_path: Path, m
     else:
         assert inits[by_name["/0/Conv"].input[1]] == onnx.TensorProto.FLOAT16
     ref, out = _run(digits["path"], digits["x_te"].numpy()), _run(art.path, digits["x_te"].numpy())
-    assert _sqnr_db(ref, out) > 20.0
+    assert sqnr_db(ref, out) > 20.0
 
 
 def test_unknown_op_type_and_calibration_cache_reuse(digits: dict, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from edgerep.quantize import (
     quantize_onnx,
     tensorrt_qdq_problems,
 )
+from edgerep.quantize._metrics import sqnr_db
 from edgerep.quantize._tensorrt import calibration_batches
 from edgerep.spec import parse_input_spec, shape_profiles
 from tests.quantize._digits import calib_feeds, export_onnx, trained_digits
@@ -26,10 +27,6 @@ from tests.quantize._digits import calib_feeds, export_onnx, trained_digits
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 NO_TRT = "tensorrt is not installed here (its wheels need NVIDIA's index and a GPU machine)"
 SPECS = [parse_input_spec("x:N[1..4..8]x1x8x8")]
-
-
-def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2)))
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -85,7 +82,7 @@ def test_tensorrt_recipe_is_clean_and_accurate(digits: dict) -> None:
     ]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     ref, got = _run(digits["path"], digits["x_te"]), _run(art.path, digits["x_te"])
-    assert _sqnr_db(ref, got) > 20.0  # measured 47.6 dB (onnxruntime CPU)
+    assert sqnr_db(ref, got) > 20.0  # measured 47.6 dB (onnxruntime CPU)
     top1_fp32 = float((ref.argmax(1) == digits["y_te"]).mean())
     top1_q = float((got.argmax(1) == digits["y_te"]).mean())
     assert top1_fp32 - top1_q <= 0.01 + 1e-12
@@ -212,4 +209,4 @@ def test_engine_builds_and_runs(digits: dict, tmp_path: Path, mode: str) -> None
     ref = _run(digits["path"], x)
     with get_runtime("tensorrt").load(art.path, device="cuda:0") as s:
         (got,) = s.run({"x": x})
-    assert _sqnr_db(ref, got) > (40.0 if mode == "fp16" else 20.0)
+    assert sqnr_db(ref, got) > (40.0 if mode == "fp16" else 20.0)
