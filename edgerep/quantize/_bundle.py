@@ -40,8 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgerep._json import finite
 from edgerep.bench.latency import LatencyConfig
 from edgerep.bundle import atomic_output_dir, check_output_dir, read_manifest, sha256_file
@@ -78,7 +76,6 @@ class _Backend:
     source_format: str
     modes: Mapping[str, tuple[Any, ...]]
     tools: tuple[str, ...]
-    runtime_options: Mapping[str, Any]
     files: Callable[[Path], list[Path]] = lambda p: [p]
     needs_model: bool = False
 
@@ -115,13 +112,12 @@ def _et_modes() -> dict[str, tuple[Any, ...]]:
 
 
 _BACKENDS: dict[str, _Backend] = {
-    "onnxruntime": _Backend("onnxruntime", "onnx", _ort_modes(), ("onnxruntime",), {"threads": 1}),
+    "onnxruntime": _Backend("onnxruntime", "onnx", _ort_modes(), ("onnxruntime",)),
     "openvino": _Backend(
         "openvino",
         "openvino",
         _ov_modes(),
         ("openvino", "nncf"),
-        {"threads": 1, "inference_precision": "f32"},
         files=lambda p: [p, p.with_suffix(".bin")],
     ),
     # PT2E quantizes the PyTorch model: only where the model is at hand (convert --quantize)
@@ -130,7 +126,6 @@ _BACKENDS: dict[str, _Backend] = {
         "executorch",
         _et_modes(),
         ("executorch", "torchao"),
-        {},
         files=lambda p: [p, p.with_name(p.name + ".json")],
         needs_model=True,
     ),
@@ -252,25 +247,6 @@ def eval_batch(manifest: Mapping[str, Any], default: int = 32) -> int:
             if top is not None:
                 batch = min(batch, int(top))
     return max(batch, 1)
-
-
-def _run_batched(
-    backend: _Backend, path: Path, feeds: dict[str, np.ndarray], batch: int
-) -> np.ndarray:
-    from edgerep.runtimes import get_runtime
-
-    options = dict(backend.runtime_options)
-    session = get_runtime(backend.name).load(path, device="cpu", options=options)
-    try:
-        n = len(next(iter(feeds.values())))
-        return np.concatenate(
-            [
-                np.asarray(session.run({k: v[i : i + batch] for k, v in feeds.items()})[0])
-                for i in range(0, n, batch)
-            ]
-        )
-    finally:
-        session.close()
 
 
 def quantize_bundle(
@@ -423,9 +399,9 @@ def quantize_bundle(
                     }
                 )
                 continue
-            reference = _run_batched(b, src / art["file"], data.eval_feeds, batch)
-            quantized = _run_batched(b, chosen_path, data.eval_feeds, batch)
-            sqnr = sqnr_db(reference, quantized)
+            # measured by the selection on the evaluation samples, against the float artifact
+            measured = next(c.sqnr_db for c in selection.candidates if c.name == selection.chosen)
+            sqnr = float("nan") if measured is None else measured
             entry, rel = _artifact_entry(b, art, chosen_path, tmp, selection, sqnr, data, mode)
             index = new_artifacts.index(art)
             new_artifacts.insert(index, entry)
