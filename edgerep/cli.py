@@ -350,15 +350,18 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 def _quant_setup(
     args: argparse.Namespace,
-    input_names: Sequence[str],
+    inputs: Sequence[dict[str, Any]],
     mode: str,
     formats: Sequence[str],
     *,
     with_model: bool = False,
+    classes: int | None = None,
 ) -> tuple[Any, list[str]]:
     """(calibration data, backends) from the quantize options; fails before any work.
 
     Without --backend: every backend that offers `mode` and quantizes one of `formats`.
+    The data is checked against `inputs` (manifest-style input specs) and, for labels,
+    the model's number of `classes` when known.
     """
     from edgerep.quantize import (
         MODES,
@@ -408,7 +411,8 @@ def _quant_setup(
     }
     data = load_calibration(
         args.calib,
-        input_names=input_names,
+        inputs=inputs,
+        classes=classes,
         samples=args.calib_samples,
         seed=args.calib_seed,
         x_key=args.x_key,
@@ -440,7 +444,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.bundle)
     formats = sorted({a["format"] for a in manifest["artifacts"] if a["precision"] == "fp32"})
-    data, backends = _quant_setup(args, [i["name"] for i in manifest["inputs"]], args.mode, formats)
+    from edgerep.bench._data import classes_of
+
+    data, backends = _quant_setup(
+        args, manifest["inputs"], args.mode, formats, classes=classes_of(manifest["outputs"])
+    )
     _, report = quantize_bundle(
         args.bundle,
         args.out,
@@ -472,7 +480,16 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime", action="append", default=[], metavar="NAME", help="runtimes (comma-separated)"
     )
-    p.add_argument("--data", metavar="DATA", help=".npz (x, y), image folder, or file.py:fn")
+    p.add_argument(
+        "--data",
+        metavar="DATA",
+        help=".npz (x[, y]), image folder, or file.py:fn; without labels only the agreement "
+        "with the reference row is measured",
+    )
+    p.add_argument("--x-key", metavar="K", help="--data .npz: the inputs array (default x)")
+    p.add_argument(
+        "--y-key", metavar="K", help="--data .npz: the labels array (default y, if present)"
+    )
     p.add_argument(
         "--metric", action="append", default=[], metavar="M", help="top1 (default), top5"
     )
@@ -548,8 +565,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ) from e
     if args.channels is not None:
         data_options["channels"] = args.channels
+    for key in ("x_key", "y_key"):
+        if getattr(args, key) is not None:
+            data_options[key] = getattr(args, key)
     if data_options and not args.data:
-        raise ConfigError("--image-size/--channels/--mean/--std describe --data; give --data")
+        raise ConfigError(
+            "--x-key/--y-key/--image-size/--channels/--mean/--std describe --data; give --data"
+        )
 
     def progress(done: int, total: int, label: str) -> None:
         if not args.no_progress:
@@ -793,7 +815,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
         _show(result, args)
         return EXIT_OK
-    quantize = _quant_setup(args, [s.name for s in specs], args.quantize, formats, with_model=True)
+    quantize = _quant_setup(
+        args, [s.to_dict() for s in specs], args.quantize, formats, with_model=True
+    )
     return _convert_then_quantize(args, model, specs, description, formats, options, quantize)
 
 
