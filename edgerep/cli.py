@@ -631,6 +631,8 @@ def _merge_options(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any] 
             f"known: {', '.join(combine_methods())}"
         )
     options: dict[str, Any] = {"keep_zeros": args.keep_zeros}
+    if args.command == "merge":  # merging is all `merge` does: a model without adapters is an error
+        options["require_adapter"] = True
     if len(sources) > 1 or any(s.weight is not None for s in sources):
         options.update(
             combine={s.name or "default": 1.0 if s.weight is None else s.weight for s in sources},
