@@ -911,12 +911,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
     formats: list[dict[str, Any]] = []
     for name in available_formats():
         e = get_exporter(name)
+        # "installed" is about the exporter's packages; whether its runtime can verify
+        # (or, for TensorRT, build) the artifact here is a separate question
+        why = (
+            get_runtime(e.runtime).unavailable_reason() if e.runtime in available_runtimes() else ""
+        )
         formats.append(
             {
                 "format": name,
                 "installed": _installed(e.requires),
                 "extra": e.extra,
                 "runtime": e.runtime,
+                "verified_here": not why,
+                "not_verified_reason": why,
             }
         )
     runtimes: list[dict[str, Any]] = []
@@ -950,7 +957,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print("export formats:")
     for f in formats:
-        state = "installed" if f["installed"] else f"missing: pip install 'edgerep[{f['extra']}]'"
+        if not f["installed"]:
+            state = f"cannot export: pip install 'edgerep[{f['extra']}]'"
+        elif f["verified_here"]:
+            state = "exports and verifies here"
+        else:
+            state = f"exports here, cannot verify here: {f['not_verified_reason']}"
         print(f"  {f['format']:<12} verified with {f['runtime']:<12} {state}")
     print("runtimes:")
     for r in runtimes:
