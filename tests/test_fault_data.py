@@ -220,3 +220,17 @@ def test_bench_fixed_batch_needs_whole_batches(tmp_path, capsys) -> None:
     np.savez(tmp_path / "d.npz", x=_x(6))
     code, err = _run(["bench", str(bundle), "--data", str(tmp_path / "d.npz"), *BENCH], capsys)
     assert code == EXIT_USAGE and "whole batches of 4" in err, err
+
+
+def test_quantize_bundle_api_refuses_data_that_does_not_fit(bundle, tmp_path) -> None:
+    """Data built in Python (not loaded from a file) is checked by quantize_bundle itself."""
+    from edgerep.errors import ConfigError
+    from edgerep.quantize import calibration_from_arrays, quantize_bundle
+
+    bad = calibration_from_arrays(_x(features=5), None, input_names=["x"], source="mine")
+    with pytest.raises(ConfigError, match=r"mine \(calibration part\).*\(8, 5\)"):
+        quantize_bundle(bundle, tmp_path / "q", data=bad, backends=["onnxruntime"])
+    nan = calibration_from_arrays(np.full((8, 4), np.nan), None, input_names=["x"], source="m")
+    with pytest.raises(ConfigError, match="NaN"):
+        quantize_bundle(bundle, tmp_path / "q", data=nan, backends=["onnxruntime"])
+    assert not (tmp_path / "q").exists()

@@ -295,7 +295,8 @@ def quantize_bundle(
 
     Raises:
         ConfigError: an unknown mode or backend, a bundle without the float artifact
-            a backend needs, or `out_dir` equal to `bundle_dir`.
+            a backend needs, `out_dir` equal to `bundle_dir`, or `data` that does not
+            fit the bundle's inputs (shape, dtype, non-finite values).
         VerificationError: the source bundle's manifest is invalid.
     """
     if mode not in MODES:
@@ -330,6 +331,7 @@ def quantize_bundle(
             "to another directory (the source stays as it is)"
         )
     manifest = read_manifest(src)
+    data.check(manifest["inputs"], target=f"bundle {str(src)!r}")  # before any backend runs
     problems = []
     sources: dict[str, dict[str, Any]] = {}
     for b in chosen_backends:

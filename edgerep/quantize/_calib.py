@@ -44,6 +44,27 @@ class CalibrationData:
     source: str
     note: str = ""
 
+    def check(self, inputs: Sequence[Mapping[str, Any]], *, target: str = "the bundle") -> None:
+        """Refuse samples that do not fit `inputs` (manifest-style input specs).
+
+        Raises:
+            ConfigError: a calibration or evaluation array has the wrong shape or
+                dtype, or values that are not finite (see `edgerep.bench._data`).
+        """
+        from edgerep.bench._data import fit_inputs
+
+        if not self.calib:
+            raise ConfigError(f"calibration data {self.source!r} holds no calibration sample")
+        calib = {k: np.concatenate([f[k] for f in self.calib]) for k in self.calib[0]}
+        for part, arrays in (("calibration", calib), ("evaluation", self.eval_feeds)):
+            fit_inputs(
+                arrays,
+                inputs,
+                source=f"{self.source} ({part} part)",
+                target=target,
+                one_at_a_time=True,
+            )
+
     def describe(self) -> dict[str, Any]:
         """A JSON-serializable summary for reports."""
         n_eval = len(next(iter(self.eval_feeds.values())))
