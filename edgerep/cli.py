@@ -213,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
         "--rtol", type=float, help="override the parity tolerance (fraction of max |ref|)"
     )
     p.add_argument(
+        "--allow-nonfinite-reference",
+        action="store_true",
+        help="the model's outputs hold NaN/Inf on purpose (e.g. -inf masks): artifacts must "
+        "match them place by place (default: any NaN/Inf fails parity)",
+    )
+    p.add_argument(
         "--quantize",
         metavar="MODE",
         help="then quantize (int8, int8-dynamic, fp16, w8, w4) with --calib DATA; see "
@@ -256,6 +262,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rtol", type=float, help="override the parity tolerance (fraction of max |ref|)"
+    )
+    p.add_argument(
+        "--allow-nonfinite-reference",
+        action="store_true",
+        help="the model's outputs hold NaN/Inf on purpose (e.g. -inf masks): artifacts must "
+        "match them place by place (default: any NaN/Inf fails parity)",
     )
     _add_option_arg(p)
     p.set_defaults(handler=_cmd_export, no_fold=True)
@@ -764,6 +776,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         seed=args.seed,
         source=description,
         exporter_options=options,
+        allow_nonfinite_reference=args.allow_nonfinite_reference,
     )
     _show(result, args)
     return EXIT_OK
@@ -790,6 +803,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             source=description,
             merge=args.merge_options,
             exporter_options=options,
+            allow_nonfinite_reference=args.allow_nonfinite_reference,
         )
         _show(result, args)
         return EXIT_OK
@@ -852,6 +866,7 @@ def _convert_then_quantize(
             source=description,
             merge=args.merge_options,
             exporter_options=options,
+            allow_nonfinite_reference=args.allow_nonfinite_reference,
         )
         _, report = quantize_bundle(
             scratch / "bundle",
