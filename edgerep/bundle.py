@@ -6,9 +6,21 @@ never leaves a half-written bundle and never damages an earlier one.
 
 ``manifest.json`` (schema version 1) lists the inputs and outputs, every artifact
 with its checksum, tool versions and parity numbers, the SHA-256 of every file in
-the bundle, and the ledger of what each stage did. It carries its own checksum, so
-editing it by hand (or a truncated copy) is detected on read. Readers validate it
-against `MANIFEST_SCHEMA` and never evaluate anything from it.
+the bundle, and the ledger of what each stage did. Readers validate it against
+`MANIFEST_SCHEMA` and never evaluate anything from it.
+
+What the checksums protect, and what not:
+
+- ``checksum`` (required) is the SHA-256 of the rest of the manifest, which lists
+  the SHA-256 of every file. It proves **integrity**: a truncated copy, a disk
+  error, or a hand edit of the manifest or of any file is detected on read. A
+  manifest without it is refused unless the reader passes ``trust_unsigned``
+  (for manifests written by other tools).
+- It does **not** prove **authenticity**: anyone who can write the bundle can
+  recompute every hash. For bundles shipped to devices, sign them: with a secret
+  ``key``, `write_manifest` adds ``signature`` (HMAC-SHA256 of the manifest), and a
+  reader given the same key refuses a bundle whose signature is missing or wrong.
+  Keep the key off the bundle; anyone holding it can sign.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -36,7 +49,9 @@ __all__ = [
     "atomic_output_dir",
     "check_output_dir",
     "read_manifest",
+    "read_key_file",
     "sha256_file",
+    "sign_bundle",
     "write_manifest",
 ]
 
@@ -61,7 +76,15 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "edgerep bundle manifest",
     "type": "object",
-    "required": ["schema_version", "inputs", "outputs", "artifacts", "ledger", "files"],
+    "required": [
+        "schema_version",
+        "inputs",
+        "outputs",
+        "artifacts",
+        "ledger",
+        "files",
+        "checksum",
+    ],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "edgerep_version": {"type": "string"},
@@ -115,7 +138,20 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         },
         "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "signature": {
+            "type": "object",
+            "required": ["alg", "value"],
+            "properties": {
+                "alg": {"const": "hmac-sha256"},
+                "value": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            },
+        },
     },
+}
+#: the schema of manifests accepted with ``trust_unsigned`` (no checksum required)
+_UNSIGNED_SCHEMA: dict[str, Any] = {
+    **MANIFEST_SCHEMA,
+    "required": [k for k in MANIFEST_SCHEMA["required"] if k != "checksum"],
 }
 
 
@@ -217,22 +253,29 @@ def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
 
 
 def _canonical(manifest: Mapping[str, Any]) -> bytes:
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    body = {k: v for k, v in manifest.items() if k not in ("checksum", "signature")}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _validate(manifest: Any) -> list[str]:
+def _signature(manifest: Mapping[str, Any], key: bytes) -> str:
+    return hmac.new(bytes(key), _canonical(manifest), hashlib.sha256).hexdigest()
+
+
+def _validate(manifest: Any, *, trust_unsigned: bool = False) -> list[str]:
     """Problems with `manifest` against `MANIFEST_SCHEMA` (empty when valid)."""
-    return schema_problems(manifest, MANIFEST_SCHEMA, _validate_by_hand)
+    schema = _UNSIGNED_SCHEMA if trust_unsigned else MANIFEST_SCHEMA
+    return schema_problems(
+        manifest, schema, lambda m: _validate_by_hand(m, required=schema["required"])
+    )
 
 
-def _validate_by_hand(manifest: Any) -> list[str]:
+def _validate_by_hand(manifest: Any, *, required: list[str] | None = None) -> list[str]:
     """The required keys and their types, for when jsonschema is not installed."""
     if not isinstance(manifest, dict):
         return [f"<root>: expected an object, got {type(manifest).__name__}"]
     problems = [
         f"<root>: {k!r} is a required property"
-        for k in MANIFEST_SCHEMA["required"]
+        for k in (required or MANIFEST_SCHEMA["required"])
         if k not in manifest
     ]
     if manifest.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
@@ -279,7 +322,9 @@ def _bundle_files(directory: Path) -> dict[str, str]:
     return out
 
 
-def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+def write_manifest(
+    directory: str | Path, manifest: Mapping[str, Any], *, key: bytes | None = None
+) -> dict[str, Any]:
     """Write ``manifest.json`` into `directory`, after validating it.
 
     Fills in ``schema_version`` if absent, ``files`` (the SHA-256 of every file in
@@ -290,6 +335,8 @@ def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> dict[s
     Args:
         directory: the bundle directory (usually the temporary one).
         manifest: inputs, outputs, artifacts, ledger and optional metadata.
+        key: sign the manifest with this secret (HMAC-SHA256, stored as
+            ``signature``); readers given the same key check it.
 
     Returns:
         The manifest as written.
@@ -302,7 +349,8 @@ def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> dict[s
     data = {"schema_version": SCHEMA_VERSION, **copy.deepcopy(dict(manifest))}
     data["files"] = _bundle_files(directory)
     data.pop("checksum", None)
-    problems = _validate(data)
+    data.pop("signature", None)
+    problems = _validate(data, trust_unsigned=True)  # the checksum comes last
     if problems:
         raise ConfigError("manifest does not match its schema: " + "; ".join(problems[:10]))
     for art in data["artifacts"]:
@@ -316,6 +364,10 @@ def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> dict[s
         data["checksum"] = hashlib.sha256(_canonical(data)).hexdigest()
     except ValueError as e:  # NaN or Inf in a number
         raise ConfigError(f"manifest holds a value JSON cannot represent: {e}") from e
+    if key is not None:
+        if not key:
+            raise ConfigError("the signing key is empty; use a secret of at least 16 bytes")
+        data["signature"] = {"alg": "hmac-sha256", "value": _signature(data, key)}
     tmp = directory / f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
@@ -325,12 +377,22 @@ def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> dict[s
     return data
 
 
-def read_manifest(directory: str | Path, *, verify_files: bool = True) -> dict[str, Any]:
+def read_manifest(
+    directory: str | Path,
+    *,
+    verify_files: bool = True,
+    trust_unsigned: bool = False,
+    key: bytes | None = None,
+) -> dict[str, Any]:
     """Read and check a bundle's ``manifest.json``.
 
     Args:
         directory: the bundle directory.
         verify_files: also check the SHA-256 of every file the manifest lists.
+        trust_unsigned: accept a manifest without ``checksum`` (written by another
+            tool); its file hashes are still checked.
+        key: the secret the bundle was signed with: its ``signature`` must be present
+            and match (see the module docstring for what this protects).
 
     Returns:
         The manifest.
@@ -353,7 +415,14 @@ def read_manifest(directory: str | Path, *, verify_files: bool = True) -> dict[s
         raise VerificationError(
             f"{str(path)!r} is not valid JSON ({e}); the bundle is corrupt"
         ) from e
-    problems = _validate(data)
+    if isinstance(data, dict) and "checksum" not in data and not trust_unsigned:
+        raise VerificationError(
+            f"{str(path)!r} has no checksum, so nothing proves it is the manifest edgerep "
+            "wrote (a removed checksum lets a swapped model and its hash pass); re-create the "
+            "bundle, or pass --trust-unsigned (trust_unsigned=True) for a manifest another "
+            "tool wrote"
+        )
+    problems = _validate(data, trust_unsigned=trust_unsigned)
     if problems:
         raise VerificationError(
             f"{str(path)!r} does not match the manifest schema (version {SCHEMA_VERSION}): "
@@ -364,6 +433,18 @@ def read_manifest(directory: str | Path, *, verify_files: bool = True) -> dict[s
             f"{str(path)!r} was modified after it was written (its checksum does not match); "
             "re-create the bundle instead of editing its manifest"
         )
+    if key is not None:
+        sig = data.get("signature")
+        if not isinstance(sig, dict):
+            raise VerificationError(
+                f"{str(path)!r} is not signed, but a signing key was given: refusing an "
+                "unsigned bundle; sign it when writing it (--sign-key-file)"
+            )
+        if not hmac.compare_digest(str(sig.get("value", "")), _signature(data, key)):
+            raise VerificationError(
+                f"{str(path)!r}: the signature does not match the key: the bundle was signed "
+                "with another key or modified after signing"
+            )
     for rel in data["files"]:
         _safe_relpath(rel, "files")
     for art in data["artifacts"]:
@@ -388,3 +469,32 @@ def read_manifest(directory: str | Path, *, verify_files: bool = True) -> dict[s
                     "re-create the bundle"
                 )
     return data
+
+
+def read_key_file(path: str | Path) -> bytes:
+    """The signing key stored in `path` (its bytes, surrounding whitespace stripped).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or holds fewer than 16 bytes.
+    """
+    p = Path(path).expanduser()
+    try:
+        key = p.read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the key file {str(p)!r}: {e.strerror or e}") from e
+    if len(key) < 16:
+        raise ConfigError(
+            f"the key file {str(p)!r} holds {len(key)} bytes; a signing key needs at least 16 "
+            "(e.g. `head -c 32 /dev/urandom | base64 > key`)"
+        )
+    return key
+
+
+def sign_bundle(directory: str | Path, key: bytes) -> dict[str, Any]:
+    """Sign an existing bundle's manifest with `key` (HMAC-SHA256), after checking it.
+
+    The bundle must pass `read_manifest` (checksum and every file hash) first, so
+    only an intact bundle is signed. Returns the signed manifest.
+    """
+    data = read_manifest(directory)
+    return write_manifest(directory, data, key=key)

@@ -244,6 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_trust_arg(p)
     p.set_defaults(handler=_cmd_quantize)
 
     p = sub.add_parser(
@@ -281,6 +282,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_bench_args(p)
     p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser(
+        "sign",
+        parents=[common],
+        help="sign a bundle's manifest with a secret key (HMAC-SHA256)",
+        description="Check a bundle (manifest checksum and every file hash), then sign its "
+        "manifest with the key in KEY_FILE; edgerep.load(..., key=...) on the device refuses a "
+        "bundle whose signature is missing or does not match. The checksum alone proves "
+        "integrity; the signature proves the bundle came from a holder of the key.",
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle directory")
+    p.add_argument("--key-file", required=True, metavar="KEY_FILE", help="the secret (>= 16 bytes)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_cmd_sign)
 
     p = sub.add_parser("list", parents=[common], help="list formats, runtimes and zoo blocks")
     p.add_argument("--json", action="store_true", help="print as JSON")
@@ -443,6 +458,7 @@ def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
         "mixed": not args.no_mixed_precision,
         "sensitivity": args.sensitivity,
         "min_sqnr_db": args.min_sqnr,
+        "trust_unsigned": getattr(args, "trust_unsigned", False),
     }
 
 
@@ -450,7 +466,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from edgerep.bundle import read_manifest
     from edgerep.quantize import quantize_bundle
 
-    manifest = read_manifest(args.bundle)
+    manifest = read_manifest(args.bundle, trust_unsigned=args.trust_unsigned)
     formats = sorted({a["format"] for a in manifest["artifacts"] if a["precision"] == "fp32"})
     data, backends = _quant_setup(args, [i["name"] for i in manifest["inputs"]], args.mode, formats)
     _, report = quantize_bundle(
@@ -473,7 +489,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 # --- commands -----------------------------------------------------------------------------
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="accept a bundle whose manifest has no checksum (written by another tool); "
+        "edgerep's own bundles always carry one",
+    )
+
+
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    _add_trust_arg(p)
     p.add_argument(
         "targets",
         nargs="+",
@@ -582,6 +608,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         concurrency=concurrency,
         precision=args.precision,
         data_options=data_options,
+        trust_unsigned=args.trust_unsigned,
     )
     paths = write_report(report, args.out) if args.out else {}
     if args.json:
@@ -891,6 +918,17 @@ def _convert_then_quantize(
 
 def _installed(modules: Sequence[str]) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from edgerep.bundle import read_key_file, sign_bundle
+
+    manifest = sign_bundle(args.bundle, read_key_file(args.key_file))
+    if args.json:
+        print(json.dumps({"bundle": args.bundle, "signature": manifest["signature"]}))
+    else:
+        print(f"signed {args.bundle} (hmac-sha256)")
+    return EXIT_OK
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -259,7 +259,11 @@ def compare_outputs(
         worst: OutputParity | None = None
         for k, (refs, gots) in enumerate(zip(references, results)):
             p = _compare_one(
-                name, refs[i], gots[i], tolerance, allow_nonfinite_reference=allow_nonfinite_reference
+                name,
+                refs[i],
+                gots[i],
+                tolerance,
+                allow_nonfinite_reference=allow_nonfinite_reference,
             )
             if not p.passed:
                 p = replace(p, reason=f"on parity input {k}: {p.reason}")

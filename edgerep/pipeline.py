@@ -661,9 +661,7 @@ def convert(
     refuse_non_finite(model, action="convert")
 
     reference, merged, merge_report = _merge_stage(model, merge)
-    prepared = _prepare(
-        reference, specs, seed, allow_nonfinite_reference=allow_nonfinite_reference
-    )
+    prepared = _prepare(reference, specs, seed, allow_nonfinite_reference=allow_nonfinite_reference)
     example = prepared.inputs[0]
     report: FoldReport | None = None
     subject = prepared.reference if merge is None else _reference_model(merged)
