@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -48,7 +50,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "atomic_output_dir",
     "check_output_dir",
+    "private_dir",
     "read_manifest",
+    "remove_stale",
     "read_key_file",
     "sha256_file",
     "sign_bundle",
@@ -197,6 +201,106 @@ def _umask() -> int:
     return mask
 
 
+# --- temporary directories and what a killed run leaves ---------------------------------
+#
+# Every temporary directory beside a target is named ``.<target>.<kind>-<owner>-<random>``
+# where <owner> is ``p<pid>s<start ticks>h<host hash>``: a later run (or the supervising
+# parent of a crashed one) can tell that its owner is gone and remove it, and restore a
+# previous output that was being swapped out (``.<target>.old-...``) when the target is
+# missing. Directories whose owner cannot be read (other tools, older edgerep) are only
+# reported.
+
+_KINDS = ("tmp", "old", "float")
+
+
+def _start_ticks(pid: int) -> int:
+    """The process start time in clock ticks since boot (0 where /proc is missing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _host_tag() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner_tag() -> str:
+    return f"p{os.getpid()}s{_start_ticks(os.getpid())}h{_host_tag()}"
+
+
+def private_dir(target: str | Path, kind: str) -> Path:
+    """A new directory beside `target` whose name records its owner (see above).
+
+    Args:
+        target: the output it belongs to.
+        kind: ``"tmp"`` (the new output), ``"old"`` (the previous one being swapped
+            out) or ``"float"`` (scratch work).
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    target = Path(target)
+    return Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{_owner_tag()}-", dir=target.parent)
+    )
+
+
+def _owner_alive(name: str) -> bool | None:
+    """Whether the owner recorded in a private directory's name runs (None: unknown)."""
+    m = re.search(r"-p(\d+)s(\d+)h([0-9a-f]{8})-", name)
+    if not m:
+        return None
+    pid, ticks, host = int(m.group(1)), int(m.group(2)), m.group(3)
+    if host != _host_tag():
+        return None  # another machine's (shared filesystem): not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # runs, as another user
+    # a reused pid is another process: compare start times where they can be read
+    now = _start_ticks(pid)
+    return not (ticks and now and now != ticks)
+
+
+def remove_stale(target: str | Path) -> list[str]:
+    """Clean what killed runs left beside `target`; returns what was done, as text.
+
+    A temporary or scratch directory whose owner is gone is removed. A previous
+    output that was being swapped out (``.old-``) is put back when `target` is
+    missing, else removed. Directories whose owner is unknown or alive are left,
+    and reported when their owner is unknown.
+    """
+    target = Path(target).expanduser().resolve()
+    done: list[str] = []
+    if not target.parent.is_dir():
+        return done
+    for kind in ("old", "tmp", "float"):
+        for d in sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*")):
+            alive = _owner_alive(d.name)
+            if alive is None:
+                done.append(
+                    f"left {str(d)!r}: it looks like an interrupted run's leftovers but its "
+                    "owner is unknown; delete it if no edgerep run is writing it"
+                )
+                continue
+            if alive:
+                continue
+            if kind == "old" and not target.exists() and not target.is_symlink():
+                os.rename(d, target)
+                done.append(f"restored the previous output {str(target)!r} from {d.name!r}")
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            done.append(f"removed {str(d)!r}, left by an interrupted run")
+    for line in done:
+        logger.warning("%s", line)
+    return done
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` when the block succeeds.
@@ -215,14 +319,21 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[
         ConfigError: before the block runs, if the target exists and `overwrite`
             is False (or it is not a directory).
     """
+    from edgerep import _interrupt
+
     target = check_output_dir(path, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale(target)
+    tmp = private_dir(target, "tmp")
     # mkdtemp makes the directory private (0700); a bundle gets the usual permissions
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        _commit(tmp, target, overwrite=overwrite)
+        with _interrupt.signals_blocked():
+            # an interrupt that a backend swallowed must not let the new output replace
+            # the old one
+            _interrupt.check()
+            _commit(tmp, target, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -239,7 +350,7 @@ def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
             ) from e
         return
     check_output_dir(target, overwrite=overwrite)
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    old = target.parent / f".{target.name}.old-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
     os.rename(target, old)
     try:
         os.rename(tmp, target)

@@ -56,6 +56,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgerep import _interrupt
 from edgerep.errors import (
     ConfigError,
     EdgerepError,
@@ -871,8 +872,8 @@ def _convert_then_quantize(
 ) -> int:
     """Convert into a scratch bundle beside OUT, quantize it into OUT, drop the scratch."""
     import shutil
-    import tempfile
 
+    from edgerep.bundle import private_dir
     from edgerep.pipeline import convert
     from edgerep.quantize import quantize_bundle
 
@@ -880,7 +881,7 @@ def _convert_then_quantize(
     torch_model = _model_for_quantizers(args, model, specs) if "executorch" in backends else None
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
+    scratch = private_dir(out, "float")  # named for its owner: a killed run's is cleaned up
     try:
         _, result = convert(
             model,
@@ -1023,20 +1024,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     _configure_logging(args.verbose)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _interrupt.handle_signals():
             # torch's own pytree deprecation, raised from inside torch.export (save/load)
             warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
             return int(args.handler(args))
+    except (KeyboardInterrupt, _interrupt.Terminated):
+        return _interrupted()
     except EdgerepError as e:
+        if _interrupt.received() is not None:
+            return _interrupted()  # a backend turned the interrupt into its own error
         code = exit_code_for(e)
         if args.debug:
             traceback.print_exc()
         _report_error(e, code, args)
         return code
-    except KeyboardInterrupt:
-        print("edgerep: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:
+        if _interrupt.received() is not None:
+            return _interrupted()
         if args.debug:
             traceback.print_exc()
         _report_error(e, EXIT_INTERNAL, args)
@@ -1046,3 +1050,50 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def _interrupted() -> int:
+    import signal
+
+    signum = _interrupt.received() or signal.SIGINT
+    print(
+        f"edgerep: interrupted ({signal.Signals(signum).name}); nothing was written, earlier "
+        "output left as it was",
+        file=sys.stderr,
+    )
+    return _interrupt.exit_code(signum)
+
+
+def _out_paths(argv: Sequence[str]) -> list[str]:
+    """The values of ``-o``/``--out`` in `argv` (read without parsing the whole line)."""
+    out = []
+    for i, a in enumerate(argv):
+        if a in ("-o", "--out") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif a.startswith("--out="):
+            out.append(a.split("=", 1)[1])
+        elif a.startswith("-o") and len(a) > 2 and not a.startswith("--"):
+            out.append(a[2:])
+    return out
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``edgerep`` command: `main` in a supervised child process.
+
+    A backend that aborts the process on an interrupt (or crashes) takes only the
+    child down; this process then removes the child's temporary directories next to
+    ``-o OUT`` and restores an output the child was replacing, and exits 130/143
+    after SIGINT/SIGTERM (see `edgerep._interrupt`).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def cleanup() -> None:
+        from edgerep.bundle import remove_stale
+
+        for out in _out_paths(args):
+            try:
+                remove_stale(out)
+            except OSError as e:
+                print(f"edgerep: could not clean up beside {out!r}: {e}", file=sys.stderr)
+
+    return _interrupt.supervise(lambda: main(args), cleanup)

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgerep import _interrupt
 from edgerep._json import finite
 from edgerep._weights import refuse_non_finite
 from edgerep.bundle import atomic_output_dir, check_output_dir, sha256_file, write_manifest
@@ -723,6 +724,7 @@ def _export_and_verify(
     errors the user must act on globally (a missing package) propagate.
     """
     fmt = exporter.format
+    _interrupt.check()
     fmt_dir = root / fmt
     fmt_dir.mkdir()
     try:
@@ -730,6 +732,7 @@ def _export_and_verify(
     except MissingDependencyError:
         raise
     except Exception as e:  # ExportError, or an exporter's or SDK's own error
+        _interrupt.check()  # an interrupt turned into a backend error is still an interrupt
         msg = str(e) if isinstance(e, EdgerepError) else f"{type(e).__name__}: {e}"
         logger.debug("%s export failed", fmt, exc_info=True)
         row = {"stage": "export", "action": "failed", "detail": f"{fmt}: {msg}", "error": None}
@@ -761,6 +764,7 @@ def _export_and_verify(
     except MissingDependencyError:
         raise
     except Exception as e:  # the runtime cannot load or run the artifact: not verified
+        _interrupt.check()
         msg = f"{runtime.name} cannot run it: {type(e).__name__}: {e}"
         logger.debug("%s parity run failed", fmt, exc_info=True)
         rows.append(
@@ -817,6 +821,7 @@ def _report_run(
             run,
         )
     except Exception as e:
+        _interrupt.check()
         text = f"{run.label} run failed: {type(e).__name__}: {e}"
         row = {"stage": "verify", "action": "reported", "detail": f"{fmt}: {text}", "error": None}
         return {"label": run.label, "passed": False, "reason": text}, row
