@@ -161,10 +161,13 @@ def test_interrupt_flag_blocks_the_final_swap(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep").write_text("old")
-    with _interrupt.handle_signals(), pytest.raises(KeyboardInterrupt):
-        with atomic_output_dir(target, overwrite=True) as tmp:
-            (tmp / "keep").write_text("new")
-            _interrupt._received.append(signal.SIGINT)  # arrived, swallowed by a backend
+    with (
+        _interrupt.handle_signals(),
+        pytest.raises(KeyboardInterrupt),
+        atomic_output_dir(target, overwrite=True) as tmp,
+    ):
+        (tmp / "keep").write_text("new")
+        _interrupt._received.append(signal.SIGINT)  # arrived, swallowed by a backend
     assert (target / "keep").read_text() == "old"
     assert _leftovers(tmp_path, "out") == []
 
