@@ -125,7 +125,10 @@ class Predictor:
     def _parity_note(self) -> dict[str, Any]:
         parity = self.artifact.get("parity") or {}
         worst = _worst_error(parity)
-        if self.as_verified:
+        verified_ran = (parity.get("runtime") or {}).get("inference_precision") or (
+            self.artifact.get("precision")
+        )
+        if self.as_verified or self.precision == verified_ran:
             return {
                 "applies": True,
                 "max_rel_error": worst,
