@@ -399,7 +399,7 @@ def load(
             skipped.append((name, f"load failed: {e}"))
             continue
         logger.info("edgerep.load: %s runs %s (chosen by %s)", name, art["file"], why)
-        as_verified = precision is None and not options.get(name)
+        as_verified = precision is None and "inference_precision" not in (options.get(name) or {})
         return Predictor(
             sessions,
             runtime=name,
