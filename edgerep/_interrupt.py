@@ -87,7 +87,8 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 def handle_signals() -> Iterator[None]:
     """Install the handlers for the duration of a command (main thread only).
 
-    The flag is cleared on entry, so one process can run several commands (tests).
+    The flag is cleared on entry and on exit: it belongs to one command, and a
+    process may run several (tests, an app calling `edgerep.cli.main`).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -101,6 +102,7 @@ def handle_signals() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _received.clear()
 
 
 @contextlib.contextmanager

@@ -1023,8 +1023,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     _configure_logging(args.verbose)
+    with _interrupt.handle_signals():  # the flag lives until the exit code is decided
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command's handler and map what it raises to an exit code."""
     try:
-        with warnings.catch_warnings(), _interrupt.handle_signals():
+        with warnings.catch_warnings():
             # torch's own pytree deprecation, raised from inside torch.export (save/load)
             warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
             return int(args.handler(args))

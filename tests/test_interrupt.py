@@ -130,6 +130,7 @@ def test_swallowed_interrupt_never_falls_back_nor_replaces(previous, tmp_path, m
         ]
     )
     assert code == 130
+    assert _interrupt.received() is None, "the flag belongs to that command only"
     assert not fallbacks, "no fallback after an interrupt"
     assert _digest(bundle) == before
     assert _leftovers(tmp_path, "b") == []
