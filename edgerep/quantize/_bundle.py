@@ -332,7 +332,6 @@ def quantize_bundle(
             "to another directory (the source stays as it is)"
         )
     manifest = read_manifest(src, trust_unsigned=trust_unsigned)
-    data.check(manifest["inputs"], target=f"bundle {str(src)!r}")  # before any backend runs
     problems = []
     sources: dict[str, dict[str, Any]] = {}
     for b in chosen_backends:
@@ -352,6 +351,10 @@ def quantize_bundle(
             )
         else:
             sources[b.name] = art
+    try:  # the data is checked against the bundle's inputs before any backend runs
+        data.check(manifest["inputs"], target=f"bundle {str(src)!r}")
+    except ConfigError as e:
+        problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
 
