@@ -234,3 +234,27 @@ def test_quantize_bundle_api_refuses_data_that_does_not_fit(bundle, tmp_path) ->
     with pytest.raises(ConfigError, match="NaN"):
         quantize_bundle(bundle, tmp_path / "q", data=nan, backends=["onnxruntime"])
     assert not (tmp_path / "q").exists()
+
+
+_CONVERT_CASES = [c for c in BAD_DATA if c[0] in ("wrong-width", "text-file", "all-nan", "strings")]
+
+
+@pytest.mark.parametrize(
+    ("case", "make", "words"), _CONVERT_CASES, ids=[c[0] for c in _CONVERT_CASES]
+)
+def test_convert_quantize_refuses_bad_calibration_data_before_converting(
+    tmp_path, capsys, case, make, words
+) -> None:
+    (tmp_path / "model.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Linear(4, 3)\n\n"
+        "EDGEREP_INPUTS = ['x:Nx4']\n"
+    )
+    source = str(make(tmp_path))
+    out = tmp_path / "out"
+    argv = ["convert", f"{tmp_path / 'model.py'}:build", "-o", str(out), "--quantize", "int8"]
+    code, err = _run([*argv, "--backend", "onnxruntime", "--calib", source, *FAST], capsys)
+    assert code == EXIT_USAGE, err
+    assert "ConfigError" in err and "internal error" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
