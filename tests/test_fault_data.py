@@ -117,6 +117,7 @@ BAD_DATA: list[tuple[str, Callable[[Path], object], tuple[str, ...]]] = [
     ("object-array", _object_npz, ("'x'", "Python objects")),
     ("strings", _npz(x=np.array([["a"] * 4] * 8)), ("'x'", "not numeric")),
     ("all-nan", _npz(x=np.full((8, 4), np.nan, np.float32)), ("'x'", "32 NaN", "finite")),
+    ("float32-overflow", _npz(x=np.full((8, 4), 1e300)), ("'x'", "beyond the range of float32")),
     ("one-inf", _npz(x=np.where(np.eye(8, 4) > 0, np.inf, 0).astype(np.float32)), ("Inf",)),
     ("missing-x", _npz(images=_x()), ("'x'", "images", "--x-key")),
     ("labels-range", _npz(x=_x(), y=np.full(8, 7)), ("'y'", "label 7", "3 classes")),
@@ -258,3 +259,13 @@ def test_convert_quantize_refuses_bad_calibration_data_before_converting(
     for w in words:
         assert w in err, (w, err)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_calibration_refuses_a_batch_minimum_above_one(tmp_path) -> None:
+    """Calibration feeds one sample per call: N[2..8] cannot take it."""
+    from edgerep.errors import ConfigError
+    from edgerep.quantize import calibration_from_arrays
+
+    spec = {"name": "x", "shape": ["N", 4], "dtype": "float32", "ranges": {"N": {"min": 2}}}
+    with pytest.raises(ConfigError, match=r"at least 2 samples per call"):
+        calibration_from_arrays(_x(), None, inputs=[spec], source="d.npz")

@@ -114,7 +114,24 @@ def numeric_array(value: Any, *, source: str, array: str, dtype: str | None = No
             f"data {source!r}, array {array!r}: dtype {arr.dtype} is not numeric; expected "
             "numbers (bool, integer or float)"
         )
-    return arr if dtype is None else arr.astype(dtype, copy=False)
+    if dtype is None:
+        return arr
+    with np.errstate(over="ignore"):  # reported below, with the array's name
+        out = arr.astype(dtype, copy=False)
+    if (
+        out.dtype.kind == "f"
+        and arr.dtype.kind in "iuf"
+        and out.dtype.itemsize < arr.dtype.itemsize
+    ):
+        # finite values beyond the target's range become Inf: say so, not "Inf in the data"
+        grown = int(np.isinf(out).sum()) - int(np.isinf(arr).sum())
+        if grown:
+            raise ConfigError(
+                f"data {source!r}, array {array!r}: {grown} finite {arr.dtype} values are "
+                f"beyond the range of {out.dtype} (max {np.finfo(out.dtype).max:.3g}); scale "
+                "the data"
+            )
+    return out
 
 
 def classes_of(outputs: Sequence[Mapping[str, Any]]) -> int | None:
@@ -232,7 +249,14 @@ def _problems(
                 f"{n} samples do not fill whole batches of {lead} (input {spec['name']!r} has a "
                 f"fixed batch of {lead}); give a multiple of {lead}"
             )
-    elif isinstance(lead, str) and n and not one_at_a_time:
+    elif isinstance(lead, str) and n and one_at_a_time:
+        lo, _ = _range(spec, lead)
+        if lo > 1:
+            out.append(
+                f"input {spec['name']!r} takes at least {lo} samples per call ({lead}[{lo}..]) "
+                "but calibration feeds one sample at a time; export it with a minimum of 1"
+            )
+    elif isinstance(lead, str) and n:
         lo, _ = _range(spec, lead)
         size = batch or n
         rest = n % size
