@@ -5,12 +5,14 @@ runtime that can run it here) or a model source (``file.py:factory``, ``.pt2``),
 run in PyTorch eager as the variant ``torch``. ``NAME=PATH`` names a variant.
 
 Per row: load/compile time (`timed_load`), `benchmark_latency` on a seeded random
-input at the example shape (symbolic dims 1), task accuracy on ``data`` when given,
-agreement with the **reference row** (the first row measured: put the reference
-first) on the same inputs, and the roofline (FLOPs from the bundle's fold report
-or the PyTorch model, against the measured GEMM peak). A row that cannot be run
-(runtime missing, load fails) is recorded under ``errors`` with its reason, never
-silently dropped.
+input at the example shape (symbolic dims 1), task accuracy on ``data`` when it has
+labels, agreement with the **reference row** (the first row measured: put the
+reference first) on every sample of ``data`` (else on the latency input), and the
+roofline (FLOPs from the bundle's fold report or the PyTorch model, against the
+measured GEMM peak). A row that cannot be run (runtime missing, load fails) is
+recorded under ``errors`` with its reason, never silently dropped. ``data`` is
+checked against every target's inputs before any session is loaded or run
+(`edgerep.bench._data`).
 """
 
 from __future__ import annotations
@@ -405,7 +407,6 @@ def _measure(
     reference: dict[str, Any],
     seed: int,
 ) -> dict[str, Any]:
-
     from edgerep.bench.roofline import roofline
     from edgerep.runtimes._base import SessionBase
 
