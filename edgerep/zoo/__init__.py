@@ -48,6 +48,13 @@ from edgerep.zoo.blocks import (
     WeightNormConv,
 )
 from edgerep.zoo.data import accuracy, load_digits_tensors, train_classifier
+from edgerep.zoo.mobile_blocks import (
+    BNLinearHead,
+    GhostModuleV3,
+    RegNetXBlock,
+    RepVGGDW,
+    RepViTBlock,
+)
 from edgerep.zoo.nets import RepVGGNet, demo_net, mobileone_net, randomize_, repvgg_a0
 
 __all__ = [
@@ -73,17 +80,22 @@ __all__ = [
     "AngularDifferenceConv2d",
     "BLOCKS",
     "BNAndPad",
+    "BNLinearHead",
     "CentralDifferenceConv2d",
     "ConvBN",
     "DEConv",
     "DiverseBranchBlock",
+    "GhostModuleV3",
     "HorizontalDifferenceConv2d",
     "MobileOneBlock",
     "RepGhostBlock",
+    "RegNetXBlock",
     "RepMLPUnit",
     "RepVGG1dBlock",
     "RepVGGBlock",
+    "RepVGGDW",
     "RepVGGNet",
+    "RepViTBlock",
     "SSFConv",
     "SSFLinear",
     "VerticalDifferenceConv2d",
