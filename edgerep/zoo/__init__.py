@@ -50,10 +50,14 @@ from edgerep.zoo.blocks import (
 from edgerep.zoo.data import accuracy, load_digits_tensors, train_classifier
 from edgerep.zoo.mobile_blocks import (
     BNLinearHead,
+    EfficientViMBlock,
     GhostModuleV3,
+    LCNetV2Block,
     RegNetXBlock,
     RepVGGDW,
     RepViTBlock,
+    SHViTBlock,
+    TinyViTBlock,
 )
 from edgerep.zoo.nets import RepVGGNet, demo_net, mobileone_net, randomize_, repvgg_a0
 
@@ -85,8 +89,10 @@ __all__ = [
     "ConvBN",
     "DEConv",
     "DiverseBranchBlock",
+    "EfficientViMBlock",
     "GhostModuleV3",
     "HorizontalDifferenceConv2d",
+    "LCNetV2Block",
     "MobileOneBlock",
     "RepGhostBlock",
     "RegNetXBlock",
@@ -96,8 +102,10 @@ __all__ = [
     "RepVGGDW",
     "RepVGGNet",
     "RepViTBlock",
+    "SHViTBlock",
     "SSFConv",
     "SSFLinear",
+    "TinyViTBlock",
     "VerticalDifferenceConv2d",
     "WeightNormConv",
     "accuracy",

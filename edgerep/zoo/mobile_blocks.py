@@ -14,13 +14,24 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgerep.errors import ConfigError
 from edgerep.zoo._registry import register_block
 from edgerep.zoo.blocks import ConvBN
 
-__all__ = ["BNLinearHead", "GhostModuleV3", "RegNetXBlock", "RepViTBlock", "RepVGGDW"]
+__all__ = [
+    "BNLinearHead",
+    "EfficientViMBlock",
+    "GhostModuleV3",
+    "LCNetV2Block",
+    "RegNetXBlock",
+    "RepVGGDW",
+    "RepViTBlock",
+    "SHViTBlock",
+    "TinyViTBlock",
+]
 
 
 # ------------------------------------------------------------------ GhostNetV3
@@ -252,3 +263,225 @@ class RegNetXBlock(nn.Module):
         y = self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
         s = x if self.shortcut is None else self.shortcut(x)
         return torch.relu(s + y)
+
+
+# ---------------------------------------------------------------------- SHViT
+
+
+class _Residual(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+class _SingleHeadAttention(nn.Module):
+    """SHViT's single-head attention on the first `partial` channels only."""
+
+    def __init__(self, dim: int, partial: int, qk_dim: int) -> None:
+        super().__init__()
+        self.partial, self.qk_dim = partial, qk_dim
+        self.scale = qk_dim**-0.5
+        self.pre_norm = nn.GroupNorm(1, partial)
+        self.qkv = ConvBN(partial, 2 * qk_dim + partial, 1)
+        self.proj = nn.Sequential(nn.ReLU(), ConvBN(dim, dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x1, x2 = torch.split(x, [self.partial, x.shape[1] - self.partial], dim=1)
+        q, k, v = self.qkv(self.pre_norm(x1)).split([self.qk_dim, self.qk_dim, self.partial], 1)
+        q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+        attn = ((q.transpose(-2, -1) @ k) * self.scale).softmax(dim=-1)
+        x1 = (v @ attn.transpose(-2, -1)).reshape(b, self.partial, h, w)
+        return self.proj(torch.cat([x1, x2], dim=1))
+
+
+@register_block("shvit")
+class SHViTBlock(nn.Module):
+    """SHViT block (Yun & Ro, CVPR 2024): ``x + BN(D * x)`` (depthwise 3x3), then
+    ``x + SHSA(x)`` (single-head attention on `partial` channels, conv-BN q/k/v and
+    projection), then ``x + BN₂(W₂ * ReLU(BN₁(W₁ * x)))``. Deploy form: every
+    conv-BN one conv, the first residual one depthwise conv: no BN.
+
+    Args:
+        dim: channels.
+        partial: channels that attend (the rest pass through).
+        qk_dim: query/key width.
+        hidden: FFN width (default 2·dim).
+    """
+
+    def __init__(
+        self, dim: int, *, partial: int = 4, qk_dim: int = 4, hidden: int | None = None
+    ) -> None:
+        super().__init__()
+        if not 0 < partial <= dim:
+            raise ConfigError(f"SHViTBlock partial={partial} must be in 1..dim={dim}")
+        self.conv = _Residual(ConvBN(dim, dim, 3, padding=1, groups=dim))
+        self.mixer = _Residual(_SingleHeadAttention(dim, partial, qk_dim))
+        h = hidden or 2 * dim
+        self.ffn = _Residual(nn.Sequential(ConvBN(dim, h, 1), nn.ReLU(), ConvBN(h, dim, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.mixer(self.conv(x)))
+
+
+# --------------------------------------------------------------------- LCNetV2
+
+
+@register_block("lcnetv2")
+class LCNetV2Block(nn.Module):
+    """PP-LCNetV2's re-parameterizable depthwise separable block: a depthwise
+    part ``Σₖ BNₖ(Dₖ * x) (+ BN_id(x) at stride 1)`` over several kernel sizes
+    (one per entry of `kernel_sizes`, centred), ReLU, then a 1x1 conv-BN and ReLU.
+    Deploy form: one depthwise conv of the largest kernel and one 1x1 conv.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_sizes: odd kernel sizes of the depthwise branches.
+        stride: depthwise stride.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_sizes: tuple[int, ...] = (5, 3, 1),
+        stride: int = 1,
+    ) -> None:
+        super().__init__()
+        if not kernel_sizes or any(k % 2 == 0 for k in kernel_sizes):
+            raise ConfigError(f"LCNetV2Block kernel_sizes must be odd, got {kernel_sizes}")
+        c = in_channels
+        self.dw = nn.ModuleList(
+            ConvBN(c, c, k, stride=stride, padding=k // 2, groups=c) for k in kernel_sizes
+        )
+        self.identity = nn.BatchNorm2d(c) if stride == 1 else None
+        self.pw = ConvBN(c, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = sum(b(x) for b in self.dw)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return torch.relu(self.pw(torch.relu(y)))
+
+
+# --------------------------------------------------------------------- TinyViT
+
+
+class _MBConv(nn.Module):
+    def __init__(self, c: int, expand: int = 4) -> None:
+        super().__init__()
+        h = c * expand
+        self.conv1 = ConvBN(c, h, 1)
+        self.conv2 = ConvBN(h, h, 3, padding=1, groups=h)
+        self.conv3 = ConvBN(h, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.conv2(F.gelu(self.conv1(x))))
+        return F.gelu(x + self.conv3(y))
+
+
+@register_block("tinyvit")
+class TinyViTBlock(nn.Module):
+    """TinyViT-style stage (Wu et al., ECCV 2022): an MBConv (1x1 conv-BN, GELU,
+    depthwise 3x3 conv-BN, GELU, 1x1 conv-BN, residual), then a transformer block
+    ``x + Attn(LN(x))`` over windows of `window` x `window` tokens, a local
+    depthwise 3x3 conv-BN, and ``x + MLP(LN(x))``. Deploy form: each conv-BN one
+    conv (the LayerNorms and attention stay): no BN.
+
+    Args:
+        dim: channels.
+        heads: attention heads.
+        window: window size (the input's sides must be multiples of it).
+        mlp_ratio: MLP width / dim.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 2, window: int = 4, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"TinyViTBlock dim={dim} is not a multiple of heads={heads}")
+        self.heads, self.window = heads, window
+        self.mbconv = _MBConv(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.local = ConvBN(dim, dim, 3, padding=1, groups=dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def _attention(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, c = t.shape
+        qkv = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mbconv(x)
+        b, c, h, w = x.shape
+        s = self.window
+        # (b, c, h, w) -> windows (b·h/s·w/s, s·s, c)
+        t = x.reshape(b, c, h // s, s, w // s, s).permute(0, 2, 4, 3, 5, 1).reshape(-1, s * s, c)
+        t = t + self._attention(self.norm1(t))
+        x = t.reshape(b, h // s, w // s, s, s, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        x = self.local(x)
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.fc2(F.gelu(self.fc1(self.norm2(t))))
+        return t.transpose(1, 2).reshape(b, c, h, w)
+
+
+# ----------------------------------------------------------------- EfficientViM
+
+
+@register_block("efficientvim")
+class EfficientViMBlock(nn.Module):
+    """EfficientViM-style block (Lee et al., CVPR 2025): ``x + BN(D * x)``
+    (depthwise 3x3), a hidden-state mixer, ``x + BN(D' * x)``, and a conv-BN FFN.
+
+    The mixer (HSM-SSD, single head): ``B, C, Δ = split(BN(W * LN(x)))`` with a 1x1
+    conv-BN projection; ``a = softmax(Δ)`` over tokens weights the input into
+    `state` hidden states ``h = V (a ⊙ B)ᵀ``, mixed by a linear-BN ``h' = BN₁d(W_h h)``
+    gated by SiLU, and read out ``y = h' C``, then a 1x1 conv-BN output
+    projection; ``W_h`` is a 1x1 Conv1d on the (channels, states) layout, as in
+    the paper's code. Deploy form: every conv-BN one layer: no BN.
+
+    Args:
+        dim: channels.
+        state: number of hidden states.
+        hidden: FFN width (default 2·dim).
+    """
+
+    def __init__(self, dim: int, *, state: int = 4, hidden: int | None = None) -> None:
+        super().__init__()
+        self.state = state
+        self.dw1 = _Residual(ConvBN(dim, dim, 3, padding=1, groups=dim))
+        self.norm = nn.GroupNorm(1, dim)
+        self.bcdt = ConvBN(dim, 3 * state, 1)
+        self.value = nn.Conv2d(dim, dim, 1)
+        self.hidden_mix = nn.Conv1d(dim, dim, 1, bias=False)
+        self.hidden_bn = nn.BatchNorm1d(dim)
+        self.out = ConvBN(dim, dim, 1)
+        self.dw2 = _Residual(ConvBN(dim, dim, 3, padding=1, groups=dim))
+        h = hidden or 2 * dim
+        self.ffn = _Residual(nn.Sequential(ConvBN(dim, h, 1), nn.ReLU(), ConvBN(h, dim, 1)))
+
+    def _mixer(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        z = self.norm(x)
+        bb, cc, dt = self.bcdt(z).flatten(2).split(self.state, dim=1)  # (b, state, n) each
+        a = dt.softmax(dim=-1)
+        v = self.value(z).flatten(2)  # (b, c, n)
+        h = v @ (a * bb).transpose(1, 2)  # (b, c, state)
+        h = self.hidden_bn(self.hidden_mix(h))
+        h = h * torch.sigmoid(h)
+        return self.out((h @ cc).reshape(b, c, hh, ww))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw1(x)
+        x = x + self._mixer(x)
+        return self.ffn(self.dw2(x))
