@@ -35,7 +35,9 @@ from fold_bench import (
     _export,
     _measure_abba,
     _ort_session,
+    peak_rss_mib,
     quiet_torch_logs,
+    reset_peak_rss,
 )
 from fold_reference import NETS, reference_fold
 
@@ -49,24 +51,6 @@ SEED = 0
 
 def _batch_norms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _rel(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
@@ -85,13 +69,13 @@ def bench_net(name: str, size: int, seconds: float, workdir: Path) -> dict[str, 
     if not own64_err <= 1e-9:
         raise RuntimeError(f"{name}: the reference fold is wrong ({own64_err:.1e} in float64)")
 
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     meter = CpuMeter()
     start = time.perf_counter()
     folded, report = fold(model, x)
     fold_seconds = time.perf_counter() - start
     cpu_fold = meter.read()
-    peak = _peak_rss_mib() if reset else None
+    peak = peak_rss_mib() if reset else None
     folded64, report64 = fold(model64, x.double())
 
     exports = {
