@@ -197,7 +197,12 @@ def test_compare_outputs():
     shape = compare_outputs([ref], [[ref[0][:2]]], ["y"], tol)[0]
     assert not shape.passed and "shape" in shape.reason
     same_nan = np.array([np.nan, 1.0])
-    assert compare_outputs([[same_nan]], [[same_nan.copy()]], ["y"], tol)[0].passed
+    # NaN matching NaN proves nothing: it fails unless the caller opts in
+    garbage = compare_outputs([[same_nan]], [[same_nan.copy()]], ["y"], tol)[0]
+    assert not garbage.passed and "reference" in garbage.reason
+    assert compare_outputs(
+        [[same_nan]], [[same_nan.copy()]], ["y"], tol, allow_nonfinite_reference=True
+    )[0].passed
     zeros = np.zeros(4)
     assert compare_outputs([[zeros]], [[zeros]], ["y"], tol)[0].passed
 
