@@ -98,3 +98,19 @@ def test_budgets_must_be_positive_and_finite(bad):
         fold(model, torch.randn(1, 2, 4, 4), time_budget_s=bad)
     with pytest.raises(ConfigError, match="memory_budget_mib"):
         fold(model, torch.randn(1, 2, 4, 4), memory_budget_mib=bad)
+
+
+def test_ledger_rows_name_what_was_folded_inside_a_kept_region():
+    from edgerep.fold import FoldReport, KeptRegion
+    from edgerep.pipeline import _fold_rows
+
+    report = FoldReport(
+        kept=[
+            KeptRegion("blk", ("blk.a", "blk.b"), "2 activation inputs", ("blk.a -> Conv2d(4, 4)",))
+        ]
+    )
+    (row,) = _fold_rows(report)
+    assert (
+        row["action"] == "kept"
+        and "folded inside it instead: blk.a -> Conv2d(4, 4)" in row["detail"]
+    )
