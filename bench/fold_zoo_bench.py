@@ -10,7 +10,8 @@ For each net of `bench/fold_reference.py` (random weights and BN statistics,
 left by edgerep and by the blocks' own deploy algebra, float32/float64 errors,
 and onnxruntime batch-1 p50 of the original, the own fold and edgerep's fold,
 measured interleaved (A B C C B A, `fold_bench._measure_abba`) at one thread.
-Writes ``bench/results/fold_zoo_bench.json``.
+Also RepVGG-A0's fold time (median of ``--a0-repeats`` at 2 threads, after a
+warm-up fold), the target being <= 1 s. Writes ``bench/results/fold_zoo_bench.json``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from fold_reference import NETS, reference_fold
 
 from edgerep.fold import fold
 from edgerep.fold._cost import count_flops, count_params
-from edgerep.zoo import randomize_
+from edgerep.zoo import randomize_, repvgg_a0
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fold_zoo_bench.json"
 SEED = 0
@@ -122,12 +123,41 @@ def bench_net(name: str, size: int, seconds: float, workdir: Path) -> dict[str, 
     }
 
 
+def a0_fold_time(repeats: int, threads: int) -> dict[str, Any]:
+    """RepVGG-A0 (1x3x224x224) fold time: median of `repeats` after one warm-up fold."""
+    torch.set_num_threads(threads)
+    model = randomize_(repvgg_a0(), seed=SEED).eval()
+    x = torch.randn(1, 3, 224, 224)
+    fold(model, x)
+    runs = []
+    for _ in range(repeats):
+        meter = CpuMeter()
+        start = time.perf_counter()
+        _, report = fold(model, x)
+        runs.append(
+            {
+                "seconds": time.perf_counter() - start,
+                "stage_seconds": dict(report.stage_seconds),
+                "others_cores": meter.read()["others_cores"],
+            }
+        )
+    torch.set_num_threads(1)
+    seconds = sorted(r["seconds"] for r in runs)
+    return {
+        "threads": threads,
+        "median_seconds": seconds[len(seconds) // 2],
+        "min_seconds": seconds[0],
+        "runs": runs,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--latency-seconds", type=float, default=1.0)
     p.add_argument("--nets", default=",".join(NETS), help="comma-separated subset")
+    p.add_argument("--a0-repeats", type=int, default=5, help="RepVGG-A0 timed folds")
     args = p.parse_args(argv)
     names = [n for n in args.nets.split(",") if n]
     unknown = sorted(set(names) - set(NETS))
@@ -141,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         # one warm-up fold: the first fold of a process pays one-time start-up costs
         warm = randomize_(NETS[names[0]](), seed=SEED).eval()
         fold(warm, torch.randn(1, 3, args.size, args.size))
+        a0 = a0_fold_time(args.a0_repeats, threads=2)
+        print(
+            f"repvgg_a0 fold: median {a0['median_seconds']:.2f} s (min {a0['min_seconds']:.2f} s)"
+        )
         for name in names:
             row = bench_net(name, args.size, args.latency_seconds, Path(tmp))
             rows.append(row)
@@ -163,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         f">= {args.latency_seconds} s each); headline = lowest p50 of the undisturbed runs",
         "loadavg_before": loadavg_before,
         "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
+        "repvgg_a0_fold": a0,
         "nets": rows,
         "wall_seconds": time.perf_counter() - start,
     }
