@@ -18,31 +18,13 @@ import pytest
 import edgerep
 from edgerep.cli import EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE, EXIT_VERIFICATION, main
 from edgerep.errors import ConfigError, UnsupportedError, VerificationError
-from edgerep.exporters.onnx import OnnxExporter
 from edgerep.parity import Tolerance, compare_outputs
+from tests._models import CONV_BN
 from tests._tiny_bundle import make_bundle, reference
 
-MODELS = """
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(x)))
-
-def build():
-    torch.manual_seed(0)
-    m = Net()
-    with torch.no_grad():
-        m.bn.running_mean.uniform_(-1, 1)
-        m.bn.running_var.uniform_(0.5, 2.0)
-    return m
-
+MODELS = (
+    CONV_BN
+    + """
 def nan_weight():
     m = build()
     with torch.no_grad():
@@ -91,6 +73,7 @@ def constant():
     torch.manual_seed(0)
     return Constant()
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +81,6 @@ def models(tmp_path_factory):
     p = tmp_path_factory.mktemp("faults") / "models.py"
     p.write_text(textwrap.dedent(MODELS))
     return p
-
-
-@pytest.fixture
-def fast_onnx(monkeypatch):
-    """TorchScript ONNX exporter (10x faster); the export path is not under test here."""
-
-    def skip_dynamo(*args, **kwargs):
-        raise RuntimeError("torch.export-based exporter skipped for speed in this test")
-
-    monkeypatch.setattr(OnnxExporter, "_export_dynamo", skip_dynamo)
 
 
 def run(capsys, *argv):
@@ -133,7 +106,7 @@ def test_non_finite_weights_refused(capsys, models, tmp_path, command, factory):
 # --- parity cannot pass on garbage ------------------------------------------------------
 
 
-def test_nan_outputs_fail_parity(capsys, models, tmp_path, fast_onnx):
+def test_nan_outputs_fail_parity(capsys, models, tmp_path, torchscript_onnx):
     out = tmp_path / "out"
     code, _, err = run(capsys, "export", f"{models}:log_net", "--input", "x:1x4", "-o", out)
     assert code == EXIT_VERIFICATION, err
@@ -141,7 +114,7 @@ def test_nan_outputs_fail_parity(capsys, models, tmp_path, fast_onnx):
     assert not out.exists()
 
 
-def test_intended_non_finite_outputs_need_the_opt_in(capsys, models, tmp_path, fast_onnx):
+def test_intended_non_finite_outputs_need_the_opt_in(capsys, models, tmp_path, torchscript_onnx):
     out = tmp_path / "out"
     argv = ["export", f"{models}:mask_net", "--input", "x:2x6", "-o", out]
     code, _, err = run(capsys, *argv)
@@ -153,14 +126,14 @@ def test_intended_non_finite_outputs_need_the_opt_in(capsys, models, tmp_path, f
     assert all(o["elements"] > 0 for o in parity.values())
 
 
-def test_empty_outputs_fail_parity(capsys, models, tmp_path, fast_onnx):
+def test_empty_outputs_fail_parity(capsys, models, tmp_path, torchscript_onnx):
     out = tmp_path / "out"
     code, _, err = run(capsys, "export", f"{models}:empty", "--input", "x:1x4", "-o", out)
     assert code in (EXIT_VERIFICATION, 5), err  # empty outputs fail; never "verified"
     assert not out.exists()
 
 
-def test_constant_output_is_flagged(capsys, models, tmp_path, fast_onnx):
+def test_constant_output_is_flagged(capsys, models, tmp_path, torchscript_onnx):
     out = tmp_path / "out"
     code, _, err = run(capsys, "export", f"{models}:constant", "--input", "x:1x4", "-o", out)
     assert code == EXIT_OK, err

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,28 +21,7 @@ from edgerep import _interrupt
 from edgerep.bundle import atomic_output_dir, private_dir, remove_stale
 from edgerep.cli import main
 from edgerep.exporters.onnx import OnnxExporter
-
-MODEL = """
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(x)))
-
-def build():
-    torch.manual_seed(0)
-    m = Net()
-    with torch.no_grad():
-        m.bn.running_mean.uniform_(-1, 1)
-        m.bn.running_var.uniform_(0.5, 2.0)
-    return m
-"""
+from tests._models import CONV_BN
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -62,7 +40,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 def previous(tmp_path_factory):
     """A model file and a finished bundle to protect (built once, copied per test)."""
     root = tmp_path_factory.mktemp("interrupt")
-    (root / "model.py").write_text(textwrap.dedent(MODEL))
+    (root / "model.py").write_text(CONV_BN)
     code = main(
         ["convert", f"{root / 'model.py'}:build", "--input", "x:1x3x8x8", "-o", str(root / "b")]
     )
@@ -152,6 +130,7 @@ def test_swallowed_interrupt_never_falls_back_nor_replaces(previous, tmp_path, m
         ]
     )
     assert code == 130
+    assert _interrupt.received() is None, "the flag belongs to that command only"
     assert not fallbacks, "no fallback after an interrupt"
     assert _digest(bundle) == before
     assert _leftovers(tmp_path, "b") == []

@@ -50,14 +50,6 @@ class TwoInputs(nn.Module):
         return self.fc(self.emb(ids)).sum(1) * scale, self.emb(ids).mean()
 
 
-@pytest.fixture
-def torchscript_onnx(monkeypatch):
-    """Use the TorchScript ONNX exporter (10x faster) where the export path is not under test."""
-
-    def skip_dynamo(*args, **kwargs):
-        raise RuntimeError("torch.export-based exporter skipped for speed in this test")
-
-    monkeypatch.setattr(OnnxExporter, "_export_dynamo", skip_dynamo)
 
 
 @pytest.fixture(scope="module")
