@@ -150,9 +150,31 @@ def scaled_repvgg(multiplier: float) -> tuple[str, tuple[int, ...], nn.Module]:
     return f"repvgg_a0_x{multiplier:g}", widths, RepVGGNet(widths, A0_DEPTHS, num_classes=1000)
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux); False elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float | None:
+    """This process's resident-memory high-water mark (VmHWM) in MiB, None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def timed_fold(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Any], Any]:
-    """One `fold` call: its wall time and stages, the CPU other processes used meanwhile
-    and the 1-minute load average after it, the report."""
+    """One `fold` call: its wall time and stages, its peak RSS (high-water mark reset
+    before the call), the CPU other processes used meanwhile and the 1-minute load
+    average after it, the report."""
+    reset = reset_peak_rss()
     meter = CpuMeter()
     start = time.perf_counter()
     _, report = fold(model, x)
@@ -163,6 +185,7 @@ def timed_fold(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Any], Any]:
     run = {
         "seconds": seconds,
         "stage_seconds": dict(report.stage_seconds),
+        "peak_rss_mib": peak_rss_mib() if reset else None,
         "others_cores": others,
         "loadavg_1": cpu["loadavg_1_5_15"][0],
         "disturbed": disturbed,
@@ -280,6 +303,10 @@ def section_fold_scaling(size: int, repeats: int, say: Callable[[str], None]) ->
                 "fold_seconds_median": median,
                 "fold_seconds_min": min(counted),
                 "stage_seconds_median": stages,
+                "peak_rss_mib_max": max(
+                    (r["peak_rss_mib"] for r in counted_runs if r["peak_rss_mib"] is not None),
+                    default=None,
+                ),
                 "loadavg_1_median": statistics.median(r["loadavg_1"] for r in counted_runs),
                 "median_over": "undisturbed runs"
                 if counted is quiet
@@ -612,7 +639,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         *(
             f"  {r['name']} stages (median): "
             + ", ".join(f"{k} {v:.2f} s" for k, v in r["stage_seconds_median"].items())
-            + f"; capture {r['capture']}; load average {r['loadavg_1_median']:.2f}"
+            + f"; capture {r['capture']}; peak RSS {r['peak_rss_mib_max'] or 0:.0f} MiB"
+            + f"; load average {r['loadavg_1_median']:.2f}"
             for r in fs["nets"][-1:]
         ),
         "batch-1 speed-up, unfolded p50 / folded p50:",

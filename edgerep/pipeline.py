@@ -319,7 +319,12 @@ def _fold_rows(report: FoldReport | None) -> list[dict[str, Any]]:
             {
                 "stage": "fold",
                 "action": "kept",
-                "detail": f"{k.path or '<root>'}: {', '.join(k.modules) or '-'}: {k.reason}",
+                "detail": f"{k.path or '<root>'}: {', '.join(k.modules) or '-'}: {k.reason}"
+                + (
+                    f" (folded inside it instead: {'; '.join(k.folded_inside)})"
+                    if k.folded_inside
+                    else ""
+                ),
                 "error": None,
             }
         )

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from edgerep._weights import refuse_non_finite
 from edgerep.errors import ConfigError, UnsupportedError, VerificationError
-from edgerep.fold import _capture, _collapse, _graph, _structure, probe, verify
+from edgerep.fold import _budget, _capture, _collapse, _graph, _structure, probe, verify
 from edgerep.fold._cost import count_flops, count_params, run_counting_flops
 from edgerep.fold.report import FoldedRegion, FoldReport, KeptRegion
 
@@ -72,6 +72,8 @@ def fold(
     module_level: bool = True,
     graph_level: bool = True,
     allow_flops_increase: bool = False,
+    time_budget_s: float = _budget.DEFAULT_TIME_BUDGET_S,
+    memory_budget_mib: float = _budget.DEFAULT_MEMORY_BUDGET_MIB,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every affine structure of `model` into plain layers, each one verified.
 
@@ -91,7 +93,12 @@ def fold(
         module_level: run the module-level pass.
         graph_level: run the graph-level pass.
         allow_flops_increase: fold a region even when the single layer costs more
-            FLOPs than the region (e.g. a low-rank bottleneck).
+            FLOPs or parameters than the region (e.g. a low-rank bottleneck).
+        time_budget_s: once this many seconds have passed, no new candidate is
+            tried: the rest is kept as it is (correct) and named in the report. The
+            end-to-end check always runs.
+        memory_budget_mib: largest estimated working memory of one probe; a
+            candidate whose probe would need more is not probed.
 
     Returns:
         (folded eval-mode model, report).
@@ -102,6 +109,7 @@ def fold(
         VerificationError: the folded model as a whole drifted from the original.
     """
     start = time.perf_counter()
+    budget = _budget.Budget(time_budget_s, memory_budget_mib, start=start)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"fold() needs a torch.nn.Module, got {type(model).__name__}")
     inputs = (
@@ -123,7 +131,7 @@ def fold(
         )
     work.eval()
     try:
-        calls, output = _record_inputs(work, inputs)
+        calls, out_shapes, output = _record_inputs(work, inputs)
     except Exception as e:
         shapes = [list(t.shape) for t in inputs]
         raise UnsupportedError(
@@ -161,6 +169,8 @@ def fold(
             allow_flops_increase,
             structures=structures,
             skip_transparent=graph_ok,
+            out_shapes=out_shapes,
+            budget=budget,
         )
         if any(r.level == "module" for r in report.folded[n_before:]):
             cap = None  # the module tree changed: capture it again
@@ -172,7 +182,7 @@ def fold(
                 reference = work(*inputs)
             cap = _capture.capture(work, inputs, reference=reference)
             stage("capture")
-        work = _graph_pass(work, report, rtol, allow_flops_increase, cap)
+        work = _graph_pass(work, report, rtol, allow_flops_increase, cap, budget)
         stage("graph pass")
     else:
         report.capture = "skipped"
@@ -183,6 +193,12 @@ def fold(
     if not parametrized:
         report.flops_before = flops_original
     stage("end-to-end check")
+    if budget.skipped:
+        report.notes.append(
+            f"time budget of {budget.time_budget_s:g} s spent: {len(budget.skipped)} "
+            "candidate(s) were not tried and are kept as they are (see 'kept')"
+        )
+    report.peak_rss_mib = _budget.peak_rss_mib()
     report.seconds = time.perf_counter() - start
     work.eval()
     return work, report
@@ -295,23 +311,30 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
 
 def _record_inputs(
     model: nn.Module, inputs: tuple[torch.Tensor, ...]
-) -> tuple[dict[str, list[Any]], Any]:
-    """The (args, kwargs) of every call of every submodule, and the model's output."""
+) -> tuple[dict[str, list[Any]], dict[str, tuple[int, ...]], Any]:
+    """The (args, kwargs) of every call of every submodule, the shape of each
+    submodule's (last) tensor output, and the model's output."""
     calls: dict[str, list[Any]] = {}
+    out_shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, module in model.named_modules():
 
         def hook(mod: nn.Module, args: Any, kwargs: Any, _name: str = name) -> None:
             calls.setdefault(_name, []).append((args, kwargs))
 
+        def out_hook(mod: nn.Module, args: Any, out: Any, _name: str = name) -> None:
+            if isinstance(out, torch.Tensor):
+                out_shapes[_name] = tuple(out.shape)
+
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(out_hook))
     try:
         with torch.no_grad():
             output = model(*inputs)
     finally:
         for h in handles:
             h.remove()
-    return calls, output
+    return calls, out_shapes, output
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -352,6 +375,8 @@ def _module_pass(
     *,
     structures: dict[str, str],
     skip_transparent: bool,
+    out_shapes: dict[str, tuple[int, ...]],
+    budget: _budget.Budget,
 ) -> nn.Module:
     # `calls` was recorded before parametrizations were evaluated: that changes the
     # values, not which modules run or the shapes they see, which is all used here.
@@ -368,6 +393,11 @@ def _module_pass(
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             continue
         if not args[0].is_floating_point():
+            continue
+        if budget.spent():
+            report.kept.append(KeptRegion(name, (name,), budget.skip_reason()))
+            budget.skipped.append(name)
+            done.append(name)
             continue
         structure = structures.get(name) or _structure.of_module(module)
         if skip_transparent and structure == "transparent":
@@ -389,8 +419,21 @@ def _module_pass(
             nonaffine[name] = f"not affine (f(x+y)-f(x)-f(y)+f(0) is {err:.1e} relative)"
             continue
         kinds = ["conv", "linear", "flat"] if len(shape) >= 3 else ["linear", "flat"]
+        # cost guard, from shapes alone: a dense flat Linear is no candidate when it
+        # would be far larger than what it replaces or its probe would not fit
+        flat_problem = (
+            _budget.flat_probe_problem(
+                shape, out_shapes[name], count_params(module), budget.memory_bytes
+            )
+            if name in out_shapes
+            else "its output is not one tensor"
+        )
+        if flat_problem is not None:
+            kinds.remove("flat")
         result = _collapse.collapse(f64, shape, kinds, rtol=rtol)
         if isinstance(result, list):
+            if flat_problem is not None:
+                result.append(f"not a flat linear: {flat_problem}")
             report.kept.append(KeptRegion(name, (name,), "affine but " + "; ".join(result)))
             done.append(name)
             continue
@@ -444,6 +487,7 @@ def _graph_pass(
     rtol: float,
     allow_flops_increase: bool,
     cap: _capture.Capture,
+    budget: _budget.Budget,
 ) -> nn.Module:
     report.capture = cap.method
     if cap.gm is None:
@@ -454,45 +498,71 @@ def _graph_pass(
     if cap.errors:
         report.notes.append(f"graph capture used {cap.method} after: " + " | ".join(cap.errors))
     folded_gm, outcomes, declined = _graph.fold_regions(
-        cap.gm, rtol=rtol, allow_flops_increase=allow_flops_increase
+        cap.gm, rtol=rtol, allow_flops_increase=allow_flops_increase, budget=budget
     )
     # nothing folded in the graph: keep the model's own module structure
-    gm: nn.Module = folded_gm if any(o.replacement is not None for o in outcomes) else work
+    changed = any(p.replacement is not None for o in outcomes for p in (o, *o.parts))
+    gm: nn.Module = folded_gm if changed else work
     module_rows = {r.path: r for r in report.folded if r.level == "module"}
     absorbed: set[str] = set()
+    graph_rows: list[FoldedRegion] = []
     for outcome in outcomes:
         region = outcome.region
         if outcome.replacement is None or outcome.collapsed is None:
-            report.kept.append(KeptRegion(region.path, region.modules, outcome.reason))
-            continue
-        inner = [module_rows[m] for m in region.modules if m in module_rows]
-        absorbed.update(r.path for r in inner)
-        check = outcome.collapsed.check
-        report.folded.append(
-            FoldedRegion(
-                path=region.path,
-                modules=region.modules,
-                level="graph",
-                became=_describe(outcome.replacement),
-                params_before=outcome.params_before
-                + sum(r.params_before - r.params_after for r in inner),
-                params_after=outcome.params_after,
-                flops_before=outcome.flops_before
-                + sum(r.flops_before - r.flops_after for r in inner),
-                flops_after=outcome.flops_after,
-                max_abs_error=max([check.max_abs_error, *(r.max_abs_error for r in inner)]),
-                max_rel_error=max([check.max_rel_error, *(r.max_rel_error for r in inner)]),
-                sizes_checked=check.shapes,
+            parts = [_graph_row(p, module_rows, absorbed) for p in outcome.parts]
+            report.folded.extend(parts)
+            graph_rows.extend(parts)
+            report.kept.append(
+                KeptRegion(
+                    region.path,
+                    region.modules,
+                    outcome.reason,
+                    folded_inside=tuple(_inside(p) for p in parts),
+                )
             )
-        )
+            continue
+        graph_rows.append(_graph_row(outcome, module_rows, absorbed))
+        report.folded.append(graph_rows[-1])
     if absorbed:
         report.folded = [
             r for r in report.folded if not (r.level == "module" and r.path in absorbed)
         ]
     for nodes, reason in declined:
         paths = sorted({_graph._module_path(n) for n in nodes} - {""})
-        report.kept.append(KeptRegion(_graph._common_prefix(paths), tuple(paths), reason))
+        inside = tuple(
+            _inside(r) for r in graph_rows if set(r.modules) and set(r.modules) <= set(paths)
+        )
+        report.kept.append(
+            KeptRegion(_graph._common_prefix(paths), tuple(paths), reason, folded_inside=inside)
+        )
     return gm
+
+
+def _inside(row: FoldedRegion) -> str:
+    return f"{' + '.join(row.modules) or row.path or '<root>'} -> {row.became}"
+
+
+def _graph_row(
+    outcome: _graph.RegionOutcome, module_rows: dict[str, FoldedRegion], absorbed: set[str]
+) -> FoldedRegion:
+    region = outcome.region
+    assert outcome.collapsed is not None  # only called for folded outcomes
+    inner = [module_rows[m] for m in region.modules if m in module_rows]
+    absorbed.update(r.path for r in inner)
+    check = outcome.collapsed.check
+    return FoldedRegion(
+        path=region.path,
+        modules=region.modules,
+        level="graph",
+        became=_describe(outcome.replacement) if outcome.replacement is not None else "",
+        params_before=outcome.params_before + sum(r.params_before - r.params_after for r in inner),
+        params_after=outcome.params_after,
+        flops_before=outcome.flops_before + sum(r.flops_before - r.flops_after for r in inner),
+        flops_after=outcome.flops_after,
+        max_abs_error=max([check.max_abs_error, *(r.max_abs_error for r in inner)]),
+        max_rel_error=max([check.max_rel_error, *(r.max_rel_error for r in inner)]),
+        sizes_checked=check.shapes,
+    )
 
 
 def _report_nonaffine(report: FoldReport, nonaffine: dict[str, str]) -> None:

@@ -12,13 +12,13 @@ import copy
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from edgerep.fold import _collapse, _compose, _ops, probe, verify
+from edgerep.fold import _budget, _collapse, _compose, _ops, probe, verify
 from edgerep.fold._capture import float64_copy
 from edgerep.fold._cost import count_flops, count_params
 
@@ -107,8 +107,78 @@ def _const_closure(nodes: Iterable[fx.Node], const: set[fx.Node]) -> set[fx.Node
     return out
 
 
+# Most candidate inputs tried when a region with several inputs is narrowed to one
+# (keeps the search linear in practice on long chains).
+_MAX_SPLIT_INPUTS = 64
+
+
+def _forward_closure(
+    x: fx.Node, allowed: list[fx.Node], act_inputs: dict[fx.Node, list[fx.Node]]
+) -> set[fx.Node]:
+    """Nodes of `allowed` (topological order) computed from `x` alone."""
+    closure: set[fx.Node] = set()
+    for n in allowed:
+        ins = act_inputs[n]
+        if ins and all(i is x or i in closure for i in ins):
+            closure.add(n)
+    return closure
+
+
+def _grow(
+    sink: fx.Node, allowed: Iterable[fx.Node], act_users: dict[fx.Node, list[fx.Node]]
+) -> set[fx.Node]:
+    """`sink` and every node of `allowed` all of whose users are (transitively) in the set."""
+    region = {sink}
+    candidates = [m for m in allowed if m is not sink]
+    grew = True
+    while grew:
+        grew = False
+        for m in candidates:
+            if m in region:
+                continue
+            users = act_users[m]
+            if users and all(u in region for u in users):
+                region.add(m)
+                grew = True
+    return region
+
+
+def _narrowed(
+    sink: fx.Node,
+    region: set[fx.Node],
+    inputs: list[fx.Node],
+    order: dict[fx.Node, int],
+    act_inputs: dict[fx.Node, list[fx.Node]],
+    act_users: dict[fx.Node, list[fx.Node]],
+) -> list[tuple[set[fx.Node], fx.Node]]:
+    """Sub-regions of `region` ending at `sink` with exactly one input, largest first.
+
+    For each candidate input ``x`` (an input of the region or one of its nodes),
+    the sub-region is grown back from `sink` through the nodes computed from ``x``
+    alone; it is kept when ``x`` is its only activation input.
+    """
+    members = sorted(region, key=order.__getitem__)
+    xs = [*sorted(inputs, key=order.__getitem__), *members]
+    xs = [x for x in xs if x is not sink][:_MAX_SPLIT_INPUTS]
+    found: dict[frozenset[fx.Node], tuple[set[fx.Node], fx.Node]] = {}
+    for x in xs:
+        closure = _forward_closure(x, members, act_inputs)
+        if sink not in closure:
+            continue
+        sub = _grow(sink, [m for m in members if m in closure], act_users)
+        ext = {i for r in sub for i in act_inputs[r] if i not in sub}
+        if ext == {x}:
+            found.setdefault(frozenset(sub), (sub, x))
+    return sorted(found.values(), key=lambda t: -len(t[0]))
+
+
 def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.Node], str]]]:
     """Maximal affine regions with one activation input and one output.
+
+    When the maximal region ending at a node has several activation inputs, its
+    largest sub-region with one input ending there is taken instead (e.g. the
+    conv->BN of a residual branch, or a branch sum and its BN), and the maximal one
+    is reported as declined.
 
     Returns:
         (regions worth folding, [(nodes, reason)] for affine structure that is not a
@@ -117,6 +187,7 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.N
     const, affine = _classify(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     act_users = {n: [u for u in n.users if u not in const] for n in gm.graph.nodes}
+    act_inputs = {n: [i for i in _inputs(n) if i not in const] for n in gm.graph.nodes}
     # connected components over activation edges between affine nodes
     comp_of: dict[fx.Node, int] = {}
     comps: list[list[fx.Node]] = []
@@ -140,25 +211,14 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.N
     regions: list[Region] = []
     declined: list[tuple[list[fx.Node], str]] = []
     for members in comps:
-        member_set = set(members)
         assigned: set[fx.Node] = set()
         for sink in reversed(members):
             if sink in assigned:
                 continue
-            region = {sink}
-            grew = True
-            while grew:
-                grew = False
-                for m in members:
-                    if m in region or m in assigned:
-                        continue
-                    users = act_users[m]
-                    if users and all(u in region for u in users):
-                        region.add(m)
-                        grew = True
-            ext = {i for r in region for i in _inputs(r) if i not in region and i not in const}
+            free = [m for m in members if m not in assigned]
+            region = _grow(sink, free, act_users)
+            ext = {i for r in region for i in act_inputs[r] if i not in region}
             if len(ext) != 1:
-                assigned.add(sink)
                 if len(region) > 1:
                     declined.append(
                         (
@@ -166,40 +226,54 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], list[tuple[list[fx.N
                             f"{len(ext)} activation inputs (a single-input layer needs one)",
                         )
                     )
+                narrowed = _narrowed(sink, region, list(ext), order, act_inputs, act_users)
+                for sub, x in narrowed:
+                    built = _build_region(sub, x, sink, affine, const, order)
+                    if isinstance(built, Region):
+                        regions.append(built)
+                        assigned |= sub
+                        break
+                else:
+                    assigned.add(sink)
                 continue
             assigned |= region
-            nodes = sorted(region, key=order.__getitem__)
-            roles = {affine[n].role for n in nodes} - {"elementwise"}
-            consts = sorted(_const_closure(nodes, const), key=order.__getitem__)
-            computed = any(c.op != "get_attr" for c in consts)
-            layers = [n for n in nodes if affine[n].role != "elementwise"]
-            plain = len(layers) == 1 and all(n in layers or _ops.is_structural(n) for n in nodes)
-            if not roles or (plain and not computed):
-                continue  # nothing to fold: no layer, or already one plain layer
-            if len(roles) > 1:
-                declined.append((nodes, "mixes convolutions and linear layers"))
-                continue
-            paths = sorted(
-                {p for p in (_module_path(n) for n in nodes) if p}
-                | {
-                    str(c.target).rsplit(".", 1)[0]
-                    for c in consts
-                    if c.op == "get_attr" and "." in str(c.target)
-                }
-            )
-            regions.append(
-                Region(
-                    nodes,
-                    consts,
-                    next(iter(ext)),
-                    sink,
-                    roles.pop(),
-                    tuple(paths),
-                    _common_prefix(paths),
-                )
-            )
-        del member_set
+            built = _build_region(region, next(iter(ext)), sink, affine, const, order)
+            if isinstance(built, Region):
+                regions.append(built)
+            elif built:
+                declined.append((sorted(region, key=order.__getitem__), built))
     return regions, declined
+
+
+def _build_region(
+    region: set[fx.Node],
+    x: fx.Node,
+    sink: fx.Node,
+    affine: dict[fx.Node, _ops.AffineRule],
+    const: set[fx.Node],
+    order: dict[fx.Node, int],
+) -> Region | str:
+    """The Region of a node set with one input, or why it is none ('' when there is
+    nothing to fold: no layer, or already one plain layer)."""
+    nodes = sorted(region, key=order.__getitem__)
+    roles = {affine[n].role for n in nodes} - {"elementwise"}
+    consts = sorted(_const_closure(nodes, const), key=order.__getitem__)
+    computed = any(c.op != "get_attr" for c in consts)
+    layers = [n for n in nodes if affine[n].role != "elementwise"]
+    plain = len(layers) == 1 and all(n in layers or _ops.is_structural(n) for n in nodes)
+    if not roles or (plain and not computed):
+        return ""
+    if len(roles) > 1:
+        return "mixes convolutions and linear layers"
+    paths = sorted(
+        {p for p in (_module_path(n) for n in nodes) if p}
+        | {
+            str(c.target).rsplit(".", 1)[0]
+            for c in consts
+            if c.op == "get_attr" and "." in str(c.target)
+        }
+    )
+    return Region(nodes, consts, x, sink, roles.pop(), tuple(paths), _common_prefix(paths))
 
 
 def region_module(root: nn.Module, region: Region) -> fx.GraphModule:
@@ -333,6 +407,121 @@ class RegionOutcome:
     flops_before: int = 0
     flops_after: int = 0
     replacement: nn.Module | None = None
+    # for a rejected region: what inside it was folded instead (sub-regions)
+    parts: list[RegionOutcome] = field(default_factory=list)
+
+
+# Most sub-regions verified per rejected region (each costs a composition and a
+# verification at small sizes).
+_MAX_SPLIT_ATTEMPTS = 24
+
+
+def _try_region(
+    gm: fx.GraphModule,
+    region: Region,
+    roles: dict[fx.Node, str],
+    dtype: torch.dtype,
+    rtol: float,
+    allow_flops_increase: bool,
+) -> RegionOutcome:
+    """Compose (else probe) one region, verify it, and weigh its cost."""
+    in_shape = _shape(region.input)
+    if in_shape is None:
+        return RegionOutcome(region, None, "the region's input shape is unknown")
+    sub = region_module(gm, region)
+    result: _collapse.Collapsed | list[str] | None = _analytic(sub, region, in_shape, rtol)
+    if result is None:
+        kinds = ["conv"] if region.role == "conv" else ["linear"]
+        result = _collapse.collapse(sub, in_shape, kinds, rtol=rtol)
+    if isinstance(result, list):
+        return RegionOutcome(region, None, "; ".join(result))
+    example = (torch.zeros((1, *in_shape[1:]), dtype=torch.float64),)
+    flops_before = _region_flops(gm, region, roles)
+    if flops_before < 0:
+        flops_before = count_flops(sub, example)
+    outcome = RegionOutcome(
+        region,
+        result,
+        "",
+        params_before=count_params(sub),
+        params_after=count_params(result.module),
+        flops_before=flops_before,
+        flops_after=_module_flops(result.module, _shape(region.output), region.role),
+    )
+    if not allow_flops_increase and (
+        outcome.flops_after > outcome.flops_before or outcome.params_after > outcome.params_before
+    ):
+        outcome.collapsed = None
+        outcome.reason = (
+            f"folding would raise the cost (FLOPs {outcome.flops_before:,} -> "
+            f"{outcome.flops_after:,}, parameters {outcome.params_before:,} -> "
+            f"{outcome.params_after:,}; a low-rank bottleneck?); pass "
+            "allow_flops_increase=True to fold anyway"
+        )
+        return outcome
+    outcome.replacement = probe.cast_module(result.module, dtype)
+    return outcome
+
+
+def _split(
+    gm: fx.GraphModule,
+    failed: RegionOutcome,
+    affine: dict[fx.Node, _ops.AffineRule],
+    const: set[fx.Node],
+    roles: dict[fx.Node, str],
+    dtype: torch.dtype,
+    rtol: float,
+    allow_flops_increase: bool,
+    budget: _budget.Budget | None,
+) -> list[RegionOutcome]:
+    """Fold the largest verified sub-regions of a rejected region, greedily.
+
+    Candidates are the single-input sub-regions ending at each node of the region
+    (`_narrowed`), largest first; each accepted one removes its nodes, down to the
+    pairs that are always exact (conv->BN, BN->1x1 conv, a branch sum and its BN).
+    """
+    region = failed.region
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    act_users = {n: [u for u in n.users if u not in const] for n in region.nodes}
+    act_inputs = {n: [i for i in _inputs(n) if i not in const] for n in region.nodes}
+    # the region's output feeds nodes outside it: as a sink it keeps them
+    remaining = list(region.nodes)
+    tried: set[frozenset[fx.Node]] = {frozenset(region.nodes)}
+    folded: list[RegionOutcome] = []
+    attempts = 0
+    while attempts < _MAX_SPLIT_ATTEMPTS and len(remaining) > 1:
+        candidates: list[tuple[set[fx.Node], fx.Node, fx.Node]] = []
+        rest = set(remaining)
+        for sink in reversed(remaining):
+            grown = _grow(sink, remaining, act_users)
+            ext = {i for r in grown for i in act_inputs[r] if i not in grown}
+            for sub, x in _narrowed(sink, grown, list(ext), order, act_inputs, act_users):
+                if frozenset(sub) not in tried and sub <= rest:
+                    candidates.append((sub, x, sink))
+        candidates.sort(key=lambda c: (-len(c[0]), order[c[2]]))
+        accepted = False
+        for sub, x, sink in candidates:
+            key = frozenset(sub)
+            if key in tried:
+                continue
+            tried.add(key)
+            built = _build_region(sub, x, sink, affine, const, order)
+            if not isinstance(built, Region):
+                continue
+            if budget is not None and budget.spent():
+                return folded
+            attempts += 1
+            outcome = _try_region(gm, built, roles, dtype, rtol, allow_flops_increase)
+            if outcome.replacement is not None:
+                folded.append(outcome)
+                remaining = [n for n in remaining if n not in sub]
+                accepted = True
+                break
+            if attempts >= _MAX_SPLIT_ATTEMPTS:
+                break
+        if not accepted:
+            break
+    return folded
 
 
 def fold_regions(
@@ -340,54 +529,36 @@ def fold_regions(
     *,
     rtol: float = verify.DEFAULT_RTOL,
     allow_flops_increase: bool = False,
+    budget: _budget.Budget | None = None,
 ) -> tuple[fx.GraphModule, list[RegionOutcome], list[tuple[list[fx.Node], str]]]:
-    """Fold every affine region of `gm` in place (`gm` is the engine's own copy)."""
+    """Fold every affine region of `gm` in place (`gm` is the engine's own copy).
+
+    A region that does not verify (or costs more as one layer) is split and its
+    largest verified sub-regions are folded instead (`RegionOutcome.parts`). When
+    `budget` is spent, the remaining regions are kept with that reason.
+    """
     regions, declined = find_regions(gm)
     if not regions:
         return gm, [], declined
-    roles = {n: r.role for n, r in _classify(gm)[1].items()}
+    const, affine = _classify(gm)
+    roles = {n: r.role for n, r in affine.items()}
     dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
     outcomes: list[RegionOutcome] = []
     for region in regions:
-        in_shape = _shape(region.input)
-        if in_shape is None:
-            outcomes.append(RegionOutcome(region, None, "the region's input shape is unknown"))
+        if budget is not None and budget.spent():
+            outcomes.append(RegionOutcome(region, None, budget.skip_reason()))
+            budget.skipped.append(region.path)
             continue
-        sub = region_module(gm, region)
-        result: _collapse.Collapsed | list[str] | None = _analytic(sub, region, in_shape, rtol)
-        if result is None:
-            kinds = ["conv"] if region.role == "conv" else ["linear"]
-            result = _collapse.collapse(sub, in_shape, kinds, rtol=rtol)
-        if isinstance(result, list):
-            outcomes.append(RegionOutcome(region, None, "; ".join(result)))
-            continue
-        example = (torch.zeros((1, *in_shape[1:]), dtype=torch.float64),)
-        flops_before = _region_flops(gm, region, roles)
-        if flops_before < 0:
-            flops_before = count_flops(sub, example)
-        outcome = RegionOutcome(
-            region,
-            result,
-            "",
-            params_before=count_params(sub),
-            params_after=count_params(result.module),
-            flops_before=flops_before,
-            flops_after=_module_flops(result.module, _shape(region.output), region.role),
-        )
-        if outcome.flops_after > outcome.flops_before and not allow_flops_increase:
-            outcome.collapsed = None
-            outcome.reason = (
-                f"folding would raise FLOPs from {outcome.flops_before:,} to "
-                f"{outcome.flops_after:,} (a low-rank bottleneck?); pass "
-                "allow_flops_increase=True to fold anyway"
+        outcome = _try_region(gm, region, roles, dtype, rtol, allow_flops_increase)
+        if outcome.replacement is None and len(region.nodes) > 2:
+            outcome.parts = _split(
+                gm, outcome, affine, const, roles, dtype, rtol, allow_flops_increase, budget
             )
-            outcomes.append(outcome)
-            continue
-        outcome.replacement = probe.cast_module(result.module, dtype)
         outcomes.append(outcome)
 
     taken: set[str] = set(dict(gm.named_modules()))
-    for outcome in outcomes:
+    replaced: dict[fx.Node, fx.Node] = {}
+    for outcome in [p for o in outcomes for p in (o, *o.parts)]:
         if outcome.replacement is None:
             continue
         region = outcome.region
@@ -398,11 +569,15 @@ def fold_regions(
             name = f"{base}{n}"
         taken.add(name)
         gm.add_submodule(name, outcome.replacement)
+        source = region.input
+        while source in replaced:  # produced by a region replaced before this one
+            source = replaced[source]
         with gm.graph.inserting_after(region.output):
-            new = gm.graph.call_module(name, (region.input,))
+            new = gm.graph.call_module(name, (source,))
         new.meta = dict(region.output.meta)
         region.output.replace_all_uses_with(new)
-        new.args = (region.input,)
+        new.args = (source,)
+        replaced[region.output] = new
         for node in reversed(region.nodes):
             if not node.users:
                 gm.graph.erase_node(node)

@@ -42,11 +42,20 @@ class FoldedRegion:
 
 @dataclass(frozen=True)
 class KeptRegion:
-    """Structure left as it was, with the reason."""
+    """Structure left as it was, with the reason.
+
+    Attributes:
+        path: module path that owns the structure.
+        modules: module paths it covers.
+        reason: why it was not folded as a whole.
+        folded_inside: what inside it was folded instead (sub-regions), each as
+            ``"modules -> layer"``.
+    """
 
     path: str
     modules: tuple[str, ...]
     reason: str
+    folded_inside: tuple[str, ...] = ()
 
 
 @dataclass
@@ -56,6 +65,8 @@ class FoldReport:
     ``seconds`` is the wall time of the call and ``stage_seconds`` its split:
     'prepare' (copy, example run, parametrizations), 'capture', 'module pass',
     'graph pass' (regions composed or probed, and verified) and 'end-to-end check'.
+    ``peak_rss_mib`` is the process's peak resident memory when the fold ended
+    (a process-wide high-water mark: it includes whatever ran before the fold).
     """
 
     capture: str = "none"
@@ -69,6 +80,7 @@ class FoldReport:
     max_rel_error: float = 0.0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
 
     @property
     def max_error(self) -> float:
@@ -88,6 +100,7 @@ class FoldReport:
             f"parameters: {self.params_before:,} -> {self.params_after:,}   "
             f"FLOPs: {self.flops_before:,} -> {self.flops_after:,}   "
             f"max rel error (float64): {self.max_error:.2e}   time: {self.seconds:.2f} s"
+            + (f"   peak RSS: {self.peak_rss_mib:,.0f} MiB" if self.peak_rss_mib else "")
             + (
                 " (" + ", ".join(f"{k} {v:.2f} s" for k, v in self.stage_seconds.items()) + ")"
                 if self.stage_seconds
@@ -110,4 +123,6 @@ class FoldReport:
             lines.append(f"kept ({len(self.kept)}):")
             for k in self.kept:
                 lines.append(f"  {k.path or '<root>'}: {', '.join(k.modules) or '-'}: {k.reason}")
+                for part in k.folded_inside:
+                    lines.append(f"      folded inside: {part}")
         return "\n".join(lines)

@@ -48,6 +48,17 @@ from edgerep.zoo.blocks import (
     WeightNormConv,
 )
 from edgerep.zoo.data import accuracy, load_digits_tensors, train_classifier
+from edgerep.zoo.mobile_blocks import (
+    BNLinearHead,
+    EfficientViMBlock,
+    GhostModuleV3,
+    LCNetV2Block,
+    RegNetXBlock,
+    RepVGGDW,
+    RepViTBlock,
+    SHViTBlock,
+    TinyViTBlock,
+)
 from edgerep.zoo.nets import RepVGGNet, demo_net, mobileone_net, randomize_, repvgg_a0
 
 __all__ = [
@@ -73,19 +84,28 @@ __all__ = [
     "AngularDifferenceConv2d",
     "BLOCKS",
     "BNAndPad",
+    "BNLinearHead",
     "CentralDifferenceConv2d",
     "ConvBN",
     "DEConv",
     "DiverseBranchBlock",
+    "EfficientViMBlock",
+    "GhostModuleV3",
     "HorizontalDifferenceConv2d",
+    "LCNetV2Block",
     "MobileOneBlock",
     "RepGhostBlock",
+    "RegNetXBlock",
     "RepMLPUnit",
     "RepVGG1dBlock",
     "RepVGGBlock",
+    "RepVGGDW",
     "RepVGGNet",
+    "RepViTBlock",
+    "SHViTBlock",
     "SSFConv",
     "SSFLinear",
+    "TinyViTBlock",
     "VerticalDifferenceConv2d",
     "WeightNormConv",
     "accuracy",

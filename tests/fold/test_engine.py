@@ -438,3 +438,81 @@ def test_bn_before_conv_folds_only_where_exact(kernel, padding, folds):
     else:
         assert any("border" in k.reason for k in report.kept)
     _close(model, folded, (1, 4, 9, 9), (2, 4, 10, 12))
+
+
+# ------------------------------------------------------------ sub-region fallback
+
+
+def _batch_norms(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_region_rejected_by_the_verifier_is_split_into_exact_pairs():
+    """A biased 1x1 conv-BN before a zero-padded depthwise conv-BN is not one conv
+    (the border differs), but each conv-BN pair is."""
+    torch.manual_seed(21)
+    model = (
+        nn.Sequential(nn.Conv2d(4, 6, 1), _bn(6), nn.Conv2d(6, 6, 3, padding=1, groups=6), _bn(6))
+        .double()
+        .eval()
+    )
+    folded, report = fold(model, torch.randn(1, 4, 8, 9, dtype=torch.float64))
+    assert _batch_norms(folded) == []
+    (kept,) = [k for k in report.kept if k.modules == ("0", "1", "2", "3")]
+    assert "varies over positions" in kept.reason
+    assert len(kept.folded_inside) == 2 and "groups=6" in kept.folded_inside[1]
+    assert len([r for r in report.folded if r.level == "graph"]) == 2
+    _close(model, folded, (1, 4, 8, 9), (2, 4, 11, 10))
+
+
+class ResidualConvBN(nn.Module):
+    """``x + BN(conv(x))`` after a branch sum and its BN (RepViT's pattern): the
+    maximal region reaches back through the previous residual and has two inputs."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.pw = nn.Conv2d(c, c, 1, groups=c)
+        self.bn_sum = _bn(c)
+        self.fc1, self.bn1 = nn.Conv2d(c, 2 * c, 1, bias=False), _bn(2 * c)
+        self.fc2, self.bn2 = nn.Conv2d(2 * c, c, 1, bias=False), _bn(c)
+
+    def forward(self, x):
+        t = self.bn_sum(self.dw(x) + self.pw(x) + x)
+        return t + self.bn2(self.fc2(F.gelu(self.bn1(self.fc1(t)))))
+
+
+def test_region_with_two_inputs_is_narrowed_to_its_single_input_parts():
+    torch.manual_seed(22)
+    model = nn.Sequential(ResidualConvBN(), ResidualConvBN()).double().eval()
+    folded, report = fold(model, torch.randn(1, 6, 9, 8, dtype=torch.float64))
+    assert _batch_norms(folded) == []
+    two_inputs = [k for k in report.kept if "2 activation inputs" in k.reason]
+    assert two_inputs and all(k.folded_inside for k in two_inputs)
+    # per block: the branch sum + BN, fc1-BN, fc2-BN each one conv
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    _close(model, folded, (1, 6, 9, 8), (2, 6, 10, 11))
+
+
+def test_more_expensive_replacement_is_declined_and_split():
+    """A depthwise 3x3 conv-BN then a 1x1 conv-BN is one dense 3x3 conv, which costs
+    more FLOPs and parameters: declined with the reason, the pairs folded instead."""
+    torch.manual_seed(23)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False),
+            _bn(8),
+            nn.Conv2d(8, 12, 1, bias=False),
+            _bn(12),
+        )
+        .double()
+        .eval()
+    )
+    folded, report = fold(model, torch.randn(1, 8, 10, 9, dtype=torch.float64))
+    assert _batch_norms(folded) == []
+    (kept,) = [k for k in report.kept if "raise the cost" in k.reason]
+    assert "parameters" in kept.reason and kept.folded_inside
+    assert report.flops_after <= report.flops_before
+    assert report.params_after <= report.params_before
+    _close(model, folded, (1, 8, 10, 9), (2, 8, 11, 12))

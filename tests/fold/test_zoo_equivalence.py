@@ -189,6 +189,35 @@ CASES: list[Case] = [
     _c1d(8, 8, groups=8, length=(11, 12)),
     _c1d(8, 8, dilation=2, length=(12, 9)),
     _c1d(8, 8, act=False),
+    # GhostNetV3 ghost module: primary and cheap parts fold to one conv each; the
+    # concatenation (and, without act, the border) keeps them apart
+    _c("ghostnetv3", 8, 8, layers=2),
+    _c("ghostnetv3", 8, 8, 3, hw=(9, 12), layers=2),
+    _c("ghostnetv3", 6, 8, act=False, layers=2),
+    _c("ghostnetv3", 8, 8, 3, stride=2, num_branches=2, hw=(12, 9), layers=2),
+    # RepViT: RepVGGDW -> one depthwise conv; conv-BN pairs around GELU; residual kept
+    _c("repvit", 8, 8, layers=3),
+    _c("repvit", 8, 8, se=True, hw=(9, 12), layers=5),
+    _c("repvit", 8, 12, stride=2, hidden=16, hw=(12, 9), layers=4),
+    _c("repvit", 8, 8, stride=2, kernel_size=5, hw=(11, 10), layers=4),
+    # BN -> Linear classifier head
+    Case("bn_linear", (8, 5), {}, (2, 8), (3, 8), 1),
+    # SHViT: residual depthwise conv-BN -> one depthwise conv; conv-BN in attention and FFN
+    # (layer counts include the two attention matmuls)
+    _c("shvit", 8, layers=7),
+    _c("shvit", 8, partial=2, qk_dim=2, hidden=12, hw=(9, 12), layers=7),
+    # LCNetV2: depthwise 5x5 + 3x3 + 1x1 (+ identity) -> one depthwise 5x5, then 1x1
+    _c("lcnetv2", 8, 12, layers=2),
+    _c("lcnetv2", 8, 8, stride=2, kernel_sizes=(3, 1), hw=(11, 12), layers=2),
+    # TinyViT-style: MBConv conv-BNs, windowed attention with LayerNorm, local conv-BN
+    _c("tinyvit", 8, hw=(8, 12), layers=10),
+    _c("tinyvit", 8, heads=4, window=3, hw=(9, 6), layers=10),
+    # EfficientViM-style: residual depthwise conv-BNs, hidden-state mixer, conv-BN FFN
+    _c("efficientvim", 8, layers=10),
+    _c("efficientvim", 6, state=3, hidden=8, hw=(9, 12), layers=10),
+    # RegNetX (plain conv-BN, grouped 3x3, projection shortcut)
+    _c("regnetx", 8, 8, layers=3),
+    _c("regnetx", 8, 16, stride=2, hw=(11, 12), layers=4),
 ]
 
 # one representative case per block for the float32, purity and idempotence tests

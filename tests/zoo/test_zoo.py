@@ -46,6 +46,14 @@ EXAMPLES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, .
     "ssf_linear": (lambda: BLOCKS["ssf_linear"](5, 3), (2, 7, 5), (2, 7, 3)),
     "repghost": (lambda: BLOCKS["repghost"](4, 8, stride=2), (2, 4, 8, 8), (2, 8, 4, 4)),
     "weightnorm": (lambda: BLOCKS["weightnorm"](4, 8, norm="spectral"), (2, 4, 6, 6), (2, 8, 6, 6)),
+    "ghostnetv3": (lambda: BLOCKS["ghostnetv3"](4, 6, 3, stride=2), (2, 4, 8, 8), (2, 6, 4, 4)),
+    "repvit": (lambda: BLOCKS["repvit"](4, 6, stride=2, se=True), (2, 4, 7, 7), (2, 6, 4, 4)),
+    "bn_linear": (lambda: BLOCKS["bn_linear"](6, 3), (4, 6), (4, 3)),
+    "regnetx": (lambda: BLOCKS["regnetx"](4, 8, stride=2), (2, 4, 8, 8), (2, 8, 4, 4)),
+    "shvit": (lambda: BLOCKS["shvit"](6, partial=2, qk_dim=2), (2, 6, 5, 4), (2, 6, 5, 4)),
+    "lcnetv2": (lambda: BLOCKS["lcnetv2"](4, 6, stride=2), (2, 4, 8, 8), (2, 6, 4, 4)),
+    "tinyvit": (lambda: BLOCKS["tinyvit"](4, window=2), (2, 4, 4, 6), (2, 4, 4, 6)),
+    "efficientvim": (lambda: BLOCKS["efficientvim"](4, state=2), (2, 4, 5, 6), (2, 4, 5, 6)),
 }
 
 
