@@ -180,7 +180,7 @@ class Evaluator:
             tuple(inputs),
             tuple((v.name, _np_dtype(v)) for v in op.outputs),
             tuple(
-                tuple(d if isinstance(d, (int, np.integer)) else None for d in v.shape)
+                tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in v.shape)
                 if getattr(v, "shape", None) is not None
                 else None
                 for v in op.outputs

@@ -32,7 +32,7 @@ def _real_div(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.true_divide(x, y)
 
 
-for _name, _fn in {
+_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], Any]] = {
     "add": np.add,
     "sub": np.subtract,
     "mul": np.multiply,
@@ -51,7 +51,8 @@ for _name, _fn in {
     "logical_and": np.logical_and,
     "logical_or": np.logical_or,
     "logical_xor": np.logical_xor,
-}.items():
+}
+for _name, _fn in _BINARY.items():
     _binary(_name, _fn)
 
 
@@ -79,7 +80,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return out
 
 
-for _name, _ufn in {
+_UNARY: dict[str, Callable[[np.ndarray], Any]] = {
     "abs": np.abs,
     "ceil": np.ceil,
     "floor": np.floor,
@@ -110,7 +111,8 @@ for _name, _ufn in {
     "softsign": lambda x: x / (1 + np.abs(x)),
     "softplus": lambda x: np.logaddexp(0, x).astype(x.dtype),
     "identity": lambda x: x,
-}.items():
+}
+for _name, _ufn in _UNARY.items():
     _unary(_name, _ufn)
 
 

@@ -27,9 +27,10 @@ def _windows(
     effective = [(k - 1) * d + 1 for k, d in zip(kernel_sizes, dilations)]
     w = sliding_window_view(x, effective, axis=tuple(range(2, 2 + n)))
     index = (
-        (slice(None), slice(None))
-        + tuple(slice(None, None, s) for s in strides)
-        + tuple(slice(None, None, d) for d in dilations)
+        slice(None),
+        slice(None),
+        *tuple(slice(None, None, s) for s in strides),
+        *tuple(slice(None, None, d) for d in dilations),
     )
     return w[index]
 
@@ -93,9 +94,13 @@ def _conv_transpose(ctx: OpContext) -> np.ndarray:
     for j, offset in enumerate(np.ndindex(*ks)):
         contrib = np.matmul(xg, wg[..., j])  # G, N, I, Og
         contrib = contrib.transpose(1, 0, 3, 2).reshape(n, groups * og, *ins)
-        index = (slice(None), slice(None)) + tuple(
-            slice(o * d, o * d + (i - 1) * s + 1, s)
-            for o, d, i, s in zip(offset, dilations, ins, strides)
+        index = (
+            slice(None),
+            slice(None),
+            *tuple(
+                slice(o * d, o * d + (i - 1) * s + 1, s)
+                for o, d, i, s in zip(offset, dilations, ins, strides)
+            ),
         )
         out_full[index] += contrib
     pad_type = ctx.val("pad_type", "valid")
@@ -117,7 +122,7 @@ def _conv_transpose(ctx: OpContext) -> np.ndarray:
     if any(grow):
         out_full = np.pad(out_full, [(0, 0), (0, 0), *((0, g) for g in grow)])
     out = out_full[
-        (slice(None), slice(None)) + tuple(slice(a, a + sz) for (a, _), sz in zip(pairs, sizes))
+        (slice(None), slice(None), *tuple(slice(a, a + sz) for (a, _), sz in zip(pairs, sizes)))
     ]
     if ctx.has("bias"):
         out = out + ctx.x("bias").reshape((1, -1) + (1,) * nd)

@@ -3,6 +3,8 @@ gather, padding, tiling, shape, fill, range and friends."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from edgerep.errors import UnsupportedError
@@ -191,7 +193,7 @@ def _scatter_along_axis(ctx: OpContext) -> np.ndarray:
         return x
     if mode != "add":
         raise UnsupportedError(f"scatter_along_axis {ctx.name!r}: mode {mode!r} not evaluable yet")
-    idx = list(np.indices(indices.shape, sparse=True))
+    idx: list[Any] = list(np.indices(indices.shape, sparse=True))
     idx[axis] = indices
     np.add.at(x, tuple(idx), updates)
     return x
@@ -242,7 +244,7 @@ def _fill_like(ctx: OpContext) -> np.ndarray:
 @kernel("range_1d")
 def _range_1d(ctx: OpContext) -> np.ndarray:
     start, end, step = ctx.x("start"), ctx.x("end"), ctx.x("step")
-    return np.arange(start, end, step)
+    return np.arange(start.item(), end.item(), step.item())
 
 
 @kernel("cumsum")
