@@ -92,7 +92,7 @@ def _conv_transpose(ctx: OpContext) -> np.ndarray:
     xg = x.reshape(n, groups, cg, -1).transpose(1, 0, 3, 2)  # G, N, I, Cg
     wg = w.reshape(groups, cg, og, -1)  # G, Cg, Og, K
     for j, offset in enumerate(np.ndindex(*ks)):
-        contrib = np.matmul(xg, wg[..., j])  # G, N, I, Og
+        contrib = np.matmul(xg, wg[:, None, :, :, j])  # (G, N, I, Cg) @ (G, 1, Cg, Og)
         contrib = contrib.transpose(1, 0, 3, 2).reshape(n, groups * og, *ins)
         index = (
             slice(None),
