@@ -339,3 +339,12 @@ def _depth_to_space(ctx: OpContext) -> np.ndarray:
 @kernel("non_zero")
 def _non_zero(ctx: OpContext) -> np.ndarray:
     return np.stack(np.nonzero(ctx.x()), axis=-1).astype(np.int32)
+
+
+@kernel("crop")
+def _crop(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    top, bottom = (int(v) for v in ctx.val("crop_height", [0, 0]))
+    left, right = (int(v) for v in ctx.val("crop_width", [0, 0]))
+    h, w = x.shape[-2:]
+    return x[..., top : h - bottom, left : w - right]
