@@ -186,7 +186,7 @@ def _prelu(ctx: OpContext) -> np.ndarray:
 @kernel("thresholded_relu")
 def _thresholded_relu(ctx: OpContext) -> np.ndarray:
     x = ctx.x()
-    return np.where(x > _alpha(ctx, x, 1.0), x, 0).astype(x.dtype)
+    return np.where(x >= _alpha(ctx, x, 1.0), x, 0).astype(x.dtype)
 
 
 @kernel("clamped_relu")
