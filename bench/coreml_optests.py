@@ -123,6 +123,42 @@ class _Plugin:
             self.counts[module]["passed"] += 1
 
 
+def _write(
+    out_path: str,
+    plugin: _Plugin,
+    loadavg_before: list[str],
+    t0: float,
+    done: list[str],
+    asked: list[str],
+) -> dict:
+    import coremltools
+
+    totals: Counter = Counter()
+    for c in plugin.counts.values():
+        totals.update(c)
+    result = {
+        "bench": "coreml_optests",
+        "what": "coremltools' MIL op unit tests, expected outputs compared through the "
+        "coreml-reference evaluator (mlprogram backend only)",
+        "coremltools": coremltools.__version__,
+        "seconds": round(time.time() - t0, 1),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
+        "totals": dict(totals),
+        "modules_run": done,
+        "modules_not_run": [m for m in asked if m not in done],
+        "modules": {m: dict(c) for m, c in sorted(plugin.counts.items())},
+        "unsupported_ops": dict(plugin.unsupported.most_common()),
+        "failures": {m: f[:20] for m, f in sorted(plugin.failures.items())},
+    }
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    return dict(totals)
+
+
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
@@ -132,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*")
     parser.add_argument("-k", default=None)
     parser.add_argument("--out", default="bench/results/coreml_optests.json")
+    parser.add_argument(
+        "--budget-s", type=float, default=1200.0, help="start no module after this many seconds"
+    )
     args = parser.parse_args(argv)
     os.environ["PYMIL_TEST_TARGETS"] = "mlprogram"
     root = Path(importlib.import_module(_TESTS).__file__).parent
@@ -142,30 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     plugin = _Plugin()
     loadavg_before = Path("/proc/loadavg").read_text().split()[:3]
     t0 = time.time()
-    pytest_args = [*map(str, files), "-q", "-p", "no:cacheprovider", "-W", "ignore"]
-    if args.k:
-        pytest_args += ["-k", args.k]
-    pytest.main(pytest_args, plugins=[plugin])
-    totals: Counter = Counter()
-    for c in plugin.counts.values():
-        totals.update(c)
-    result = {
-        "bench": "coreml_optests",
-        "what": "coremltools' MIL op unit tests, expected outputs compared through the "
-        "coreml-reference evaluator (mlprogram backend only)",
-        "coremltools": importlib.import_module("coremltools").__version__,
-        "seconds": round(time.time() - t0, 1),
-        "loadavg_before": loadavg_before,
-        "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
-        "totals": dict(totals),
-        "modules": {m: dict(c) for m, c in sorted(plugin.counts.items())},
-        "unsupported_ops": dict(plugin.unsupported.most_common()),
-        "failures": {m: f[:20] for m, f in sorted(plugin.failures.items())},
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"totals": result["totals"], "modules": result["modules"]}, indent=1))
+    done: list[str] = []
+    for file in files:  # one pytest run per module: results are written as they come
+        if time.time() - t0 > args.budget_s:
+            break
+        pytest_args = [str(file), "-q", "-p", "no:cacheprovider", "-W", "ignore"]
+        if args.k:
+            pytest_args += ["-k", args.k]
+        pytest.main(pytest_args, plugins=[plugin])
+        done.append(str(file.relative_to(root)))
+        _write(
+            args.out, plugin, loadavg_before, t0, done, [str(f.relative_to(root)) for f in files]
+        )
+    totals = _write(
+        args.out, plugin, loadavg_before, t0, done, [str(f.relative_to(root)) for f in files]
+    )
+    print(json.dumps({"totals": totals, "modules_done": len(done)}, indent=1))
     return 0
 
 

@@ -178,6 +178,16 @@ def test_convert_verifies_coreml_with_the_reference_evaluator(tmp_path):
     assert art["verified_by"] == "reference evaluator"
     assert art["parity"]["outputs"]["output"]["max_rel_error"] <= 1e-5
     assert any("gelu-tanh-kwarg" in n for n in art["notes"])  # the workaround acted
+    # edgerep.load runs a Core ML-only bundle here through the evaluator
+    import edgerep
+
+    predictor = edgerep.load(tmp_path / "b")
+    assert predictor.runtime == "coreml-reference"
+    x = example_inputs(specs, seed=5)[0]
+    (y,) = predictor.run(x.numpy())
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert _rel(y, ref.astype(np.float64)) <= 1e-5
 
 
 def test_tanh_gelu_converter_bug_is_caught_and_named(tmp_path):
