@@ -202,6 +202,9 @@ class Evaluator:
         if isinstance(value, (str, bytes)) or value is None:
             return value
         a = np.asarray(value)
+        if declared is not None and declared.kind in "iub":
+            # an int/bool value stays one (a float fed to an int input is truncated)
+            return a if a.dtype == declared else a.astype(declared)
         if a.dtype.kind == "f" or (declared is not None and declared.kind == "f"):
             if self.precision == "declared" and declared is not None and declared.kind == "f":
                 a = a.astype(declared, copy=False)
