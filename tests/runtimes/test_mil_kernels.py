@@ -392,6 +392,15 @@ def test_norms_match_torch():
     np.testing.assert_allclose(_run(prog)[out.name], ref.numpy(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [1, 2, 5])
+def test_local_response_norm_matches_torch(size):
+    x = _r(2, 7, 3, 4)
+    prog, (out,) = _build("local_response_norm", x=x, size=size, alpha=0.5, beta=0.6, k=1.5)
+    alpha, beta, k = (float(np.float32(v)) for v in (0.5, 0.6, 1.5))
+    ref = F.local_response_norm(_t(x), size, alpha=alpha, beta=beta, k=k)
+    np.testing.assert_allclose(_run(prog)[out.name], ref.numpy(), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("align", [True, False])
 @pytest.mark.parametrize("scale", [2.0, 3.0])
 def test_upsample_bilinear_matches_torch(align, scale):

@@ -430,3 +430,16 @@ def _resize_nearest(ctx: OpContext) -> np.ndarray:
     oh = int(ctx.val("target_size_height", x.shape[-2]))
     ow = int(ctx.val("target_size_width", x.shape[-1]))
     return _nearest(x, oh, ow)
+
+
+@kernel("local_response_norm")
+def _local_response_norm(ctx: OpContext) -> np.ndarray:
+    # the window over channels is PyTorch's: size // 2 before, (size - 1) // 2 after
+    x = ctx.x()
+    size = int(ctx.val("size"))
+    alpha = np.asarray(ctx.val("alpha", 1e-4), dtype=x.dtype)
+    beta = np.asarray(ctx.val("beta", 0.75), dtype=x.dtype)
+    k = np.asarray(ctx.val("k", 1.0), dtype=x.dtype)
+    sq = np.pad(x * x, [(0, 0), (size // 2, (size - 1) // 2)] + [(0, 0)] * (x.ndim - 2))
+    sums = sliding_window_view(sq, size, axis=1).sum(axis=-1)
+    return x / (k + alpha / size * sums) ** beta
