@@ -219,6 +219,13 @@ def test_kernels_where_value_inference_is_wrong_or_missing():
     flipped = np.cumsum(x[:, ::-1].astype(np.float64), axis=1)[:, ::-1]
     np.testing.assert_allclose(got, flipped - x, rtol=1e-12, atol=1e-12)
 
+    @mb.program(input_specs=[mb.TensorSpec(shape=X.shape)])
+    def flatten(x_in):  # axis == rank is allowed; coremltools' folding raises on it
+        return mb.flatten2d(x=x_in, axis=3)
+
+    ev = Evaluator(flatten, precision="float64")
+    assert ev.run({"x_in": X})[ev.output_names[0]].shape == (24, 1)
+
 
 # --- (b) against PyTorch ---------------------------------------------------------------
 

@@ -74,7 +74,8 @@ def _expand_dims(ctx: OpContext) -> np.ndarray:
 @kernel("flatten2d")
 def _flatten2d(ctx: OpContext) -> np.ndarray:
     x = ctx.x()
-    axis = int(ctx.val("axis", 1)) % max(x.ndim, 1)
+    axis = int(ctx.val("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis  # axis == rank is allowed: (prod, 1)
     return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
 
