@@ -240,6 +240,16 @@ def test_kernels_without_value_inference_match_torch():
         "pixel_unshuffle", opset=ct.target.iOS16, x=x, downscale_factor=np.uint32(2)
     )
     np.testing.assert_array_equal(_run(prog)[out.name], F.pixel_unshuffle(_t(x), 2).numpy())
+    x43 = _r(4, 3)
+    prog, (out,) = _build(
+        "reshape_like",
+        x=x43,
+        ref_tensors=(_r(2, 2, 3), _r(1, 3)),
+        begins=(0, 1),
+        ends=(2, 2),
+        end_masks=(False, False),
+    )
+    np.testing.assert_array_equal(_run(prog)[out.name], x43.reshape(2, 2, 3))
     # space_to_depth / depth_to_space are TensorFlow's (channel-last block order)
     prog, (out,) = _build("space_to_depth", x=x, block_size=2)
     got = _run(prog)[out.name]

@@ -37,13 +37,13 @@ def _reshape_17(ctx: OpContext) -> np.ndarray:
 @kernel("reshape_like")
 def _reshape_like(ctx: OpContext) -> np.ndarray:
     x = ctx.x()
-    ends = ctx.val("end")
-    begins = ctx.val("begin")
+    refs = ctx.xs("ref_tensors")
+    begins = [int(b) for b in ctx.xs("begins")]
+    ends = [int(e) for e in ctx.xs("ends")]
+    end_masks = [bool(m) for m in ctx.xs("end_masks")]
     shape: list[int] = []
-    for ref, b, e, use_end in zip(
-        ctx.xs("ref_tensors"), begins, ends, ctx.val("end_mask") or [False] * len(ends)
-    ):
-        shape += list(ref.shape[b:] if use_end else ref.shape[b:e])
+    for ref, b, e, to_end in zip(refs, begins, ends, end_masks):
+        shape += list(ref.shape[b:] if to_end else ref.shape[b:e])
     return x.reshape(shape)
 
 
