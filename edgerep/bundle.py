@@ -118,6 +118,9 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     "status": {
                         "enum": ["verified", "exported-not-verified-here", "not-built-here"]
                     },
+                    # the kind of verification where a format has several, e.g. Core ML:
+                    # "Core ML framework" (macOS) or "reference evaluator" (elsewhere)
+                    "verified_by": {"type": "string"},
                     # a folder artifact (.mlpackage); "file" is a file inside it
                     "package": _REL_PATH,
                     "metadata": {"type": "object"},

@@ -62,6 +62,7 @@ from edgerep.parity import (
     FAILED,
     NOT_BUILT_HERE,
     NOT_VERIFIED_HERE,
+    REFERENCE_RUNTIMES,
     TOLERANCES,
     VERIFIED,
     FormatStatus,
@@ -72,6 +73,7 @@ from edgerep.parity import (
     format_status_table,
     parity_runs,
     tolerance_for,
+    verified_by,
 )
 from edgerep.spec import InputSpec, example_inputs, symbol_ranges, validate_specs
 
@@ -448,7 +450,9 @@ def _verify(
         tol = Tolerance(rel=float(rtol))
     else:
         ran = _ran_precision(desc, precision)
-        tol = tolerance_for(fmt, precision if run is None or run.gating else ran)
+        tol = tolerance_for(
+            fmt, precision if run is None or run.gating else ran, runtime=runtime.name
+        )
     n_ref = len(prepared.references[0])
     if any(len(o) != n_ref for o in outs):
         p = OutputParity(
@@ -753,7 +757,20 @@ def _export_and_verify(
         return _unverified(artifact, root, rel, rows, NOT_BUILT_HERE, why)
     cannot_run = runtime.unavailable_reason()
     if cannot_run:
-        return _unverified(artifact, root, rel, rows, NOT_VERIFIED_HERE, cannot_run)
+        reference = _reference_runtime(fmt)
+        if reference is None:
+            return _unverified(artifact, root, rel, rows, NOT_VERIFIED_HERE, cannot_run)
+        rows.append(
+            {
+                "stage": "verify",
+                "action": "note",
+                "detail": f"{fmt}: {runtime.name} cannot run here ({cannot_run}); checked with "
+                f"{reference.name} ({verified_by(reference.name) or reference.name})",
+                "error": None,
+            }
+        )
+        runtime = reference
+    by = verified_by(runtime.name)
     gate, *extra = parity_runs(fmt)
     try:
         parity, parity_dict = _verify(
@@ -768,6 +785,16 @@ def _export_and_verify(
         )
     except MissingDependencyError:
         raise
+    except UnsupportedError as e:
+        if runtime.name in REFERENCE_RUNTIMES.values():
+            # an op the reference evaluator cannot evaluate: not verified, not failed
+            return _unverified(artifact, root, rel, rows, NOT_VERIFIED_HERE, f"{by}: {e}")
+        msg = f"{runtime.name} cannot run it: {type(e).__name__}: {e}"
+        logger.debug("%s parity run failed", fmt, exc_info=True)
+        rows.append(
+            {"stage": "verify", "action": "failed", "detail": f"{fmt}: {msg}", "error": None}
+        )
+        return FormatStatus(fmt, artifact.precision, FAILED, msg, rel), None, rows
     except Exception as e:  # the runtime cannot load or run the artifact: not verified
         _interrupt.check()
         msg = f"{runtime.name} cannot run it: {type(e).__name__}: {e}"
@@ -787,8 +814,26 @@ def _export_and_verify(
         reported.append(str(reported_row["detail"]).split(": ", 1)[1])
     if ok and reported:
         why = "; ".join(reported)
-    status = FormatStatus(fmt, artifact.precision, VERIFIED if ok else FAILED, why, rel, parity)
+    if not ok:
+        # what the exporter knows about its converter's bugs explains a parity failure
+        why = "; ".join([why, *(n for n in artifact.notes if "converter bug" in n)])
+    if by:
+        parity_dict["verified_by"] = by
+    status = FormatStatus(
+        fmt, artifact.precision, VERIFIED if ok else FAILED, why, rel, parity, verified_by=by
+    )
     return status, _artifact_entry(artifact, root, parity_dict), rows
+
+
+def _reference_runtime(fmt: str) -> Runtime | None:
+    """The runtime that checks `fmt` where its own cannot run, if one can run here."""
+    from edgerep.runtimes import get_runtime
+
+    name = REFERENCE_RUNTIMES.get(fmt)
+    if name is None:
+        return None
+    runtime = get_runtime(name)
+    return None if runtime.unavailable_reason() else runtime
 
 
 def _unverified(
@@ -879,6 +924,8 @@ def _artifact_entry(artifact: Artifact, root: Path, parity: Mapping[str, Any]) -
         "file": main.relative_to(root).as_posix(),
         "precision": artifact.precision,
         "status": VERIFIED if parity.get("passed") else str(parity.get("status") or FAILED),
+        # who verified it where it matters: "reference evaluator" or "Core ML framework"
+        **({"verified_by": parity["verified_by"]} if parity.get("verified_by") else {}),
         "sha256": sha256_file(main),
         "files": files,
         "tool_versions": dict(artifact.tool_versions),

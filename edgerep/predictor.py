@@ -7,7 +7,8 @@ one artifact and the runtime to run it:
 2. else, when the bundle holds a recorded benchmark (``bench.json`` written by
    ``edgerep bench --out BUNDLE``), the runtimes it measured, fastest p50 first;
 3. else the documented priority `DEFAULT_PRIORITY`: tensorrt > openvino >
-   onnxruntime > executorch > coreml > torch.
+   onnxruntime > executorch > coreml > torch > coreml-reference (the numpy evaluator
+   of Core ML programs: a last resort off macOS, correct but not fast).
 
 A candidate is tried only if the bundle has an artifact of its format that was
 built (``not-built-here`` TensorRT plans are skipped), the runtime can run here
@@ -40,7 +41,15 @@ __all__ = ["DEFAULT_PRIORITY", "Predictor", "load"]
 logger = logging.getLogger(__name__)
 
 #: runtimes tried in this order when neither `prefer` nor a recorded benchmark decides
-DEFAULT_PRIORITY = ("tensorrt", "openvino", "onnxruntime", "executorch", "coreml", "torch")
+DEFAULT_PRIORITY = (
+    "tensorrt",
+    "openvino",
+    "onnxruntime",
+    "executorch",
+    "coreml",
+    "torch",
+    "coreml-reference",
+)
 _BENCH_FILE = "bench.json"
 
 

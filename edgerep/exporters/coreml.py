@@ -17,6 +17,11 @@ Options: ``minimum_deployment_target`` (``"iOS17"``, ``"macOS14"``, ... any
 ``compute_precision`` (``"fp32"`` for parity with PyTorch, ``"fp16"`` for the
 Neural Engine).
 
+Known converter bugs (`edgerep.exporters._coreml_bugs`) are worked around by default
+(``workarounds``): the exported program is rewritten before conversion and buggy MIL
+passes are left out; the notes say which acted. With ``workarounds=False`` the
+converter runs as shipped and the reference evaluator's parity check shows the damage.
+
 Op coverage (`CoreMLExporter.check`) looks up every op of the decomposed program
 in coremltools' PyTorch op registry, and checks that the input dtypes exist in
 Core ML. coremltools is imported inside the functions that need it.
@@ -142,6 +147,29 @@ def mlprogram_op_types(spec: Any) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _gelu_modes(spec: Any) -> list[tuple[str, str]]:
+    """(output name, mode) of every ``gelu`` op of an ML Program spec (top-level blocks)."""
+    out = []
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            consts: dict[str, str] = {}
+            for op in block.operations:
+                if op.type == "const" and "val" in op.attributes:
+                    strings = op.attributes["val"].immediateValue.tensor.strings.values
+                    if strings:
+                        consts[op.outputs[0].name] = strings[0]
+                elif op.type == "gelu":
+                    mode = "EXACT"
+                    if "mode" in op.inputs:
+                        arg = op.inputs["mode"].arguments[0]
+                        if arg.WhichOneof("binding") == "name":
+                            mode = consts.get(arg.name, mode)
+                        else:
+                            mode = arg.value.immediateValue.tensor.strings.values[0]
+                    out.append((op.outputs[0].name, mode))
+    return out
+
+
 def _feature_info(feature: Any, symbols: Sequence[int | str] = (), rank: int = 0) -> TensorInfo:
     """Name, shape and dtype of an ML Program input or output feature.
 
@@ -175,11 +203,13 @@ class CoreMLExporter:
         minimum_deployment_target: a ``ct.target`` name such as ``"iOS17"`` or ``"macOS14"``.
         compute_precision: ``"fp32"`` or ``"fp16"``.
         shapes: ``"range"`` or ``"enumerated"`` (see the module docstring).
+        workarounds: avoid the known converter bugs of `_coreml_bugs` (default on).
     """
 
     minimum_deployment_target: str = "iOS17"
     compute_precision: str = "fp32"
     shapes: str = "range"
+    workarounds: bool = True
 
     format = "coreml"
     extra = "coreml"
@@ -335,11 +365,23 @@ class CoreMLExporter:
             ),
             "skip_model_load": True,  # Core ML loads models only on macOS
         }
+        if self.workarounds:
+            from edgerep.exporters._coreml_bugs import passes_to_skip
+
+            pipeline = ct.PassPipeline.DEFAULT
+            pipeline.remove_passes(passes_to_skip())
+            kwargs["pass_pipeline"] = pipeline
         how = "torch.export"
+        program = None
         try:
             program = export_program(model, example_inputs, specs)
             with _quiet_coremltools():
                 program = program.run_decompositions({})
+            if self.workarounds:
+                from edgerep.exporters._coreml_bugs import rewrite
+
+                notes += rewrite(program)
+            with _quiet_coremltools():
                 mlmodel = ct.convert(program, **kwargs)
         except Exception as e:
             _interrupt.check()  # never fall back after an interrupt a backend swallowed
@@ -349,6 +391,7 @@ class CoreMLExporter:
             )
             notes.append(f"torch.export-based conversion failed ({first}); converted a trace")
             how = "trace"
+            program = None
             try:
                 import torch
 
@@ -369,6 +412,13 @@ class CoreMLExporter:
         (path / _EXIR_DEBUG_MAP).unlink(missing_ok=True)
         spec = mlmodel.get_spec()
         op_types = mlprogram_op_types(spec)
+        if program is not None:
+            from edgerep.exporters._coreml_bugs import gelu_tanh_problems
+
+            found = gelu_tanh_problems(program, _gelu_modes(spec))
+            for note in found:
+                logger.warning("Core ML export: %s", note)
+            notes += found
         symbols = {s.name: s.shape for s in specs}
         files = tuple(
             p.relative_to(out_dir).as_posix() for p in sorted(path.rglob("*")) if p.is_file()
@@ -391,6 +441,7 @@ class CoreMLExporter:
                 "minimum_deployment_target": self.minimum_deployment_target,
                 "compute_precision": self.compute_precision,
                 "shapes": self.shapes,
+                "workarounds": self.workarounds,
                 "ops": sum(op_types.values()),
                 "op_types": op_types,
             },

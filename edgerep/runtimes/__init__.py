@@ -26,6 +26,7 @@ _BUILTIN: dict[str, str] = {
     "torch": "edgerep.runtimes.torch_eager:TorchEagerRuntime",
     "openvino": "edgerep.runtimes.openvino:OpenVinoRuntime",
     "coreml": "edgerep.runtimes.coreml:CoreMLRuntime",
+    "coreml-reference": "edgerep.runtimes.coreml_reference:CoreMLReferenceRuntime",
     "tensorrt": "edgerep.runtimes.tensorrt:TensorRTRuntime",
     "executorch": "edgerep.runtimes.executorch:ExecuTorchRuntime",
 }

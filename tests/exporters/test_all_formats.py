@@ -22,7 +22,7 @@ from edgerep.bundle import read_manifest
 from edgerep.cli import EXIT_OK, EXIT_UNSUPPORTED, main
 from edgerep.errors import ConfigError, UnsupportedError
 from edgerep.exporters import configure_exporter, resolve_formats
-from edgerep.parity import NOT_BUILT_HERE, NOT_VERIFIED_HERE, VERIFIED, parity_runs, tolerance_for
+from edgerep.parity import NOT_BUILT_HERE, VERIFIED, parity_runs, tolerance_for
 from edgerep.pipeline import convert
 from edgerep.runtimes import get_runtime
 from edgerep.spec import parse_input_spec
@@ -95,10 +95,9 @@ def test_status_table_names_every_format(bundles):
         if variant == "unfolded":
             continue
         assert NOT_BUILT_HERE in rows["tensorrt"] and "trtexec" in rows["tensorrt"]
-        coreml_status = VERIFIED if sys.platform == "darwin" else NOT_VERIFIED_HERE
-        assert coreml_status in rows["coreml"]
-        if sys.platform != "darwin":
-            assert "macOS" in rows["coreml"]
+        # off macOS the shipped ML Program is checked by the numpy reference evaluator
+        by = "Core ML framework" if sys.platform == "darwin" else "reference evaluator"
+        assert f"{VERIFIED} ({by})" in rows["coreml"], rows["coreml"]
     assert "fold: skipped" in bundles["unfolded"][1]
     assert "fold report:" in bundles["folded"][1]
 
@@ -146,7 +145,15 @@ def test_unverified_formats_are_kept_with_their_reason(bundles):
     assert coreml["file"] == "coreml/model.mlpackage/Manifest.json"
     assert coreml["tool_versions"]["coremltools"]
     if sys.platform != "darwin":
-        assert coreml["status"] == NOT_VERIFIED_HERE and "macOS" in coreml["parity"]["reason"]
+        # verified all the same, and the manifest says by what
+        assert coreml["status"] == VERIFIED and coreml["verified_by"] == "reference evaluator"
+        parity = coreml["parity"]
+        assert parity["runtime"]["runtime"] == "coreml-reference"
+        assert parity["runtime"]["precision_mode"] == "declared"
+        assert parity["tolerance"]["rel_to_max_abs_reference"] == 1e-5
+        assert parity["outputs"]["output"]["max_rel_error"] <= 1e-5
+        ledger = read_manifest(path)["ledger"]
+        assert any("coreml: coreml cannot run here" in r["detail"] for r in ledger)
 
 
 def test_structure_after_folding(bundles):

@@ -12,7 +12,8 @@ format; each runtime must then
 - give `concurrent_runs` that return the right output for each thread's own input
   (no shared buffers), or say it cannot (ExecuTorch: one session per thread).
 
-Core ML and TensorRT cannot run here; their rows skip with the reason.
+Core ML and TensorRT cannot run here; their rows skip with the reason. The Core ML
+package still runs here through the numpy reference evaluator (``coreml-reference``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ CASES = {
     "executorch": ("executorch", {}),
     "torch": ("pt2", {}),
     "coreml": ("coreml", {}),
+    "coreml-reference": ("coreml", {}),
     "tensorrt": ("tensorrt", {}),
 }
 CANNOT_RUN = {

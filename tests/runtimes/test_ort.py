@@ -22,6 +22,7 @@ RUN_TESTS = {
     "executorch": "tests.runtimes.test_executorch::test_session",
     "coreml": "tests.exporters.test_coreml::test_predict_on_macos",
     "tensorrt": "tests.exporters.test_tensorrt::test_build_and_run_engine",
+    "coreml-reference": "tests.runtimes.test_coreml_reference::test_fp32_programs_match_torch",
 }
 
 

@@ -1,0 +1,250 @@
+"""Load a shipped ML Program and evaluate it op by op with the registered kernels.
+
+Loading goes through coremltools only: ``MLModel(path, skip_model_load=True)`` reads the
+package without the Core ML framework, and ``milproto.load.load`` rebuilds the pymil
+Program of the *shipped* spec, its weights read from the package's blob file. Nothing
+is converted again, so what is checked is what ships.
+
+Precision modes:
+
+- ``float64``: every float tensor in float64 (graph semantics, tightest reference);
+- ``float32``: every float tensor in float32 (graph semantics at the reference's dtype);
+- ``declared``: each op computes in float32 and its output is rounded to the dtype the
+  program declares for it, so an fp16 program keeps fp16 storage with fp32
+  accumulation, as Core ML's GPU path computes. On an fp32 program it equals
+  ``float32``. The Neural Engine (fp16 accumulation, its own transcendental
+  approximations) is not modelled.
+
+``const`` and ``constexpr_*`` ops (compressed weights: affine int8, palettized, sparse,
+blockwise) are materialized once at load time; ``constexpr_*`` values come from
+coremltools' own numpy decompression (``materialized_val_inference``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerep.errors import ConfigError, UnsupportedError
+from edgerep.runtimes._mil._registry import Kernel, OpContext, lookup
+
+__all__ = ["PRECISIONS", "Evaluator", "load_program", "unsupported_ops"]
+
+PRECISIONS = ("float64", "float32", "declared")
+_LOAD_TIME = ("const",)
+
+
+def load_program(path: str | Path) -> tuple[Any, Any]:
+    """The pymil Program of the ``.mlpackage`` at `path`, and its spec.
+
+    Raises:
+        UnsupportedError: not an ML Program (a NeuralNetwork model), or coremltools
+            cannot read it.
+    """
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    try:
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = model.get_spec()
+    except Exception as e:
+        raise UnsupportedError(f"coremltools cannot read {str(path)!r}: {e}") from e
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise UnsupportedError(
+            f"{str(path)!r} is a {spec.WhichOneof('Type')} model; the reference evaluator "
+            "reads ML Programs only (convert with convert_to='mlprogram')"
+        )
+    try:
+        program = load(
+            spec,
+            specification_version=spec.specificationVersion,
+            file_weights_dir=model.weights_dir,
+        )
+    except Exception as e:
+        raise UnsupportedError(
+            f"coremltools {ct.__version__} cannot rebuild the ML Program of {str(path)!r}: {e}"
+        ) from e
+    return program, spec
+
+
+def _walk(block: Any) -> Iterator[Any]:
+    for op in block.operations:
+        yield op
+        for inner in getattr(op, "blocks", ()) or ():
+            yield from _walk(inner)
+
+
+def _is_load_time(op_type: str) -> bool:
+    return op_type in _LOAD_TIME or op_type.startswith("constexpr_")
+
+
+def unsupported_ops(function: Any) -> dict[str, int]:
+    """Op type -> count of the ops in `function` (nested blocks included) that no kernel
+    evaluates at its opset."""
+    opset = int(function.opset_version)
+    missing: dict[str, int] = {}
+    for op in _walk(function):
+        if not _is_load_time(op.op_type) and lookup(op.op_type, opset) is None:
+            missing[op.op_type] = missing.get(op.op_type, 0) + 1
+    return dict(sorted(missing.items()))
+
+
+def _np_dtype(var: Any) -> Any:
+    from coremltools.converters.mil.mil import types
+
+    try:
+        return np.dtype(types.nptype_from_builtin(var.dtype))
+    except Exception:  # strings, lists, states: kept as they are
+        return None
+
+
+@dataclass(frozen=True)
+class _Step:
+    op_type: str
+    name: str
+    kernel: Kernel
+    inputs: tuple[tuple[str, str | tuple[str, ...]], ...]
+    outputs: tuple[tuple[str, Any], ...]  # (name, declared numpy dtype)
+    output_shapes: tuple[tuple[int | None, ...] | None, ...]
+
+
+class Evaluator:
+    """One function of an ML Program, ready to evaluate in one precision mode.
+
+    Raises (constructor):
+        ConfigError: unknown precision or function.
+        UnsupportedError: ops no kernel evaluates, all named at once, before any run.
+    """
+
+    def __init__(self, program: Any, *, function: str = "main", precision: str = "float32") -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"unknown reference-evaluator precision {precision!r}; choose one of "
+                f"{', '.join(PRECISIONS)}"
+            )
+        if function not in program.functions:
+            raise ConfigError(
+                f"the ML Program has no function {function!r}; it has "
+                f"{', '.join(sorted(program.functions))}"
+            )
+        fn = program.functions[function]
+        missing = unsupported_ops(fn)
+        if missing:
+            listed = ", ".join(f"{t} (x{n})" for t, n in missing.items())
+            raise UnsupportedError(
+                f"the reference evaluator cannot evaluate op(s) {listed}; register a kernel "
+                "with edgerep.runtimes._mil.kernel(op_type) or verify on macOS"
+            )
+        self.precision = precision
+        self.function = function
+        self.opset = int(fn.opset_version)
+        self._compute = np.float64 if precision == "float64" else np.float32
+        self.input_names = list(fn.inputs)
+        self.input_dtypes = {n: _np_dtype(v) for n, v in fn.inputs.items()}
+        self.output_names = [v.name for v in fn.outputs]
+        self._consts: dict[str, Any] = {}
+        self._steps: list[_Step] = []
+        for op in fn.operations:
+            if _is_load_time(op.op_type):
+                self._materialize(op)
+            else:
+                self._steps.append(self._step(op))
+
+    def _materialize(self, op: Any) -> None:
+        if op.op_type == "const":
+            values = [op.outputs[0].val]
+        else:
+            v = op.materialized_val_inference()
+            values = list(v) if isinstance(v, tuple) else [v]
+        for var, value in zip(op.outputs, values):
+            self._consts[var.name] = self._store(value, _np_dtype(var))
+
+    def _step(self, op: Any) -> _Step:
+        kernel = lookup(op.op_type, self.opset)
+        if kernel is None:  # unsupported_ops ran first; a nested block would land here
+            raise UnsupportedError(f"no reference kernel for MIL op {op.op_type!r}")
+        inputs: list[tuple[str, str | tuple[str, ...]]] = []
+        for key, var in op.inputs.items():
+            if isinstance(var, (list, tuple)):
+                inputs.append((key, tuple(self._source(v) for v in var)))
+            else:
+                inputs.append((key, self._source(var)))
+        return _Step(
+            op.op_type,
+            op.outputs[0].name if op.outputs else op.name,
+            kernel,
+            tuple(inputs),
+            tuple((v.name, _np_dtype(v)) for v in op.outputs),
+            tuple(
+                tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in v.shape)
+                if getattr(v, "shape", None) is not None
+                else None
+                for v in op.outputs
+            ),
+        )
+
+    def _source(self, var: Any) -> str:
+        """The env name of `var`; a literal the builder made without a const op is
+        materialized here."""
+        name = var.name
+        producer = var.op
+        if producer is None and name not in self.input_names and var.val is not None:
+            self._consts[name] = self._store(var.val, _np_dtype(var))
+        return name
+
+    def _store(self, value: Any, declared: Any) -> Any:
+        """A value as the mode keeps it: floats in the compute dtype, after rounding to
+        the declared dtype in ``declared`` mode."""
+        if isinstance(value, (str, bytes)) or value is None:
+            return value
+        a = np.asarray(value)
+        if declared is not None and declared.kind in "iub":
+            # an int/bool value stays one (a float fed to an int input is truncated)
+            return a if a.dtype == declared else a.astype(declared)
+        if a.dtype.kind == "f" or (declared is not None and declared.kind == "f"):
+            if self.precision == "declared" and declared is not None and declared.kind == "f":
+                a = a.astype(declared, copy=False)
+            return a.astype(self._compute, copy=False)
+        if declared is not None and a.dtype != declared and a.dtype.kind in "iub":
+            return a.astype(declared)
+        return a
+
+    def run(self, feeds: Mapping[str, np.ndarray], *, keep: bool = False) -> dict[str, np.ndarray]:
+        """Evaluate the function on `feeds`; the outputs by name (every value if `keep`).
+
+        Raises:
+            ConfigError: feeds do not match the inputs.
+            UnsupportedError: a kernel met an input it does not evaluate (naming the op).
+        """
+        env: dict[str, Any] = dict(self._consts)
+        for name in self.input_names:
+            if name not in feeds:
+                raise ConfigError(f"missing input {name!r}; the program takes {self.input_names}")
+            env[name] = self._store(np.asarray(feeds[name]), self.input_dtypes[name])
+        for step in self._steps:
+            values = {
+                key: (tuple(env[s] for s in src) if isinstance(src, tuple) else env[src])
+                for key, src in step.inputs
+            }
+            ctx = OpContext(
+                step.op_type, step.name, self.opset, self._compute, values, step.output_shapes
+            )
+            try:
+                result = step.kernel(ctx)
+            except (UnsupportedError, ConfigError):
+                raise
+            except Exception as e:
+                raise UnsupportedError(
+                    f"the reference kernel for {step.op_type} {step.name!r} failed: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            results = result if isinstance(result, (tuple, list)) else (result,)
+            for (name, declared), value in zip(step.outputs, results):
+                env[name] = self._store(value, declared)
+        if keep:
+            return env
+        return {n: np.asarray(env[n]) for n in self.output_names}

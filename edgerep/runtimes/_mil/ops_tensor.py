@@ -1,0 +1,351 @@
+"""Shape and data-movement kernels: reshape, transpose, concat/split/stack, slicing,
+gather, padding, tiling, shape, fill, range and friends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgerep.errors import UnsupportedError
+from edgerep.runtimes._mil._registry import IOS16, IOS17, OpContext, kernel
+
+__all__: list[str] = []
+
+
+@kernel("reshape")
+def _reshape_15(ctx: OpContext) -> np.ndarray:
+    # iOS15: a 0 copies the input dim at the same index
+    x = ctx.x()
+    shape = [int(s) for s in ctx.val("shape")]
+    shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+@kernel("reshape", since=IOS17)
+def _reshape_17(ctx: OpContext) -> np.ndarray:
+    # iOS17: each 0 matches the input dim at the same position from the right (else 1)
+    x = ctx.x()
+    shape = [int(s) for s in ctx.val("shape")]
+    out = []
+    for i, s in enumerate(shape):
+        j = x.ndim - (len(shape) - i)
+        out.append((x.shape[j] if j >= 0 else 1) if s == 0 else s)
+    return x.reshape(out)
+
+
+@kernel("reshape_like")
+def _reshape_like(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    refs = ctx.xs("ref_tensors")
+    begins = [int(b) for b in ctx.xs("begins")]
+    ends = [int(e) for e in ctx.xs("ends")]
+    end_masks = [bool(m) for m in ctx.xs("end_masks")]
+    shape: list[int] = []
+    for ref, b, e, to_end in zip(refs, begins, ends, end_masks):
+        shape += list(ref.shape[b:] if to_end else ref.shape[b:e])
+    return x.reshape(shape)
+
+
+@kernel("transpose")
+def _transpose(ctx: OpContext) -> np.ndarray:
+    return np.transpose(ctx.x(), [int(p) for p in ctx.val("perm")])
+
+
+@kernel("squeeze")
+def _squeeze(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    axes = ctx.val("axes")
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=tuple(int(a) for a in axes))
+
+
+@kernel("expand_dims")
+def _expand_dims(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    axes = [int(a) for a in ctx.val("axes")]
+    rank = x.ndim + len(axes)
+    for a in sorted(a % rank for a in axes):
+        x = np.expand_dims(x, a)
+    return x
+
+
+@kernel("flatten2d")
+def _flatten2d(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    axis = int(ctx.val("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis  # axis == rank is allowed: (prod, 1)
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+@kernel("concat")
+def _concat(ctx: OpContext) -> np.ndarray:
+    values = ctx.xs("values")
+    axis = int(ctx.val("axis"))
+    if ctx.val("interleave", False):
+        stacked = np.stack(values, axis=axis + 1 if axis >= 0 else axis)
+        shape = list(values[0].shape)
+        shape[axis] *= len(values)
+        return stacked.reshape(shape)
+    return np.concatenate(values, axis=axis)
+
+
+@kernel("stack")
+def _stack(ctx: OpContext) -> np.ndarray:
+    return np.stack(ctx.xs("values"), axis=int(ctx.val("axis")))
+
+
+@kernel("split")
+def _split(ctx: OpContext) -> tuple[np.ndarray, ...]:
+    x = ctx.x()
+    axis = int(ctx.val("axis"))
+    sizes = ctx.val("split_sizes")
+    if sizes is None:
+        return tuple(np.split(x, int(ctx.val("num_splits")), axis=axis))
+    return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
+
+
+@kernel("slice_by_index")
+def _slice_by_index(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    rank = x.ndim
+    begin = [int(b) for b in ctx.val("begin")]
+    end = [int(e) for e in ctx.val("end")]
+    stride = [int(s) for s in ctx.val("stride", [1] * rank)]
+    begin_mask = ctx.val("begin_mask", [False] * rank)
+    end_mask = ctx.val("end_mask", [False] * rank)
+    squeeze = ctx.val("squeeze_mask", [False] * rank)
+    index: list[int | slice] = []
+    for i in range(rank):
+        if squeeze[i]:
+            index.append(begin[i])
+            continue
+        b = None if begin_mask[i] else begin[i]
+        e = None if end_mask[i] else end[i]
+        index.append(slice(b, e, stride[i]))
+    return np.asarray(x[tuple(index)])
+
+
+@kernel("slice_by_size")
+def _slice_by_size(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    begin = [int(b) for b in ctx.val("begin")]
+    size = [int(s) for s in ctx.val("size")]
+    return x[tuple(slice(b, None if s == -1 else b + s) for b, s in zip(begin, size))]
+
+
+def _take(x: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
+    size = x.shape[axis]
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        raise UnsupportedError(f"gather index out of range for an axis of size {size}")
+    return np.take(x, indices.astype(np.int64), axis=axis)
+
+
+@kernel("gather")
+def _gather_15(ctx: OpContext) -> np.ndarray:
+    return _take(ctx.x(), ctx.x("indices"), int(ctx.val("axis", 0)))
+
+
+@kernel("gather", since=IOS16)
+def _gather_16(ctx: OpContext) -> np.ndarray:
+    x, indices = ctx.x(), ctx.x("indices")
+    axis = int(ctx.val("axis", 0)) % x.ndim
+    batch_dims = (
+        int(ctx.val("batch_dims", 0)) % max(indices.ndim, 1) if ctx.val("batch_dims") else 0
+    )
+    if batch_dims == 0:
+        return _take(x, indices, axis)
+    batch = x.shape[:batch_dims]
+    xb = x.reshape(-1, *x.shape[batch_dims:])
+    ib = indices.reshape(-1, *indices.shape[batch_dims:])
+    out = np.stack([_take(xb[i], ib[i], axis - batch_dims) for i in range(xb.shape[0])])
+    return out.reshape(*batch, *out.shape[1:])
+
+
+@kernel("gather_along_axis")
+def _gather_along_axis(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    axis = int(ctx.val("axis", 0))
+    indices = ctx.x("indices").astype(np.int64)
+    indices = np.where(indices < 0, indices + x.shape[axis], indices)
+    return np.take_along_axis(x, indices, axis=axis)
+
+
+@kernel("gather_nd")
+def _gather_nd(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    indices = ctx.x("indices").astype(np.int64)
+    if ctx.val("batch_dims", 0):
+        raise UnsupportedError(f"gather_nd {ctx.name!r}: batch_dims > 0 is not evaluable yet")
+    k = indices.shape[-1]
+    return x[tuple(np.moveaxis(indices, -1, 0))] if k else x
+
+
+@kernel("scatter_along_axis")
+def _scatter_along_axis(ctx: OpContext) -> np.ndarray:
+    x = ctx.x("data").copy()
+    axis = int(ctx.val("axis", 0))
+    indices = ctx.x("indices").astype(np.int64)
+    updates = ctx.x("updates")
+    mode = ctx.val("mode", "add")
+    if mode == "update":
+        np.put_along_axis(x, indices, updates, axis=axis)
+        return x
+    if mode != "add":
+        raise UnsupportedError(f"scatter_along_axis {ctx.name!r}: mode {mode!r} not evaluable yet")
+    idx: list[Any] = list(np.indices(indices.shape, sparse=True))
+    idx[axis] = indices
+    np.add.at(x, tuple(idx), updates)
+    return x
+
+
+@kernel("pad")
+def _pad(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    pad = [int(p) for p in ctx.val("pad")]
+    n = len(pad) // 2
+    pairs = [(0, 0)] * (x.ndim - n) + [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
+    mode = ctx.val("mode", "constant")
+    if mode == "constant":
+        return np.pad(x, pairs, constant_values=ctx.val("constant_val", 0.0))
+    numpy_mode = {"reflect": "reflect", "replicate": "edge"}.get(mode)
+    if numpy_mode is None:
+        raise UnsupportedError(f"pad {ctx.name!r}: mode {mode!r} is not evaluable")
+    return np.pad(x, pairs, mode=numpy_mode)  # type: ignore[call-overload]
+
+
+@kernel("tile")
+def _tile(ctx: OpContext) -> np.ndarray:
+    return np.tile(ctx.x(), [int(r) for r in ctx.val("reps")])
+
+
+@kernel("reverse")
+def _reverse(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    axes = ctx.val("axes")
+    return np.flip(x, axis=None if axes is None else tuple(axes))
+
+
+@kernel("shape")
+def _shape(ctx: OpContext) -> np.ndarray:
+    return np.asarray(ctx.x().shape, dtype=np.int32)
+
+
+@kernel("fill")
+def _fill(ctx: OpContext) -> np.ndarray:
+    return np.full([int(s) for s in ctx.val("shape")], ctx.val("value", 0.0))
+
+
+@kernel("fill_like")
+def _fill_like(ctx: OpContext) -> np.ndarray:
+    return np.full(ctx.x("ref_tensor").shape, ctx.val("value", 0.0))
+
+
+@kernel("range_1d")
+def _range_1d(ctx: OpContext) -> np.ndarray:
+    start, end, step = ctx.x("start"), ctx.x("end"), ctx.x("step")
+    return np.arange(start.item(), end.item(), step.item())
+
+
+@kernel("cumsum")
+def _cumsum(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    axis = int(ctx.val("axis", 0))
+    if ctx.val("reverse", False):
+        x = np.flip(x, axis)
+    out = np.cumsum(x, axis=axis, dtype=x.dtype)
+    if ctx.val("exclusive", False):
+        out = out - x
+    return np.flip(out, axis) if ctx.val("reverse", False) else out
+
+
+@kernel("band_part")
+def _band_part(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    lower, upper = int(ctx.val("lower", -1)), int(ctx.val("upper", -1))
+    m, n = x.shape[-2:]
+    i = np.arange(m)[:, None]
+    j = np.arange(n)[None, :]
+    keep = ((lower < 0) | (i - j <= lower)) & ((upper < 0) | (j - i <= upper))
+    return np.where(keep, x, 0).astype(x.dtype)
+
+
+@kernel("one_hot")
+def _one_hot(ctx: OpContext) -> np.ndarray:
+    indices = ctx.x("indices").astype(np.int64)
+    depth = int(ctx.val("one_hot_vector_size"))
+    axis = int(ctx.val("axis", -1))
+    on, off = ctx.val("on_value", 1.0), ctx.val("off_value", 0.0)
+    hot = np.arange(depth) == indices[..., None]
+    out = np.where(hot, on, off)
+    return np.moveaxis(out, -1, axis)
+
+
+@kernel("topk")
+def _topk(ctx: OpContext) -> tuple[np.ndarray, np.ndarray]:
+    x = ctx.x()
+    k = int(ctx.val("k", 1))
+    axis = int(ctx.val("axis", -1))
+    ascending = bool(ctx.val("ascending", False))
+    order = np.argsort(x if ascending else -x, axis=axis, kind="stable")
+    idx = np.take(order, np.arange(k), axis=axis)
+    return np.take_along_axis(x, idx, axis=axis), idx.astype(np.int32)
+
+
+@kernel("argsort")
+def _argsort(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    axis = int(ctx.val("axis", -1))
+    key = x if ctx.val("ascending", False) else -x
+    return np.argsort(key, axis=axis, kind="stable").astype(np.int32)
+
+
+@kernel("pixel_shuffle")
+def _pixel_shuffle(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    r = int(ctx.val("upscale_factor"))
+    n, c, h, w = x.shape
+    y = x.reshape(n, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3)
+    return y.reshape(n, c // (r * r), h * r, w * r)
+
+
+@kernel("pixel_unshuffle")
+def _pixel_unshuffle(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    r = int(ctx.val("downscale_factor"))
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // r, r, w // r, r).transpose(0, 1, 3, 5, 2, 4)
+    return y.reshape(n, c * r * r, h // r, w // r)
+
+
+@kernel("space_to_depth")
+def _space_to_depth(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    b = int(ctx.val("block_size"))
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
+@kernel("depth_to_space")
+def _depth_to_space(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    b = int(ctx.val("block_size"))
+    n, c, h, w = x.shape
+    y = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+@kernel("non_zero")
+def _non_zero(ctx: OpContext) -> np.ndarray:
+    return np.stack(np.nonzero(ctx.x()), axis=-1).astype(np.int32)
+
+
+@kernel("crop")
+def _crop(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    top, bottom = (int(v) for v in ctx.val("crop_height", [0, 0]))
+    left, right = (int(v) for v in ctx.val("crop_width", [0, 0]))
+    h, w = x.shape[-2:]
+    return x[..., top : h - bottom, left : w - right]
