@@ -83,8 +83,14 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "samples_ms": {"type": "array", "items": {"type": "number"}},
                     "throughput": {"type": "array", "items": {"type": "object"}},
                     "device_memory_bytes": {"type": ["integer", "null"]},
+                    "target": {"type": "string"},
+                    "fingerprint": {"type": ["string", "null"]},
                 },
             },
+        },
+        "devices": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "transport", "fingerprint"]},
         },
         "quantization": {
             "type": "array",
@@ -140,7 +146,8 @@ def _runtime_label(row: Mapping[str, Any]) -> str:
 
 
 def _label(row: Mapping[str, Any]) -> str:
-    return f"{row['variant']} / {_runtime_label(row)}"
+    where = f"{row['target']}: " if row.get("target") else ""
+    return f"{where}{row['variant']} / {_runtime_label(row)}"
 
 
 def _accuracy_value(row: Mapping[str, Any]) -> float | None:
@@ -177,6 +184,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         "| variant | runtime | p50 ms (95% CI) | p99 ms | spread | items/s | first ms | "
         "load ms | accuracy | top-1 agree | max rel err | % peak |"
     )
+    per_device = any(r.get("target") for r in report["rows"])
+    if per_device:
+        head = "| device | fingerprint " + head
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in report["rows"]:
         lat = row["latency"]
@@ -189,7 +199,12 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         lines.append(
             "| "
             + " | ".join(
-                [
+                (
+                    [str(row.get("target", "-")), str(row.get("fingerprint") or "-")]
+                    if per_device
+                    else []
+                )
+                + [
                     row["variant"],
                     _runtime_label(row),
                     f"{st['p50_ms']:.3f} ({_f(lo, '.3f')}..{_f(hi, '.3f')})",
@@ -214,8 +229,16 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         f"{_repeats(report)} runs, (!) above the threshold (do not trust smaller differences); "
         "% peak: FLOPs / p50 / measured float32 GEMM peak.",
     ]
+    for dev in report.get("devices") or []:
+        env = dev.get("environment") or {}
+        what = env.get("cpu") or env.get("model") or "-"
+        notes.append(
+            f"- device {dev['name']} ({dev['transport']} {dev.get('address') or ''}): fingerprint "
+            f"{dev.get('fingerprint') or '-'}, {what}, {env.get('os') or env.get('android') or '-'}"
+        )
     for err in report.get("errors", []):
-        notes.append(f"- {err['variant']} / {err['runtime']}: not measured: {err['error']}")
+        where = f"{err['device']}: " if err.get("device") else ""
+        notes.append(f"- {where}{err['variant']} / {err['runtime']}: not measured: {err['error']}")
     return "\n".join(lines + notes + _throughput_lines(report)) + "\n"
 
 

@@ -517,7 +517,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         left = length
         with open(path, "xb") as f:
             while left > 0:
-                chunk = self.rfile.read(min(_CHUNK, left))
+                try:
+                    chunk = self.rfile.read(min(_CHUNK, left))
+                except TimeoutError as e:
+                    raise _HttpError(
+                        408, f"the upload stalled with {left} bytes still to come"
+                    ) from e
                 if not chunk:
                     raise _HttpError(
                         400, f"the upload ended {left} bytes before its Content-Length"
