@@ -178,7 +178,11 @@ class AgentServer(http.server.ThreadingHTTPServer):
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(config.tls_cert, config.tls_key)
-            self.socket = context.wrap_socket(self.socket, server_side=True)
+            # the handshake happens in the connection's thread, not in the accept loop, so a
+            # client that never completes it cannot stall the agent
+            self.socket = context.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.workdir = Path(config.workdir).expanduser().resolve()
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.jobs: OrderedDict[str, _Job] = OrderedDict()
