@@ -12,6 +12,9 @@ Usage::
                    [--option FORMAT.KEY=VALUE ...] [--rtol R] [--force] [--json]
     edgerep bench BUNDLE_OR_SRC ... [--runtime onnxruntime,openvino] [--data DATA]
                   [--compare OTHER_BUNDLE ...] [--out DIR] [--threads N] [--mlperf] [--json]
+                  [--device local|all|agent://HOST:PORT|adb:SERIAL|NAME ...] [--token-file F]
+    edgerep devices [--device URL ...] [--timeout S] [--json]
+    edgerep agent serve --token-file F [--host H] [--port P] [--tls-cert C --tls-key K]
     edgerep list [--json]
 
 ``SRC`` is ``path/to/file.py:factory`` or ``model.pt2``; ``SPEC`` is
