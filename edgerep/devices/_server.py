@@ -190,6 +190,9 @@ class AgentServer(http.server.ThreadingHTTPServer):
         self.pending: queue.Queue[_Job | None] = queue.Queue()
         self.requests_handled = 0
         self._fingerprint: dict[str, Any] | None = None
+        self._closed = threading.Event()
+        self._loop_done = threading.Event()
+        self._loop_done.set()  # no loop running yet
         self._worker = threading.Thread(target=self._work, name="edgerep-agent-worker", daemon=True)
         self._worker.start()
 
@@ -213,16 +216,21 @@ class AgentServer(http.server.ThreadingHTTPServer):
         """Serve until closed, or until `max_requests` requests or `max_seconds` pass."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self.timeout = 0.2
-        while not getattr(self, "_closed", False):
-            if max_requests is not None and self.requests_handled >= max_requests:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            self.handle_request()
+        self._loop_done.clear()
+        try:
+            while not self._closed.is_set():
+                if max_requests is not None and self.requests_handled >= max_requests:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                self.handle_request()
+        finally:
+            self._loop_done.set()
 
     def close(self) -> None:
         """Stop the worker (cancelling a running job) and close the socket."""
-        self._closed = True
+        self._closed.set()
+        self._loop_done.wait(timeout=5)  # the serving loop notices within its 0.2 s timeout
         with self.lock:
             jobs = list(self.jobs.values())
         for job in jobs:

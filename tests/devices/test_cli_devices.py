@@ -91,6 +91,7 @@ def test_bench_local_and_two_agents_one_report(tmp_path, token_file, capsys):
         toml = tmp_path / "devices.toml"
         toml.write_text(
             f'[devices.board]\nurl = "{a1.url}"\ntoken_file = "{token_file}"\n'
+            f'[devices.second]\nurl = "{a2.url}"\n'
             f'[devices.phone_gone]\nurl = "agent://127.0.0.1:9"\ntoken_file = "{token_file}"\n'
         )
         code = main(
@@ -106,13 +107,7 @@ def test_bench_local_and_two_agents_one_report(tmp_path, token_file, capsys):
                 "--token-file",
                 str(token_file),
                 "--device",
-                "local",
-                "--device",
-                "board",
-                "--device",
-                a2.url,
-                "--device",
-                "phone_gone",
+                "all",
                 "--out",
                 str(out_dir),
                 *FAST,
@@ -121,11 +116,11 @@ def test_bench_local_and_two_agents_one_report(tmp_path, token_file, capsys):
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     report = json.loads((out_dir / "bench.json").read_text())
-    assert [r["target"] for r in report["rows"]] == ["local", "board", a2.url]
+    assert [r["target"] for r in report["rows"]] == ["local", "board", "second"]
     assert len({r["fingerprint"] for r in report["rows"]}) >= 1
     assert all(len(r["fingerprint"]) == 12 for r in report["rows"])
     devices = {d["name"]: d for d in report["devices"]}
-    assert set(devices) == {"local", "board", a2.url, "phone_gone"}
+    assert set(devices) == {"local", "board", "second", "phone_gone"}
     assert all(devices[n]["environment"]["cores_logical"] >= 1 for n in ("local", "board"))
     assert devices["phone_gone"]["fingerprint"] is None
     (err,) = report["errors"]
