@@ -26,28 +26,24 @@ no pickle, no .pt2, no Python from a bundle is loaded).
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import http.server
 import ipaddress
 import json
 import logging
 import os
-import queue
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgerep.devices._jobs import Job, JobQueue, QueueFullError
 from edgerep.errors import ConfigError, EdgerepError, VerificationError
 
 __all__ = ["AGENT_RUNTIMES", "AgentConfig", "AgentServer", "make_server", "read_token"]
@@ -58,8 +54,6 @@ API = "/v1"
 #: runtimes an agent may run: their artifacts are data for a native engine, never code
 AGENT_RUNTIMES = ("onnxruntime", "openvino", "executorch", "tensorrt", "coreml")
 MAX_REQUEST_HEADER_BYTES = 16 * 1024
-MAX_RESULT_BYTES = 64 * 1024 * 1024
-_KEPT_RESULTS = 32
 _CHUNK = 1 << 20
 
 
@@ -133,28 +127,6 @@ class AgentConfig:
             )
 
 
-class _Job:
-    def __init__(self, job_id: str, directory: Path, request: dict[str, Any]) -> None:
-        self.id = job_id
-        self.directory = directory
-        self.request = request
-        self.state = "queued"
-        self.report: dict[str, Any] | None = None
-        self.error = ""
-        self.process: subprocess.Popen[bytes] | None = None
-        self.created = time.time()
-        self.seconds: dict[str, float] = {}
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state,
-            "error": self.error,
-            "report": self.report,
-            "seconds": self.seconds,
-        }
-
-
 class _HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -185,16 +157,14 @@ class AgentServer(http.server.ThreadingHTTPServer):
             )
         self.workdir = Path(config.workdir).expanduser().resolve()
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.jobs: OrderedDict[str, _Job] = OrderedDict()
-        self.lock = threading.Lock()
-        self.pending: queue.Queue[_Job | None] = queue.Queue()
+        self.jobs = JobQueue(
+            max_queue=config.max_queue, job_timeout_s=config.job_timeout_s, python=config.python
+        )
         self.requests_handled = 0
         self._fingerprint: dict[str, Any] | None = None
         self._closed = threading.Event()
         self._loop_done = threading.Event()
         self._loop_done.set()  # no loop running yet
-        self._worker = threading.Thread(target=self._work, name="edgerep-agent-worker", daemon=True)
-        self._worker.start()
 
     @property
     def url(self) -> str:
@@ -231,12 +201,7 @@ class AgentServer(http.server.ThreadingHTTPServer):
         """Stop the worker (cancelling a running job) and close the socket."""
         self._closed.set()
         self._loop_done.wait(timeout=5)  # the serving loop notices within its 0.2 s timeout
-        with self.lock:
-            jobs = list(self.jobs.values())
-        for job in jobs:
-            self.cancel(job)
-        self.pending.put(None)
-        self._worker.join(timeout=10)
+        self.jobs.close()
         self.server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -245,99 +210,6 @@ class AgentServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.warning("agent: request from %s failed", client_address, exc_info=True)
-
-    # --- jobs ----------------------------------------------------------------------
-
-    def submit(self, job: _Job) -> None:
-        with self.lock:
-            waiting = sum(j.state in ("queued", "running") for j in self.jobs.values())
-            if waiting >= self.config.max_queue:
-                raise _HttpError(503, f"the agent's queue is full ({waiting} jobs); retry later")
-            self.jobs[job.id] = job
-            while len(self.jobs) > _KEPT_RESULTS + self.config.max_queue:
-                oldest = next(iter(self.jobs))
-                if self.jobs[oldest].state in ("queued", "running"):
-                    break
-                del self.jobs[oldest]
-        self.pending.put(job)
-
-    def cancel(self, job: _Job) -> None:
-        with self.lock:
-            if job.state == "queued":
-                job.state = "cancelled"
-                job.error = "cancelled before it started"
-            elif job.state == "running" and job.process is not None:
-                job.state = "cancelled"
-                job.error = "cancelled while running"
-                _kill(job.process)
-
-    def _work(self) -> None:
-        while True:
-            job = self.pending.get()
-            if job is None:
-                return
-            with self.lock:
-                if job.state != "queued":
-                    shutil.rmtree(job.directory, ignore_errors=True)
-                    continue
-                job.state = "running"
-            try:
-                self._run(job)
-            except Exception as e:  # the worker must survive anything one job does
-                logger.exception("agent: job %s failed", job.id)
-                job.state, job.error = "failed", f"{type(e).__name__}: {e}"
-            finally:
-                shutil.rmtree(job.directory, ignore_errors=True)
-
-    def _run(self, job: _Job) -> None:
-        started = time.perf_counter()
-        log_path = job.directory / "job.log"
-        with open(log_path, "wb") as log:
-            cmd = [self.config.python, "-m", "edgerep.devices._job", str(job.directory)]
-            with self.lock:
-                if job.state != "running":
-                    return
-                job.process = subprocess.Popen(
-                    cmd,
-                    cwd=job.directory,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-                )
-            try:
-                code = job.process.wait(timeout=self.config.job_timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill(job.process)
-                with self.lock:
-                    job.state = "timeout"
-                    job.error = (
-                        f"the job ran over the agent's limit of {self.config.job_timeout_s:g} s "
-                        "(edgerep agent serve --job-timeout)"
-                    )
-                return
-        job.seconds["run"] = time.perf_counter() - started
-        with self.lock:
-            if job.state != "running":
-                return
-        result = job.directory / "result.json"
-        if code == 0 and result.is_file() and result.stat().st_size <= MAX_RESULT_BYTES:
-            job.report = json.loads(result.read_text())
-            job.state = "done"
-        else:
-            tail = log_path.read_bytes()[-4000:].decode("utf-8", "replace")
-            job.state = "failed"
-            job.error = f"the benchmark process exited with {code}: {tail.strip()}"
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
-        logger.error("agent: job process %d did not exit", process.pid)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -399,31 +271,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._create_job()
         if path.startswith(f"{API}/jobs/"):
             job_id = path[len(f"{API}/jobs/") :]
-            with self.server.lock:
-                job = self.server.jobs.get(job_id)
-            if job is None:
-                raise _HttpError(404, f"no job {job_id[:64]!r} on this agent")
-            if method == "GET":
-                with self.server.lock:
-                    return 200, job.public()
-            if method == "DELETE":
-                self.server.cancel(job)
-                with self.server.lock:
-                    return 200, job.public()
+            if method in ("GET", "DELETE"):
+                jobs = self.server.jobs
+                state = jobs.get(job_id) if method == "GET" else jobs.cancel_id(job_id)
+                if state is None:
+                    raise _HttpError(404, f"no job {job_id[:64]!r} on this agent")
+                return 200, state
         raise _HttpError(404, f"no {method} {path[:200]!r}; see GET {API}/info")
 
     def _info(self) -> dict[str, Any]:
         from edgerep import __version__
 
-        with self.server.lock:
-            states = [j.state for j in self.server.jobs.values()]
         return {
             "agent": "edgerep",
             "version": __version__,
             "fingerprint": self.server.fingerprint(),
             "runtimes": list(self.server.config.runtimes),
-            "running": states.count("running"),
-            "queued": states.count("queued"),
+            **self.server.jobs.counts(),
             "max_upload_bytes": self.server.config.max_upload_bytes,
             "job_timeout_s": self.server.config.job_timeout_s,
         }
@@ -513,13 +377,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        job = _Job(job_id, directory, job_request)
+        job = Job(job_id, directory, job_request)
         job.seconds = {
             "receive": received - started,
             "unpack_and_verify": time.perf_counter() - received,
         }
         try:
-            self.server.submit(job)
+            self.server.jobs.submit(job)
+        except QueueFullError as e:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise _HttpError(503, str(e)) from e
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
