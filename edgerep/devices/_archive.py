@@ -190,8 +190,10 @@ def _files_on_disk(root: Path) -> Iterable[str]:
             yield full.relative_to(root).as_posix()
 
 
-def verify_bundle(bundle: str | Path) -> dict:
-    """Check an unpacked bundle: every file matches the manifest's SHA-256, none is extra.
+def verify_bundle(bundle: str | Path, *, key: bytes | None = None) -> dict:
+    """Check an unpacked bundle: every file matches the manifest's SHA-256, none is extra,
+    and, with `key`, the manifest carries a valid HMAC signature made with it
+    (``edgerep sign``).
 
     Returns:
         The manifest.
@@ -202,7 +204,7 @@ def verify_bundle(bundle: str | Path) -> dict:
     from edgerep.bundle import MANIFEST_NAME, read_manifest
 
     root = Path(bundle)
-    manifest = read_manifest(root, verify_files=True)
+    manifest = read_manifest(root, verify_files=True, key=key)
     extra = sorted(set(_files_on_disk(root)) - set(manifest["files"]) - {MANIFEST_NAME})
     if extra:
         raise VerificationError(

@@ -88,6 +88,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="runtimes jobs may use (default: onnxruntime, openvino, executorch, tensorrt, coreml)",
     )
+    p.add_argument(
+        "--bundle-key-file",
+        metavar="KEY",
+        help="run only bundles signed with this key (edgerep sign --key-file KEY)",
+    )
     p.add_argument("--max-requests", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--max-seconds", type=float, metavar="S", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_agent_serve)
@@ -224,6 +229,7 @@ def _summary(desc: Mapping[str, Any]) -> str:
 def _cmd_agent_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from edgerep.bundle import read_key_file
     from edgerep.devices._server import AGENT_RUNTIMES, AgentConfig, make_server, read_token
 
     runtimes = tuple(r.strip() for item in args.runtime for r in item.split(",") if r.strip())
@@ -238,6 +244,7 @@ def _cmd_agent_serve(args: argparse.Namespace) -> int:
         job_timeout_s=args.job_timeout,
         max_queue=args.max_queue,
         runtimes=runtimes or AGENT_RUNTIMES,
+        bundle_key=read_key_file(args.bundle_key_file) if args.bundle_key_file else None,
     )
     logging.getLogger("edgerep").setLevel(min(logging.getLogger("edgerep").level, logging.INFO))
     try:

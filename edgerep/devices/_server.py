@@ -109,6 +109,7 @@ class AgentConfig:
     max_queue: int = 4
     request_timeout_s: float = 30.0
     runtimes: tuple[str, ...] = AGENT_RUNTIMES
+    bundle_key: bytes | None = None
     python: str = field(default=sys.executable)
 
     def __post_init__(self) -> None:
@@ -244,6 +245,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status, body = 400, {"error": str(e)}
         except EdgerepError as e:
             status, body = 400, {"error": str(e)}
+        if "error" in body:  # the client need not learn where the agent keeps its files
+            body["error"] = body["error"].replace(str(self.server.workdir), "<workdir>")
         self._send(status, body)
 
     def _authenticate(self) -> None:
@@ -366,7 +369,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with open(upload, "rb") as f:
                 safe_extract(f, directory / "files", max_bytes=limit)
             upload.unlink()
-            verify_bundle(directory / "files" / BUNDLE_DIR)
+            verify_bundle(directory / "files" / BUNDLE_DIR, key=self.server.config.bundle_key)
             data = directory / "files" / DATA_NAME
             job_request = {
                 **request,

@@ -265,3 +265,24 @@ def test_non_loopback_without_tls_warns(tmp_path, caplog):
         server = make_server(config)
         server.close()
     assert any("WITHOUT TLS" in r.getMessage() for r in caplog.records)
+
+
+def test_agent_requiring_signed_bundles(tmp_path):
+    from edgerep.bundle import sign_bundle
+
+    key = b"bundle-signing-key-0123456789"
+    unsigned = make_bundle(tmp_path / "unsigned", openvino=False)
+    signed = make_bundle(tmp_path / "signed", openvino=False)
+    sign_bundle(signed, key)
+    other = make_bundle(tmp_path / "other", openvino=False)
+    sign_bundle(other, b"another-key-0123456789abcdef")
+    with running_agent(tmp_path / "work", bundle_key=key) as server:
+        for bundle in (unsigned, other):
+            status, body = call(
+                server, "POST", "/v1/jobs", body=bundle_tar(bundle), headers=job_headers()
+            )
+            assert status == 422 and "sign" in body["error"], body
+            assert str(tmp_path) not in body["error"]  # no agent paths in answers
+        client = AgentClient(server.url, TOKEN)
+        request = BenchRequest(str(signed), "signed", {"latency": FAST, "roofline": False})
+        assert client.run(request, timeout_s=120)["rows"][0]["runtime"] == "onnxruntime"
