@@ -280,8 +280,11 @@ class AdbTransport:
             ]
         try:
             attached = parse_devices(_adb(["devices", "-l"], timeout_s=timeout_s))
-        except AdbError as e:
-            return [Device("adb", d.name, d.address, {}, False, str(e), d.options) for d in wanted]
+        except AdbError as e:  # e.g. the adb server does not start: say so, do not hide it
+            return [
+                Device("adb", d.name, d.address, {}, False, str(e), d.options)
+                for d in wanted or [Device("adb", "adb", "")]
+            ]
         states = {a["serial"]: a["state"] for a in attached}
         named = {d.address for d in wanted}
         devices = wanted + [

@@ -169,6 +169,8 @@ def test_discover_errors(fake_adb, monkeypatch):
     monkeypatch.setenv("FAKE_ADB_FAIL", "devices -l")
     devices = AdbTransport().discover([{"serial": "X"}], timeout_s=5)
     assert len(devices) == 1 and not devices[0].reachable and "not found" in devices[0].error
+    (failed,) = AdbTransport().discover([], timeout_s=5)
+    assert failed.name == "adb" and not failed.reachable and "not found" in failed.error
     monkeypatch.setenv("PATH", "/nonexistent")
     assert adb_executable() is None
     assert AdbTransport().discover([], timeout_s=5) == []
