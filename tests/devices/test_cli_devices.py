@@ -211,3 +211,56 @@ def test_agent_serve_command(tmp_path, token_file, capsys):
         ]
     )
     assert code == EXIT_USAGE
+
+
+def test_agent_serve_subprocess_and_bench_through_it(tmp_path, token_file, capsys):
+    """`edgerep agent serve` as its own process (ephemeral port, bounded), benchmarked via the CLI."""
+    import subprocess
+    import sys
+
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgerep",
+            "agent",
+            "serve",
+            "--token-file",
+            str(token_file),
+            "--port",
+            "0",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--max-seconds",
+            "60",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        line = proc.stderr.readline()
+        assert "serving http://127.0.0.1:" in line, line
+        url = line.split("serving ", 1)[1].split()[0]
+        code = main(
+            [
+                "bench",
+                str(bundle),
+                "--device",
+                url,
+                "--token-file",
+                str(token_file),
+                "--json",
+                "--no-progress",
+                *FAST,
+            ]
+        )
+        out = capsys.readouterr().out
+        assert code == EXIT_OK
+        report = json.loads(out)
+        assert [r["target"] for r in report["rows"]] == [url]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stderr.close()
