@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +17,19 @@ from edgerep.errors import ConfigError
 
 __all__ = ["add_bench_device_args", "add_commands", "bench_devices", "split_device_args"]
 
+#: what a runtime device string starts with (OpenVINO's AUTO/HETERO/MULTI included)
+_RUNTIME_DEVICE_KINDS = {
+    "cpu",
+    "gpu",
+    "cuda",
+    "npu",
+    "mps",
+    "auto",
+    "hetero",
+    "multi",
+    "dla",
+    "ane",
+}
 _TARGET_PREFIXES = ("agent://", "agents://", "http://", "https://", "adb:")
 
 
@@ -133,6 +147,16 @@ def split_device_args(
         v for v in values if v in ("local", "all") or v.startswith(_TARGET_PREFIXES) or v in names
     ]
     runtime_devices = [v for v in values if v not in targets]
+    for v in runtime_devices:
+        head = re.split(r"[:.,]", v, maxsplit=1)[0].lower()
+        if head not in _RUNTIME_DEVICE_KINDS:
+            from edgerep.errors import did_you_mean
+
+            raise ConfigError(
+                f"unknown device {v!r};{did_you_mean(v, ['local', 'all', *names])} give a runtime "
+                "device (cpu, cuda:0, gpu, npu) or a target: local, all, agent://HOST:PORT, "
+                "adb:SERIAL or a name from the devices file"
+            )
     if len(runtime_devices) > 1:
         raise ConfigError(
             f"--device got several runtime devices {runtime_devices}; give one (cpu, cuda:0, gpu) "

@@ -136,10 +136,10 @@ def test_bench_local_and_two_agents_one_report(tmp_path, token_file, capsys):
 
 def test_bench_device_errors(tmp_path, token_file, capsys):
     bundle = make_bundle(tmp_path / "tiny", openvino=False)
-    assert main(["bench", str(bundle), "--device", "nosuchname", "--device", "cpu", *FAST]) == (
-        EXIT_USAGE
-    )
+    assert main(["bench", str(bundle), "--device", "gpu", "--device", "cpu", *FAST]) == EXIT_USAGE
     assert "several runtime devices" in capsys.readouterr().err
+    assert main(["bench", str(bundle), "--device", "nosuchname", *FAST]) == EXIT_USAGE
+    assert "unknown device 'nosuchname'" in capsys.readouterr().err
     # every device unreachable: nothing measured
     code = main(
         [
@@ -170,8 +170,11 @@ def test_split_device_args(tmp_path):
         "gpu",
         ["local", "adb:S1", "jetson"],
     )
+    assert split_device_args(["HETERO:GPU,CPU"]) == ("HETERO:GPU,CPU", [])
     with pytest.raises(ConfigError):
         split_device_args(["cpu", "gpu"])
+    with pytest.raises(ConfigError, match="did you mean 'jetson'"):
+        split_device_args(["jetsn"], str(toml))
 
 
 def test_agent_serve_command(tmp_path, token_file, capsys):
