@@ -29,6 +29,14 @@ _RUNTIME_DEVICE_KINDS = {
     "multi",
     "dla",
     "ane",
+    # onnxruntime provider devices
+    "tensorrt",
+    "rocm",
+    "coreml",
+    "openvino",
+    "directml",
+    "qnn",
+    "xnnpack",
 }
 _TARGET_PREFIXES = ("agent://", "agents://", "http://", "https://", "adb:")
 
