@@ -36,7 +36,7 @@ from edgerep.devices._server import AgentConfig, make_server  # noqa: E402
 from edgerep.devices.agent import AgentClient  # noqa: E402
 from edgerep.devices.local import run_request  # noqa: E402
 
-ROUNDS = 6
+ROUNDS = int(os.environ.get("AGENT_BENCH_ROUNDS", "6"))
 SIZE = 1024
 TOKEN = "bench-token-0123456789abcdef"
 LATENCY = {"min_iters": 200, "min_seconds": 0.5, "warmup_iters": 20, "repeats": 3}
@@ -174,7 +174,7 @@ def main() -> None:
         else "",
         "cpu_count": os.cpu_count(),
     }
-    out = ROOT / "bench" / "results" / "agent_bench.json"
+    out = Path(os.environ.get("AGENT_BENCH_OUT", ROOT / "bench" / "results" / "agent_bench.json"))
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
 
