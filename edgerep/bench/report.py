@@ -283,8 +283,9 @@ def _throughput_lines(report: Mapping[str, Any]) -> list[str]:
     for row in report["rows"]:
         for t in row.get("throughput") or []:
             if "error" in t:
-                out.append(f"| {_label(row)} | {t.get('concurrency', '-')} | - | - | - | "
-                           f"{t['error']} |")  # fmt: skip
+                out.append(
+                    f"| {_label(row)} | {t.get('concurrency', '-')} | - | - | - | {t['error']} |"
+                )
                 continue
             lat = t["latency"]
             out.append(
@@ -391,6 +392,34 @@ def render_html(report: Mapping[str, Any]) -> str:
     quantized = quantization_markdown(report)
     if quantized:
         parts.append("<h2>Quantization</h2><pre>" + html.escape(quantized) + "</pre>")
+    devices = report.get("devices") or []
+    if devices:
+        parts.append(
+            "<h2>Devices</h2><table><tr><th>device</th><th>transport</th><th>address</th>"
+            "<th>fingerprint</th><th>machine</th><th>errors</th></tr>"
+        )
+        for dev in devices:
+            env_d = dev.get("environment") or {}
+            what = env_d.get("cpu") or env_d.get("model") or "-"
+            dev_cells = [
+                dev["name"],
+                dev["transport"],
+                dev.get("address") or "-",
+                dev.get("fingerprint") or "-",
+                str(what),
+                "; ".join(dev.get("errors") or []),
+            ]
+            parts.append(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in dev_cells) + "</tr>"
+            )
+        parts.append("</table>")
+        for dev in devices:
+            if dev.get("environment"):
+                parts.append(
+                    f"<h3>Environment of {html.escape(dev['name'])}</h3><pre>"
+                    + html.escape(json.dumps(dev["environment"], indent=2, default=str))
+                    + "</pre>"
+                )
     env = json.dumps(report.get("environment", {}), indent=2, default=str)
     settings = json.dumps(report.get("settings", {}), indent=2, default=str)
     parts += [

@@ -58,6 +58,11 @@ def test_merge_keeps_rows_and_tags_devices():
     table = markdown_table(merged)
     assert f"| pi | {fps[1]} | tiny | onnxruntime |" in table
     assert "- ph: tiny / -: not measured: device ph: gone" in table
+    from edgerep.bench.report import render_html
+
+    page = render_html(merged)
+    assert "<h2>Devices</h2>" in page and "Environment of pi" in page
+    assert f"<td>{fps[1]}</td>" in page and "<td>gone</td>" in page
 
 
 def test_fingerprint_ignores_load_and_git():
