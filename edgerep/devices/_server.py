@@ -54,6 +54,10 @@ API = "/v1"
 #: runtimes an agent may run: their artifacts are data for a native engine, never code
 AGENT_RUNTIMES = ("onnxruntime", "openvino", "executorch", "tensorrt", "coreml")
 MAX_REQUEST_HEADER_BYTES = 16 * 1024
+#: connections handled at once; more are closed at once
+MAX_CONNECTIONS = 32
+#: slowest upload accepted, on top of the per-read timeout
+MIN_UPLOAD_BYTES_PER_S = 64 * 1024
 _CHUNK = 1 << 20
 
 
@@ -163,6 +167,7 @@ class AgentServer(http.server.ThreadingHTTPServer):
         )
         self.requests_handled = 0
         self._fingerprint: dict[str, Any] | None = None
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = threading.Event()
         self._loop_done = threading.Event()
         self._loop_done.set()  # no loop running yet
@@ -207,7 +212,20 @@ class AgentServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self.requests_handled += 1
+        if not self._slots.acquire(blocking=False):
+            # every handler thread is busy (e.g. slow uploads): drop, do not pile up threads
+            logger.warning(
+                "agent: %d connections open; refused %s", MAX_CONNECTIONS, client_address[0]
+            )
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.warning("agent: request from %s failed", client_address, exc_info=True)
@@ -397,8 +415,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _receive(self, path: Path, length: int) -> None:
         left = length
+        limit_s = self.server.config.request_timeout_s + length / MIN_UPLOAD_BYTES_PER_S
+        deadline = time.monotonic() + limit_s
         with open(path, "xb") as f:
             while left > 0:
+                if time.monotonic() > deadline:
+                    raise _HttpError(
+                        408, f"the upload took over {limit_s:.0f} s with {left} bytes to come"
+                    )
                 try:
                     chunk = self.rfile.read(min(_CHUNK, left))
                 except TimeoutError as e:

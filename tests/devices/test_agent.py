@@ -286,3 +286,30 @@ def test_agent_requiring_signed_bundles(tmp_path):
         client = AgentClient(server.url, TOKEN)
         request = BenchRequest(str(signed), "signed", {"latency": FAST, "roofline": False})
         assert client.run(request, timeout_s=120)["rows"][0]["runtime"] == "onnxruntime"
+
+
+def test_connection_cap_and_idle_connections(tmp_path, monkeypatch):
+    """Idle connections hold at most MAX_CONNECTIONS threads; beyond, connections are closed,
+    and the agent serves again once they go."""
+    import http.client
+    import socket
+
+    from edgerep.devices import _server
+
+    monkeypatch.setattr(_server, "MAX_CONNECTIONS", 3)
+    with running_agent(tmp_path / "work", request_timeout_s=30.0) as server:
+        idle = [socket.create_connection(server.server_address[:2], timeout=5) for _ in range(3)]
+        time.sleep(0.5)  # the serving loop accepts them
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            call(server, "GET", "/v1/info")
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if call(server, "GET", "/v1/info")[0] == 200:
+                    break
+            except (ConnectionError, http.client.HTTPException, OSError):
+                pass
+            assert time.monotonic() < deadline, "the agent did not recover"
+            time.sleep(0.1)
