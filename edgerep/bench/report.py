@@ -188,7 +188,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     if per_device:
         head = "| device | fingerprint " + head
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for row in report["rows"]:
+    rows = report["rows"]
+    for i, row in enumerate(rows):
         lat = row["latency"]
         st = lat["stats"]
         lo, hi = lat["p50_ci_ms"]
@@ -196,6 +197,16 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         acc = _accuracy_value(row)
         ref: dict[str, Any] = next(iter((row.get("reference") or {}).values()), {})
         roof = row.get("roofline") or {}
+        # the reference: the first row (per device when devices are listed, each measured
+        # against its own first row)
+        is_ref = len(rows) > 1 and (
+            i == 0
+            or (
+                per_device
+                and row.get("reference") is None
+                and rows[i - 1].get("target") != row.get("target")
+            )
+        )
         lines.append(
             "| "
             + " | ".join(
@@ -214,8 +225,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                     _f(lat.get("first_ms"), ".2f"),
                     _f(lat.get("load_ms"), ".1f"),
                     "-" if acc is None else f"{acc:.2%}",
-                    _f(ref.get("top1_agreement"), ".2%"),
-                    _f(ref.get("max_rel_error"), ".1e"),
+                    "(reference)" if is_ref else _f(ref.get("top1_agreement"), ".2%"),
+                    "(reference)" if is_ref else _f(ref.get("max_rel_error"), ".1e"),
                     "-"
                     if roof.get("fraction_of_peak") is None
                     else f"{roof['fraction_of_peak']:.1%}",
@@ -229,6 +240,17 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         f"{_repeats(report)} runs, (!) above the threshold (do not trust smaller differences); "
         "% peak: FLOPs / p50 / measured float32 GEMM peak.",
     ]
+    if len(rows) > 1 and report.get("devices"):
+        notes.append(
+            "top-1 agree, max rel err: per device and bundle, against the first row that "
+            "device measured."
+        )
+    elif len(rows) > 1:
+        inputs = report.get("settings", {}).get("reference_inputs") or "the same inputs"
+        notes.append(
+            f"top-1 agree, max rel err: against the reference row {_label(rows[0])} (the first "
+            f"row measured; list the reference target first), on {inputs}."
+        )
     for dev in report.get("devices") or []:
         env = dev.get("environment") or {}
         what = env.get("cpu") or env.get("model") or "-"

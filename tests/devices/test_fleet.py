@@ -58,6 +58,8 @@ def test_merge_keeps_rows_and_tags_devices():
     table = markdown_table(merged)
     assert f"| pi | {fps[1]} | tiny | onnxruntime |" in table
     assert "- ph: tiny / -: not measured: device ph: gone" in table
+    assert table.count("(reference)") == 4  # each device's first row, two columns each
+    assert "per device and bundle" in table
     from edgerep.bench.report import render_html
 
     page = render_html(merged)
