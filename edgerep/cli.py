@@ -12,6 +12,9 @@ Usage::
                    [--option FORMAT.KEY=VALUE ...] [--rtol R] [--force] [--json]
     edgerep bench BUNDLE_OR_SRC ... [--runtime onnxruntime,openvino] [--data DATA]
                   [--compare OTHER_BUNDLE ...] [--out DIR] [--threads N] [--mlperf] [--json]
+                  [--device local|all|agent://HOST:PORT|adb:SERIAL|NAME ...] [--token-file F]
+    edgerep devices [--device URL ...] [--timeout S] [--json]
+    edgerep agent serve --token-file F [--host H] [--port P] [--tls-cert C --tls-key K]
     edgerep list [--json]
 
 ``SRC`` is ``path/to/file.py:factory`` or ``model.pt2``; ``SPEC`` is
@@ -298,6 +301,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_sign)
 
+    from edgerep.devices._cli import add_commands as _add_device_commands
+
+    _add_device_commands(sub, common)
+
     p = sub.add_parser("list", parents=[common], help="list formats, runtimes and zoo blocks")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(handler=_cmd_list)
@@ -533,7 +540,16 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", "-o", metavar="DIR", help="write bench.json/.md/.html here")
     p.add_argument("--threads", type=int, metavar="N", help="intra-op threads of every runtime")
-    p.add_argument("--device", default="cpu", help="device (default cpu)")
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        help="runtime device (cpu, cuda:0, gpu; default cpu) and/or where to run: local, all, "
+        "agent://HOST:PORT, https://HOST:PORT, adb:SERIAL or a devices.toml name (repeatable)",
+    )
+    from edgerep.devices._cli import add_bench_device_args
+
+    add_bench_device_args(p)
     p.add_argument("--mlperf", action="store_true", help=">= 1024 queries and >= 60 s per run")
     p.add_argument("--min-iters", type=int, metavar="N", help="timed calls per run (default 50)")
     p.add_argument("--seconds", type=float, metavar="S", help="timed seconds per run (default 1)")
@@ -617,21 +633,46 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"\r[{done}/{total}] {label:<60}", end="" if done < total else "\n", file=sys.stderr
             )
 
-    report = run_bench(
-        [*args.targets, *args.compare],
-        runtimes=runtimes or None,
-        data=args.data,
-        metrics=args.metric or ["top1"],
-        config=config,
-        threads=args.threads,
-        device=args.device,
-        roofline=not args.no_roofline,
-        progress=progress,
-        concurrency=concurrency,
-        precision=args.precision,
-        data_options=data_options,
-        trust_unsigned=args.trust_unsigned,
-    )
+    from edgerep.devices._cli import bench_devices, split_device_args
+
+    runtime_device, device_targets = split_device_args(args.device, args.devices_file)
+    if device_targets:
+        settings = {
+            "runtimes": runtimes or None,
+            "metrics": args.metric or ["top1"],
+            "latency": config.to_dict(),
+            "threads": args.threads,
+            "device": runtime_device,
+            "roofline": not args.no_roofline,
+            "concurrency": concurrency,
+            "precision": args.precision,
+        }
+        if args.trust_unsigned:
+            raise ConfigError(
+                "--trust-unsigned does not go with --device targets: devices accept only bundles "
+                "whose manifest carries its checksum (re-create the bundle with edgerep)"
+            )
+        if data_options:
+            raise ConfigError(
+                "--image-size/--channels/--mean/--std do not go with --device targets"
+            )
+        report = bench_devices(args, device_targets, settings)
+    else:
+        report = run_bench(
+            [*args.targets, *args.compare],
+            runtimes=runtimes or None,
+            data=args.data,
+            metrics=args.metric or ["top1"],
+            config=config,
+            threads=args.threads,
+            device=runtime_device,
+            roofline=not args.no_roofline,
+            progress=progress,
+            concurrency=concurrency,
+            precision=args.precision,
+            data_options=data_options,
+            trust_unsigned=args.trust_unsigned,
+        )
     paths = write_report(report, args.out) if args.out else {}
     if args.json:
         print(json.dumps({**report, "files": {k: str(v) for k, v in paths.items()}}, indent=2))

@@ -83,8 +83,14 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "samples_ms": {"type": "array", "items": {"type": "number"}},
                     "throughput": {"type": "array", "items": {"type": "object"}},
                     "device_memory_bytes": {"type": ["integer", "null"]},
+                    "target": {"type": "string"},
+                    "fingerprint": {"type": ["string", "null"]},
                 },
             },
+        },
+        "devices": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "transport", "fingerprint"]},
         },
         "quantization": {
             "type": "array",
@@ -140,7 +146,8 @@ def _runtime_label(row: Mapping[str, Any]) -> str:
 
 
 def _label(row: Mapping[str, Any]) -> str:
-    return f"{row['variant']} / {_runtime_label(row)}"
+    where = f"{row['target']}: " if row.get("target") else ""
+    return f"{where}{row['variant']} / {_runtime_label(row)}"
 
 
 def _accuracy_value(row: Mapping[str, Any]) -> float | None:
@@ -177,6 +184,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         "| variant | runtime | p50 ms (95% CI) | p99 ms | spread | items/s | first ms | "
         "load ms | accuracy | top-1 agree | max rel err | % peak |"
     )
+    per_device = any(r.get("target") for r in report["rows"])
+    if per_device:
+        head = "| device | fingerprint " + head
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     rows = report["rows"]
     for i, row in enumerate(rows):
@@ -187,10 +197,25 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         acc = _accuracy_value(row)
         ref: dict[str, Any] = next(iter((row.get("reference") or {}).values()), {})
         roof = row.get("roofline") or {}
+        # the reference: the first row (per device when devices are listed, each measured
+        # against its own first row)
+        is_ref = len(rows) > 1 and (
+            i == 0
+            or (
+                per_device
+                and row.get("reference") is None
+                and rows[i - 1].get("target") != row.get("target")
+            )
+        )
         lines.append(
             "| "
             + " | ".join(
-                [
+                (
+                    [str(row.get("target", "-")), str(row.get("fingerprint") or "-")]
+                    if per_device
+                    else []
+                )
+                + [
                     row["variant"],
                     _runtime_label(row),
                     f"{st['p50_ms']:.3f} ({_f(lo, '.3f')}..{_f(hi, '.3f')})",
@@ -200,12 +225,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                     _f(lat.get("first_ms"), ".2f"),
                     _f(lat.get("load_ms"), ".1f"),
                     "-" if acc is None else f"{acc:.2%}",
-                    "(reference)"
-                    if i == 0 and len(rows) > 1
-                    else _f(ref.get("top1_agreement"), ".2%"),
-                    "(reference)"
-                    if i == 0 and len(rows) > 1
-                    else _f(ref.get("max_rel_error"), ".1e"),
+                    "(reference)" if is_ref else _f(ref.get("top1_agreement"), ".2%"),
+                    "(reference)" if is_ref else _f(ref.get("max_rel_error"), ".1e"),
                     "-"
                     if roof.get("fraction_of_peak") is None
                     else f"{roof['fraction_of_peak']:.1%}",
@@ -219,14 +240,27 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         f"{_repeats(report)} runs, (!) above the threshold (do not trust smaller differences); "
         "% peak: FLOPs / p50 / measured float32 GEMM peak.",
     ]
-    if len(rows) > 1:
+    if len(rows) > 1 and report.get("devices"):
+        notes.append(
+            "top-1 agree, max rel err: per device and bundle, against the first row that "
+            "device measured."
+        )
+    elif len(rows) > 1:
         inputs = report.get("settings", {}).get("reference_inputs") or "the same inputs"
         notes.append(
             f"top-1 agree, max rel err: against the reference row {_label(rows[0])} (the first "
             f"row measured; list the reference target first), on {inputs}."
         )
+    for dev in report.get("devices") or []:
+        env = dev.get("environment") or {}
+        what = env.get("cpu") or env.get("model") or "-"
+        notes.append(
+            f"- device {dev['name']} ({dev['transport']} {dev.get('address') or ''}): fingerprint "
+            f"{dev.get('fingerprint') or '-'}, {what}, {env.get('os') or env.get('android') or '-'}"
+        )
     for err in report.get("errors", []):
-        notes.append(f"- {err['variant']} / {err['runtime']}: not measured: {err['error']}")
+        where = f"{err['device']}: " if err.get("device") else ""
+        notes.append(f"- {where}{err['variant']} / {err['runtime']}: not measured: {err['error']}")
     return "\n".join(lines + notes + _throughput_lines(report)) + "\n"
 
 
@@ -271,8 +305,9 @@ def _throughput_lines(report: Mapping[str, Any]) -> list[str]:
     for row in report["rows"]:
         for t in row.get("throughput") or []:
             if "error" in t:
-                out.append(f"| {_label(row)} | {t.get('concurrency', '-')} | - | - | - | "
-                           f"{t['error']} |")  # fmt: skip
+                out.append(
+                    f"| {_label(row)} | {t.get('concurrency', '-')} | - | - | - | {t['error']} |"
+                )
                 continue
             lat = t["latency"]
             out.append(
@@ -379,6 +414,34 @@ def render_html(report: Mapping[str, Any]) -> str:
     quantized = quantization_markdown(report)
     if quantized:
         parts.append("<h2>Quantization</h2><pre>" + html.escape(quantized) + "</pre>")
+    devices = report.get("devices") or []
+    if devices:
+        parts.append(
+            "<h2>Devices</h2><table><tr><th>device</th><th>transport</th><th>address</th>"
+            "<th>fingerprint</th><th>machine</th><th>errors</th></tr>"
+        )
+        for dev in devices:
+            env_d = dev.get("environment") or {}
+            what = env_d.get("cpu") or env_d.get("model") or "-"
+            dev_cells = [
+                dev["name"],
+                dev["transport"],
+                dev.get("address") or "-",
+                dev.get("fingerprint") or "-",
+                str(what),
+                "; ".join(dev.get("errors") or []),
+            ]
+            parts.append(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in dev_cells) + "</tr>"
+            )
+        parts.append("</table>")
+        for dev in devices:
+            if dev.get("environment"):
+                parts.append(
+                    f"<h3>Environment of {html.escape(dev['name'])}</h3><pre>"
+                    + html.escape(json.dumps(dev["environment"], indent=2, default=str))
+                    + "</pre>"
+                )
     env = json.dumps(report.get("environment", {}), indent=2, default=str)
     settings = json.dumps(report.get("settings", {}), indent=2, default=str)
     parts += [

@@ -1,0 +1,451 @@
+"""Android devices over adb: discovery, and a benchmark run by a native runner binary.
+
+Written against adb's documented command line (``adb devices -l``, ``adb -s SERIAL
+shell|push|pull``); the adb executable is ``$EDGEREP_ADB`` or ``adb`` on PATH.
+
+A benchmark pushes the artifact and a runner into ``/data/local/tmp/edgerep-ID``,
+records thermal status, battery temperature and CPU frequencies, runs the runner
+``repeats`` times (optionally pinned with ``taskset`` to the big cores), reads
+them again, waits `cooldown_s` between runs and removes the directory. Runners,
+one per artifact format (registry `RUNNERS`):
+
+- ``onnx``: onnxruntime's ``onnxruntime_perf_test`` (``-I -m times -r N -x T``);
+  it prints percentiles, not per-call times, so each run contributes its P50/P99
+  and the row says ``"samples": "runner percentiles"``;
+- ``executorch``: ExecuTorch's ``executor_runner`` (``--model_path
+  --num_executions N``), which prints the total time of N calls: each run gives
+  a mean per call.
+
+The binary comes from ``--runner PATH`` or the device's ``runner_dir``
+(devices.toml). The statistics over runs (median p50, spread, flag) are those of
+`edgerep.bench.latency`; no p50 interval is claimed without per-call samples.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgerep.devices._base import BenchRequest, Device
+from edgerep.errors import ConfigError, EdgerepError, UnsupportedError
+
+__all__ = [
+    "RUNNERS",
+    "AdbError",
+    "AdbTransport",
+    "Runner",
+    "adb_executable",
+    "parse_devices",
+    "parse_getprop",
+    "parse_thermal",
+]
+
+ADB_ENV = "EDGEREP_ADB"
+REMOTE_ROOT = "/data/local/tmp"
+
+
+class AdbError(EdgerepError):
+    """adb is missing, the device is not there, or a command on it failed."""
+
+
+def adb_executable() -> str | None:
+    """``$EDGEREP_ADB``, else ``adb`` on PATH, else None."""
+    return os.environ.get(ADB_ENV) or shutil.which("adb")
+
+
+def _adb(args: Sequence[str], *, serial: str | None = None, timeout_s: float = 10.0) -> str:
+    exe = adb_executable()
+    if exe is None:
+        raise AdbError(
+            "adb is not installed or not on PATH; install Android platform-tools (or apt install "
+            f"adb), or set ${ADB_ENV}"
+        )
+    cmd = [exe, *(["-s", serial] if serial else []), *args]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise AdbError(f"`{' '.join(cmd[1:])}` took over {timeout_s:g} s") from e
+    except OSError as e:
+        raise AdbError(f"cannot run {exe!r}: {e}") from e
+    if out.returncode != 0:
+        raise AdbError(
+            f"`adb {' '.join(cmd[1:])}` failed ({out.returncode}): "
+            f"{(out.stderr or out.stdout).strip()[-500:]}"
+        )
+    return out.stdout
+
+
+def parse_devices(text: str) -> list[dict[str, str]]:
+    """``adb devices -l`` → ``[{"serial", "state", "model", ...}]`` (header and blanks skipped)."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("List of devices", "*")):
+            continue
+        parts = line.split()
+        entry = {"serial": parts[0], "state": parts[1] if len(parts) > 1 else "unknown"}
+        for item in parts[2:]:
+            key, sep, value = item.partition(":")
+            if sep:
+                entry[key] = value
+        out.append(entry)
+    return out
+
+
+_PROP = re.compile(r"^\[(?P<key>[^\]]+)\]:\s*\[(?P<value>.*)\]$")
+
+
+def parse_getprop(text: str) -> dict[str, str]:
+    """``adb shell getprop`` lines ``[key]: [value]`` → dict (other lines ignored)."""
+    out = {}
+    for line in text.splitlines():
+        m = _PROP.match(line.strip())
+        if m:
+            out[m["key"]] = m["value"]
+    return out
+
+
+def parse_thermal(thermal: str, battery: str, freqs: str) -> dict[str, Any]:
+    """Thermal status (``dumpsys thermalservice``: 0 none .. 6 shutdown), battery
+    temperature in °C (``dumpsys battery``, tenths) and CPU frequencies in kHz."""
+    status = re.search(r"Thermal Status:\s*(\d+)", thermal)
+    temp = re.search(r"^\s*temperature:\s*(-?\d+)", battery, re.MULTILINE)
+    return {
+        "thermal_status": int(status[1]) if status else None,
+        "battery_temp_c": int(temp[1]) / 10 if temp else None,
+        "cpu_freq_khz": [int(v) for v in freqs.split() if v.isdigit()],
+    }
+
+
+def _describe(props: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "model": props.get("ro.product.model"),
+        "manufacturer": props.get("ro.product.manufacturer"),
+        "soc": props.get("ro.soc.model")
+        or props.get("ro.board.platform")
+        or props.get("ro.hardware"),
+        "soc_manufacturer": props.get("ro.soc.manufacturer"),
+        "abi": props.get("ro.product.cpu.abi"),
+        "abilist": (props.get("ro.product.cpu.abilist") or "").split(",")
+        if props.get("ro.product.cpu.abilist")
+        else [],
+        "android": props.get("ro.build.version.release"),
+        "sdk": props.get("ro.build.version.sdk"),
+        "fingerprint": props.get("ro.build.fingerprint"),
+    }
+
+
+def _thermal(serial: str, timeout_s: float) -> dict[str, Any]:
+    def shell(cmd: str) -> str:
+        try:
+            return _adb(["shell", cmd], serial=serial, timeout_s=timeout_s)
+        except AdbError:
+            return ""
+
+    return parse_thermal(
+        shell("dumpsys thermalservice"),
+        shell("dumpsys battery"),
+        shell("cat /sys/devices/system/cpu/cpu*/cpufreq/scaling_cur_freq"),
+    )
+
+
+def describe_device(serial: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Model, SoC, ABI, Android version and thermal state of `serial`.
+
+    Raises:
+        AdbError: the device does not answer.
+    """
+    props = parse_getprop(_adb(["shell", "getprop"], serial=serial, timeout_s=timeout_s))
+    return {"kind": "android", "serial": serial, **_describe(props), **_thermal(serial, timeout_s)}
+
+
+# --- runners ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runner:
+    """A native benchmark binary for one artifact format.
+
+    Attributes:
+        binary: the file name looked up in the runner directory.
+        command: ``(remote_binary, remote_model, iterations, threads) -> argv``.
+        parse: runner output → ``{"p50_ms", "p99_ms" (or None), "n"}`` for one run.
+    """
+
+    binary: str
+    command: Callable[[str, str, int, int | None], list[str]]
+    parse: Callable[[str], dict[str, Any]]
+
+
+def _ort_command(binary: str, model: str, iterations: int, threads: int | None) -> list[str]:
+    return [
+        binary,
+        "-I",
+        "-m",
+        "times",
+        "-r",
+        str(iterations),
+        *(["-x", str(threads)] if threads else []),
+        model,
+    ]
+
+
+def _ort_parse(text: str) -> dict[str, Any]:
+    def value(name: str) -> float | None:
+        m = re.search(rf"^{name}:\s*([0-9.eE+-]+)", text, re.MULTILINE)
+        return float(m[1]) if m else None
+
+    p50, p99 = value("P50 Latency"), value("P99 Latency")
+    runs = value("Runs") or value("Total inference requests")
+    if p50 is None:
+        raise AdbError(f"onnxruntime_perf_test printed no 'P50 Latency': {text.strip()[-300:]}")
+    return {
+        "p50_ms": p50 * 1e3,
+        "p99_ms": None if p99 is None else p99 * 1e3,
+        "n": int(runs or 0),
+        "peak_working_set_bytes": value("Peak working set size"),
+    }
+
+
+def _et_command(binary: str, model: str, iterations: int, threads: int | None) -> list[str]:
+    return [
+        binary,
+        f"--model_path={model}",
+        f"--num_executions={iterations}",
+        *([f"--cpu_threads={threads}"] if threads else []),
+    ]
+
+
+def _et_parse(text: str) -> dict[str, Any]:
+    m = re.search(r"executed successfully\s+(\d+)\s+time\(s\)\s+in\s+([0-9.]+)\s*ms", text)
+    if not m:
+        raise AdbError(f"executor_runner printed no timing line: {text.strip()[-300:]}")
+    n, total = int(m[1]), float(m[2])
+    return {"p50_ms": total / max(n, 1), "p99_ms": None, "n": n, "mean_only": True}
+
+
+#: artifact format -> its runner
+RUNNERS: dict[str, Runner] = {
+    "onnx": Runner("onnxruntime_perf_test", _ort_command, _ort_parse),
+    "executorch": Runner("executor_runner", _et_command, _et_parse),
+}
+
+
+def _latency_from_runs(runs: Sequence[Mapping[str, Any]], spread_threshold: float) -> dict:
+    p50s = [r["p50_ms"] for r in runs]
+    p99s = [r["p99_ms"] for r in runs if r["p99_ms"] is not None]
+    median = statistics.median(p50s)
+    spread = (max(p50s) - min(p50s)) / median if median > 0 else 0.0
+    return {
+        "stats": {
+            "n": sum(int(r["n"]) for r in runs),
+            "p50_ms": median,
+            "p99_ms": max(p99s) if p99s else median,
+            "mean_ms": statistics.fmean(p50s) if runs[0].get("mean_only") else None,
+        },
+        "p50_ci_ms": [None, None],
+        "p50_spread": spread,
+        "unstable": spread > spread_threshold,
+        "runs": [dict(r) for r in runs],
+        "samples": "runner percentiles per run (no per-call times)",
+    }
+
+
+class AdbTransport:
+    """adb-attached Android devices."""
+
+    name = "adb"
+
+    def device(self, spec: Mapping[str, Any]) -> Device:
+        serial = str(spec["serial"])
+        options = {k: spec[k] for k in ("runner_dir", "runner", "cooldown_s", "pin") if spec.get(k)}
+        return Device("adb", str(spec.get("name", f"adb:{serial}")), serial, {}, True, "", options)
+
+    def discover(self, specs: Sequence[Mapping[str, Any]], *, timeout_s: float) -> list[Device]:
+        wanted = [self.device(s) for s in specs if not s.get("all")]
+        if adb_executable() is None:
+            return [
+                Device("adb", d.name, d.address, {}, False, "adb is not on PATH", d.options)
+                for d in wanted
+            ]
+        try:
+            attached = parse_devices(_adb(["devices", "-l"], timeout_s=timeout_s))
+        except AdbError as e:  # e.g. the adb server does not start: say so, do not hide it
+            return [
+                Device("adb", d.name, d.address, {}, False, str(e), d.options)
+                for d in wanted or [Device("adb", "adb", "")]
+            ]
+        states = {a["serial"]: a["state"] for a in attached}
+        named = {d.address for d in wanted}
+        devices = wanted + [
+            self.device({"serial": a["serial"]}) for a in attached if a["serial"] not in named
+        ]
+        out = []
+        for d in devices:
+            state = states.get(d.address)
+            if state != "device":
+                why = "not attached" if state is None else f"adb reports it {state!r}"
+                out.append(Device("adb", d.name, d.address, {}, False, why, d.options))
+                continue
+            try:
+                out.append(
+                    Device(
+                        "adb",
+                        d.name,
+                        d.address,
+                        describe_device(d.address, timeout_s=timeout_s),
+                        True,
+                        "",
+                        d.options,
+                    )
+                )
+            except AdbError as e:
+                out.append(Device("adb", d.name, d.address, {}, False, str(e), d.options))
+        return out
+
+    def _runner_path(self, device: Device, runner: Runner) -> Path:
+        given = device.options.get("runner")
+        candidates = [Path(given).expanduser()] if given else []
+        if device.options.get("runner_dir"):
+            candidates.append(Path(device.options["runner_dir"]).expanduser() / runner.binary)
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise ConfigError(
+            f"no {runner.binary} for {device.name}: give --runner PATH (an Android build of it) "
+            "or runner_dir in devices.toml"
+        )
+
+    def bench(self, device: Device, request: BenchRequest, *, timeout_s: float) -> dict[str, Any]:
+        from edgerep.bench.latency import LatencyConfig
+        from edgerep.bundle import read_manifest
+
+        serial = device.address
+        manifest = read_manifest(request.bundle)
+        settings = dict(request.settings)
+        config = (
+            LatencyConfig.from_dict(settings["latency"])
+            if settings.get("latency")
+            else LatencyConfig()
+        )
+        threads = settings.get("threads")
+        cooldown_s = float(device.options.get("cooldown_s", 2.0))
+        before = describe_device(serial, timeout_s=min(timeout_s, 10.0))
+        rows, errors = [], []
+        work = f"{REMOTE_ROOT}/edgerep-{uuid.uuid4().hex[:12]}"
+        _adb(["shell", "mkdir", "-p", work], serial=serial)
+        try:
+            for art in manifest["artifacts"]:
+                runner = RUNNERS.get(art["format"])
+                if runner is None:
+                    continue
+                try:
+                    rows.append(
+                        self._bench_artifact(
+                            device,
+                            request,
+                            art,
+                            runner,
+                            work,
+                            config,
+                            threads,
+                            cooldown_s,
+                            timeout_s,
+                        )
+                    )
+                except EdgerepError as e:
+                    errors.append(
+                        {"variant": request.variant, "runtime": runner.binary, "error": str(e)}
+                    )
+        finally:
+            try:
+                _adb(["shell", "rm", "-rf", work], serial=serial)
+            except AdbError as e:
+                errors.append(
+                    {"variant": request.variant, "runtime": "-", "error": f"clean-up: {e}"}
+                )
+        if not rows and not errors:
+            formats = ", ".join(a["format"] for a in manifest["artifacts"])
+            raise UnsupportedError(
+                f"no adb runner for this bundle's formats ({formats}); runners exist for "
+                f"{', '.join(RUNNERS)}"
+            )
+        after = _thermal(serial, 10.0)
+        env = {**before, "thermal_after": after, "name": device.name}
+        return {
+            "schema_version": 1,
+            "kind": "edgerep-bench",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "environment": env,
+            "settings": {
+                "latency": config.to_dict(),
+                "threads": threads,
+                "device": "android-cpu",
+                "reference_row": None,
+                "cooldown_s": cooldown_s,
+            },
+            "rows": rows,
+            "errors": errors,
+        }
+
+    def _bench_artifact(
+        self,
+        device: Device,
+        request: BenchRequest,
+        art: Mapping[str, Any],
+        runner: Runner,
+        work: str,
+        config: Any,
+        threads: int | None,
+        cooldown_s: float,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        serial = device.address
+        local_runner = self._runner_path(device, runner)
+        remote_bin = f"{work}/{runner.binary}"
+        remote_model = f"{work}/{Path(art['file']).name}"
+        _adb(["push", str(local_runner), remote_bin], serial=serial, timeout_s=timeout_s)
+        _adb(["shell", "chmod", "755", remote_bin], serial=serial)
+        _adb(
+            ["push", str(Path(request.bundle) / art["file"]), remote_model],
+            serial=serial,
+            timeout_s=timeout_s,
+        )
+        argv = runner.command(remote_bin, remote_model, config.min_iters, threads)
+        pin = device.options.get("pin")
+        if pin:
+            argv = ["taskset", str(pin), *argv]
+        thermal_before = _thermal(serial, 10.0)
+        runs = []
+        for i in range(config.repeats):
+            if i:
+                time.sleep(cooldown_s)
+            runs.append(runner.parse(_adb(["shell", *argv], serial=serial, timeout_s=timeout_s)))
+        return {
+            "variant": request.variant,
+            "runtime": runner.binary,
+            "format": art["format"],
+            "precision": art["precision"],
+            "device": "android-cpu" + (f" (taskset {pin})" if pin else ""),
+            "bundle": None,
+            "session": {
+                "command": argv,
+                "thermal_before": thermal_before,
+                "thermal_after": _thermal(serial, 10.0),
+            },
+            "latency": _latency_from_runs(runs, config.spread_threshold),
+            "accuracy": None,
+            "reference": None,
+            "roofline": None,
+            "samples_ms": [],
+        }

@@ -1,0 +1,139 @@
+"""Named devices (``~/.config/edgerep/devices.toml``) and ``--device`` specs.
+
+The file maps names to how to reach each device::
+
+    [devices.jetson]
+    url = "https://jetson.lan:8765"        # agent; https:// or agents:// use TLS
+    token_file = "~/.config/edgerep/jetson.token"
+    ca_file = "~/.config/edgerep/jetson-ca.pem"   # optional: a self-signed agent
+
+    [devices.pixel]
+    adb = "R58M1234ABC"                    # adb serial
+    runner_dir = "~/android-runners"       # optional: onnxruntime_perf_test, executor_runner
+
+A ``--device`` spec is ``local``, ``all`` (every configured device plus local and
+the attached adb devices), an agent URL (``agent://host:port``, ``agents://``,
+``http://``, ``https://``), ``adb:SERIAL``, or a name from the file. The file holds
+paths to tokens, never tokens: it is read, never evaluated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edgerep.errors import ConfigError, MissingDependencyError, did_you_mean
+
+__all__ = ["DEFAULT_CONFIG", "config_path", "load_devices_config", "parse_device_spec"]
+
+DEFAULT_CONFIG = "~/.config/edgerep/devices.toml"
+_URL_SCHEMES = ("agent://", "agents://", "http://", "https://")
+_KEYS = {"url", "token_file", "ca_file", "adb", "runner_dir", "timeout_s"}
+
+
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """`path`, else ``$EDGEREP_DEVICES``, else `DEFAULT_CONFIG`, with ``~`` expanded."""
+    chosen = path or os.environ.get("EDGEREP_DEVICES") or DEFAULT_CONFIG
+    return Path(chosen).expanduser()
+
+
+def _toml() -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli
+    except ImportError as e:  # pragma: no cover - Python 3.10 only
+        raise MissingDependencyError(
+            "reading devices.toml on Python 3.10 needs tomli (pip install 'edgerep[agent]')"
+        ) from e
+    return tomli  # pragma: no cover
+
+
+def load_devices_config(path: str | os.PathLike[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The ``[devices.NAME]`` tables of the devices file (empty when it does not exist).
+
+    Raises:
+        ConfigError: the file is not TOML, a table has unknown keys, or names neither
+            ``url`` nor ``adb``.
+    """
+    p = config_path(path)
+    if not p.is_file():
+        if path is not None:
+            raise ConfigError(f"devices file {str(p)!r} does not exist; create it or drop it")
+        return {}
+    toml = _toml()
+    try:
+        data = toml.loads(p.read_text(encoding="utf-8"))
+    except (toml.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"devices file {str(p)!r} is not valid TOML: {e}") from e
+    devices = data.get("devices", {})
+    if not isinstance(devices, dict):
+        raise ConfigError(f"{str(p)!r}: 'devices' must be a table of [devices.NAME] tables")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in devices.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{str(p)!r}: [devices.{name}] must be a table")
+        unknown = sorted(set(entry) - _KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{str(p)!r}: [devices.{name}] has unknown keys {unknown}; allowed: "
+                f"{', '.join(sorted(_KEYS))}"
+            )
+        if ("url" in entry) == ("adb" in entry):
+            raise ConfigError(
+                f"{str(p)!r}: [devices.{name}] needs exactly one of url = 'agent://host:port' "
+                "or adb = 'SERIAL'"
+            )
+        if name in ("local", "all"):
+            raise ConfigError(f"{str(p)!r}: {name!r} is reserved; rename [devices.{name}]")
+        out[name] = dict(entry)
+    return out
+
+
+def _entry_spec(name: str, entry: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    spec = {"name": name, **entry}
+    if "url" in entry:
+        return "agent", spec
+    spec["serial"] = spec.pop("adb")
+    return "adb", spec
+
+
+def parse_device_spec(
+    text: str, config: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(transport, spec)`` pairs for one ``--device`` value (``all`` gives several).
+
+    Raises:
+        ConfigError: an empty ``adb:`` serial, or a name the devices file lacks.
+    """
+    text = text.strip()
+    if text == "local":
+        return [("local", {"name": "local"})]
+    if text == "all":
+        pairs: list[tuple[str, dict[str, Any]]] = [
+            ("local", {"name": "local"}),
+            ("adb", {"name": "adb", "all": True}),
+        ]
+        return pairs + [_entry_spec(n, e) for n, e in config.items()]
+    if text.startswith(_URL_SCHEMES):
+        return [("agent", {"name": text, "url": text})]
+    if text.startswith("adb:"):
+        serial = text[4:]
+        if not serial:
+            raise ConfigError(
+                "--device adb: needs a serial, e.g. adb:R58M1234ABC (see adb devices)"
+            )
+        return [("adb", {"name": text, "serial": serial})]
+    if text in config:
+        return [_entry_spec(text, config[text])]
+    names = ["local", "all", *config]
+    raise ConfigError(
+        f"unknown device {text!r};{did_you_mean(text, names)} give local, all, "
+        "agent://HOST:PORT, https://HOST:PORT, adb:SERIAL or a name from "
+        f"{DEFAULT_CONFIG} (known: {', '.join(names)})"
+    )

@@ -1,0 +1,277 @@
+"""adb transport against a FAKE ``adb`` executable on PATH (no real adb, no device).
+
+The fake logs every invocation (argv, one JSON line each) and answers from canned
+outputs, so the tests check command construction, parsing and error handling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import pytest
+
+from edgerep.devices._base import BenchRequest
+from edgerep.devices.adb import (
+    AdbError,
+    AdbTransport,
+    adb_executable,
+    parse_devices,
+    parse_getprop,
+    parse_thermal,
+)
+from edgerep.errors import ConfigError
+from tests._tiny_bundle import make_bundle
+
+DEVICES = """List of devices attached
+R58M1234ABC            device usb:1-1 product:beyond1 model:SM_G973F device:beyond1 transport_id:2
+emulator-5554          offline transport_id:1
+0123456789ABCDEF       unauthorized usb:1-2 transport_id:3
+
+"""
+GETPROP = """[ro.product.model]: [SM-G973F]
+[ro.product.manufacturer]: [samsung]
+[ro.soc.model]: [Exynos 9820]
+[ro.board.platform]: [exynos5]
+[ro.product.cpu.abi]: [arm64-v8a]
+[ro.product.cpu.abilist]: [arm64-v8a,armeabi-v7a,armeabi]
+[ro.build.version.release]: [12]
+[ro.build.version.sdk]: [31]
+[ro.build.fingerprint]: [samsung/beyond1/beyond1:12/SP1A/G973F:user/release-keys]
+garbage line
+"""
+THERMAL = "IsStatusOverride: false\nThermal Status: 2\nCached temperatures:\n"
+BATTERY = "Current Battery Service state:\n  AC powered: false\n  level: 80\n  temperature: 312\n"
+FREQS = "1950000\n1950000\n2314000\n2730000\n"
+PERF = """Session creation time cost: 0.02 s
+Total inference requests: 5
+Average inference time cost: 1.5 ms
+Peak working set size: 31000000 bytes
+Runs:5
+Min Latency: 0.0012 s
+Max Latency: 0.0021 s
+P50 Latency: {p50} s
+P90 Latency: 0.0018 s
+P99 Latency: 0.002 s
+"""
+
+FAKE = r"""#!{python}
+import json, os, sys
+argv = sys.argv[1:]
+with open(os.environ["FAKE_ADB_LOG"], "a") as f:
+    f.write(json.dumps(argv) + "\n")
+canned = json.loads(open(os.environ["FAKE_ADB_CANNED"]).read())
+if os.environ.get("FAKE_ADB_FAIL") and os.environ["FAKE_ADB_FAIL"] in " ".join(argv):
+    sys.stderr.write("error: device 'R58M1234ABC' not found\n")
+    sys.exit(1)
+if argv[:2] == ["devices", "-l"]:
+    print(canned["devices"], end="")
+    sys.exit(0)
+if argv[0] == "-s":
+    argv = argv[2:]
+cmd = " ".join(argv)
+for key in ("getprop", "thermalservice", "dumpsys battery", "scaling_cur_freq"):
+    if key in cmd:
+        print(canned[key], end="")
+        sys.exit(0)
+if "onnxruntime_perf_test" in cmd and argv[0] == "shell" and "chmod" not in cmd:
+    n = int(open(os.environ["FAKE_ADB_LOG"]).read().count("-m"))
+    print(canned["perf"].format(p50=0.0010 + 0.0001 * n), end="")
+    sys.exit(0)
+sys.exit(0)
+"""
+
+
+@pytest.fixture
+def fake_adb(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "adb"
+    exe.write_text(FAKE.replace("{python}", sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "adb.log"
+    canned = tmp_path / "canned.json"
+    canned.write_text(
+        json.dumps(
+            {
+                "devices": DEVICES,
+                "getprop": GETPROP,
+                "thermalservice": THERMAL,
+                "dumpsys battery": BATTERY,
+                "scaling_cur_freq": FREQS,
+                "perf": PERF,
+            }
+        )
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("EDGEREP_ADB", raising=False)
+    monkeypatch.setenv("FAKE_ADB_LOG", str(log))
+    monkeypatch.setenv("FAKE_ADB_CANNED", str(canned))
+
+    def calls() -> list[list[str]]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return calls
+
+
+def test_parsers():
+    devices = parse_devices(DEVICES)
+    assert [(d["serial"], d["state"]) for d in devices] == [
+        ("R58M1234ABC", "device"),
+        ("emulator-5554", "offline"),
+        ("0123456789ABCDEF", "unauthorized"),
+    ]
+    assert devices[0]["model"] == "SM_G973F" and devices[0]["transport_id"] == "2"
+    props = parse_getprop(GETPROP)
+    assert props["ro.product.cpu.abi"] == "arm64-v8a" and "garbage line" not in str(props)
+    assert props["ro.build.fingerprint"].endswith("release-keys")
+    t = parse_thermal(THERMAL, BATTERY, FREQS)
+    assert t == {
+        "thermal_status": 2,
+        "battery_temp_c": 31.2,
+        "cpu_freq_khz": [1950000, 1950000, 2314000, 2730000],
+    }
+    assert parse_thermal("", "", "") == {
+        "thermal_status": None,
+        "battery_temp_c": None,
+        "cpu_freq_khz": [],
+    }
+
+
+def test_discover_with_fake_adb(fake_adb):
+    devices = AdbTransport().discover([{"serial": "MISSING1"}], timeout_s=5)
+    by = {d.address: d for d in devices}
+    assert set(by) == {"MISSING1", "R58M1234ABC", "emulator-5554", "0123456789ABCDEF"}
+    good = by["R58M1234ABC"]
+    assert good.reachable and good.name == "adb:R58M1234ABC"
+    d = good.description
+    assert (d["model"], d["soc"], d["abi"], d["android"], d["sdk"]) == (
+        "SM-G973F",
+        "Exynos 9820",
+        "arm64-v8a",
+        "12",
+        "31",
+    )
+    assert d["thermal_status"] == 2 and d["battery_temp_c"] == 31.2
+    assert not by["emulator-5554"].reachable and "offline" in by["emulator-5554"].error
+    assert not by["0123456789ABCDEF"].reachable and "unauthorized" in by["0123456789ABCDEF"].error
+    assert by["MISSING1"].error == "not attached"
+    calls = fake_adb()
+    assert calls[0] == ["devices", "-l"]
+    assert ["-s", "R58M1234ABC", "shell", "getprop"] in calls
+    # offline/unauthorized devices are not queried
+    assert not any(c[:2] == ["-s", "emulator-5554"] for c in calls)
+
+
+def test_discover_errors(fake_adb, monkeypatch):
+    monkeypatch.setenv("FAKE_ADB_FAIL", "devices -l")
+    devices = AdbTransport().discover([{"serial": "X"}], timeout_s=5)
+    assert len(devices) == 1 and not devices[0].reachable and "not found" in devices[0].error
+    (failed,) = AdbTransport().discover([], timeout_s=5)
+    assert failed.name == "adb" and not failed.reachable and "not found" in failed.error
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert adb_executable() is None
+    assert AdbTransport().discover([], timeout_s=5) == []
+    (only,) = AdbTransport().discover([{"serial": "X"}], timeout_s=5)
+    assert "not on PATH" in only.error
+
+
+def test_bench_command_construction_and_stats(fake_adb, tmp_path):
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    runner = tmp_path / "onnxruntime_perf_test"
+    runner.write_bytes(b"\x7fELF fake")
+    transport = AdbTransport()
+    device = transport.device(
+        {"serial": "R58M1234ABC", "runner": str(runner), "cooldown_s": 0.01, "pin": "f0"}
+    )
+    latency = {"min_iters": 7, "min_seconds": 0.0, "warmup_iters": 1, "repeats": 3}
+    report = transport.bench(
+        device, BenchRequest(str(bundle), "tiny", {"latency": latency, "threads": 2}), timeout_s=30
+    )
+    (row,) = report["rows"]
+    assert row["runtime"] == "onnxruntime_perf_test" and row["format"] == "onnx"
+    lat = row["latency"]
+    assert len(lat["runs"]) == 3 and lat["stats"]["n"] == 15
+    p50s = [r["p50_ms"] for r in lat["runs"]]
+    assert lat["stats"]["p50_ms"] == pytest.approx(sorted(p50s)[1])
+    assert lat["p50_spread"] == pytest.approx((max(p50s) - min(p50s)) / sorted(p50s)[1])
+    assert lat["p50_ci_ms"] == [None, None]  # no per-call samples: no interval claimed
+    assert report["environment"]["model"] == "SM-G973F"
+    assert report["environment"]["thermal_after"]["battery_temp_c"] == 31.2
+    calls = fake_adb()
+    work = next(c[-1] for c in calls if c[2:5] == ["shell", "mkdir", "-p"])
+    assert work.startswith("/data/local/tmp/edgerep-")
+    assert ["-s", "R58M1234ABC", "push", str(runner), f"{work}/onnxruntime_perf_test"] in calls
+    assert [
+        "-s",
+        "R58M1234ABC",
+        "push",
+        str(bundle / "onnx" / "model.onnx"),
+        f"{work}/model.onnx",
+    ] in calls
+    runs = [c for c in calls if "-m" in c]
+    assert len(runs) == 3
+    assert runs[0][2:] == [
+        "shell",
+        "taskset",
+        "f0",
+        f"{work}/onnxruntime_perf_test",
+        "-I",
+        "-m",
+        "times",
+        "-r",
+        "7",
+        "-x",
+        "2",
+        f"{work}/model.onnx",
+    ]
+    cleanup = calls.index(["-s", "R58M1234ABC", "shell", "rm", "-rf", work])
+    assert cleanup > calls.index(runs[-1])  # removed after the last run
+
+
+def test_bench_errors(fake_adb, tmp_path, monkeypatch):
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    transport = AdbTransport()
+    no_runner = transport.device({"serial": "R58M1234ABC"})
+    report = transport.bench(no_runner, BenchRequest(str(bundle), "tiny", {}), timeout_s=30)
+    assert report["rows"] == [] and "--runner PATH" in report["errors"][0]["error"]
+    assert any(c[2:5] == ["shell", "rm", "-rf"] for c in fake_adb())  # cleaned up anyway
+    monkeypatch.setenv("FAKE_ADB_FAIL", "getprop")
+    with pytest.raises(AdbError, match="not found"):
+        transport.bench(no_runner, BenchRequest(str(bundle), "tiny", {}), timeout_s=30)
+    with pytest.raises(ConfigError):
+        transport.bench(
+            no_runner, BenchRequest(str(bundle), "tiny", {"latency": {"x": 1}}), timeout_s=30
+        )
+
+
+def test_runner_parsers():
+    from edgerep.devices.adb import RUNNERS
+
+    ort = RUNNERS["onnx"].parse(PERF.format(p50=0.0015))
+    assert ort["p50_ms"] == pytest.approx(1.5) and ort["p99_ms"] == pytest.approx(2.0)
+    assert ort["n"] == 5 and ort["peak_working_set_bytes"] == 31000000
+    et = RUNNERS["executorch"].parse(
+        "I 00:00:01 Model executed successfully 20 time(s) in 50.0 ms."
+    )
+    assert et["p50_ms"] == pytest.approx(2.5) and et["n"] == 20
+    with pytest.raises(AdbError, match="P50"):
+        RUNNERS["onnx"].parse("Segmentation fault")
+    with pytest.raises(AdbError, match="timing"):
+        RUNNERS["executorch"].parse("")
+    assert RUNNERS["executorch"].command("/r", "/m.pte", 9, None) == [
+        "/r",
+        "--model_path=/m.pte",
+        "--num_executions=9",
+    ]
+
+
+def test_real_device_skips_with_reason():
+    if adb_executable() is None:
+        pytest.skip("no adb on PATH: the real-device check needs Android platform-tools")
+    devices = [d for d in AdbTransport().discover([], timeout_s=5) if d.reachable]
+    if not devices:
+        pytest.skip("adb is installed but no Android device is attached")
+    assert devices[0].description["abi"]
