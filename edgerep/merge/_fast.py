@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgerep.merge._layers import LayerKind
+from edgerep.merge._layers import LayerKind, _dense
 
 __all__ = ["FAST_RULES", "NoFastPath", "register_rule", "rule_for"]
 
@@ -152,21 +152,24 @@ def _block_apply(blocks: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.
     return apply(blocks, weight, dim)
 
 
+def _stored(module: Any, base_path: str) -> tuple[Any, torch.Tensor, int]:
+    """The base layer, its weight as stored (grouped for a grouped conv), its groups."""
+    base = module.get_submodule(base_path)
+    return base, base.weight.detach().to(_F64), int(getattr(base, "groups", 1))
+
+
 @register_rule("edgerep.zoo.adapters.ETHERAdapter", "reflection")
 def _ether(module: Any, base_path: str, kind: LayerKind) -> tuple[Any, Any]:
-    base, w, b = _params(module, base_path, kind)
-    if int(getattr(base, "groups", 1)) != 1:
-        raise NoFastPath("a grouped conv base")
-    return _block_apply(module.reflection().detach().to(_F64), w, module.dim), b
+    base, w, groups = _stored(module, base_path)
+    w = _block_apply(module.reflection().detach().to(_F64), w, module.dim)
+    return _dense(w, groups), kind.params(base)[1]
 
 
 @register_rule("edgerep.zoo.adapters.ETHERPlusAdapter", "reflection")
 def _ether_plus(module: Any, base_path: str, kind: LayerKind) -> tuple[Any, Any]:
-    base, w, b = _params(module, base_path, kind)
-    if int(getattr(base, "groups", 1)) != 1:
-        raise NoFastPath("a grouped conv base")
+    base, w, groups = _stored(module, base_path)
     blocks = module._blocks
     w = _block_apply(blocks(module.u_in, module.v_in).detach().to(_F64), w, 1)
     if module.u_out is not None and module.v_out is not None:
         w = _block_apply(blocks(module.u_out, module.v_out).detach().to(_F64), w, 0)
-    return w, b
+    return _dense(w, groups), kind.params(base)[1]
