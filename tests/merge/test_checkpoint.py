@@ -206,7 +206,7 @@ def test_index_pointing_at_a_missing_file(llama, tmp_path):
     key = next(iter(index["weight_map"]))
     index["weight_map"][key] = "model-99999-of-00003.safetensors"
     (base / INDEX).write_text(json.dumps(index))
-    with pytest.raises(SourceError, match="model-99999-of-00003.safetensors"):
+    with pytest.raises(SourceError, match=r"model-99999-of-00003\.safetensors"):
         merge_adapter_checkpoint(base, llama / "adapter", tmp_path / "out")
     assert _nothing_written(tmp_path)
 
@@ -226,7 +226,7 @@ def test_index_that_does_not_match_the_shards(llama, tmp_path):
 
 def test_adapter_for_another_base(llama, tmp_path):
     _save_adapter(tmp_path / "gpt2_adapter", "gpt2", "lora")
-    with pytest.raises(ConfigError, match="does not have.*another base model"):
+    with pytest.raises(ConfigError, match=r"does not have.*another base model"):
         merge_adapter_checkpoint(llama / "base", tmp_path / "gpt2_adapter", tmp_path / "out")
     assert _nothing_written(tmp_path)
 
@@ -248,7 +248,7 @@ def test_adapter_of_another_shape(llama, tmp_path):
 def test_missing_adapter_weights_and_existing_output(llama, tmp_path):
     adapter = _copy(llama / "adapter", tmp_path / "adapter")
     (adapter / "adapter_model.safetensors").unlink()
-    with pytest.raises(SourceError, match="adapter_model.safetensors"):
+    with pytest.raises(SourceError, match=r"adapter_model\.safetensors"):
         merge_adapter_checkpoint(llama / "base", adapter, tmp_path / "out")
     assert _nothing_written(tmp_path)
     (tmp_path / "out").mkdir()
@@ -329,7 +329,7 @@ def test_task_arithmetic_with_weights(three, tmp_path):
 
 
 def test_ties_by_hand(three, tmp_path):
-    (base, *models), deltas = three
+    (base, *models), _ = three
     report = merge_checkpoints(base, models, tmp_path / "ties", method="ties", density=0.5)
     # trim to the 3 largest |entries| of each delta (density 0.5 of 6; no ties in magnitude)
     t0 = torch.tensor([[0.0, -2.0, 3.0], [0.0, 0.0, -1.0]], dtype=F64)
@@ -379,7 +379,7 @@ def test_mismatched_checkpoints_are_named(three, tmp_path):
     with pytest.raises(ConfigError, match="stored as F16, the base as F64"):
         merge_checkpoints(base, [half], tmp_path / "out")
     fewer = _write(tmp_path / "fewer", {"w": torch.zeros(2, 3, dtype=F64), "n": torch.tensor([7])})
-    with pytest.raises(ConfigError, match="lacks 1 tensor.*'b'"):
+    with pytest.raises(ConfigError, match=r"lacks 1 tensor.*'b'"):
         merge_checkpoints(base, [fewer], tmp_path / "out")
     with pytest.raises(ConfigError, match="one weight per model"):
         merge_checkpoints(base, models, tmp_path / "out", weights=[0.5, 0.5])
