@@ -6,6 +6,9 @@ Usage::
     edgerep merge SRC [--adapter ADAPTER ...] -o OUT [--fold] [--weights W] [--input SPEC ...]
                   [--lora-alpha A] [--combine-method M] [--density D] [--merge-seed N]
                   [--keep-zeros] [--force] [--json]
+    edgerep merge HF_DIR --adapter PEFT_DIR -o OUT_DIR [--force] [--json]
+    edgerep merge BASE_DIR --models DIR ... [--method M] [--weights W1,W2,...] [--density D]
+                  [--merge-seed N] -o OUT_DIR [--force] [--json]
     edgerep convert SRC [--to onnx ...] -o OUT [--weights W] [--input SPEC ...]
                     [--adapter ADAPTER ...] [--no-fold] [--rtol R] [--force] [--json]
     edgerep export SRC --to onnx,openvino,coreml,tensorrt,executorch -o OUT [--input SPEC ...]
@@ -30,6 +33,10 @@ failed (parity), export-failed; only the last two fail the command.
 ``ADAPTER`` is a PEFT adapter directory or a ``.safetensors`` file of LoRA factors
 (see `edgerep.merge._load`), ``NAME=PATH:WEIGHT`` to combine several; the base
 model's files are only read.
+``HF_DIR``/``BASE_DIR`` is a safetensors checkpoint directory (``config.json`` with
+``model.safetensors`` or a sharded index): the merge streams shard by shard and
+writes a checkpoint directory with the same shards, index and config
+(see `edgerep.merge._checkpoint`).
 ``--debug`` (on any command) prints full tracebacks.
 
 Exit codes:
@@ -65,6 +72,7 @@ from edgerep.errors import (
     UnsupportedError,
     VerificationError,
 )
+from edgerep.merge import _cli as merge_cli
 
 __all__ = [
     "EXIT_CODES",
@@ -152,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     adapter_args.add_argument(
         "--combine-method",
+        "--method",
+        dest="combine_method",
         default="linear",
         metavar="M",
         help="how several adapters combine: linear, task_arithmetic, ties, dare_linear, dare_ties",
@@ -193,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
         "each read off in float64 and verified; save model.pt2 and the merge report.",
     )
     p.add_argument("--fold", action="store_true", help="also fold the merged model")
+    merge_cli.add_arguments(p)
     p.set_defaults(handler=_cmd_merge)
 
     p = sub.add_parser(
@@ -709,6 +720,8 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from edgerep.pipeline import merge_to_dir
 
+    if merge_cli.handles(args):  # a checkpoint directory: merged on disk, shard by shard
+        return merge_cli.run(args)
     model, specs, description = _load(args)
     _, result = merge_to_dir(
         model,

@@ -386,3 +386,67 @@ def test_mismatched_checkpoints_are_named(three, tmp_path):
     with pytest.raises(ConfigError, match="needs density"):
         merge_checkpoints(base, models, tmp_path / "out", method="ties")
     assert _nothing_written(tmp_path)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def test_cli_merges_an_adapter_into_a_checkpoint(llama, tmp_path, capsys):
+    from edgerep.cli import EXIT_OK, main
+
+    out = tmp_path / "out"
+    code = main(["merge", str(llama / "base"), "--adapter", str(llama / "adapter"), "-o", str(out)])
+    assert code == EXIT_OK, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "fast:peft-merge 14" in text and f"checkpoint: {out}" in text
+    assert is_checkpoint_dir(out)
+    assert (
+        main(["merge", str(llama / "base"), "--adapter", str(llama / "adapter"), "-o", str(out)])
+        == 2
+    )
+    assert "already exists" in capsys.readouterr().err
+    code = main(
+        [
+            "merge",
+            str(llama / "base"),
+            "--adapter",
+            str(llama / "adapter"),
+            "-o",
+            str(tmp_path / "x"),
+            "--fold",
+        ]
+    )
+    assert code == 2 and "--fold do not apply" in capsys.readouterr().err
+    broken = _copy(llama / "base", tmp_path / "broken")
+    sorted(broken.glob("*.safetensors"))[0].unlink()
+    code = main(
+        ["merge", str(broken), "--adapter", str(llama / "adapter"), "-o", str(tmp_path / "y")]
+    )
+    assert code == 3 and "names shard" in capsys.readouterr().err
+    assert _nothing_written(tmp_path, "y")
+
+
+def test_cli_merges_checkpoints(three, tmp_path, capsys):
+    from edgerep.cli import EXIT_OK, main
+
+    (base, *models), _ = three
+    argv = ["merge", str(base), "--models", *map(str, models), "--method", "dare_ties"]
+    argv += ["--density", "0.5", "--weights", "0.5,0.3,0.2", "--seed", "3", "--json"]
+    assert main([*argv, "-o", str(tmp_path / "a")]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "dare_ties" and report["seed"] == 3
+    assert report["weights"] == [0.5, 0.3, 0.2]
+    direct = merge_checkpoints(
+        base,
+        models,
+        tmp_path / "b",
+        method="dare_ties",
+        density=0.5,
+        weights=[0.5, 0.3, 0.2],
+        seed=3,
+    )
+    assert direct.seed == 3
+    a, b = _read(tmp_path / "a"), _read(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main([*argv[:-7], "--weights", "0.5,x", "-o", str(tmp_path / "c")]) == 2
+    assert "one number per model" in capsys.readouterr().err
