@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,10 +191,11 @@ class _Reader:
             )
         return self._open[shard]
 
-    def close(self, shard: str) -> None:
-        handle = self._open.pop(shard, None)
-        if handle is not None:
+    def close_all(self) -> None:
+        """Unmap every open shard (they reopen on the next read)."""
+        for handle in self._open.values():
             handle.__exit__(None, None, None)
+        self._open.clear()
 
     def get(self, key: str) -> torch.Tensor:
         return self._file(self.ckpt.weight_map[key]).get_tensor(key)
@@ -303,7 +304,65 @@ class CheckpointMergeReport:
 
 # --- writing ------------------------------------------------------------------------------
 
-Produce = Callable[[str, list[str]], dict[str, torch.Tensor]]
+Produce = Callable[[str, list[str]], Iterator[tuple[str, torch.Tensor]]]
+
+_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise UnsupportedError(f"safetensors dtype {name} is not one a merge writes")
+    return _DTYPES[name]
+
+
+def _write_shard(
+    path: Path,
+    entries: list[tuple[str, str, list[int]]],
+    metadata: dict[str, str] | None,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+) -> None:
+    """Write one safetensors file tensor by tensor, so memory holds one tensor at a time.
+
+    The header (names, dtypes, shapes, offsets) is known before any tensor is made,
+    since a merge keeps every tensor's dtype and shape; the tensors must come in the
+    order of `entries` with those dtypes and shapes.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, dtype, shape in entries:
+        size = _torch_dtype(dtype).itemsize
+        for n in shape:
+            size *= n
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        done = 0
+        for (key, dtype, shape), (got, t) in zip(entries, tensors, strict=True):
+            if got != key or t.dtype != _torch_dtype(dtype) or list(t.shape) != shape:
+                raise RuntimeError(  # a bug in the merge, never the user's input
+                    f"shard writer expected {key} {dtype} {shape}, got {got} {t.dtype} "
+                    f"{list(t.shape)}"
+                )
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            f.write(data.numpy().data)
+            done += data.numel()
+        if done != offset:
+            raise RuntimeError(f"shard writer wrote {done} bytes of {offset}")
 
 
 def _write(
@@ -315,17 +374,20 @@ def _write(
     *,
     overwrite: bool,
 ) -> None:
-    """Write every shard of `ckpt` as `produce(shard, keys)` returns it, then the index
-    and the other files, into a temporary directory renamed to `out` when complete."""
-    st = _safetensors()
+    """Write every shard of `ckpt` as `produce(shard, keys)` yields its tensors, then the
+    index and the other files, into a temporary directory renamed to `out` when complete.
+
+    Every input shard is closed (unmapped) after each output shard, so the mapped
+    pages of earlier shards do not accumulate.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for shard in ckpt.shards:
-            tensors = produce(shard, ckpt.keys_of(shard))
-            st.torch.save_file(tensors, str(tmp / shard), metadata=reader.metadata(shard))
-            del tensors
-            reader.close(shard)
+            keys = ckpt.keys_of(shard)
+            entries = [(k, *reader.header(k)) for k in keys]
+            _write_shard(tmp / shard, entries, reader.metadata(shard), produce(shard, keys))
+            reader.close_all()
         if ckpt.index is not None:
             (tmp / INDEX).write_text(json.dumps(ckpt.index, indent=2) + "\n")
         for p in sorted(ckpt.path.iterdir()):
@@ -607,11 +669,13 @@ def merge_adapter_checkpoint(
             if isinstance(result, str):
                 raise VerificationError(f"layer {t.path!r} of the checkpoint: {result}")
             weight, bias, checks, routes = result
-            dtype = reader.get(t.weight).dtype
-            w = weight.T.contiguous() if t.layer == "conv1d-linear" else weight
+            dtype = _torch_dtype(stored)
+            w = weight.T if t.layer == "conv1d-linear" else weight
             pending[t.weight] = round_to(w, dtype).contiguous()
+            del result, weight, w, wrapper
             if t.bias is not None:
-                pending[t.bias] = round_to(bias, reader.get(t.bias).dtype).contiguous()
+                bias_dtype = _torch_dtype(reader.header(t.bias)[0])
+                pending[t.bias] = round_to(bias, bias_dtype).contiguous()
             elif bias.any():
                 raise VerificationError(
                     f"layer {t.path!r}: the merged layer has a bias but the checkpoint stores none"
@@ -626,17 +690,15 @@ def merge_adapter_checkpoint(
                 )
             )
 
-        def produce(shard: str, keys: list[str]) -> dict[str, torch.Tensor]:
-            out_tensors: dict[str, torch.Tensor] = {}
+        def produce(shard: str, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
             for key in keys:
                 t = by_key.get(key)
                 if t is None:
-                    out_tensors[key] = reader.get(key)
+                    yield key, reader.get(key)
                     continue
                 if key not in pending:
                     merge_layer(t)
-                out_tensors[key] = pending.pop(key)
-            return out_tensors
+                yield key, pending.pop(key)
 
         _write(ckpt, reader, target, produce, report, overwrite=overwrite)
     report.seconds = time.perf_counter() - start
@@ -725,19 +787,18 @@ def merge_checkpoints(
         readers = [_Reader(c, stack) for c in ckpts]
         _check_models(readers)
 
-        def produce(shard: str, keys: list[str]) -> dict[str, torch.Tensor]:
-            out_tensors: dict[str, torch.Tensor] = {}
+        def produce(shard: str, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
             for key in keys:
                 theta0 = readers[0].get(key)
                 if not theta0.is_floating_point():
-                    out_tensors[key] = theta0
+                    yield key, theta0
                     continue
                 base64 = theta0.to(_F64)
                 deltas = [r.get(key).to(_F64) - base64 for r in readers[1:]]
                 combined = _combine.combine(
                     method, deltas, weights, density=density, generator=generator
                 )
-                out_tensors[key] = round_to(base64 + combined, theta0.dtype).contiguous()
+                merged = round_to(base64 + combined, theta0.dtype).contiguous()
                 conflicts, kept = _stats(deltas, combined)
                 report.merged.append(
                     TensorRow(
@@ -749,7 +810,9 @@ def merge_checkpoints(
                     )
                 )
                 del deltas, combined, base64
-            return out_tensors
+                yield key, merged
+                for r in readers[1:]:
+                    r.close_all()  # other checkpoints shard differently: unmap as we go
 
         _write(ckpts[0], readers[0], target, produce, report, overwrite=overwrite)
     report.seconds = time.perf_counter() - start
