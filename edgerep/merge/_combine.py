@@ -119,14 +119,27 @@ def _weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> t
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``int(density·n)`` entries of largest magnitude."""
-    k = int(density * delta.numel())
-    out = torch.zeros_like(delta)
-    if k > 0:
-        flat = delta.reshape(-1)
-        idx = flat.abs().topk(k).indices
-        out.view(-1)[idx] = flat[idx]
-    return out
+    """Keep the ``k = int(density·n)`` entries of largest magnitude.
+
+    The threshold is the k-th largest magnitude (``kthvalue``, linear time: ``topk``
+    with k in the millions is much slower); entries tied at the threshold are kept
+    in index order until there are exactly k.
+    """
+    n = delta.numel()
+    k = int(density * n)
+    if k <= 0:
+        return torch.zeros_like(delta)
+    if k >= n:
+        return delta.clone()
+    flat = delta.reshape(-1)
+    mag = flat.abs()
+    threshold = mag.kthvalue(n - k + 1).values
+    keep = mag > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        tied = (mag == threshold).nonzero().flatten()[:missing]
+        keep[tied] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(delta.shape)
 
 
 def _drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
