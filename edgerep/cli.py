@@ -164,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="combine_method",
         default="linear",
         metavar="M",
-        help="how several adapters combine: linear, task_arithmetic, ties, dare_linear, dare_ties",
+        help="how several adapters (or --models checkpoints) combine: linear, task_arithmetic, "
+        "ties, dare_linear, dare_ties, breadcrumbs",
     )
     adapter_args.add_argument(
         "--density", type=float, metavar="D", help="fraction of each delta kept by TIES/DARE"
