@@ -450,3 +450,20 @@ def test_cli_merges_checkpoints(three, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert main([*argv[:-7], "--weights", "0.5,x", "-o", str(tmp_path / "c")]) == 2
     assert "one number per model" in capsys.readouterr().err
+
+
+def test_adapter_into_a_non_floating_tensor(tmp_path):
+    _write(tmp_path / "base", {"lin.weight": torch.ones(4, 3, dtype=torch.int8)})
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    LoraConfig(r=2, target_modules=["lin"]).save_pretrained(adapter)
+    st.save_file(
+        {
+            "base_model.model.lin.lora_A.weight": torch.ones(2, 3),
+            "base_model.model.lin.lora_B.weight": torch.ones(4, 2),
+        },
+        str(adapter / "adapter_model.safetensors"),
+    )
+    with pytest.raises(ConfigError, match="'lin.weight' is stored as I8, not a floating type"):
+        merge_adapter_checkpoint(tmp_path / "base", adapter, tmp_path / "out")
+    assert _nothing_written(tmp_path)
