@@ -464,6 +464,6 @@ def test_adapter_into_a_non_floating_tensor(tmp_path):
         },
         str(adapter / "adapter_model.safetensors"),
     )
-    with pytest.raises(ConfigError, match="'lin.weight' is stored as I8, not a floating type"):
+    with pytest.raises(ConfigError, match=r"'lin\.weight' is stored as I8, not a floating type"):
         merge_adapter_checkpoint(tmp_path / "base", adapter, tmp_path / "out")
     assert _nothing_written(tmp_path)
