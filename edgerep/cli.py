@@ -17,7 +17,9 @@ Usage::
                   [--compare OTHER_BUNDLE ...] [--out DIR] [--threads N] [--mlperf] [--json]
     edgerep list [--json]
 
-``SRC`` is ``path/to/file.py:factory`` or ``model.pt2``; ``SPEC`` is
+``SRC`` is ``path/to/file.py:factory``, ``model.pt2`` or a local Hugging Face model
+directory (``config.json`` + safetensors; ``--task`` picks the Auto class, local
+files only); ``SPEC`` is
 ``NAME:SHAPE[:DTYPE]`` such as ``x:1x3x224x224``, ``x:Nx3x224x224`` or
 ``ids:1x16:int64`` (see `edgerep.spec`). Without ``--input`` the inputs the
 source declares are used (a ``.pt2`` program's own inputs, or ``EDGEREP_INPUTS``
@@ -141,6 +143,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SPEC",
         help="input spec NAME:SHAPE[:DTYPE], one per forward argument, e.g. x:Nx3x224x224",
+    )
+    model_args.add_argument(
+        "--task",
+        metavar="TASK",
+        help="for a Hugging Face model directory SRC: feature-extraction (default), "
+        "text-classification, token-classification, causal-lm, masked-lm, "
+        "image-classification, image-feature-extraction",
     )
     model_args.add_argument("--force", action="store_true", help="replace OUT if it exists")
     model_args.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
@@ -645,7 +654,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
     check_output_dir(args.out, overwrite=args.force)
     specs = _parse_specs(args.input)
     sources, args.merge_options = _merge_options(args) if hasattr(args, "adapter") else ([], None)
-    model, description = load_model(args.source, weights=args.weights)
+    model, description = load_model(args.source, weights=args.weights, task=args.task)
     if sources:
         model = _attach_adapters(model, sources, args, description)
     if not specs:

@@ -60,6 +60,7 @@ def _refuse(args: argparse.Namespace) -> None:
         "--fold": bool(getattr(args, "fold", False)),
         "--keep-zeros": bool(args.keep_zeros),
         "--lora-alpha": args.lora_alpha is not None,
+        "--task": getattr(args, "task", None) is not None,
     }
     given = [k for k, v in ignored.items() if v]
     if given:
