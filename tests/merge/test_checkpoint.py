@@ -295,7 +295,7 @@ def three(tmp_path):
         "n": torch.tensor([7]),
     }
     deltas = [
-        torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]], dtype=F64),
+        torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.5]], dtype=F64),
         torch.tensor([[-1.0, 1.0, 2.0], [0.25, 4.0, -3.0]], dtype=F64),
         torch.tensor([[2.0, -1.0, -4.0], [-0.5, 1.5, 0.75]], dtype=F64),
     ]
@@ -332,7 +332,7 @@ def test_ties_by_hand(three, tmp_path):
     (base, *models), _ = three
     report = merge_checkpoints(base, models, tmp_path / "ties", method="ties", density=0.5)
     # trim to the 3 largest |entries| of each delta (density 0.5 of 6; no ties in magnitude)
-    t0 = torch.tensor([[0.0, -2.0, 3.0], [0.0, 0.0, -1.0]], dtype=F64)
+    t0 = torch.tensor([[0.0, -2.0, 3.0], [0.0, 0.0, -1.5]], dtype=F64)
     t1 = torch.tensor([[0.0, 0.0, 2.0], [0.0, 4.0, -3.0]], dtype=F64)
     t2 = torch.tensor([[2.0, 0.0, -4.0], [0.0, 1.5, 0.0]], dtype=F64)
     # weights 1/3 each; elected sign by mass, then the mean of the agreeing entries
