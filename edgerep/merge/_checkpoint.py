@@ -487,10 +487,14 @@ def _targets(config: Any, tensors: Mapping[str, torch.Tensor], reader: _Reader) 
     for key in tensors:
         name = key.removeprefix(_SAVED_PREFIX)
         marker = f".{prefix}"
-        if marker not in name:
+        if marker in name:
+            modules.setdefault(name[: name.index(marker)], []).append(key)
+        elif ".base_layer." in name:
+            # PEFT saves a targeted embedding's own weights too (save_embedding_layers);
+            # loading the adapter puts them in the base layer, and so does this merge
+            modules.setdefault(name[: name.index(".base_layer.")], []).append(key)
+        else:
             other.append(key)
-            continue
-        modules.setdefault(name[: name.index(marker)], []).append(key)
     if other:
         raise UnsupportedError(
             f"the adapter holds tensors that are not {prefix}* layer factors, e.g. {other[0]!r} "
@@ -513,6 +517,15 @@ def _targets(config: Any, tensors: Mapping[str, torch.Tensor], reader: _Reader) 
                 f"{weight!r} is stored as {dtype}, not a floating type: an adapter cannot be merged "
                 "into a quantized or integer tensor; merge into the floating-point checkpoint"
             )
+        for k in akeys:
+            if ".base_layer." in k:
+                own = f"{path}.{k.rsplit('.', 1)[1]}"
+                if own not in keys or list(tensors[k].shape) != reader.header(own)[1]:
+                    raise ConfigError(
+                        f"the adapter carries base weights {k!r} of shape "
+                        f"{list(tensors[k].shape)} that do not fit the checkpoint's {own!r}: it "
+                        "was trained for another base model (or with a resized vocabulary)"
+                    )
         bias = f"{path}.bias" if f"{path}.bias" in keys else None
         if any(".lora_embedding_" in k for k in akeys):
             layer = "embedding"
@@ -586,7 +599,13 @@ def _wrapped_layer(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = inject_adapter_in_model(config, model, adapter_name="default")
-        state = {k: v.to(_F64) if v.is_floating_point() else v for k, v in tensors.items()}
+        stored = _torch_dtype(reader.header(t.weight)[0])
+        # base weights carried by the adapter go into the base layer as PEFT would load
+        # them into this checkpoint's model: in its dtype
+        state = {
+            k: (v.to(stored) if ".base_layer." in k else v).to(_F64) if v.is_floating_point() else v
+            for k, v in tensors.items()
+        }
         try:
             result = set_peft_model_state_dict(model, state, adapter_name="default")
         except RuntimeError as e:

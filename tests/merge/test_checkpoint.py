@@ -39,7 +39,16 @@ from edgerep.merge._checkpoint import (  # noqa: E402
 )
 
 F64 = torch.float64
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_TARGETS = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "embed_tokens",
+]
 
 
 def _llama_config():
@@ -82,13 +91,17 @@ def _save_base(path: Path, model: str, dtype: torch.dtype = torch.bfloat16) -> N
         cls(config()).to(dtype).save_pretrained(path, max_shard_size="20KB")
 
 
-def _save_adapter(path: Path, model: str, adapter: str, *, seed: int = 1) -> None:
+def _save_adapter(
+    path: Path, model: str, adapter: str, *, seed: int = 1, base: Path | None = None
+) -> None:
+    """An adapter trained on `base` (as saved: PEFT stores a targeted embedding's weights)."""
     cls, config, targets, extra = MODELS[model]
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra, **ADAPTERS[adapter])
-        pm = get_peft_model(cls(config()), lora)
+        net = cls(config()) if base is None else _load(base, model, torch.float32)
+        pm = get_peft_model(net, lora)
     randomize_adapters(pm, seed=seed, std=0.1)
     pm.save_pretrained(path)
 
@@ -110,7 +123,7 @@ def _peft(base: Path, adapter: Path, model: str, dtype: torch.dtype) -> torch.nn
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
     _save_base(root / "base", "llama")
-    _save_adapter(root / "adapter", "llama", "lora")
+    _save_adapter(root / "adapter", "llama", "lora", base=root / "base")
     return root
 
 
@@ -118,7 +131,7 @@ def llama(tmp_path_factory):
 @pytest.mark.parametrize("model", list(MODELS))
 def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, model, adapter):
     _save_base(tmp_path / "base", model)
-    _save_adapter(tmp_path / "adapter", model, adapter)
+    _save_adapter(tmp_path / "adapter", model, adapter, base=tmp_path / "base")
     shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
     assert len(shards) >= 3
 
@@ -168,7 +181,7 @@ def test_single_file_checkpoint_and_fp16(tmp_path):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config()).half().save_pretrained(tmp_path / "base")
     assert not (tmp_path / "base" / INDEX).exists() and is_checkpoint_dir(tmp_path / "base")
-    _save_adapter(tmp_path / "adapter", "llama", "lora")
+    _save_adapter(tmp_path / "adapter", "llama", "lora", base=tmp_path / "base")
     merge_adapter_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     streamed = _load(tmp_path / "out", "llama", torch.float16).state_dict()
     exact = (
@@ -398,7 +411,7 @@ def test_cli_merges_an_adapter_into_a_checkpoint(llama, tmp_path, capsys):
     code = main(["merge", str(llama / "base"), "--adapter", str(llama / "adapter"), "-o", str(out)])
     assert code == EXIT_OK, capsys.readouterr().err
     text = capsys.readouterr().out
-    assert "fast:peft-merge 14" in text and f"checkpoint: {out}" in text
+    assert "fast:peft-merge 15" in text and f"checkpoint: {out}" in text
     assert is_checkpoint_dir(out)
     assert (
         main(["merge", str(llama / "base"), "--adapter", str(llama / "adapter"), "-o", str(out)])
