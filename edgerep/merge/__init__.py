@@ -50,6 +50,7 @@ def merge(
     keep_zeros: bool = False,
     rtol: float = 1e-9,
     fast: bool = True,
+    require_adapter: bool = False,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge every affine adapter of `model` into plain layers; see `edgerep.merge._engine.merge`."""
     from edgerep.merge._engine import merge as _merge
@@ -64,6 +65,7 @@ def merge(
         keep_zeros=keep_zeros,
         rtol=rtol,
         fast=fast,
+        require_adapter=require_adapter,
     )
 
 

@@ -92,6 +92,7 @@ def merge(
     keep_zeros: bool = False,
     rtol: float = verify.DEFAULT_RTOL,
     fast: bool = True,
+    require_adapter: bool = False,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge every adapter whose eval-mode effect is affine into a plain layer.
 
@@ -120,6 +121,8 @@ def merge(
         fast: try the adapter's known algebra first (`edgerep.merge._fast`: PEFT's own
             merge in float64, SSF, PiSSA, ETHER, ...); the candidate is verified like a
             probed one and the probe is the fallback. False: always probe.
+        require_adapter: refuse a model with no adapter at all (instead of returning
+            it as it is with a note), for callers whose only job is to merge.
 
     Returns:
         (plain eval-mode model, report).
@@ -127,7 +130,7 @@ def merge(
     Raises:
         ConfigError: bad arguments, an unknown adapter name or method, or adapters
             that PEFT already merged into the base weights when `adapter` or
-            `combine` asks to separate them.
+            `combine` asks to separate them; no adapter at all with `require_adapter`.
     """
     start = time.perf_counter()
     plan = _make_plan(model, adapter, combine, method, density, seed, keep_zeros, rtol)
@@ -159,6 +162,13 @@ def merge(
     wrappers = _find(root)
     found = len(wrappers)
     source, _, _ = _peft.unwrap(model)
+    if not found and require_adapter:
+        raise ConfigError(
+            f"no adapter found in the model ({type(model).__name__}): no PEFT tuner layer or "
+            "adapter-wrapped Linear/Conv/Embedding, so there is nothing to merge; attach "
+            "adapters (CLI: --adapter PATH, a PEFT adapter directory or a .safetensors LoRA "
+            "file), or fold/convert a model without adapters with `edgerep fold`/`convert`"
+        )
     while wrappers:  # drop each wrapper once replaced, so its base layer can be freed
         root = _process(root, source, wrappers.pop(0), plan, report, copies)
     _note_dropped(plan, available, _peft.active_adapters(model), report)
