@@ -6,6 +6,9 @@ Usage::
     edgerep merge SRC [--adapter ADAPTER ...] -o OUT [--fold] [--weights W] [--input SPEC ...]
                   [--lora-alpha A] [--combine-method M] [--density D] [--merge-seed N]
                   [--keep-zeros] [--force] [--json]
+    edgerep merge HF_DIR --adapter PEFT_DIR -o OUT_DIR [--force] [--json]
+    edgerep merge BASE_DIR --models DIR ... [--method M] [--weights W1,W2,...] [--density D]
+                  [--merge-seed N] -o OUT_DIR [--force] [--json]
     edgerep convert SRC [--to onnx ...] -o OUT [--weights W] [--input SPEC ...]
                     [--adapter ADAPTER ...] [--no-fold] [--rtol R] [--force] [--json]
     edgerep export SRC --to onnx,openvino,coreml,tensorrt,executorch -o OUT [--input SPEC ...]
@@ -17,7 +20,9 @@ Usage::
     edgerep agent serve --token-file F [--host H] [--port P] [--tls-cert C --tls-key K]
     edgerep list [--json]
 
-``SRC`` is ``path/to/file.py:factory`` or ``model.pt2``; ``SPEC`` is
+``SRC`` is ``path/to/file.py:factory``, ``model.pt2`` or a local Hugging Face model
+directory (``config.json`` + safetensors; ``--task`` picks the Auto class, local
+files only); ``SPEC`` is
 ``NAME:SHAPE[:DTYPE]`` such as ``x:1x3x224x224``, ``x:Nx3x224x224`` or
 ``ids:1x16:int64`` (see `edgerep.spec`). Without ``--input`` the inputs the
 source declares are used (a ``.pt2`` program's own inputs, or ``EDGEREP_INPUTS``
@@ -33,6 +38,10 @@ failed (parity), export-failed; only the last two fail the command.
 ``ADAPTER`` is a PEFT adapter directory or a ``.safetensors`` file of LoRA factors
 (see `edgerep.merge._load`), ``NAME=PATH:WEIGHT`` to combine several; the base
 model's files are only read.
+``HF_DIR``/``BASE_DIR`` is a safetensors checkpoint directory (``config.json`` with
+``model.safetensors`` or a sharded index): the merge streams shard by shard and
+writes a checkpoint directory with the same shards, index and config
+(see `edgerep.merge._checkpoint`).
 ``--debug`` (on any command) prints full tracebacks.
 
 Exit codes:
@@ -69,6 +78,7 @@ from edgerep.errors import (
     UnsupportedError,
     VerificationError,
 )
+from edgerep.merge import _cli as merge_cli
 
 __all__ = [
     "EXIT_CODES",
@@ -138,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="input spec NAME:SHAPE[:DTYPE], one per forward argument, e.g. x:Nx3x224x224",
     )
+    model_args.add_argument(
+        "--task",
+        metavar="TASK",
+        help="for a Hugging Face model directory SRC: feature-extraction (default), "
+        "text-classification, token-classification, causal-lm, masked-lm, "
+        "image-classification, image-feature-extraction",
+    )
     model_args.add_argument("--force", action="store_true", help="replace OUT if it exists")
     model_args.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     model_args.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -156,9 +173,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     adapter_args.add_argument(
         "--combine-method",
+        "--method",
+        dest="combine_method",
         default="linear",
         metavar="M",
-        help="how several adapters combine: linear, task_arithmetic, ties, dare_linear, dare_ties",
+        help="how several adapters (or --models checkpoints) combine: linear, task_arithmetic, "
+        "ties, dare_linear, dare_ties, breadcrumbs",
     )
     adapter_args.add_argument(
         "--density", type=float, metavar="D", help="fraction of each delta kept by TIES/DARE"
@@ -197,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
         "each read off in float64 and verified; save model.pt2 and the merge report.",
     )
     p.add_argument("--fold", action="store_true", help="also fold the merged model")
+    merge_cli.add_arguments(p)
     p.set_defaults(handler=_cmd_merge)
 
     p = sub.add_parser(
@@ -737,7 +758,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
     check_output_dir(args.out, overwrite=args.force)
     specs = _parse_specs(args.input)
     sources, args.merge_options = _merge_options(args) if hasattr(args, "adapter") else ([], None)
-    model, description = load_model(args.source, weights=args.weights)
+    model, description = load_model(args.source, weights=args.weights, task=args.task)
     if sources:
         model = _attach_adapters(model, sources, args, description)
     if not specs:
@@ -813,6 +834,8 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from edgerep.pipeline import merge_to_dir
 
+    if merge_cli.handles(args):  # a checkpoint directory: merged on disk, shard by shard
+        return merge_cli.run(args)
     model, specs, description = _load(args)
     _, result = merge_to_dir(
         model,

@@ -1,6 +1,6 @@
 """Load models from the sources the CLI accepts.
 
-Two forms:
+Three forms:
 
 - ``path/to/file.py:factory``: the file is imported by path and ``factory()`` is
   called with no arguments; it must return an ``nn.Module``. Weights, if given,
@@ -10,6 +10,9 @@ Two forms:
   the `edgerep.spec` text form) so that ``--input`` can be left out.
 - ``model.pt2``: a program saved by ``torch.export.save``; its input shapes are
   read from the program.
+
+- a local Hugging Face model directory (``config.json`` and weights): loaded by
+  `edgerep._hf` with the Auto class of ``--task``, local files only.
 
 Nothing read from a source is evaluated as code beyond importing the file the user
 named.
@@ -40,7 +43,10 @@ logger = logging.getLogger(__name__)
 #: module attribute a factory file may define to name its inputs
 INPUTS_ATTRIBUTE = "EDGEREP_INPUTS"
 
-_FORMS = "path/to/file.py:factory (with optional --weights ckpt.pt) or model.pt2"
+_FORMS = (
+    "path/to/file.py:factory (with optional --weights ckpt.pt), model.pt2 or a Hugging Face "
+    "model directory"
+)
 _MAX_LISTED = 10
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
@@ -59,13 +65,15 @@ def parse_source(source: str) -> tuple[Path, str | None]:
 
 
 def load_model(
-    source: str, *, weights: str | None = None
+    source: str, *, weights: str | None = None, task: str | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a model from a CLI source.
 
     Args:
         source: ``file.py:factory`` or ``model.pt2``.
         weights: a state-dict file for a ``file.py:factory`` source.
+        task: for a Hugging Face model directory, which Auto class loads it (see
+            `edgerep._hf.TASKS`; default feature-extraction).
 
     Returns:
         The model (in eval mode for factory sources; an exported program's module
@@ -82,6 +90,20 @@ def load_model(
     if not isinstance(source, str) or not source:
         raise ConfigError(f"model source {source!r} is empty; give {_FORMS}")
     path, factory = parse_source(source)
+    from edgerep import _hf
+
+    if factory is None and _hf.is_hf_dir(path):
+        if weights is not None:
+            raise ConfigError(
+                f"--weights {weights!r} was given with the Hugging Face directory {source!r}, "
+                "which holds its own weights; drop --weights"
+            )
+        return _hf.load_hf(path, task=task)
+    if task is not None:
+        raise ConfigError(
+            f"--task {task!r} applies to Hugging Face model directories (config.json and "
+            f"weights); {source!r} is not one"
+        )
     if factory is None and path.suffix == ".pt2":
         if weights is not None:
             raise ConfigError(

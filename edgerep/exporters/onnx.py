@@ -381,6 +381,18 @@ def _simplify(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool, str]:
     return slim, True, ""
 
 
+# Runtime assertions torch.export records (e.g. transformers' dtype checks): torch.onnx
+# drops them before translation, so they need no translation.
+_ASSERTION_OPS = frozenset(
+    {
+        "aten._assert_tensor_metadata.default",
+        "aten._assert_scalar.default",
+        "aten._assert_async.msg",
+        "aten.sym_constrain_range_for_size.default",
+    }
+)
+
+
 def _unsupported_ops(program: Any, registry: Any) -> list[Problem]:
     import torch
 
@@ -389,7 +401,7 @@ def _unsupported_ops(program: Any, registry: Any) -> list[Problem]:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
             continue
-        if registry.is_registered(target):
+        if registry.is_registered(target) or str(target) in _ASSERTION_OPS:
             continue
         stack = node.meta.get("nn_module_stack") or {}
         where = next(reversed(stack.values()))[0] if stack else node.name

@@ -4,7 +4,10 @@
 layer (a PEFT tuner layer, or any module holding one plain base layer plus adapter
 parameters) is evaluated as a function in float64, the plain layer is read off it
 with the fold engine's probe using the base layer's geometry, verified, cast once
-to the base dtype and put in its place. There is no per-adapter-type formula.
+to the base dtype and put in its place. Adapters whose algebra is known (PEFT's
+tuners through PEFT's own merge run in float64, SSF, PiSSA, ETHER, ...) take a fast
+path (`edgerep.merge._fast`) whose candidate passes the same verifier, with the
+probe as fallback; the report names each layer's route.
 
 The package module is itself callable, so ``edgerep.merge(...)`` works whether or
 not the subpackage has been imported already. Importing it loads no torch.
@@ -46,6 +49,7 @@ def merge(
     seed: int = 0,
     keep_zeros: bool = False,
     rtol: float = 1e-9,
+    fast: bool = True,
     require_adapter: bool = False,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge every affine adapter of `model` into plain layers; see `edgerep.merge._engine.merge`."""
@@ -60,6 +64,7 @@ def merge(
         seed=seed,
         keep_zeros=keep_zeros,
         rtol=rtol,
+        fast=fast,
         require_adapter=require_adapter,
     )
 

@@ -16,6 +16,9 @@ of one tensor are combined with weights ``w_i``:
 * ``dare_linear`` (Yu et al. 2024): drop each entry of ``Δ_i`` with probability
   ``1 - density`` and rescale the rest by ``1/density`` (``τ_i``), then ``Σ_i w_i τ_i``.
 * ``dare_ties``: DARE's ``τ_i``, then TIES' sign election and disjoint mean.
+* ``breadcrumbs`` (Model Breadcrumbs, Davari & Belilovsky 2024): per delta, drop the
+  ``int(gamma·n)`` entries of largest magnitude (outliers, ``gamma = 0.01``) and keep the
+  next ``int(density·n)`` (``τ_i``; the small ones are dropped), then ``Σ_i w_i τ_i``.
 
 DARE's masks come from one ``torch.Generator`` seeded once per `edgerep.merge`
 call, drawn as ``torch.rand(shape, dtype=float64) < density`` for each adapter in
@@ -119,14 +122,31 @@ def _weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> t
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``int(density·n)`` entries of largest magnitude."""
-    k = int(density * delta.numel())
-    out = torch.zeros_like(delta)
-    if k > 0:
-        flat = delta.reshape(-1)
-        idx = flat.abs().topk(k).indices
-        out.view(-1)[idx] = flat[idx]
-    return out
+    """Keep the ``k = int(density·n)`` entries of largest magnitude."""
+    return _top(delta, int(density * delta.numel()))
+
+
+def _top(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the `k` entries of largest magnitude.
+
+    The threshold is the k-th largest magnitude (``kthvalue``, linear time: ``topk``
+    with k in the millions is much slower); entries tied at the threshold are kept
+    in index order until there are exactly k.
+    """
+    n = delta.numel()
+    if k <= 0:
+        return torch.zeros_like(delta)
+    if k >= n:
+        return delta.clone()
+    flat = delta.reshape(-1)
+    mag = flat.abs()
+    threshold = mag.kthvalue(n - k + 1).values
+    keep = mag > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        tied = (mag == threshold).nonzero().flatten()[:missing]
+        keep[tied] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(delta.shape)
 
 
 def _drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -161,6 +181,26 @@ def _ties(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
 @register_method("dare_linear", uses_density=True)
 def _dare_linear(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
     return _weighted_sum([_drop(d, density, generator) for d in deltas], weights)
+
+
+BREADCRUMBS_GAMMA = 0.01
+"""Model Breadcrumbs' fraction of largest-magnitude entries dropped as outliers."""
+
+
+def _breadcrumb(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Drop the ``int(gamma·n)`` largest entries (outliers) and keep the next ``int(density·n)``.
+
+    The band is the difference of two nested magnitude trims (`_top` keeps ties in
+    index order, so the smaller set is inside the larger one).
+    """
+    n = delta.numel()
+    outliers = int(BREADCRUMBS_GAMMA * n)
+    return _top(delta, outliers + int(density * n)) - _top(delta, outliers)
+
+
+@register_method("breadcrumbs", uses_density=True)
+def _breadcrumbs(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+    return _weighted_sum([_breadcrumb(d, density) for d in deltas], weights)
 
 
 @register_method("dare_ties", uses_density=True)

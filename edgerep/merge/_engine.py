@@ -8,7 +8,10 @@ in float64 by the fold engine's probe (`edgerep.fold.probe`): ``b = f(0)``,
 row ``i`` of an embedding table. It is kept only if `edgerep.fold.verify` finds it
 equal to ``f`` within ``rtol`` on random inputs, then cast once to the base dtype.
 No adapter type has a formula here: LoRA, DoRA, IA3, OFT, a paper's custom module
-all go through the same path.
+all go through the same gate. Where an adapter's algebra is known (`_fast`: PEFT's
+own merge run on a float64 copy, SSF, PiSSA, ETHER, ...) the candidate comes from
+it instead of the probe (a few weight-sized products instead of ``in_features``
+forward rows), is verified the same way, and the probe is the fallback.
 
 Finding the wrappers (`_find`): a PEFT tuner layer (its base layer from
 ``get_base_layer()``); else a module with a child named ``base_layer`` or ``base``
@@ -35,7 +38,7 @@ from edgerep.errors import ConfigError, did_you_mean
 from edgerep.fold import probe, verify
 from edgerep.fold._engine import PLAIN_LAYERS
 from edgerep.fold.report import KeptRegion
-from edgerep.merge import _combine, _peft
+from edgerep.merge import _combine, _fast, _peft
 from edgerep.merge._layers import LayerKind, count_params, describe, is_exact, kind_for
 from edgerep.merge.report import MergedLayer, MergeReport
 
@@ -72,6 +75,7 @@ class _Plan:
     density: float | None = None
     keep_zeros: bool = False
     rtol: float = verify.DEFAULT_RTOL
+    fast: bool = True
     generator: torch.Generator | None = None
     zeroed: int = 0
     zeroed_layers: int = 0
@@ -87,6 +91,7 @@ def merge(
     seed: int = 0,
     keep_zeros: bool = False,
     rtol: float = verify.DEFAULT_RTOL,
+    fast: bool = True,
     require_adapter: bool = False,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge every adapter whose eval-mode effect is affine into a plain layer.
@@ -113,6 +118,9 @@ def merge(
             base stays sparse); the merged layer then differs from the adapter's
             function at those entries, by design.
         rtol: relative tolerance of the float64 verifier.
+        fast: try the adapter's known algebra first (`edgerep.merge._fast`: PEFT's own
+            merge in float64, SSF, PiSSA, ETHER, ...); the candidate is verified like a
+            probed one and the probe is the fallback. False: always probe.
         require_adapter: refuse a model with no adapter at all (instead of returning
             it as it is with a note), for callers whose only job is to merge.
 
@@ -126,6 +134,7 @@ def merge(
     """
     start = time.perf_counter()
     plan = _make_plan(model, adapter, combine, method, density, seed, keep_zeros, rtol)
+    plan.fast = bool(fast)
     report = MergeReport(
         mode=plan.mode,
         method=plan.method,
@@ -134,7 +143,7 @@ def merge(
         seed=seed,
         params_before=count_params(model),
     )
-    work = copy.deepcopy(model)
+    work, copies = _copy_without_merged_weights(model)
     if model.training:
         report.notes.append(
             "the model was in train mode: merged its eval-mode function (dropout off)"
@@ -152,6 +161,7 @@ def merge(
     _check_names(plan, available, root)
     wrappers = _find(root)
     found = len(wrappers)
+    source, _, _ = _peft.unwrap(model)
     if not found and require_adapter:
         raise ConfigError(
             f"no adapter found in the model ({type(model).__name__}): no PEFT tuner layer or "
@@ -160,7 +170,7 @@ def merge(
             "file), or fold/convert a model without adapters with `edgerep fold`/`convert`"
         )
     while wrappers:  # drop each wrapper once replaced, so its base layer can be freed
-        root = _process(root, wrappers.pop(0), plan, report)
+        root = _process(root, source, wrappers.pop(0), plan, report, copies)
     _note_dropped(plan, available, _peft.active_adapters(model), report)
     if plan.keep_zeros:
         report.notes.append(
@@ -347,6 +357,76 @@ def _classify(name: str, module: nn.Module) -> _Wrapper | None:
     return _Wrapper(name, module, "adapter", base_path, kind_for(base))
 
 
+# --- copies -------------------------------------------------------------------------------
+
+
+class _Copies:
+    """The deepcopy memo of the input model, to restore a wrapper that is kept after all."""
+
+    def __init__(self, memo: dict[int, Any], skipped: set[int]) -> None:
+        self.memo = memo
+        self.skipped = skipped
+
+    def restore(self, root: nn.Module, path: str, original: nn.Module) -> nn.Module:
+        """Put a full copy of `original` at `path` if its copy there was left empty."""
+        if not any(id(t) in self.skipped for t in _tensors(original)):
+            return root
+        shared = {
+            id(t): self.memo[id(t)]
+            for t in _tensors(original)
+            if id(t) in self.memo and id(t) not in self.skipped
+        }
+        return _set(root, path, copy.deepcopy(original, shared))
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [
+        *(t for _, t in module.named_parameters(remove_duplicate=False)),
+        *(t for _, t in module.named_buffers(remove_duplicate=False)),
+    ]
+
+
+def _copy_without_merged_weights(model: nn.Module) -> tuple[nn.Module, _Copies]:
+    """A deep copy of `model` whose adapter wrappers hold empty (meta) tensors.
+
+    Each wrapper is replaced by a new layer built from the *input's* wrapper, so
+    copying its weights first would cost a copy of most of the model for nothing.
+    Only tensors that nothing outside their wrapper refers to are left out (tied
+    weights are copied); a wrapper that ends up kept is copied in full then.
+    """
+    inner, kept, _ = _peft.unwrap(model)
+    memo: dict[int, Any] = {}
+    skipped: set[int] = set()
+    if not kept:
+        refs: dict[int, int] = {}
+        for t in _tensors(model):
+            refs[id(t)] = refs.get(id(t), 0) + 1
+        for w in _find(inner):
+            if w.role != "adapter":
+                continue
+            inside: dict[int, int] = {}
+            for t in _tensors(w.module):
+                inside[id(t)] = inside.get(id(t), 0) + 1
+            for t in _tensors(w.module):
+                if inside[id(t)] == refs[id(t)] and id(t) not in memo:
+                    empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    is_param = isinstance(t, nn.Parameter)
+                    memo[id(t)] = nn.Parameter(empty, t.requires_grad) if is_param else empty
+                    skipped.add(id(t))
+    work = copy.deepcopy(model, memo)
+    return work, _Copies(memo, skipped)
+
+
+def _float64_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode float64 copy of `module` (each floating tensor converted once)."""
+    memo: dict[int, Any] = {}
+    for t in _tensors(module):
+        if t.is_floating_point() and id(t) not in memo:
+            c = t.detach().to(_F64, copy=True)
+            memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
+    return copy.deepcopy(module, memo).to(_F64).eval()
+
+
 # --- merging one wrapper ------------------------------------------------------------------
 
 
@@ -358,14 +438,22 @@ def _set(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _process(root: nn.Module, w: _Wrapper, plan: _Plan, report: MergeReport) -> nn.Module:
+def _process(
+    root: nn.Module,
+    source: nn.Module,
+    w: _Wrapper,
+    plan: _Plan,
+    report: MergeReport,
+    copies: _Copies,
+) -> nn.Module:
     if w.role == "kept":
         report.kept.append(KeptRegion(w.path, (w.path,), w.reason))
         return root
     if w.role == "modules_to_save":
         return _swap_saved(root, w, plan, report)
     assert w.kind is not None
-    f64 = copy.deepcopy(w.module).to(_F64).eval()
+    original = source.get_submodule(w.path)  # the input's wrapper: read, never changed
+    f64 = _float64_copy(original)
     base64 = f64.get_submodule(w.base_path)
     names: list[str] = []
     if w.peft:
@@ -375,18 +463,18 @@ def _process(root: nn.Module, w: _Wrapper, plan: _Plan, report: MergeReport) -> 
         else:
             names = [n for n in plan.weights if n in have]
     if w.peft and plan.mode == "combine":
-        result = _read_combination(w.kind, f64, base64, names, plan)
+        result = _read_combination(w.kind, f64, base64, w.base_path, names, plan)
     else:
         if w.peft and plan.mode == "adapter":
             _peft.select(f64, names)
-        result = _read(w.kind, f64, base64, plan.rtol)
+        result = _read(w.kind, f64, base64, w.base_path, plan)
     if isinstance(result, str):
         report.kept.append(KeptRegion(w.path, (w.path,), f"{_peft.type_name(w.module)}: {result}"))
-        return root
-    weight, bias, checks = result
+        return copies.restore(root, w.path, original)
+    weight, bias, checks, routes = result
     if plan.keep_zeros:
         weight, bias = _keep_zeros(w, f64, base64, weight, bias, plan)
-    base: Any = w.module.get_submodule(w.base_path)
+    base: Any = original.get_submodule(w.base_path)
     dtype = base.weight.dtype
     final = w.kind.build(base, weight, bias, dtype).train(False)
     report.merged.append(
@@ -401,16 +489,58 @@ def _process(root: nn.Module, w: _Wrapper, plan: _Plan, report: MergeReport) -> 
             max_abs_error=max(c.max_abs_error for c in checks),
             max_rel_error=max(c.max_rel_error for c in checks),
             sizes_checked=checks[0].shapes,
+            route=routes[0].route if len({r.route for r in routes}) == 1 else "mixed",
+            fallback="; ".join(r.fallback for r in routes if r.fallback),
         )
     )
     return _set(root, w.path, final)
 
 
-_Read = tuple[torch.Tensor, torch.Tensor, list[verify.VerifyResult]]
+@dataclass(frozen=True)
+class _Route:
+    """How one read was made: 'fast:<rule>' or 'probe', and why a fast rule was not used."""
+
+    route: str
+    fallback: str = ""
 
 
-def _read(kind: LayerKind, f: nn.Module, base: nn.Module, rtol: float) -> _Read | str:
-    """The verified plain layer of `f` (dense weight, bias, checks), or why there is none."""
+_Read = tuple[torch.Tensor, torch.Tensor, list[verify.VerifyResult], list[_Route]]
+
+
+def _read(
+    kind: LayerKind, f: nn.Module, base: nn.Module, base_path: str, plan: _Plan
+) -> _Read | str:
+    """The verified plain layer of `f` (dense weight, bias, checks, route), or why there is none.
+
+    The adapter's known algebra (`edgerep.merge._fast`) is tried first when a rule
+    covers `f`; its candidate passes the same verifier as a probed one, and the probe
+    is the fallback when it declines or is rejected.
+    """
+    fallback = ""
+    rule = _fast.rule_for(f) if plan.fast else None
+    if rule is not None:
+        name, fn = rule
+        try:
+            weight, bias = fn(f, base_path, kind)
+            candidate = kind.function(base, weight, bias)
+        except Exception as e:  # a rule that does not cover this module: probe it
+            fallback = f"fast path {name!r} declined: {type(e).__name__}: {e}"
+        else:
+            check = kind.verify(f, candidate, base, plan.rtol, quick=True)
+            if check.ok:
+                return weight, bias, [check], [_Route(f"fast:{name}")]
+            fallback = f"fast path {name!r} rejected by the verifier: {check.reason}"
+        logger.info("%s; probing instead", fallback)
+    result = _probe(kind, f, base, plan.rtol)
+    if isinstance(result, str):
+        return result
+    return (*result, [_Route("probe", fallback)])
+
+
+def _probe(
+    kind: LayerKind, f: Fn | nn.Module, base: nn.Module, rtol: float
+) -> tuple[torch.Tensor, torch.Tensor, list[verify.VerifyResult]] | str:
+    """The plain layer read off `f` by the probe and verified, or why there is none."""
     shape = kind.affine_shape(base)
     if shape is not None:
         try:
@@ -439,14 +569,19 @@ def _read(kind: LayerKind, f: nn.Module, base: nn.Module, rtol: float) -> _Read 
 
 
 def _read_combination(
-    kind: LayerKind, f: nn.Module, base: nn.Module, names: Sequence[str], plan: _Plan
+    kind: LayerKind,
+    f: nn.Module,
+    base: nn.Module,
+    base_path: str,
+    names: Sequence[str],
+    plan: _Plan,
 ) -> _Read | str:
     """``W0 + combine(W_i - W0)``, each ``W_i`` read off with only adapter ``i`` on."""
     _peft.select(f, [])
-    r0 = _read(kind, f, base, plan.rtol)
+    r0 = _read(kind, f, base, base_path, plan)
     if isinstance(r0, str):
         return f"its base layer: {r0}"
-    w0, b0, checks = r0
+    w0, b0, checks, routes = r0
     dws, dbs = [], []
     for name in plan.weights:
         if name not in names:  # this layer does not hold the adapter: no delta
@@ -454,12 +589,13 @@ def _read_combination(
             dbs.append(torch.zeros_like(b0))
             continue
         _peft.select(f, [name])
-        r = _read(kind, f, base, plan.rtol)
+        r = _read(kind, f, base, base_path, plan)
         if isinstance(r, str):
             return f"with only adapter {name!r} on: {r}"
         dws.append(r[0] - w0)
         dbs.append(r[1] - b0)
         checks += r[2]
+        routes += r[3]
     weights = list(plan.weights.values())
     assert plan.generator is not None
     dw = _combine.combine(plan.method, dws, weights, density=plan.density, generator=plan.generator)
@@ -477,7 +613,7 @@ def _read_combination(
         if not check.ok:
             return f"the combined {kind.name} was rejected by the verifier: {check.reason}"
         checks.append(check)
-    return weight, bias, checks
+    return weight, bias, checks, routes
 
 
 def _weighted_function(f: nn.Module, weights: Mapping[str, float], names: Sequence[str]) -> Fn:
@@ -549,6 +685,7 @@ def _swap_saved(root: nn.Module, w: _Wrapper, plan: _Plan, report: MergeReport) 
             max_abs_error=0.0,
             max_rel_error=0.0,
             sizes_checked=(),
+            route="swap",
         )
     )
     return _set(root, w.path, chosen)

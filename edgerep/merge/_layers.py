@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from edgerep.fold import probe, verify
 from edgerep.fold.probe import round_to
@@ -63,8 +64,19 @@ class LayerKind:
         """The plain layer with `base`'s configuration and these values, in `dtype`."""
         raise NotImplementedError
 
-    def verify(self, f: Fn, candidate: nn.Module, base: Any, rtol: float) -> verify.VerifyResult:
-        """Compare `f` with `candidate` in float64."""
+    def function(self, base: Any, weight: torch.Tensor, bias: torch.Tensor) -> Fn:
+        """The float64 plain layer with these values, as a function (for the verifier)."""
+        return self.build(base, weight, bias, _F64).eval()
+
+    def verify(
+        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
+    ) -> verify.VerifyResult:
+        """Compare `f` with `candidate` in float64.
+
+        `quick`: the candidate comes from a known algebra, not from reading `f` at
+        chosen points, so a few random rows suffice (a Linear: 8 random vectors; a
+        conv or an embedding is verified in full, it is cheap).
+        """
         raise NotImplementedError
 
 
@@ -101,12 +113,21 @@ def _with_bias(bias: torch.Tensor, base_bias: Any) -> bool:
 
 
 def _fill(layer: Any, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    """Copy the values into `layer`: the one rounding to the layer's dtype happens here."""
+    """Put the values into `layer`: the one rounding to the layer's dtype happens here."""
     with torch.no_grad():
-        layer.weight.copy_(round_to(weight, layer.weight.dtype))
+        _assign(layer.weight, weight)
         if layer.bias is not None:
-            layer.bias.copy_(round_to(bias, layer.bias.dtype))
+            _assign(layer.bias, bias)
     return layer
+
+
+def _assign(param: nn.Parameter, value: torch.Tensor) -> None:
+    """``param ← value`` rounded to its dtype, without a second copy when rounding made one."""
+    rounded = round_to(value, param.dtype)
+    if rounded is value or rounded.shape != param.shape or not rounded.is_contiguous():
+        param.copy_(rounded)
+    else:
+        param.data = rounded
 
 
 def _device(base: Any) -> torch.device:
@@ -136,12 +157,27 @@ class _Linear(LayerKind):
         self, base: Any, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype
     ) -> nn.Module:
         out_f, in_f = weight.shape
-        layer = nn.Linear(
-            in_f, out_f, bias=_with_bias(bias, base.bias), dtype=dtype, device=_device(base)
+        # skip_init: a random initialization of a large layer costs more than the merge
+        layer = skip_init(
+            nn.Linear,
+            in_f,
+            out_f,
+            bias=_with_bias(bias, base.bias),
+            dtype=dtype,
+            device=_device(base),
         )
         return _fill(layer, weight, bias)
 
-    def verify(self, f: Fn, candidate: nn.Module, base: Any, rtol: float) -> verify.VerifyResult:
+    def function(self, base: Any, weight: torch.Tensor, bias: torch.Tensor) -> Fn:
+        # no copy of the weight: the verifier only calls it
+        b = bias if _with_bias(bias, base.bias) else None
+        return lambda x: torch.nn.functional.linear(x, weight, b)
+
+    def verify(
+        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
+    ) -> verify.VerifyResult:
+        if quick:
+            return verify.compare(f, candidate, [(2, 4, self.in_features(base))], rtol=rtol)
         shapes = verify.probe_shapes((1, 3, self.in_features(base)), "linear")
         return verify.compare(f, candidate, shapes, rtol=rtol)
 
@@ -262,7 +298,8 @@ class _Conv(LayerKind):
         kernel = _grouped(weight, groups)
         if kernel is None:  # the adapter connects channels across the base's groups
             groups, kernel = 1, weight
-        conv = _PLAIN_CONV[len(base.kernel_size)](
+        conv = skip_init(
+            _PLAIN_CONV[len(base.kernel_size)],
             weight.shape[1],
             weight.shape[0],
             tuple(base.kernel_size),
@@ -277,7 +314,9 @@ class _Conv(LayerKind):
         )
         return _fill(conv, kernel, bias)
 
-    def verify(self, f: Fn, candidate: nn.Module, base: Any, rtol: float) -> verify.VerifyResult:
+    def verify(
+        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
+    ) -> verify.VerifyResult:
         shapes = verify.probe_shapes(self._example(base), "conv", span=self._span(base))
         return verify.compare(f, candidate, shapes, rtol=rtol)
 
@@ -330,7 +369,8 @@ class _Embedding(LayerKind):
     ) -> nn.Module:
         if bias.any():
             raise probe.ProbeFailure("an embedding table has no bias")
-        layer = nn.Embedding(
+        layer = skip_init(
+            nn.Embedding,
             weight.shape[0],
             weight.shape[1],
             padding_idx=base.padding_idx,
@@ -343,7 +383,9 @@ class _Embedding(LayerKind):
             layer.weight.copy_(round_to(weight, dtype))
         return layer
 
-    def verify(self, f: Fn, candidate: nn.Module, base: Any, rtol: float) -> verify.VerifyResult:
+    def verify(
+        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
+    ) -> verify.VerifyResult:
         n = int(base.num_embeddings)
 
         def indices(x: torch.Tensor) -> torch.Tensor:

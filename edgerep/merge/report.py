@@ -30,6 +30,11 @@ class MergedLayer:
             method is linear in the adapters).
         max_rel_error: that difference relative to the largest output magnitude.
         sizes_checked: input shapes the verifier ran.
+        route: how the plain layer was obtained: 'fast:<rule>' (the adapter's known
+            algebra, `edgerep.merge._fast`, verified), 'probe' (read off the function
+            and verified), 'mixed' (a combination whose reads took both routes) or
+            'swap' (a ``modules_to_save`` copy, no arithmetic).
+        fallback: why a fast rule was not used where one exists ('' otherwise).
     """
 
     path: str
@@ -42,6 +47,8 @@ class MergedLayer:
     max_abs_error: float
     max_rel_error: float
     sizes_checked: tuple[tuple[int, ...], ...]
+    route: str = ""
+    fallback: str = ""
 
 
 @dataclass
@@ -78,6 +85,14 @@ class MergeReport:
     seconds: float = 0.0
 
     @property
+    def routes(self) -> dict[str, int]:
+        """How many merged layers took each route ('fast:peft-merge', 'probe', ...)."""
+        counts: dict[str, int] = {}
+        for r in self.merged:
+            counts[r.route] = counts.get(r.route, 0) + 1
+        return counts
+
+    @property
     def max_error(self) -> float:
         """Largest relative error over all merged layers (float64)."""
         return max((r.max_rel_error for r in self.merged), default=0.0)
@@ -86,6 +101,7 @@ class MergeReport:
         """A JSON-serializable dictionary."""
         d = asdict(self)
         d["max_rel_error"] = self.max_error
+        d["routes"] = self.routes
         return d
 
     def to_text(self) -> str:
@@ -109,14 +125,18 @@ class MergeReport:
         for note in self.notes:
             lines.append(f"note: {note}")
         if self.merged:
-            lines.append(f"merged ({len(self.merged)}):")
+            routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items()))
+            lines.append(f"merged ({len(self.merged)}; {routes}):")
             for r in self.merged:
                 names = f" [{', '.join(r.adapters)}]" if r.adapters else ""
                 lines.append(
                     f"  {r.path or '<root>'}: {r.adapter}{names} -> {r.became}\n"
                     f"      params {r.params_before:,} -> {r.params_after:,}, "
-                    f"max abs err {r.max_abs_error:.1e}, rel {r.max_rel_error:.1e}"
+                    f"max abs err {r.max_abs_error:.1e}, rel {r.max_rel_error:.1e}, "
+                    f"via {r.route}"
                 )
+                if r.fallback:
+                    lines.append(f"      ({r.fallback})")
         if self.kept:
             lines.append(f"kept ({len(self.kept)}):")
             for k in self.kept:

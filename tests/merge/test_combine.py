@@ -268,7 +268,22 @@ def test_unknown_method_and_density_errors():
         "ties",
         "dare_linear",
         "dare_ties",
+        "breadcrumbs",
     }
+
+
+def test_breadcrumbs_by_hand():
+    # 200 distinct magnitudes 1..200 with alternating signs: gamma 0.01 drops the 2
+    # largest (200, 199), density 0.5 keeps the next 100 (198 down to 99)
+    values = torch.arange(1, 201, dtype=F64) * torch.tensor([1.0, -1.0], dtype=F64).repeat(100)
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+    d = values[perm]
+    out = _combine.combine(
+        "breadcrumbs", [d, 2 * d], [0.5, 0.25], density=0.5, generator=torch.Generator()
+    )
+    kept = (d.abs() >= 99) & (d.abs() <= 198)
+    assert torch.equal(out, torch.where(kept, d, torch.zeros_like(d)))  # 0.5 d + 0.25 (2 d) = d
+    assert int((out != 0).sum()) == 100
 
 
 def test_adapters_already_merged_by_peft_cannot_be_separated():
