@@ -290,16 +290,22 @@ def prune(
         )
         total = float(report.macs_before if t.kind == "macs" else report.params_before)
         assert t.ratio is not None
+        # the tables add each group's saving alone; a layer whose input and output both
+        # shrink saves more than that sum, so count the result exactly and correct
         need = total * (1 - t.ratio)
-        widths, done = _allocate(tables, scores, sizes, need)
-        if done < need * (1 - 1e-9):
-            floor = (total - done) / total
-            raise ConfigError(
-                f"{t.to_text()} is impossible for this model: with every prunable group at its "
-                f"narrowest allowed width (min_ratio={min_ratio}) {floor:.3f} of the {t.kind} "
-                "remain; ask for more, lower min_ratio or keep fewer layers"
-            )
-        kept = plan_for(widths)
+        for _ in range(30):
+            widths, done = _allocate(tables, scores, sizes, need)
+            kept = plan_for(widths)
+            counted = _count(layer_shapes(apply_plan_structure(src, inputs, kept), inputs), t.kind)
+            if counted <= total * t.ratio * (1 + 1e-9):
+                break
+            if done < need * (1 - 1e-9):
+                raise ConfigError(
+                    f"{t.to_text()} is impossible for this model: with every prunable group at "
+                    f"its narrowest allowed width (min_ratio={min_ratio}) {counted / total:.3f} "
+                    f"of the {t.kind} remain; ask for more, lower min_ratio or keep fewer layers"
+                )
+            need += counted - total * t.ratio
     else:
         kept, widths = _latency_search(
             src, lat_inputs, prunable, scores, sizes, t, backend, threads, min_ratio,

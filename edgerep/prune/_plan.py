@@ -166,6 +166,8 @@ def apply_plan_structure(
             range, or (with `check_sha256`) a model other than the plan's.
     """
     tp = require_torch_pruning()
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = [example_inputs]
     if check_sha256 is not None and model_sha256(model) != check_sha256:
         raise ConfigError(
             "the prune plan was made for another model (its model_sha256 differs from this "
@@ -211,6 +213,8 @@ def index_maps(
     Found by pruning a copy whose every output row holds its own index, so that
     whatever Torch-Pruning does with concatenations or reshapes, the answer is its own.
     """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = [example_inputs]
     tagged = copy.deepcopy(model).double()
     with torch.no_grad():
         for m in tagged.modules():
