@@ -12,6 +12,8 @@ Usage::
                    [--option FORMAT.KEY=VALUE ...] [--rtol R] [--force] [--json]
     edgerep bench BUNDLE_OR_SRC ... [--runtime onnxruntime,openvino] [--data DATA]
                   [--compare OTHER_BUNDLE ...] [--out DIR] [--threads N] [--mlperf] [--json]
+    edgerep prune SRC --target latency=0.5 --calib DATA -o OUT [--backend B] [--plan PLAN]
+                  (see `edgerep.prune._cli`)
     edgerep list [--json]
 
 ``SRC`` is ``path/to/file.py:factory`` or ``model.pt2``; ``SPEC`` is
@@ -239,6 +241,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_cmd_quantize)
+
+    from edgerep.prune._cli import add_prune_parser
+
+    add_prune_parser(sub, [common, model_args])
 
     p = sub.add_parser(
         "export",

@@ -8,9 +8,10 @@
 4. greedy allocation: repeatedly narrow the group whose next width loses the least
    importance per unit of cost saved, until the estimated cost is in budget;
 5. for a latency target, export the pruned and unpruned models and time them
-   interleaved end to end; if the measured ratio misses, move the budget by the
-   miss and allocate again (at most ``max_iters`` rounds); a pruned model measured
-   slower than the unpruned one is refused;
+   interleaved end to end; the table latency to remove is then searched by
+   measurement (proportional steps inside a bracket, at most ``max_iters`` rounds),
+   keeping the least pruning that meets the target; a pruned model measured slower
+   than the unpruned one is refused;
 6. recovery of the consuming layers on calibration data (`_recover`).
 """
 
@@ -406,34 +407,46 @@ def _latency_search(
     }
     report.backend = backend
     p0, _ = measure_pair(backend, src, src, inputs, threads=threads, config=e2e)
-    table_full = sum(tab[sizes[g]] for g, tab in tables.items())
-    budget = t.ratio * p0
-    best: tuple[float, dict[str, tuple[int, ...]], dict[str, int], float, float] | None = None
-    closest: tuple[float, dict[str, tuple[int, ...]], dict[str, int], float, float] | None = None
+    # R: the table latency to remove. The tables do not add up to the measured model
+    # (other ops, the runtime's own overhead, interactions), so R is searched by
+    # measurement: a first guess from the tables, then secant steps on the measured
+    # ratio inside a bracket, keeping the smallest R that meets the target.
+    r_max = sum(max(tab.values()) - min(tab.values()) for tab in tables.values())
+    r_guess = min((1 - t.ratio) * p0, r_max)
     limit = t.ratio * (1 + t.tolerance)
+    feasible: dict[float, tuple[float, Any, Any, float, float]] = {}
+    tried: dict[float, tuple[float, Any, Any, float, float]] = {}
+    lo, hi = 0.0, None  # lo: R known too small (ratio over); hi: R known enough
+    r = r_guess
     for _ in range(max_iters):
-        widths, done = _allocate(tables, scores, sizes, p0 - budget)
+        widths, done = _allocate(tables, scores, sizes, r)
         kept = plan_for(widths)
-        estimate = p0 - done
         candidate = apply_plan_structure(src, inputs, kept)
         ref, p1 = measure_pair(backend, src, candidate, inputs, threads=threads, config=e2e)
         ratio = p1 / ref
-        report.iterations.append(Iteration(budget, estimate, ratio, p1))
+        report.iterations.append(Iteration(r, ref - done, ratio, p1))
         entry = (ratio, kept, widths, ref, p1)
-        if closest is None or ratio < closest[0]:
-            closest = entry
+        tried[r] = entry
         if ratio <= limit:
-            if best is None or ratio > best[0]:
-                best = entry
+            feasible[r] = entry
+            hi = r if hi is None else min(hi, r)
             if ratio >= t.ratio * (1 - 2 * t.tolerance):
                 break
-            budget += (t.ratio - ratio) * ref * 0.7  # well under: give some back
         else:
-            budget -= (ratio - t.ratio) * ref
-            if budget <= p0 - (table_full - sum(min(tab.values()) for tab in tables.values())):
-                budget = max(budget, 0.0)
-        if done < (p0 - budget) * (1 - 1e-9) and ratio > limit and _ > 0:
-            break  # every group at its narrowest and still over: nothing more to take
+            lo = max(lo, r)
+            if r >= r_max * (1 - 1e-9):
+                break  # every group at its narrowest and still over
+        # next R: proportional step toward the target, kept inside the bracket
+        step = r * (1 - t.ratio) / max(1 - ratio, 1e-3) if ratio < 1 else 2 * r + 1e-6
+        upper = hi if hi is not None else r_max
+        nxt = min(max(step, lo), upper)
+        if not lo < nxt < upper or abs(nxt - r) < 1e-3 * max(r, 1e-9):
+            nxt = (lo + upper) / 2
+        if abs(nxt - r) < 1e-6 * max(r_max, 1e-9):
+            break
+        r = nxt
+    best = feasible[min(feasible)] if feasible else None
+    closest = min(tried.values(), key=lambda e: e[0])
     chosen = best or closest
     assert chosen is not None
     ratio, kept, widths, ref, p1 = chosen

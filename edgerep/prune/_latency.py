@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 #: how each layer is timed: short runs, many of them (the end-to-end check uses more)
 TABLE_LATENCY = LatencyConfig(
-    warmup_iters=3, warmup_seconds=0.01, min_iters=15, min_seconds=0.04, repeats=3
+    warmup_iters=3, warmup_seconds=0.01, min_iters=10, min_seconds=0.03, repeats=3
 )
 
 
@@ -319,11 +319,11 @@ class LatencyTables:
 def candidate_widths(size: int, *, min_width: int = 1) -> list[int]:
     """Widths tried for a group of `size` channels, widest first.
 
-    Multiples of a granule (8 up to 128 channels, then 16, 32, 64 for wider groups:
-    at most ~24 widths), plus `size` itself.
+    Multiples of a granule (8 up to 96 channels, then 16, 32, ... for wider groups:
+    at most 12 widths), plus `size` itself.
     """
     granule = 8
-    while size / granule > 24:
+    while size / granule > 12:
         granule *= 2
     widths = {size}
     widths.update(w for w in range(granule, size, granule) if w >= min_width)

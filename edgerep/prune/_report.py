@@ -35,9 +35,16 @@ class GroupResult:
 
 @dataclass(frozen=True)
 class Iteration:
-    """One allocate-prune-measure round of a latency target."""
+    """One allocate-prune-measure round of a latency target.
 
-    budget_ms: float
+    Attributes:
+        reduction_ms: the table latency the allocation was asked to remove.
+        estimated_ms: the unpruned p50 minus the table latency removed.
+        measured_ratio: measured p50 pruned / unpruned.
+        p50_ms: measured p50 of the pruned model.
+    """
+
+    reduction_ms: float
     estimated_ms: float
     measured_ratio: float | None
     p50_ms: float | None
