@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +99,9 @@ def _time_models(
     out: dict[str, list[float]] = {n: [] for n in models}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {
-            n: runtime.load(_export_onnx(m, [x], Path(tmp) / f"{n}.onnx"), options=backend.options(1))
+            n: runtime.load(
+                _export_onnx(m, [x], Path(tmp) / f"{n}.onnx"), options=backend.options(1)
+            )
             for n, m in models.items()
         }
         feeds = {"input_0": x.numpy()}
@@ -156,20 +157,28 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         t1 = time.perf_counter()
         pruned, report = prune(
-            folded, (x3_te[:1],), target=args.target, calib=calib, labels=labels,
-            latency_inputs=(big,), cache_dir=cache,
+            folded,
+            (x3_te[:1],),
+            target=args.target,
+            calib=calib,
+            labels=labels,
+            latency_inputs=(big,),
+            cache_dir=cache,
         )
         prune_s = time.perf_counter() - t1
     no_rec, _ = prune(
-        folded, (x3_te[:1],), target="widths=" + ",".join(
-            f"{g.name}:{g.width}" for g in report.groups if g.width != g.size
-        ), recovery="none",
+        folded,
+        (x3_te[:1],),
+        target="widths="
+        + ",".join(f"{g.name}:{g.width}" for g in report.groups if g.width != g.size),
+        recovery="none",
     )
     top1["edgerep_ls"] = accuracy(pruned, x3_te, y_te)
     top1["edgerep_no_recovery"] = accuracy(no_rec, x3_te, y_te)
     macs = {"unpruned": _macs(folded, big), "edgerep": _macs(pruned, big)}
-    tp_model, tp_ratio = _tp_prune(folded, x3_te[:1], int(macs["edgerep"] * x3_te[:1].numel()
-                                                           / big.numel()))
+    tp_model, tp_ratio = _tp_prune(
+        folded, x3_te[:1], int(macs["edgerep"] * x3_te[:1].numel() / big.numel())
+    )
     macs["torch_pruning"] = _macs(tp_model, big)
     top1["torch_pruning"] = accuracy(tp_model, x3_te, y_te)
     timing = _time_models(
@@ -195,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "prune_bench",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "versions": {n: __import__(n).__version__ for n in ("torch", "onnxruntime", "torch_pruning")},
+        "versions": {
+            n: __import__(n).__version__ for n in ("torch", "onnxruntime", "torch_pruning")
+        },
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "runtime": f"onnxruntime CPU, 1 thread, batch 1, input 1x3x{args.size}x{args.size}",

@@ -129,8 +129,12 @@ def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -
     model = copy.deepcopy(model).float().eval()
     with torch.no_grad():
         torch.onnx.export(
-            model, tuple(t.float() for t in inputs), str(path), dynamo=False,
-            input_names=names, opset_version=17,
+            model,
+            tuple(t.float() for t in inputs),
+            str(path),
+            dynamo=False,
+            input_names=names,
+            opset_version=17,
         )
     return path
 
@@ -232,9 +236,7 @@ def prune(
     calib_t = _as_inputs(calib) if calib is not None else None
     recovery = recovery or ("ls" if calib_t is not None else "none")
     if recovery not in RECOVERY_MODES:
-        raise ConfigError(
-            f"unknown recovery {recovery!r}; allowed: {', '.join(RECOVERY_MODES)}"
-        )
+        raise ConfigError(f"unknown recovery {recovery!r}; allowed: {', '.join(RECOVERY_MODES)}")
     if recovery != "none" and calib_t is None:
         raise ConfigError(
             f"recovery={recovery!r} needs calibration data (calib=, CLI --calib DATA); "
@@ -258,15 +260,17 @@ def prune(
     sizes = {g.name: g.size for g in prunable}
     shapes = layer_shapes(src, inputs)
     report = PruneReport(
-        target=t.to_text(), asked=t.ratio, importance=importance, recovery_mode=recovery,
-        macs_before=_count(shapes, "macs"), params_before=_count(shapes, "params"),
+        target=t.to_text(),
+        asked=t.ratio,
+        importance=importance,
+        recovery_mode=recovery,
+        macs_before=_count(shapes, "macs"),
+        params_before=_count(shapes, "params"),
     )
     tables: dict[str, dict[int, float]] = {}
 
     def plan_for(widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
-        return {
-            g: _kept_indices(scores[g], w) for g, w in widths.items() if w < sizes[g]
-        }
+        return {g: _kept_indices(scores[g], w) for g, w in widths.items() if w < sizes[g]}
 
     if t.kind == "widths":
         by_name = {g.name: g for g in groups}
@@ -285,7 +289,8 @@ def prune(
         kept = plan_for(widths)
     elif t.kind in ("macs", "params"):
         tables = build_tables(
-            prunable, shapes,
+            prunable,
+            shapes,
             lambda ss: [float(s.macs() if t.kind == "macs" else s.params()) for s in ss],
             min_ratio=min_ratio,
         )
@@ -309,12 +314,26 @@ def prune(
             need += counted - total * t.ratio
     else:
         kept, widths = _latency_search(
-            src, lat_inputs, prunable, scores, sizes, t, backend, threads, min_ratio,
-            max_iters, cache_dir, sha, report, plan_for, tables, latency_config or E2E_LATENCY,
+            src,
+            lat_inputs,
+            prunable,
+            scores,
+            sizes,
+            t,
+            backend,
+            threads,
+            min_ratio,
+            max_iters,
+            cache_dir,
+            sha,
+            report,
+            plan_for,
+            tables,
+            latency_config or E2E_LATENCY,
         )
 
     pruned = apply_plan_structure(src, inputs, kept)
-    rec_rows = []
+    rec_rows: list[Any] = []
     if recovery != "none" and kept:
         consumers = sorted({m.name for g in prunable if g.name in kept for m in g.consumers})
         idx = index_maps(src, inputs, kept)
@@ -330,11 +349,14 @@ def prune(
         table = tables.get(g.name)
         report.groups.append(
             GroupResult(
-                g.name, g.size, w,
+                g.name,
+                g.size,
+                w,
                 1.0 - _lost(scores[g.name], w) if g.name in scores else 1.0,
                 table.get(g.size) if table else None,
                 table.get(w) if table else None,
-                g.prunable, g.reason,
+                g.prunable,
+                g.reason,
             )
         )
     if t.kind in ("macs", "params"):
@@ -344,7 +366,11 @@ def prune(
         report.status = "met" if report.achieved <= (t.ratio or 1) + 1e-9 else "missed"
     if measure and t.kind != "latency":
         p0, p1 = measure_pair(
-            backend, src, pruned, lat_inputs, threads=threads,
+            backend,
+            src,
+            pruned,
+            lat_inputs,
+            threads=threads,
             config=latency_config or E2E_LATENCY,
         )
         report.backend, report.p50_before_ms, report.p50_after_ms = backend, p0, p1
@@ -354,8 +380,12 @@ def prune(
     elif t.kind == "widths":
         report.status = "applied"
     plan = PrunePlan(
-        kept=kept, sizes={g: sizes[g] for g in kept}, model_sha256=sha, recovery=recovery,
-        ridge=ridge, calib_sha256=_calib_sha256(calib_t) if calib_t is not None and kept else None,
+        kept=kept,
+        sizes={g: sizes[g] for g in kept},
+        model_sha256=sha,
+        recovery=recovery,
+        ridge=ridge,
+        calib_sha256=_calib_sha256(calib_t) if calib_t is not None and kept else None,
         target=t.to_text(),
     )
     pruned.prune_plan = plan  # type: ignore[assignment]

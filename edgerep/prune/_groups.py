@@ -37,8 +37,7 @@ def require_torch_pruning() -> Any:
         import torch_pruning
     except ImportError as e:
         raise MissingDependencyError(
-            "structured pruning needs Torch-Pruning for its dependency graph; install it with "
-            "pip install 'edgerep[prune]'"
+            "torch-pruning", "prune", "structured pruning's dependency graph"
         ) from e
     return torch_pruning
 
@@ -170,9 +169,7 @@ def build_groups(
     tp = require_torch_pruning()
     kept = _check_keep(model, keep)
     first, last = _interface_layers(model, example_inputs)
-    graph = tp.DependencyGraph().build_dependency(
-        model, example_inputs=tuple(example_inputs)
-    )
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=tuple(example_inputs))
     groups: list[Group] = []
     for tp_group in graph.get_all_groups(root_module_types=list(ROOT_TYPES)):
         root_dep, idxs = tp_group[0]
@@ -197,7 +194,9 @@ def build_groups(
         if grouped:
             # Torch-Pruning slices a grouped conv's channels without keeping every conv
             # group the same size, which breaks the layer; such groups stay whole
-            reason = f"grouped conv ({', '.join(grouped)}): channel counts per group must stay equal"
+            reason = (
+                f"grouped conv ({', '.join(grouped)}): channel counts per group must stay equal"
+            )
         elif producers & first:
             reason = f"first layer ({', '.join(sorted(producers & first))})"
         elif producers & last:

@@ -135,15 +135,33 @@ class LayerShape:
         if self.depthwise:
             cin = cout = min(cin, cout)
         return LayerShape(
-            self.kind, self.in_shape, cin, cout, self.kernel, self.stride, self.padding,
-            self.dilation, self.depthwise, self.bias,
+            self.kind,
+            self.in_shape,
+            cin,
+            cout,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.depthwise,
+            self.bias,
         )
 
     def key(self) -> str:
-        return json.dumps([
-            self.kind, self.in_shape, self.cin, self.cout, self.kernel, self.stride,
-            self.padding, self.dilation, self.depthwise, self.bias,
-        ])
+        return json.dumps(
+            [
+                self.kind,
+                self.in_shape,
+                self.cin,
+                self.cout,
+                self.kernel,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.depthwise,
+                self.bias,
+            ]
+        )
 
     def macs(self) -> int:
         if self.kind == "Linear":
@@ -162,19 +180,34 @@ class LayerShape:
         return self.cout * per_out + (self.cout if self.bias else 0)
 
 
+def _padding(conv: nn.Conv2d) -> tuple[int, ...]:
+    if isinstance(conv.padding, str):  # "same" (stride 1) or "valid"
+        if conv.padding == "valid":
+            return (0,) * len(conv.kernel_size)
+        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+    return tuple(conv.padding)
+
+
 def layer_shapes(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, LayerShape]:
     """The `LayerShape` of every Conv2d/Linear that runs on `inputs`."""
     shapes: dict[str, LayerShape] = {}
     names = {id(m): n for n, m in model.named_modules()}
 
-    def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+    def hook(m: Any, args: tuple[Any, ...]) -> None:
         x = args[0]
         name = names[id(m)]
         if isinstance(m, nn.Conv2d):
             shapes[name] = LayerShape(
-                "Conv2d", (1, *x.shape[2:]), m.in_channels, m.out_channels,
-                tuple(m.kernel_size), tuple(m.stride), tuple(m.padding),  # type: ignore[arg-type]
-                tuple(m.dilation), depthwise=m.groups > 1, bias=m.bias is not None,
+                "Conv2d",
+                (1, *x.shape[2:]),
+                m.in_channels,
+                m.out_channels,
+                tuple(m.kernel_size),
+                tuple(m.stride),
+                _padding(m),
+                tuple(m.dilation),
+                depthwise=m.groups > 1,
+                bias=m.bias is not None,
             )
         else:
             rows = int(np.prod(x.shape[1:-1])) if x.dim() > 2 else 1
@@ -214,8 +247,14 @@ def _one_layer_onnx(shape: LayerShape, path: Path) -> list[int]:
             names.append("b")
         pads = list(shape.padding) * 2
         node = helper.make_node(
-            "Conv", names, ["y"], kernel_shape=list(shape.kernel), strides=list(shape.stride),
-            pads=pads, dilations=list(shape.dilation), group=group,
+            "Conv",
+            names,
+            ["y"],
+            kernel_shape=list(shape.kernel),
+            strides=list(shape.stride),
+            pads=pads,
+            dilations=list(shape.dilation),
+            group=group,
         )
     else:
         w = rng.standard_normal((shape.cin, shape.cout)).astype(np.float32)
@@ -224,7 +263,8 @@ def _one_layer_onnx(shape: LayerShape, path: Path) -> list[int]:
         inits.append(numpy_helper.from_array(np.zeros(shape.cout, np.float32), "b"))
         node = helper.make_node("Gemm", ["x", "w", "b"], ["y"])
     graph = helper.make_graph(
-        [node], "layer",
+        [node],
+        "layer",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         initializer=inits,
@@ -304,8 +344,9 @@ class LatencyTables:
                     session = runtime.load(
                         self.backend.prepare(path), options=self.backend.options(self.threads)
                     )
-                    feeds = {"x": np.random.default_rng(0).standard_normal(in_shape).astype(
-                        np.float32)}
+                    feeds = {
+                        "x": np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)
+                    }
                     try:
                         result = benchmark_latency(session.run, feeds, config=self.config)
                     finally:

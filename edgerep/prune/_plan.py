@@ -101,7 +101,13 @@ class PrunePlan:
             ConfigError: another version, or a malformed group.
         """
         known = {
-            "version", "model_sha256", "target", "recovery", "ridge", "calib_sha256", "groups",
+            "version",
+            "model_sha256",
+            "target",
+            "recovery",
+            "ridge",
+            "calib_sha256",
+            "groups",
             "extra",
         }
         unknown = sorted(set(data) - known)
@@ -182,8 +188,7 @@ def apply_plan_structure(
         g = by_name.get(name)
         if g is None:
             raise ConfigError(
-                f"the model has no channel group rooted at {name!r}; groups: "
-                f"{', '.join(by_name)}"
+                f"the model has no channel group rooted at {name!r}; groups: {', '.join(by_name)}"
             )
         if not g.prunable:
             raise ConfigError(f"group {name!r} cannot be pruned: {g.reason}")
@@ -197,8 +202,10 @@ def apply_plan_structure(
         if not removed:
             continue
         root = modules[name]
-        fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else (
-            tp.prune_conv_out_channels
+        fn = (
+            tp.prune_linear_out_channels
+            if isinstance(root, nn.Linear)
+            else (tp.prune_conv_out_channels)
         )
         group = graph.get_pruning_group(root, fn, idxs=removed)
         group.prune()

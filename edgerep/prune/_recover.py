@@ -93,11 +93,14 @@ def _capture(
     return got[0]
 
 
-def _design(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _design(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """Rows of the linear map `layer` applies (patches for a conv), plus a ones column."""
     if isinstance(layer, nn.Conv2d):
         cols = nn.functional.unfold(
-            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+            x,
+            layer.kernel_size,
+            dilation=layer.dilation,
+            padding=layer.padding,  # type: ignore[arg-type]  # str padding is not solved
             stride=layer.stride,
         )  # (N, C*kh*kw, L)
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
@@ -106,20 +109,20 @@ def _design(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
 
 
-def _targets(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def _targets(layer: Any, y: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Conv2d):
         return y.transpose(0, 1).reshape(y.shape[1], -1).T  # (N*L, C), rows as in unfold
     return y.reshape(-1, y.shape[-1])
 
 
-def _weights(layer: nn.Module) -> torch.Tensor:
+def _weights(layer: Any) -> torch.Tensor:
     """Current weights as the (d + 1, out) matrix of `_design` (bias last)."""
     w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1).T
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[1])
     return torch.cat([w, b[None, :]], 0)
 
 
-def _set(layer: nn.Module, solution: torch.Tensor) -> None:
+def _set(layer: Any, solution: torch.Tensor) -> None:
     w, b = solution[:-1].T, solution[-1]
     with torch.no_grad():
         layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
@@ -175,11 +178,22 @@ def recover(
     for name in sorted(set(consumers), key=lambda n: order.get(n, 1 << 30)):
         layer = modules[name]
         solvable = isinstance(layer, nn.Linear) or (
-            isinstance(layer, nn.Conv2d) and layer.groups == 1
+            isinstance(layer, nn.Conv2d)
+            and layer.groups == 1
+            and not isinstance(layer.padding, str)
+            and layer.padding_mode == "zeros"
         )
         if not solvable or name not in order:
-            rows.append(RecoveredLayer(name, "skipped", float("nan"), float("nan"), kept=False,
-                                       reason="only Conv2d with groups=1 and Linear are solved"))
+            rows.append(
+                RecoveredLayer(
+                    name,
+                    "skipped",
+                    float("nan"),
+                    float("nan"),
+                    kept=False,
+                    reason="only Linear and zero-padded Conv2d with groups=1 are solved",
+                )
+            )
             continue
         x = _design(layer, _capture(work, layer, x64, output=False))
         y = _targets(layer, _capture(ref, ref_modules[name], x64, output=True))
@@ -210,6 +224,7 @@ def recover(
 def _execution_order(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
     order: dict[str, int] = {}
     names = {id(m): n for n, m in model.named_modules()}
+
     def hook(mod: nn.Module, _args: Any) -> None:
         order.setdefault(names[id(mod)], len(order))
 

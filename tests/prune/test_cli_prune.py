@@ -34,8 +34,9 @@ def _files(tmp_path):
     src.write_text(MODEL)
     data = tmp_path / "calib.npz"
     rng = np.random.default_rng(0)
-    np.savez(data, x=rng.standard_normal((64, 3, 12, 12)).astype(np.float32),
-             y=rng.integers(0, 10, 64))
+    np.savez(
+        data, x=rng.standard_normal((64, 3, 12, 12)).astype(np.float32), y=rng.integers(0, 10, 64)
+    )
     return f"{src}:build", str(data)
 
 
@@ -51,8 +52,9 @@ def test_prune_writes_bundle_plan_and_state_dict_and_replays_the_plan(tmp_path, 
     assert report["status"] == "met" and report["achieved"] <= 0.5
     state = torch.load(out / "pruned_state_dict.pt", weights_only=True)
     again = tmp_path / "again"
-    code = main(["prune", src, "--plan", str(out / "prune_plan.json"), "--calib", data,
-                 "-o", str(again)])
+    code = main(
+        ["prune", src, "--plan", str(out / "prune_plan.json"), "--calib", data, "-o", str(again)]
+    )
     assert code == EXIT_OK, capsys.readouterr().err
     state2 = torch.load(again / "pruned_state_dict.pt", weights_only=True)
     assert state.keys() == state2.keys()

@@ -33,8 +33,9 @@ def test_coupled_groups_span_add_concat_and_depthwise() -> None:
     # the residual sum a + b(a), concatenated with c, read by the depthwise conv
     joint = next(g for g in groups if {"a", "b", "c", "dw"} <= {m.name for m in g.members})
     assert joint.size == 32 and joint.prunable
-    assert {("a", "out"), ("b", "out"), ("b", "in"), ("c", "out"), ("dw", "out"),
-            ("pw", "in")} <= {(m.name, m.dim) for m in joint.members}
+    assert {("a", "out"), ("b", "out"), ("b", "in"), ("c", "out"), ("dw", "out"), ("pw", "in")} <= {
+        (m.name, m.dim) for m in joint.members
+    }
     # a grouped (not depthwise) conv is kept whole: slicing it would break its groups
     assert not by_root["g"].prunable and "grouped conv" in by_root["g"].reason
 
@@ -53,8 +54,9 @@ def test_pruned_coupled_net_runs_and_matches_through_onnxruntime(tmp_path) -> No
     with torch.no_grad():
         ref = pruned(x).numpy()
     path = tmp_path / "m.onnx"
-    torch.onnx.export(pruned, (x,), str(path), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "n"}})
+    torch.onnx.export(
+        pruned, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}}
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -33,7 +33,7 @@ def test_pruning_exactly_zero_channels_keeps_outputs(importance: str) -> None:
     dead = [1, 4, 9, 13, 20, 22, 27, 30]
     _zero_channels(model, "2", dead)
     x = torch.randn(8, 3, 12, 12, dtype=torch.float64)
-    pruned, report = prune(
+    pruned, _report = prune(
         model, x[:1], target="widths=2:24", importance=importance, recovery="none"
     )
     assert pruned[2].out_channels == 24 and pruned[4].in_channels == 24
@@ -117,8 +117,7 @@ def test_plan_reapplication_reproduces_weights_bit_for_bit(tmp_path) -> None:
     model = coupled()
     x = torch.randn(32, 3, 10, 10)
     labels = torch.randint(0, 10, (32,))
-    pruned, _ = prune(model, x[:1], target="macs=0.6", calib=x, labels=labels,
-                      importance="taylor")
+    pruned, _ = prune(model, x[:1], target="macs=0.6", calib=x, labels=labels, importance="taylor")
     plan = pruned.prune_plan
     again = PrunePlan.from_dict(PrunePlan.load(plan.save(tmp_path / "plan.json")).to_dict())
     redone = apply_plan(model, x[:1], again, calib=x)
