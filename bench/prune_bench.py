@@ -17,9 +17,12 @@ summary. Steps:
 3. Torch-Pruning's own magnitude pruning (``MetaPruner`` + ``MagnitudeImportance(p=2)``,
    uniform ratio, first conv and classifier ignored, no fine-tuning) with its ratio
    bisected to the same MACs as edgerep's result;
-4. unpruned, edgerep and Torch-Pruning models exported to ONNX and timed
-   interleaved in one process (4 rounds, alternating order, p50 = median of rounds);
-   top-1 on the 450 held-out digits at 32x32.
+4. edgerep's pruned model then onnxruntime static int8 (U8S8 per-channel, 128
+   training digits; exported with dynamic height/width so that one file is scored at
+   32x32 and timed at 224x224);
+5. unpruned, edgerep, Torch-Pruning and edgerep + int8 timed interleaved in one
+   process (4 rounds of >= 1 s, alternating order, p50 = median of rounds); top-1 on
+   the 450 held-out digits at 32x32.
 
 ``loadavg`` before and after is recorded: the machine is shared.
 """
@@ -88,8 +91,45 @@ def _tp_prune(model: nn.Module, x: torch.Tensor, macs_goal: int) -> tuple[nn.Mod
     return best, hi
 
 
+def _int8(model: nn.Module, calib: torch.Tensor, work: Path) -> Path:
+    """`model` exported with dynamic height and width, then onnxruntime static int8
+    (U8S8 per-channel, edgerep's default choice) calibrated on `calib` (one sample a feed)."""
+    from edgerep.quantize import OrtQuantConfig, quantize_onnx
+
+    src = work / f"{id(model)}_fp32.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            copy.deepcopy(model).float().eval(),
+            (calib[:1],),
+            str(src),
+            dynamo=False,
+            input_names=["input_0"],
+            opset_version=17,
+            dynamic_axes={"input_0": {0: "n", 2: "h", 3: "w"}},
+        )
+    out = work / f"{id(model)}_int8.onnx"
+    feeds = [{"input_0": calib[i : i + 1].numpy()} for i in range(len(calib))]
+    quantize_onnx(
+        src, out, OrtQuantConfig(mode="int8", types="U8S8", per_channel=True), calib=feeds
+    )
+    return out
+
+
+def _ort_top1(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    from edgerep.runtimes import get_runtime
+
+    session = get_runtime("onnxruntime").load(path, options={"threads": 1})
+    try:
+        logits = np.concatenate(
+            [session.run({"input_0": x[i : i + 64].numpy()})[0] for i in range(0, len(x), 64)]
+        )
+    finally:
+        session.close()
+    return float((logits.argmax(1) == y.numpy()).mean())
+
+
 def _time_models(
-    models: dict[str, nn.Module], x: torch.Tensor, config: LatencyConfig
+    models: dict[str, nn.Module | Path], x: torch.Tensor, config: LatencyConfig
 ) -> dict[str, dict[str, float]]:
     from edgerep.runtimes import get_runtime
 
@@ -100,7 +140,8 @@ def _time_models(
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {
             n: runtime.load(
-                _export_onnx(m, [x], Path(tmp) / f"{n}.onnx"), options=backend.options(1)
+                m if isinstance(m, Path) else _export_onnx(m, [x], Path(tmp) / f"{n}.onnx"),
+                options=backend.options(1),
             )
             for n, m in models.items()
         }
@@ -176,13 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     top1["edgerep_ls"] = accuracy(pruned, x3_te, y_te)
     top1["edgerep_no_recovery"] = accuracy(no_rec, x3_te, y_te)
     macs = {"unpruned": _macs(folded, big), "edgerep": _macs(pruned, big)}
-    tp_model, tp_ratio = _tp_prune(
-        folded, x3_te[:1], int(macs["edgerep"] * x3_te[:1].numel() / big.numel())
-    )
+    tp_model, tp_ratio = _tp_prune(folded, x3_te[:1], _macs(pruned, x3_te[:1]))
     macs["torch_pruning"] = _macs(tp_model, big)
     top1["torch_pruning"] = accuracy(tp_model, x3_te, y_te)
+    work = Path(tempfile.mkdtemp())
+    int8_path = _int8(pruned, x3_tr[:128], work)
+    top1["edgerep_int8"] = _ort_top1(int8_path, x3_te, y_te)
     timing = _time_models(
-        {"unpruned": folded, "edgerep": pruned, "torch_pruning": tp_model},
+        {
+            "unpruned": folded,
+            "edgerep": pruned,
+            "torch_pruning": tp_model,
+            "edgerep_int8": int8_path,
+        },
         big,
         LatencyConfig(min_seconds=1.0, repeats=4),
     )
@@ -192,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "measured_ratio_in_search": report.achieved,
         "measured_ratio_final": timing["edgerep"]["p50_ms"] / base,
         "torch_pruning_ratio_final": timing["torch_pruning"]["p50_ms"] / base,
+        "edgerep_int8_speedup_vs_unpruned_fp32": base / timing["edgerep_int8"]["p50_ms"],
+        "top1_drop_points_edgerep_int8": 100 * (top1["unpruned"] - top1["edgerep_int8"]),
         "top1": top1,
         "top1_drop_points_edgerep": 100 * (top1["unpruned"] - top1["edgerep_ls"]),
         "top1_drop_points_torch_pruning": 100 * (top1["unpruned"] - top1["torch_pruning"]),
