@@ -1,15 +1,16 @@
 """Structured pruning on plain graphs, to a measured latency, recovered without training.
 
 `edgerep.prune(model, example_inputs, target="latency=0.5", calib=x)` returns
-``(pruned_model, PruneReport)``; see `edgerep.prune._engine`. Torch-Pruning (the
-``edgerep[prune]`` extra) is imported only when a function runs.
+``(pruned_model, PruneReport)``; see `edgerep.prune._engine`. Importing this package
+loads neither torch nor Torch-Pruning (the ``edgerep[prune]`` extra); they load
+when a function runs.
 """
 
 from __future__ import annotations
 
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "PLAN_FILE",
@@ -26,8 +27,22 @@ __all__ = [
 ]
 
 from edgerep.prune._config import PruneTarget, parse_target
-from edgerep.prune._plan import PLAN_FILE, WEIGHTS_FILE, PrunePlan, load_pruned, save_pruned
 from edgerep.prune._report import PruneReport
+
+if TYPE_CHECKING:
+    from edgerep.prune._engine import PruneRefusedError
+    from edgerep.prune._plan import PrunePlan, load_pruned, save_pruned
+
+PLAN_FILE = "prune_plan.json"
+WEIGHTS_FILE = "pruned_state_dict.pt"
+
+# torch and torch_pruning load on first use only
+_LAZY = {
+    "PruneRefusedError": "edgerep.prune._engine",
+    "PrunePlan": "edgerep.prune._plan",
+    "load_pruned": "edgerep.prune._plan",
+    "save_pruned": "edgerep.prune._plan",
+}
 
 
 def prune(model: Any, example_inputs: Any, **options: Any) -> tuple[Any, PruneReport]:
@@ -45,11 +60,11 @@ def apply_plan(model: Any, example_inputs: Any, plan: PrunePlan, **options: Any)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "PruneRefusedError":
-        from edgerep.prune._engine import PruneRefusedError
+    if name in _LAZY:
+        import importlib
 
-        return PruneRefusedError
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'edgerep.prune' has no attribute {name!r}")
 
 
 class _CallableModule(types.ModuleType):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from edgerep.errors import ConfigError, SourceError
+from edgerep.prune import PLAN_FILE, WEIGHTS_FILE
 from edgerep.prune._groups import build_groups, require_torch_pruning
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "save_pruned",
 ]
 
-PLAN_FILE = "prune_plan.json"
-WEIGHTS_FILE = "pruned_state_dict.pt"
 PLAN_VERSION = 1
 
 

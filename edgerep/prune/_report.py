@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgerep.prune._recover import RecoveredLayer
+if TYPE_CHECKING:
+    from edgerep.prune._recover import RecoveredLayer
 
 __all__ = ["GroupResult", "Iteration", "PruneReport"]
 
