@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from edgerep.cli import main
+from edgerep.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgerep import _interrupt
 from edgerep.errors import (
     ConfigError,
     EdgerepError,
@@ -215,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
         "--rtol", type=float, help="override the parity tolerance (fraction of max |ref|)"
     )
     p.add_argument(
+        "--allow-nonfinite-reference",
+        action="store_true",
+        help="the model's outputs hold NaN/Inf on purpose (e.g. -inf masks): artifacts must "
+        "match them place by place (default: any NaN/Inf fails parity)",
+    )
+    p.add_argument(
         "--quantize",
         metavar="MODE",
         help="then quantize (int8, int8-dynamic, fp16, w8, w4) with --calib DATA; see "
@@ -240,6 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_trust_arg(p)
     p.set_defaults(handler=_cmd_quantize)
 
     from edgerep.prune._cli import add_prune_parser
@@ -263,6 +271,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rtol", type=float, help="override the parity tolerance (fraction of max |ref|)"
     )
+    p.add_argument(
+        "--allow-nonfinite-reference",
+        action="store_true",
+        help="the model's outputs hold NaN/Inf on purpose (e.g. -inf masks): artifacts must "
+        "match them place by place (default: any NaN/Inf fails parity)",
+    )
     _add_option_arg(p)
     p.set_defaults(handler=_cmd_export, no_fold=True)
 
@@ -275,6 +289,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_bench_args(p)
     p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser(
+        "sign",
+        parents=[common],
+        help="sign a bundle's manifest with a secret key (HMAC-SHA256)",
+        description="Check a bundle (manifest checksum and every file hash), then sign its "
+        "manifest with the key in KEY_FILE; edgerep.load(..., key=...) on the device refuses a "
+        "bundle whose signature is missing or does not match. The checksum alone proves "
+        "integrity; the signature proves the bundle came from a holder of the key.",
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle directory")
+    p.add_argument("--key-file", required=True, metavar="KEY_FILE", help="the secret (>= 16 bytes)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_cmd_sign)
 
     p = sub.add_parser("list", parents=[common], help="list formats, runtimes and zoo blocks")
     p.add_argument("--json", action="store_true", help="print as JSON")
@@ -437,6 +465,7 @@ def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
         "mixed": not args.no_mixed_precision,
         "sensitivity": args.sensitivity,
         "min_sqnr_db": args.min_sqnr,
+        "trust_unsigned": getattr(args, "trust_unsigned", False),
     }
 
 
@@ -444,7 +473,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from edgerep.bundle import read_manifest
     from edgerep.quantize import quantize_bundle
 
-    manifest = read_manifest(args.bundle)
+    manifest = read_manifest(args.bundle, trust_unsigned=args.trust_unsigned)
     formats = sorted({a["format"] for a in manifest["artifacts"] if a["precision"] == "fp32"})
     data, backends = _quant_setup(args, [i["name"] for i in manifest["inputs"]], args.mode, formats)
     _, report = quantize_bundle(
@@ -467,7 +496,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 # --- commands -----------------------------------------------------------------------------
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="accept a bundle whose manifest has no checksum (written by another tool); "
+        "edgerep's own bundles always carry one",
+    )
+
+
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    _add_trust_arg(p)
     p.add_argument(
         "targets",
         nargs="+",
@@ -576,6 +615,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         concurrency=concurrency,
         precision=args.precision,
         data_options=data_options,
+        trust_unsigned=args.trust_unsigned,
     )
     paths = write_report(report, args.out) if args.out else {}
     if args.json:
@@ -770,6 +810,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         seed=args.seed,
         source=description,
         exporter_options=options,
+        allow_nonfinite_reference=args.allow_nonfinite_reference,
     )
     _show(result, args)
     return EXIT_OK
@@ -796,6 +837,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             source=description,
             merge=args.merge_options,
             exporter_options=options,
+            allow_nonfinite_reference=args.allow_nonfinite_reference,
         )
         _show(result, args)
         return EXIT_OK
@@ -836,8 +878,8 @@ def _convert_then_quantize(
 ) -> int:
     """Convert into a scratch bundle beside OUT, quantize it into OUT, drop the scratch."""
     import shutil
-    import tempfile
 
+    from edgerep.bundle import private_dir
     from edgerep.pipeline import convert
     from edgerep.quantize import quantize_bundle
 
@@ -845,7 +887,7 @@ def _convert_then_quantize(
     torch_model = _model_for_quantizers(args, model, specs) if "executorch" in backends else None
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
+    scratch = private_dir(out, "float")  # named for its owner: a killed run's is cleaned up
     try:
         _, result = convert(
             model,
@@ -858,6 +900,7 @@ def _convert_then_quantize(
             source=description,
             merge=args.merge_options,
             exporter_options=options,
+            allow_nonfinite_reference=args.allow_nonfinite_reference,
         )
         _, report = quantize_bundle(
             scratch / "bundle",
@@ -882,6 +925,17 @@ def _convert_then_quantize(
 
 def _installed(modules: Sequence[str]) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from edgerep.bundle import read_key_file, sign_bundle
+
+    manifest = sign_bundle(args.bundle, read_key_file(args.key_file))
+    if args.json:
+        print(json.dumps({"bundle": args.bundle, "signature": manifest["signature"]}))
+    else:
+        print(f"signed {args.bundle} (hmac-sha256)")
+    return EXIT_OK
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -975,21 +1029,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     _configure_logging(args.verbose)
+    with _interrupt.handle_signals():  # the flag lives until the exit code is decided
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command's handler and map what it raises to an exit code."""
     try:
         with warnings.catch_warnings():
             # torch's own pytree deprecation, raised from inside torch.export (save/load)
             warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
             return int(args.handler(args))
+    except (KeyboardInterrupt, _interrupt.Terminated):
+        return _interrupted()
     except EdgerepError as e:
+        if _interrupt.received() is not None:
+            return _interrupted()  # a backend turned the interrupt into its own error
         code = exit_code_for(e)
         if args.debug:
             traceback.print_exc()
         _report_error(e, code, args)
         return code
-    except KeyboardInterrupt:
-        print("edgerep: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:
+        if _interrupt.received() is not None:
+            return _interrupted()
         if args.debug:
             traceback.print_exc()
         _report_error(e, EXIT_INTERNAL, args)
@@ -999,3 +1062,50 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def _interrupted() -> int:
+    import signal
+
+    signum = _interrupt.received() or signal.SIGINT
+    print(
+        f"edgerep: interrupted ({signal.Signals(signum).name}); nothing was written, earlier "
+        "output left as it was",
+        file=sys.stderr,
+    )
+    return _interrupt.exit_code(signum)
+
+
+def _out_paths(argv: Sequence[str]) -> list[str]:
+    """The values of ``-o``/``--out`` in `argv` (read without parsing the whole line)."""
+    out = []
+    for i, a in enumerate(argv):
+        if a in ("-o", "--out") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif a.startswith("--out="):
+            out.append(a.split("=", 1)[1])
+        elif a.startswith("-o") and len(a) > 2 and not a.startswith("--"):
+            out.append(a[2:])
+    return out
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``edgerep`` command: `main` in a supervised child process.
+
+    A backend that aborts the process on an interrupt (or crashes) takes only the
+    child down; this process then removes the child's temporary directories next to
+    ``-o OUT`` and restores an output the child was replacing, and exits 130/143
+    after SIGINT/SIGTERM (see `edgerep._interrupt`).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def cleanup() -> None:
+        from edgerep.bundle import remove_stale
+
+        for out in _out_paths(args):
+            try:
+                remove_stale(out)
+            except OSError as e:
+                print(f"edgerep: could not clean up beside {out!r}: {e}", file=sys.stderr)
+
+    return _interrupt.supervise(lambda: main(args), cleanup)

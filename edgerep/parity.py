@@ -4,15 +4,23 @@ For each output, ``max_abs_error`` is the largest absolute difference,
 ``max_rel_error`` that difference divided by ``max |reference|`` (the output's
 scale; element-wise ratios are meaningless near zeros), ``cosine`` the cosine
 similarity of the flattened outputs; an output passes when its shape matches, it
-has no NaN/Inf where the reference is finite, and ``max_abs_error <= rel *
-max(max|reference|, 1e-6)`` with ``rel`` from `TOLERANCES` keyed by (format,
-precision).
+holds at least one element, neither it nor the reference holds a NaN/Inf, and
+``max_abs_error <= rel * max(max|reference|, 1e-6)`` with ``rel`` from
+`TOLERANCES` keyed by (format, precision).
+
+Garbage never passes: NaN compared with NaN is not a match (a model with a NaN
+weight gives NaN everywhere, in the reference and in the artifact alike). A
+caller who knows the reference is non-finite on purpose (e.g. a ``-inf`` mask)
+opts in with ``allow_nonfinite_reference=True``: then the artifact must hold
+the same non-finite value at the same places. Empty outputs fail (0 elements
+compared proves nothing), and an output that is the same for every parity input
+is flagged (``constant``): a model that ignores its input is rarely intended.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +117,10 @@ class OutputParity:
     threshold_rel: float
     passed: bool
     reason: str = ""
+    #: elements compared (summed over the parity inputs)
+    elements: int = 0
+    #: the reference output is identical for every parity input
+    constant: bool = False
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,7 +134,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputParity:
+def _compare_one(
+    name: str,
+    ref: np.ndarray,
+    got: np.ndarray,
+    tol: Tolerance,
+    *,
+    allow_nonfinite_reference: bool = False,
+) -> OutputParity:
     import numpy as np
 
     def fail(
@@ -133,22 +152,40 @@ def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
         nonfinite: int = 0,
     ) -> OutputParity:
         return OutputParity(
-            name, max_abs_error, max_rel_error, cosine, nonfinite, tol.rel, False, reason
+            name, max_abs_error, max_rel_error, cosine, nonfinite, tol.rel, False, reason, ref.size
         )
 
     if tuple(ref.shape) != tuple(got.shape):
         return fail(f"shape {tuple(got.shape)} differs from the reference's {tuple(ref.shape)}")
+    if ref.size == 0:
+        return fail(
+            f"the output is empty (shape {tuple(ref.shape)}): 0 elements compared proves nothing; "
+            "give inputs whose dims are all >= 1"
+        )
     r = np.asarray(ref, dtype=np.float64).ravel()
     g = np.asarray(got, dtype=np.float64).ravel()
     rf, gf = np.isfinite(r), np.isfinite(g)
-    # where the reference itself is NaN/Inf the artifact must produce the same value
-    bad = (rf & ~gf) | (~rf & ~((r == g) | (np.isnan(r) & np.isnan(g))))
     both = rf & gf
     diff = np.abs(r[both] - g[both])
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(r[rf]).max()) if rf.any() else 0.0
     max_rel = max_abs / max(scale, _SCALE_FLOOR)
     cos = _cosine(r[both], g[both])
+    ref_bad = int((~rf).sum())
+    if ref_bad and not allow_nonfinite_reference:
+        return fail(
+            f"the reference (the PyTorch model) gives {ref_bad} NaN/Inf value(s) of {r.size}: "
+            "the model or its weights are broken, and NaN matching NaN proves nothing; fix the "
+            "model (or pass allow_nonfinite_reference / --allow-nonfinite-reference if its "
+            "outputs are non-finite on purpose, e.g. -inf masks)",
+            max_abs_error=max_abs,
+            max_rel_error=max_rel,
+            cosine=cos,
+            nonfinite=int((~gf).sum()),
+        )
+    # with the opt-in, the artifact must hold the same non-finite value where the reference does
+    same_nonfinite = (r == g) | (np.isnan(r) & np.isnan(g))
+    bad = (rf & ~gf) | (~rf & ~same_nonfinite)
     nonfinite = int(bad.sum())
     if nonfinite:
         return fail(
@@ -158,6 +195,8 @@ def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
             cosine=cos,
             nonfinite=nonfinite,
         )
+    if not both.any():
+        return fail("no finite element to compare (every reference value is NaN/Inf)")
     if not max_rel <= tol.rel:
         return fail(
             f"max abs error {max_abs:.3e} is {max_rel:.2e} of max |reference| {scale:.3e}, "
@@ -166,7 +205,26 @@ def _compare_one(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
             max_rel_error=max_rel,
             cosine=cos,
         )
-    return OutputParity(name, max_abs, max_rel, cos, 0, tol.rel, True)
+    return OutputParity(name, max_abs, max_rel, cos, 0, tol.rel, True, "", int(both.sum()))
+
+
+def _is_constant(refs: Sequence[np.ndarray]) -> bool:
+    """True when at least two parity inputs gave the same output (one value per shape)."""
+    import numpy as np
+
+    if len(refs) < 2:
+        return False
+    by_shape: dict[tuple[int, ...], np.ndarray] = {}
+    for a in refs:
+        first = by_shape.setdefault(tuple(a.shape), a)
+        if first is not a and not np.array_equal(first, a, equal_nan=True):
+            return False
+    if len(by_shape) == 1:
+        return True
+    # different shapes (a symbolic dim took another value): constant if each is one value
+    # and that value is the same
+    values = {float(a.ravel()[0]) for a in by_shape.values() if a.size}
+    return len(values) == 1 and all(a.size and (a == a.ravel()[0]).all() for a in by_shape.values())
 
 
 def compare_outputs(
@@ -174,6 +232,8 @@ def compare_outputs(
     results: Sequence[Sequence[np.ndarray]],
     names: Sequence[str],
     tolerance: Tolerance,
+    *,
+    allow_nonfinite_reference: bool = False,
 ) -> list[OutputParity]:
     """Compare artifact outputs with reference outputs, over several inputs.
 
@@ -182,18 +242,31 @@ def compare_outputs(
         results: per input, the artifact's outputs (same order).
         names: output names.
         tolerance: the gate.
+        allow_nonfinite_reference: accept NaN/Inf in the reference where the artifact
+            gives the same value at the same place (off: any NaN/Inf fails).
 
     Returns:
         One `OutputParity` per output: the worst errors over the inputs; failed if
-        any input failed (with that input's reason).
+        any input failed (with that input's reason), or if no input was compared.
     """
+    if not references or len(references) != len(results):
+        raise ConfigError(
+            f"parity needs at least one input and one result per input; got "
+            f"{len(references)} reference set(s) and {len(results)} result set(s)"
+        )
     out = []
     for i, name in enumerate(names):
         worst: OutputParity | None = None
         for k, (refs, gots) in enumerate(zip(references, results)):
-            p = _compare_one(name, refs[i], gots[i], tolerance)
+            p = _compare_one(
+                name,
+                refs[i],
+                gots[i],
+                tolerance,
+                allow_nonfinite_reference=allow_nonfinite_reference,
+            )
             if not p.passed:
-                p = OutputParity(**{**asdict(p), "reason": f"on parity input {k}: {p.reason}"})
+                p = replace(p, reason=f"on parity input {k}: {p.reason}")
             if worst is None:
                 worst = p
                 continue
@@ -207,9 +280,11 @@ def compare_outputs(
                 tolerance.rel,
                 passed,
                 worst.reason or p.reason,
+                worst.elements + p.elements,
             )
         if worst is not None:
-            out.append(worst)
+            constant = _is_constant([refs[i] for refs in references])
+            out.append(replace(worst, constant=constant))
     return out
 
 

@@ -45,7 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgerep import _interrupt
 from edgerep._json import finite
+from edgerep._weights import refuse_non_finite
 from edgerep.bundle import atomic_output_dir, check_output_dir, sha256_file, write_manifest
 from edgerep.errors import (
     ConfigError,
@@ -207,9 +209,16 @@ class _Prepared:
     inputs: list[tuple[torch.Tensor, ...]]
     input_labels: list[dict[str, Any]]
     references: list[list[np.ndarray]]
+    allow_nonfinite_reference: bool = False
 
 
-def _prepare(model: torch.nn.Module, specs: Sequence[InputSpec], seed: int) -> _Prepared:
+def _prepare(
+    model: torch.nn.Module,
+    specs: Sequence[InputSpec],
+    seed: int,
+    *,
+    allow_nonfinite_reference: bool = False,
+) -> _Prepared:
     specs = list(specs)
     validate_specs(specs)
     alt = _alternate_dims(specs)
@@ -222,7 +231,7 @@ def _prepare(model: torch.nn.Module, specs: Sequence[InputSpec], seed: int) -> _
         refs.append(_run_reference(reference, specs, ref_x))
         inputs.append(x)
         labels.append({"seed": s, "shapes": {sp.name: list(t.shape) for sp, t in zip(specs, x)}})
-    return _Prepared(reference, specs, inputs, labels, refs)
+    return _Prepared(reference, specs, inputs, labels, refs, allow_nonfinite_reference)
 
 
 def _merge(
@@ -320,20 +329,35 @@ def _fold_rows(report: FoldReport | None) -> list[dict[str, Any]]:
 
 
 def _parity_rows(fmt: str, precision: str, parity: Sequence[OutputParity]) -> list[dict[str, Any]]:
-    return [
-        {
-            "stage": "verify",
-            "action": "passed" if p.passed else "failed",
-            "detail": (
-                f"{fmt}/{precision} output {p.output!r} vs the original model (float32) on "
-                f"{_PARITY_INPUTS} inputs: max abs {p.max_abs_error:.3e}, cosine {p.cosine:.9f}, "
-                f"tolerance {p.threshold_rel:.0e} of max |ref|"
-                + (f"; {p.reason}" if p.reason else "")
-            ),
-            "error": finite(p.max_rel_error),
-        }
-        for p in parity
-    ]
+    rows: list[dict[str, Any]] = []
+    for p in parity:
+        rows.append(
+            {
+                "stage": "verify",
+                "action": "passed" if p.passed else "failed",
+                "detail": (
+                    f"{fmt}/{precision} output {p.output!r} vs the original model (float32) on "
+                    f"{_PARITY_INPUTS} inputs, {p.elements} elements compared: max abs "
+                    f"{p.max_abs_error:.3e}, cosine {p.cosine:.9f}, tolerance "
+                    f"{p.threshold_rel:.0e} of max |ref|" + (f"; {p.reason}" if p.reason else "")
+                ),
+                "error": finite(p.max_rel_error),
+            }
+        )
+        if p.constant:
+            rows.append(
+                {
+                    "stage": "verify",
+                    "action": "warning",
+                    "detail": (
+                        f"{fmt}/{precision} output {p.output!r} is the same for every parity "
+                        "input: the model ignores its input (all-zero weights, a dead ReLU, a "
+                        "wrong checkpoint?); parity holds but proves little"
+                    ),
+                    "error": None,
+                }
+            )
+    return rows
 
 
 def _parity_dict(
@@ -351,6 +375,8 @@ def _parity_dict(
                 "max_rel_error": finite(p.max_rel_error),
                 "cosine": finite(p.cosine),
                 "nonfinite": p.nonfinite,
+                "elements": p.elements,
+                "constant": p.constant,
                 "passed": p.passed,
                 "reason": p.reason,
             }
@@ -434,7 +460,13 @@ def _verify(
     names = (
         list(output_names) if len(output_names) == n_ref else [f"output_{i}" for i in range(n_ref)]
     )
-    parity = compare_outputs(prepared.references, outs, names, tol)
+    parity = compare_outputs(
+        prepared.references,
+        outs,
+        names,
+        tol,
+        allow_nonfinite_reference=prepared.allow_nonfinite_reference,
+    )
     return parity, _parity_dict(prepared, parity, tol, desc)
 
 
@@ -570,6 +602,7 @@ def convert(
     source: Mapping[str, Any] | None = None,
     exporter_options: Mapping[str, Mapping[str, Any]] | None = None,
     merge: Mapping[str, Any] | None = None,
+    allow_nonfinite_reference: bool = False,
 ) -> tuple[Path, ConvertResult]:
     """Fold, export to each format, verify against the original model, write a bundle.
 
@@ -590,6 +623,9 @@ def convert(
             of `edgerep.merge` (``{}`` merges the active adapters); the parity
             reference stays the original, unmerged model (the merged one for a
             combination of adapters or keep_zeros, which no unmerged model computes).
+        allow_nonfinite_reference: the model's outputs hold NaN/Inf on purpose (e.g.
+            ``-inf`` attention masks); artifacts must then give the same non-finite
+            values at the same places. Off: any NaN/Inf in an output fails parity.
 
     Returns:
         The bundle path and a `ConvertResult`. A format whose runtime cannot run here
@@ -623,9 +659,10 @@ def convert(
     if rtol is not None and not rtol > 0:
         raise ConfigError(f"rtol must be positive, got {rtol!r}")
     target = check_output_dir(out_dir, overwrite=overwrite)
+    refuse_non_finite(model, action="convert")
 
     reference, merged, merge_report = _merge_stage(model, merge)
-    prepared = _prepare(reference, specs, seed)
+    prepared = _prepare(reference, specs, seed, allow_nonfinite_reference=allow_nonfinite_reference)
     example = prepared.inputs[0]
     report: FoldReport | None = None
     subject = prepared.reference if merge is None else _reference_model(merged)
@@ -687,6 +724,7 @@ def _export_and_verify(
     errors the user must act on globally (a missing package) propagate.
     """
     fmt = exporter.format
+    _interrupt.check()
     fmt_dir = root / fmt
     fmt_dir.mkdir()
     try:
@@ -694,6 +732,7 @@ def _export_and_verify(
     except MissingDependencyError:
         raise
     except Exception as e:  # ExportError, or an exporter's or SDK's own error
+        _interrupt.check()  # an interrupt turned into a backend error is still an interrupt
         msg = str(e) if isinstance(e, EdgerepError) else f"{type(e).__name__}: {e}"
         logger.debug("%s export failed", fmt, exc_info=True)
         row = {"stage": "export", "action": "failed", "detail": f"{fmt}: {msg}", "error": None}
@@ -725,6 +764,7 @@ def _export_and_verify(
     except MissingDependencyError:
         raise
     except Exception as e:  # the runtime cannot load or run the artifact: not verified
+        _interrupt.check()
         msg = f"{runtime.name} cannot run it: {type(e).__name__}: {e}"
         logger.debug("%s parity run failed", fmt, exc_info=True)
         rows.append(
@@ -781,6 +821,7 @@ def _report_run(
             run,
         )
     except Exception as e:
+        _interrupt.check()
         text = f"{run.label} run failed: {type(e).__name__}: {e}"
         row = {"stage": "verify", "action": "reported", "detail": f"{fmt}: {text}", "error": None}
         return {"label": run.label, "passed": False, "reason": text}, row
@@ -927,6 +968,7 @@ def fold_to_dir(
     from edgerep.runtimes import get_runtime
 
     target = check_output_dir(out_dir, overwrite=overwrite)
+    refuse_non_finite(model, action="merge" if merge is not None else "fold")
     reference, subject, merge_report = _merge_stage(model, merge)
     prepared = _prepare(reference, specs, seed)
     example = prepared.inputs[0]

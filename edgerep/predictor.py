@@ -62,6 +62,25 @@ def _recorded_order(directory: Path) -> list[str]:
     return sorted(best, key=best.__getitem__)
 
 
+def _worst_error(parity: Mapping[str, Any]) -> float | None:
+    """The largest ``max_rel_error`` over the outputs of a manifest parity record."""
+    values = [
+        float(o["max_rel_error"])
+        for o in (parity.get("outputs") or {}).values()
+        if isinstance(o, Mapping) and o.get("max_rel_error") is not None
+    ]
+    return max(values, default=None)
+
+
+def _symbol_bounds(spec: Mapping[str, Any], symbol: str) -> tuple[int, int | None]:
+    """(min, max) of a symbolic dim from the manifest's input entry (max None: unbounded)."""
+    r = (spec.get("ranges") or {}).get(symbol)
+    if not isinstance(r, Mapping):
+        return 1, None
+    hi = r.get("max")
+    return max(int(r.get("min", 1)), 1), (None if hi is None else int(hi))
+
+
 class Predictor:
     """A loaded bundle: validated inputs, numpy in and out, thread-safe.
 
@@ -81,6 +100,7 @@ class Predictor:
         artifact: Mapping[str, Any],
         manifest: Mapping[str, Any],
         skipped: Sequence[tuple[str, str]] = (),
+        as_verified: bool = True,
     ) -> None:
         self.runtime = runtime
         self.artifact = dict(artifact)
@@ -88,11 +108,46 @@ class Predictor:
         self.inputs: list[dict[str, Any]] = [dict(t) for t in manifest["inputs"]]
         self.outputs: list[dict[str, Any]] = [dict(t) for t in manifest["outputs"]]
         self.skipped = list(skipped)
+        self.as_verified = as_verified
         self._sessions = list(sessions)
         self._pool: queue.Queue[Any] = queue.Queue()
         for s in self._sessions:
             self._pool.put(s)
         self._closed = False
+
+    @property
+    def precision(self) -> str:
+        """The precision the runtime computes in (e.g. ``"f32"``, ``"bf16"``), as its
+        session reports it, else the artifact's precision."""
+        ran = self._sessions[0].describe().get("inference_precision")
+        return str(ran) if ran else str(self.artifact.get("precision", "unknown"))
+
+    def _parity_note(self) -> dict[str, Any]:
+        parity = self.artifact.get("parity") or {}
+        worst = _worst_error(parity)
+        verified_ran = (parity.get("runtime") or {}).get("inference_precision") or (
+            self.artifact.get("precision")
+        )
+        if self.as_verified or self.precision == verified_ran:
+            return {
+                "applies": True,
+                "max_rel_error": worst,
+                "note": f"runs as verified ({self.artifact.get('status', 'verified')}, "
+                f"{self.artifact.get('precision')}); the manifest's parity figure applies",
+            }
+        for also in parity.get("also_ran") or []:
+            if isinstance(also, Mapping) and also.get("precision") == self.precision:
+                return {
+                    "applies": True,
+                    "max_rel_error": _worst_error(also),
+                    "note": f"runs at {self.precision}, measured at bundle time (not gating)",
+                }
+        return {
+            "applies": False,
+            "max_rel_error": None,
+            "note": f"runs at {self.precision}, not the precision it was verified at; the "
+            f"manifest's parity figure ({worst}) does not apply",
+        }
 
     @property
     def input_names(self) -> list[str]:
@@ -149,9 +204,14 @@ class Predictor:
                             f"symbolic dim {d!r} is {got} in input {name!r} but {other} in "
                             f"{where}; it must be the same everywhere"
                         )
-                    elif got < 1:
-                        problems.append(f"input {name!r} dim {axis} ({d}) must be >= 1; got {got}")
                     else:
+                        lo, hi = _symbol_bounds(spec, d)
+                        if got < lo or (hi is not None and got > hi):
+                            allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+                            problems.append(
+                                f"input {name!r} dim {axis} ({d}) must be in {allowed} (the "
+                                f"range the bundle was exported and verified for); got {got}"
+                            )
                         symbols.setdefault(d, (got, f"input {name!r}"))
             if arr.dtype.name != spec["dtype"]:
                 problems.append(
@@ -206,7 +266,9 @@ class Predictor:
             "runtime": self.runtime,
             "format": self.format,
             "file": self.artifact["file"],
-            "precision": self.artifact.get("precision"),
+            "precision": self.precision,
+            "artifact_precision": self.artifact.get("precision"),
+            "parity": self._parity_note(),
             "sessions": len(self._sessions),
             "session": session.describe(),
             "skipped": [{"runtime": r, "reason": why} for r, why in self.skipped],
@@ -226,6 +288,17 @@ class Predictor:
 
     def __repr__(self) -> str:
         return f"Predictor(runtime={self.runtime!r}, format={self.format!r}, inputs={self._inputs_text()!r})"
+
+
+def _precision_options(artifact: Mapping[str, Any], precision: str | None) -> dict[str, Any]:
+    """Runtime options for `precision` (None: the options the artifact was verified with)."""
+    from edgerep.parity import parity_runs
+
+    if precision is None:
+        return dict(parity_runs(str(artifact["format"]))[0].options)
+    if precision == "default":
+        return {}
+    return {"inference_precision": precision}
 
 
 def _candidates(prefer: Sequence[str] | None, directory: Path) -> tuple[list[str], str]:
@@ -255,6 +328,9 @@ def load(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     pool_size: int = 1,
     verify_files: bool = True,
+    precision: str | None = None,
+    trust_unsigned: bool = False,
+    key: bytes | None = None,
 ) -> Predictor:
     """Load the best artifact of a bundle on this host.
 
@@ -268,6 +344,14 @@ def load(
         pool_size: sessions to create; concurrent `Predictor.run` calls use up to
             this many at once (1: calls are serialized by one lock).
         verify_files: check every file's SHA-256 against the manifest.
+        precision: None (default): run each artifact the way it was verified (OpenVINO
+            with the f32 precision hint, not the CPU's bf16 default), so the manifest's
+            parity figure applies; ``"default"``: the runtime's own choice; or a
+            precision name the runtime takes (``"bf16"``, ``"f16"``, ``"f32"`` for
+            OpenVINO). `Predictor.precision` and `Predictor.describe` say what runs.
+        trust_unsigned: accept a manifest without its checksum (written by another
+            tool); off: such a manifest is refused.
+        key: the HMAC key of a signed bundle: its signature must then match.
 
     Raises:
         VerificationError: the manifest is missing, invalid or does not match the files.
@@ -279,7 +363,9 @@ def load(
     if pool_size < 1:
         raise ConfigError(f"pool_size must be >= 1; got {pool_size}")
     directory = Path(bundle_dir)
-    manifest = read_manifest(directory, verify_files=verify_files)
+    manifest = read_manifest(
+        directory, verify_files=verify_files, trust_unsigned=trust_unsigned, key=key
+    )
     order, why = _candidates(prefer, directory)
     options = options or {}
     skipped: list[tuple[str, str]] = []
@@ -303,16 +389,25 @@ def load(
             skipped.append((name, f"no device {device!r} (has {', '.join(devices) or 'none'})"))
             continue
         art = arts[0]
+        run_options = {**_precision_options(art, precision), **dict(options.get(name) or {})}
         try:
             sessions = [
-                runtime.load(directory / art["file"], device=device, options=options.get(name))
+                runtime.load(directory / art["file"], device=device, options=run_options or None)
                 for _ in range(pool_size)
             ]
         except EdgerepError as e:
             skipped.append((name, f"load failed: {e}"))
             continue
         logger.info("edgerep.load: %s runs %s (chosen by %s)", name, art["file"], why)
-        return Predictor(sessions, runtime=name, artifact=art, manifest=manifest, skipped=skipped)
+        as_verified = precision is None and "inference_precision" not in (options.get(name) or {})
+        return Predictor(
+            sessions,
+            runtime=name,
+            artifact=art,
+            manifest=manifest,
+            skipped=skipped,
+            as_verified=as_verified,
+        )
     listing = "; ".join(f"{r}: {w}" for r, w in skipped) or "no candidates"
     raise UnsupportedError(
         f"no runtime can run bundle {str(directory)!r} here (tried by {why}: {listing}); "

@@ -17,6 +17,7 @@ symbol in several inputs names the same dimension.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ DTYPES: dict[str, tuple[str, bool]] = {
     "bool": ("bool", True),
 }
 
+#: the most elements an example input may have (runtimes index with 32-bit integers)
+MAX_EXAMPLE_ELEMENTS = 2**31 - 1
+
 _FORM = "NAME:SHAPE[:DTYPE], e.g. x:1x3x224x224, x:Nx3x224x224, x:N[1..8..64]x3x224x224 or ids:1x16:int64"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 # 'x' separates dims, so symbols cannot contain it (upper-case 'X' is fine)
@@ -90,10 +94,11 @@ class DimRange:
                 "and '_' but no lower-case 'x' (it separates dims), e.g. N or batch"
             )
         hi = self.max if self.max is not None else self.opt
-        if not (0 <= self.min <= self.opt <= hi) or self.opt < 1:
+        if not (1 <= self.min <= self.opt <= hi):
             raise ConfigError(
-                f"range of {self.name!r} must satisfy 0 <= min <= opt <= max and opt >= 1, "
-                f"got min={self.min}, opt={self.opt}, max={self.max}"
+                f"range of {self.name!r} must satisfy 1 <= min <= opt <= max, got "
+                f"min={self.min}, opt={self.opt}, max={self.max} (a dim of 0 makes empty "
+                "inputs, on which parity compares nothing)"
             )
 
     @property
@@ -137,8 +142,12 @@ class InputSpec:
         for d in self.shape:
             if isinstance(d, bool) or not isinstance(d, int | str):
                 raise ConfigError(f"input {self.name!r}: dim {d!r} must be an int or a symbol")
-            if isinstance(d, int) and d < 0:
-                raise ConfigError(f"input {self.name!r}: dim {d} is negative")
+            if isinstance(d, int) and d < 1:
+                raise ConfigError(
+                    f"input {self.name!r}: dim {d} in shape {'x'.join(map(str, self.shape))} "
+                    "must be >= 1; an empty input makes every parity check compare 0 elements "
+                    "and prove nothing (for a dynamic dim write a symbol, e.g. N[1..8])"
+                )
             if isinstance(d, str) and not _SYMBOL_RE.match(d):
                 raise ConfigError(
                     f"input {self.name!r}: symbol {d!r} is not valid; use letters, digits and "
@@ -161,6 +170,27 @@ class InputSpec:
         # canonical order (order of appearance) so that equal specs compare equal
         ranges = sorted(self.ranges, key=lambda r: symbols.index(r.name))
         object.__setattr__(self, "ranges", tuple(ranges))
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Refuse shapes whose example tensor cannot be allocated or indexed."""
+        elements = math.prod(self.example_shape())
+        if elements > MAX_EXAMPLE_ELEMENTS:
+            raise ConfigError(
+                f"input {self.name!r}: shape {self.shape_text()} has {elements:,} elements at its "
+                f"example size, above the {MAX_EXAMPLE_ELEMENTS:,} edgerep accepts (2**31 - 1: "
+                "runtimes index tensors with 32-bit integers, and edgerep runs the model on "
+                "several such inputs); check the dims for a typo"
+            )
+        bounded = [
+            d if isinstance(d, int) else (self.range_of(d).max or self.range_of(d).opt)
+            for d in self.shape
+        ]
+        if math.prod(bounded) > MAX_EXAMPLE_ELEMENTS * 1024:
+            raise ConfigError(
+                f"input {self.name!r}: the largest shape the ranges of {self.shape_text()} allow "
+                f"has {math.prod(bounded):,} elements; no runtime can hold it: lower the maxima"
+            )
 
     @property
     def symbols(self) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ def reference(x: np.ndarray) -> np.ndarray:
     return x @ W + B
 
 
-def make_bundle(directory: Path, *, openvino: bool = True) -> Path:
+def make_bundle(directory: Path, *, openvino: bool = True, max_batch: int | None = None) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -58,7 +58,18 @@ def make_bundle(directory: Path, *, openvino: bool = True) -> Path:
     write_manifest(
         directory,
         {
-            "inputs": [{"name": "x", "shape": ["N", 4], "dtype": "float32"}],
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": ["N", 4],
+                    "dtype": "float32",
+                    **(
+                        {"ranges": {"N": {"min": 1, "opt": 1, "max": max_batch}}}
+                        if max_batch
+                        else {}
+                    ),
+                }
+            ],
             "outputs": [{"name": "output", "shape": ["N", 3], "dtype": "float32"}],
             "artifacts": artifacts,
             "ledger": [],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -142,8 +143,60 @@ def test_paths_outside_the_bundle_are_rejected(tmp_path):
     data["files"]["../../etc/passwd"] = "0" * 64
     del data["checksum"]  # a forger can drop the checksum; the path check still holds
     path.write_text(json.dumps(data))
-    with pytest.raises(VerificationError, match="outside the bundle"):
+    with pytest.raises(VerificationError, match="has no checksum"):
         read_manifest(tmp_path, verify_files=False)
+    # even when the reader trusts unsigned manifests, the path check holds
+    with pytest.raises(VerificationError, match="outside the bundle"):
+        read_manifest(tmp_path, verify_files=False, trust_unsigned=True)
+
+
+def test_checksum_is_required_and_swaps_are_refused(tmp_path):
+    """Issue 14 case 6: delete the checksum, swap a file and its sha256 entry."""
+    write_manifest(tmp_path, _manifest(tmp_path))
+    path = tmp_path / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    del data["checksum"]
+    (tmp_path / "model.onnx").write_bytes(b"swapped model")
+    data["files"]["model.onnx"] = data["artifacts"][0]["sha256"] = sha256_file(
+        tmp_path / "model.onnx"
+    )
+    path.write_text(json.dumps(data))
+    with pytest.raises(VerificationError, match="has no checksum"):
+        read_manifest(tmp_path)
+    # an explicit opt-in reads it (the file hashes still hold)
+    assert read_manifest(tmp_path, trust_unsigned=True)["files"]["model.onnx"]
+
+
+def test_hmac_signature(tmp_path):
+    from edgerep.bundle import read_key_file, sign_bundle
+
+    write_manifest(tmp_path, _manifest(tmp_path))
+    key = b"k" * 32
+    with pytest.raises(VerificationError, match="not signed"):
+        read_manifest(tmp_path, key=key)
+    signed = sign_bundle(tmp_path, key)
+    assert signed["signature"]["alg"] == "hmac-sha256"
+    assert read_manifest(tmp_path, key=key)["checksum"] == signed["checksum"]
+    with pytest.raises(VerificationError, match="does not match the key"):
+        read_manifest(tmp_path, key=b"x" * 32)
+    # re-signing by someone without the key: the checksum can be recomputed, the HMAC not
+    path = tmp_path / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["source"] = {"forged": True}
+    data["checksum"] = hashlib.sha256(_canonical_for_test(data)).hexdigest()
+    path.write_text(json.dumps(data))
+    assert read_manifest(tmp_path)["source"] == {"forged": True}  # integrity only
+    with pytest.raises(VerificationError, match="does not match the key"):
+        read_manifest(tmp_path, key=key)
+    short = tmp_path.parent / "short.key"
+    short.write_bytes(b"abc")
+    with pytest.raises(ConfigError, match="at least 16"):
+        read_key_file(short)
+
+
+def _canonical_for_test(data):
+    body = {k: v for k, v in data.items() if k not in ("checksum", "signature")}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def test_schema_is_enforced_on_write_and_read(tmp_path):

@@ -31,28 +31,9 @@ from edgerep.errors import (
     VerificationError,
 )
 from edgerep.exporters.onnx import OnnxExporter
+from tests._models import CONV_BN
 
-MODELS = """
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(x)))
-
-def build():
-    torch.manual_seed(0)
-    m = Net()
-    with torch.no_grad():
-        m.bn.running_mean.uniform_(-1, 1)
-        m.bn.running_var.uniform_(0.5, 2.0)
-    return m
-
+MODELS = CONV_BN + """
 class Svd(nn.Module):
     def forward(self, x):
         return torch.linalg.svdvals(x)
@@ -76,14 +57,6 @@ def declared(tmp_path):
     return p
 
 
-@pytest.fixture
-def torchscript_onnx(monkeypatch):
-    """Use the TorchScript ONNX exporter (10x faster) where the export path is not under test."""
-
-    def skip_dynamo(*args, **kwargs):
-        raise RuntimeError("torch.export-based exporter skipped for speed in this test")
-
-    monkeypatch.setattr(OnnxExporter, "_export_dynamo", skip_dynamo)
 
 
 def run(capsys, *argv):

@@ -80,7 +80,7 @@ def test_bad_spec_message_shows_accepted_form():
 def test_inputspec_validates_fields():
     with pytest.raises(ConfigError, match="not valid"):
         InputSpec("x", ("max", 3))  # 'x' separates dims, so it cannot be in a symbol
-    with pytest.raises(ConfigError, match="negative"):
+    with pytest.raises(ConfigError, match="must be >= 1"):
         InputSpec("x", (1, -1))
     with pytest.raises(ConfigError, match="not a dim"):
         InputSpec("x", (1, 3), ranges=(DimRange("N", 1, 2, 4),))

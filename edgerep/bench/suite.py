@@ -143,12 +143,13 @@ def _bundle_sessions(
     device: str,
     errors: list[dict[str, Any]],
     precision: str | None = None,
+    trust_unsigned: bool = False,
 ) -> tuple[list[_Row], list[dict[str, Any]]]:
     from edgerep.bench.roofline import bundle_flops
     from edgerep.bundle import read_manifest
     from edgerep.runtimes import available_runtimes, get_runtime
 
-    manifest = read_manifest(target.path)
+    manifest = read_manifest(target.path, trust_unsigned=trust_unsigned)
     flops = bundle_flops(target.path)
     names = list(runtimes) if runtimes else available_runtimes()
     rows = []
@@ -250,6 +251,7 @@ def run_bench(
     concurrency: Sequence[int] = (),
     precision: str | None = None,
     data_options: Mapping[str, Any] | None = None,
+    trust_unsigned: bool = False,
 ) -> dict[str, Any]:
     """Benchmark every (target, runtime) pair; returns the report (see `edgerep.bench.report`).
 
@@ -275,6 +277,8 @@ def run_bench(
             the settings; the precision that ran is in each row's session.
         data_options: keyword arguments of `load_dataset` for `data` (image folders:
             ``image_size``, ``channels``, ``mean``, ``std``).
+        trust_unsigned: accept bundles whose manifest has no checksum (written by
+            another tool); off, they are refused.
 
     Raises:
         ConfigError: a bad target, runtime name or dataset, before anything is timed.
@@ -301,7 +305,9 @@ def run_bench(
     planned: list[tuple[_Row, list[dict[str, Any]]]] = []
     for t in parsed:
         if t.is_bundle:
-            rows, inputs = _bundle_sessions(t, runtimes, threads, device, errors, precision)
+            rows, inputs = _bundle_sessions(
+                t, runtimes, threads, device, errors, precision, trust_unsigned
+            )
             planned += [(r, inputs) for r in rows]
         elif runtimes is None or "torch" in runtimes:
             planned.append(_source_session(t, threads))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgerep import _interrupt
 from edgerep.errors import ConfigError, ExportError, MissingDependencyError
 from edgerep.exporters._base import Artifact, Problem, TensorInfo, export_program, package_versions
 from edgerep.exporters._ops import (
@@ -340,6 +341,7 @@ class CoreMLExporter:
                 program = program.run_decompositions({})
                 mlmodel = ct.convert(program, **kwargs)
         except Exception as e:
+            _interrupt.check()  # never fall back after an interrupt a backend swallowed
             first = short_error(e)
             logger.warning(
                 "Core ML conversion of the torch.export program failed, tracing: %s", first

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgerep import _interrupt
 from edgerep.errors import ConfigError, ExportError, MissingDependencyError
 from edgerep.exporters._base import (
     Artifact,
@@ -209,6 +210,7 @@ class OnnxExporter:
             proto = self._export_dynamo(model, example_inputs, specs, input_names, output_names)
             how = "dynamo"
         except Exception as e:
+            _interrupt.check()  # never fall back after an interrupt a backend swallowed
             first = _short(e)
             logger.warning("torch.export-based ONNX export failed, trying TorchScript: %s", first)
             notes.append(

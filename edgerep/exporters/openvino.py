@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgerep import _interrupt
 from edgerep.errors import ConfigError, ExportError, MissingDependencyError
 from edgerep.exporters._base import Artifact, Problem, TensorInfo, export_program, package_versions
 from edgerep.exporters._ops import (
@@ -243,6 +244,7 @@ class OpenVinoExporter:
             with quiet(), _quiet_frontend_logging():
                 return ov.convert_model(program), "torch.export"
         except Exception as e:
+            _interrupt.check()  # OpenVINO turns an interrupt into RuntimeError: no fallback
             first = short_error(e)
             logger.warning(
                 "OpenVINO conversion of the torch.export program failed, tracing: %s", first

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from edgerep._weights import refuse_non_finite
 from edgerep.errors import ConfigError, UnsupportedError, VerificationError
 from edgerep.fold import _capture, _collapse, _graph, _structure, probe, verify
 from edgerep.fold._cost import count_flops, count_params, run_counting_flops
@@ -113,7 +114,7 @@ def fold(
         )
     report = FoldReport()
     stage = _stopwatch(report)
-    _refuse_non_finite(model)
+    refuse_non_finite(model, action="fold")
     work = _copy(model)
     if model.training:
         report.notes.append(
@@ -214,20 +215,6 @@ def _copy(model: nn.Module) -> nn.Module:
             cls = type(module)
             module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     return clone
-
-
-def _refuse_non_finite(model: nn.Module) -> None:
-    bad = [
-        name
-        for name, t in list(model.named_parameters()) + list(model.named_buffers())
-        if t.is_floating_point() and not torch.isfinite(t).all()
-    ]
-    if bad:
-        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise UnsupportedError(
-            f"refusing to fold: non-finite values (NaN or Inf) in {shown}; the checkpoint is "
-            "broken (diverged training or a bad conversion): restore or retrain these tensors"
-        )
 
 
 def _remove_parametrizations(

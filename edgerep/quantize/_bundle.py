@@ -265,6 +265,7 @@ def quantize_bundle(
     sensitivity: bool = False,
     model: tuple[Any, Sequence[Any], Sequence[Any]] | None = None,
     min_sqnr_db: float | None = None,
+    trust_unsigned: bool = False,
 ) -> tuple[Path, QuantizeReport]:
     """Quantize a bundle's float artifacts per backend and write a new bundle.
 
@@ -329,7 +330,7 @@ def quantize_bundle(
             f"the output bundle {str(target)!r} is the source bundle; write the quantized bundle "
             "to another directory (the source stays as it is)"
         )
-    manifest = read_manifest(src)
+    manifest = read_manifest(src, trust_unsigned=trust_unsigned)
     problems = []
     sources: dict[str, dict[str, Any]] = {}
     for b in chosen_backends:
