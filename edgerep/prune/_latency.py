@@ -77,9 +77,12 @@ class PruneBackend:
 
 
 def _ov_prepare(path: Path) -> Path:
-    from edgerep.quantize._select import _ov_reference
+    """The ONNX file converted to an fp32 IR next to it (same stem)."""
+    import openvino as ov
 
-    return _ov_reference(path, path.parent)
+    from edgerep.quantize._nncf import save_ir
+
+    return save_ir(ov, ov.Core().read_model(str(path)), path.with_suffix(".xml"), fp16=False)
 
 
 BACKENDS: dict[str, PruneBackend] = {
