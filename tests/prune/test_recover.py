@@ -46,3 +46,25 @@ def test_recovery_lowers_output_error_on_a_folded_zoo_net() -> None:
             errors[mode] = float((pruned(held_out) - ref).norm() / ref.norm())
     assert errors["ls"] < 0.7 * errors["none"], errors
     assert errors["mean"] < errors["none"], errors
+
+
+def test_linear_chains_are_pruned_and_recovered() -> None:
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(20, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 5),
+    ).eval()
+    x, held_out = torch.randn(256, 20), torch.randn(64, 20)
+    errors = {}
+    for mode in ("none", "ls"):
+        pruned, report = prune(
+            mlp, x[:1], target="params=0.5", calib=x if mode == "ls" else None, recovery=mode
+        )
+        assert report.achieved is not None and report.achieved <= 0.5
+        assert pruned[4].out_features == 5 and pruned[0].in_features == 20
+        with torch.no_grad():
+            errors[mode] = float((pruned(held_out) - mlp(held_out)).norm() / mlp(held_out).norm())
+    assert errors["ls"] < 0.7 * errors["none"], errors
