@@ -165,7 +165,8 @@ def run_prune(args: argparse.Namespace) -> int:
             min_ratio=args.min_ratio,
             cache_dir=args.cache_dir,
         )
-        plan = pruned.prune_plan
+        assert report.plan is not None  # prune() always records its plan
+        plan = report.plan
         report_dict, text = report.to_dict(), report.to_text()
     from edgerep.pipeline import convert
 

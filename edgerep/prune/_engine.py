@@ -388,7 +388,7 @@ def prune(
         calib_sha256=_calib_sha256(calib_t) if calib_t is not None and kept else None,
         target=t.to_text(),
     )
-    pruned.prune_plan = plan  # type: ignore[assignment]
+    report.plan = plan
     return pruned, report
 
 

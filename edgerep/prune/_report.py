@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from edgerep.prune._plan import PrunePlan
     from edgerep.prune._recover import RecoveredLayer
 
 __all__ = ["GroupResult", "Iteration", "PruneReport"]
@@ -69,6 +70,7 @@ class PruneReport:
         iterations: the latency rounds.
         table: latency table statistics (layers measured, from cache, seconds).
         notes: anything else worth knowing.
+        plan: the `PrunePlan` that re-applies the result (save it with `save_pruned`).
     """
 
     target: str
@@ -89,9 +91,15 @@ class PruneReport:
     iterations: list[Iteration] = field(default_factory=list)
     table: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    plan: PrunePlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        plan, self.plan = self.plan, None
+        try:
+            d = asdict(self)
+        finally:
+            self.plan = plan
+        d["plan"] = plan.to_dict() if plan is not None else None
         d["version"] = 1
         return d
 

@@ -117,8 +117,12 @@ def test_plan_reapplication_reproduces_weights_bit_for_bit(tmp_path) -> None:
     model = coupled()
     x = torch.randn(32, 3, 10, 10)
     labels = torch.randint(0, 10, (32,))
-    pruned, _ = prune(model, x[:1], target="macs=0.6", calib=x, labels=labels, importance="taylor")
-    plan = pruned.prune_plan
+    pruned, report = prune(
+        model, x[:1], target="macs=0.6", calib=x, labels=labels, importance="taylor"
+    )
+    plan = report.plan
+    assert plan is not None and plan.to_dict()["groups"]
+    assert report.to_dict()["plan"] == plan.to_dict()
     again = PrunePlan.from_dict(PrunePlan.load(plan.save(tmp_path / "plan.json")).to_dict())
     redone = apply_plan(model, x[:1], again, calib=x)
     a, b = pruned.state_dict(), redone.state_dict()
