@@ -135,7 +135,9 @@ def supervise(run: Callable[[], int], cleanup: Callable[[], None]) -> int:
         cleanup: called in the parent when the child did not exit normally (killed
             by a signal, or forced after `GRACE_S`): removes what the child left.
 
-    Where ``os.fork`` is missing (Windows), `run` runs in this process.
+    Where ``os.fork`` is missing (Windows), `run` runs in this process. Meant for a
+    process's entry point: the signal handlers it installs stay until the process
+    exits, so a signal arriving after the child finished cannot change the outcome.
     """
     if not hasattr(os, "fork"):
         return run()
@@ -151,20 +153,21 @@ def supervise(run: Callable[[], int], cleanup: Callable[[], None]) -> int:
             sys.stderr.flush()
             os._exit(code)
     got: list[int] = []
+    running = [True]
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        if not running[0]:
+            return  # the child is done: the exit code is decided, the process is exiting
         got.append(signum)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
-    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    # the handlers stay installed until this process exits: a signal that arrives after
+    # the child finished must not kill the parent with its default action (exit -15)
     for s in SIGNALS:
         signal.signal(s, forward)
-    try:
-        status = _wait(pid, got)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    status = _wait(pid, got)
+    running[0] = False
     if os.WIFEXITED(status):
         # the child cleaned up itself (or finished its work before the signal took effect)
         return os.WEXITSTATUS(status)

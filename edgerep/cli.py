@@ -384,15 +384,18 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 def _quant_setup(
     args: argparse.Namespace,
-    input_names: Sequence[str],
+    inputs: Sequence[dict[str, Any]],
     mode: str,
     formats: Sequence[str],
     *,
     with_model: bool = False,
+    classes: int | None = None,
 ) -> tuple[Any, list[str]]:
     """(calibration data, backends) from the quantize options; fails before any work.
 
     Without --backend: every backend that offers `mode` and quantizes one of `formats`.
+    The data is checked against `inputs` (manifest-style input specs) and, for labels,
+    the model's number of `classes` when known.
     """
     from edgerep.quantize import (
         MODES,
@@ -442,7 +445,8 @@ def _quant_setup(
     }
     data = load_calibration(
         args.calib,
-        input_names=input_names,
+        inputs=inputs,
+        classes=classes,
         samples=args.calib_samples,
         seed=args.calib_seed,
         x_key=args.x_key,
@@ -470,12 +474,15 @@ def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from edgerep.bench._data import classes_of
     from edgerep.bundle import read_manifest
     from edgerep.quantize import quantize_bundle
 
     manifest = read_manifest(args.bundle, trust_unsigned=args.trust_unsigned)
     formats = sorted({a["format"] for a in manifest["artifacts"] if a["precision"] == "fp32"})
-    data, backends = _quant_setup(args, [i["name"] for i in manifest["inputs"]], args.mode, formats)
+    data, backends = _quant_setup(
+        args, manifest["inputs"], args.mode, formats, classes=classes_of(manifest["outputs"])
+    )
     _, report = quantize_bundle(
         args.bundle,
         args.out,
@@ -517,7 +524,16 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime", action="append", default=[], metavar="NAME", help="runtimes (comma-separated)"
     )
-    p.add_argument("--data", metavar="DATA", help=".npz (x, y), image folder, or file.py:fn")
+    p.add_argument(
+        "--data",
+        metavar="DATA",
+        help=".npz (x[, y]), image folder, or file.py:fn; without labels only the agreement "
+        "with the reference row is measured",
+    )
+    p.add_argument("--x-key", metavar="K", help="--data .npz: the inputs array (default x)")
+    p.add_argument(
+        "--y-key", metavar="K", help="--data .npz: the labels array (default y, if present)"
+    )
     p.add_argument(
         "--metric", action="append", default=[], metavar="M", help="top1 (default), top5"
     )
@@ -593,8 +609,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ) from e
     if args.channels is not None:
         data_options["channels"] = args.channels
+    for key in ("x_key", "y_key"):
+        if getattr(args, key) is not None:
+            data_options[key] = getattr(args, key)
     if data_options and not args.data:
-        raise ConfigError("--image-size/--channels/--mean/--std describe --data; give --data")
+        raise ConfigError(
+            "--x-key/--y-key/--image-size/--channels/--mean/--std describe --data; give --data"
+        )
 
     def progress(done: int, total: int, label: str) -> None:
         if not args.no_progress:
@@ -655,6 +676,8 @@ def _merge_options(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any] 
             f"known: {', '.join(combine_methods())}"
         )
     options: dict[str, Any] = {"keep_zeros": args.keep_zeros}
+    if args.command == "merge":  # merging is all `merge` does: a model without adapters is an error
+        options["require_adapter"] = True
     if len(sources) > 1 or any(s.weight is not None for s in sources):
         options.update(
             combine={s.name or "default": 1.0 if s.weight is None else s.weight for s in sources},
@@ -841,7 +864,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
         _show(result, args)
         return EXIT_OK
-    quantize = _quant_setup(args, [s.name for s in specs], args.quantize, formats, with_model=True)
+    quantize = _quant_setup(
+        args, [s.to_dict() for s in specs], args.quantize, formats, with_model=True
+    )
     return _convert_then_quantize(args, model, specs, description, formats, options, quantize)
 
 
@@ -945,12 +970,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
     formats: list[dict[str, Any]] = []
     for name in available_formats():
         e = get_exporter(name)
+        # "installed" is about the exporter's packages; whether its runtime can verify
+        # (or, for TensorRT, build) the artifact here is a separate question
+        why = (
+            get_runtime(e.runtime).unavailable_reason() if e.runtime in available_runtimes() else ""
+        )
         formats.append(
             {
                 "format": name,
                 "installed": _installed(e.requires),
                 "extra": e.extra,
                 "runtime": e.runtime,
+                "verified_here": not why,
+                "not_verified_reason": why,
             }
         )
     runtimes: list[dict[str, Any]] = []
@@ -984,7 +1016,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print("export formats:")
     for f in formats:
-        state = "installed" if f["installed"] else f"missing: pip install 'edgerep[{f['extra']}]'"
+        if not f["installed"]:
+            state = f"cannot export: pip install 'edgerep[{f['extra']}]'"
+        elif f["verified_here"]:
+            state = "exports and verifies here"
+        else:
+            state = f"exports here, cannot verify here: {f['not_verified_reason']}"
         print(f"  {f['format']:<12} verified with {f['runtime']:<12} {state}")
     print("runtimes:")
     for r in runtimes:

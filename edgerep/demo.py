@@ -8,8 +8,9 @@ merges them back into plain layers with `edgerep.merge`, folds it, exports the f
 onnxruntime), and prints one row per variant: parameters, FLOPs, test accuracy
 and batch-1 latency. It needs ``pip install 'edgerep[demo]'`` and no network.
 
-Everything is written under ``--out`` (default ``edgerep-demo-out``), replaced
-only once the new run has succeeded:
+Everything is written under ``--out`` (default ``edgerep-demo-out`` in the current
+directory, which the repository's ``.gitignore`` ignores), replaced only once the new
+run has succeeded; the paths recorded in it (``bench/bench.json``) are the final ones:
 
 - ``folded/`` and ``unfolded/``: the two ONNX bundles (manifest, report, model);
 - ``folded-quantized/`` with ``--quantize MODE``: the folded bundle plus the
@@ -18,7 +19,9 @@ only once the new run has succeeded:
   and within one point of top-1 on the test digits; the report says why not);
 - ``demo_net.pt``: the trained weights (a state dict);
 - ``demo.json``: the table, the errors and the fold report, machine-readable;
-- ``summary.txt``: what the demo printed.
+- ``summary.txt``: what the demo printed;
+- ``bench/`` and ``digits_test.npz``: the `edgerep bench` report over every backend
+  here (``bench.json``, ``bench.md``, ``bench.html``) and the held-out digits it ran on.
 
 An existing ``--out`` is replaced only if it holds a previous demo's
 ``demo.json``, so a mistyped path cannot delete an unrelated directory.
@@ -42,7 +45,7 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -324,11 +327,27 @@ def _bench_step(
         config=config,
         threads=threads,
     )
-    paths = write_report(report, tmp / "bench")
+    # the report is written inside the temporary directory that becomes `out`: it must
+    # name the paths the files will have, not the temporary ones that will be gone
+    paths = write_report(_relocated(report, tmp, out.resolve()), tmp / "bench")
     say("")
     say("bench (every backend that runs here; accuracy on the held-out digits):")
     say(markdown_table(report))
     say(f"bench report: {out / paths['html'].relative_to(tmp)}")
+
+
+def _relocated(value: Any, tmp: Path, out: Path) -> Any:
+    """`value` (a JSON tree) with every path under `tmp` moved under `out`."""
+    if isinstance(value, str):
+        prefix = str(tmp)
+        if value == prefix or value.startswith(prefix + "/"):
+            return str(out) + value[len(prefix) :]
+        return value
+    if isinstance(value, Mapping):
+        return {k: _relocated(v, tmp, out) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_relocated(v, tmp, out) for v in value]
+    return value
 
 
 def _run(

@@ -404,9 +404,11 @@ def _exported_inputs(program: Any) -> list[str]:
                 return []  # an expression such as 2*s0: cannot be fed as a free dim
             shape.append(sym)
             vr = ranges.get(sym)
-            lo = int(vr.lower) if vr is not None and _is_finite(vr.lower) else 1
+            # torch.export may allow 0; edgerep never feeds empty inputs (parity over 0
+            # elements proves nothing), so the range starts at 1
+            lo = max(int(vr.lower), 1) if vr is not None and _is_finite(vr.lower) else 1
             hi = int(vr.upper) if vr is not None and _is_finite(vr.upper) else None
-            opt = max(lo, 1)
+            opt = lo
             if hi is not None and opt > hi:
                 return []
             dim_ranges[sym] = DimRange(sym, lo, opt, hi)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     # the bench step: every backend that runs here, with accuracy and % of peak, one report
     assert (out / "bench" / "bench.html").is_file() and (out / "bench" / "bench.json").is_file()
     bench = json.loads((out / "bench" / "bench.json").read_text())
+    # the report names the files where they are now, not the run's temporary directory
+    assert bench["settings"]["data"] == str((out / "digits_test.npz").resolve())
+    assert {r["bundle"] for r in bench["rows"]} <= {
+        str((out / name).resolve()) for name in ("folded", "unfolded", "folded-quantized")
+    }
+    assert all(Path(r["bundle"]).is_dir() for r in bench["rows"])
+    assert ".tmp-" not in (out / "bench" / "bench.json").read_text()
     runtimes = {(r["variant"], r["runtime"]) for r in bench["rows"]}
     assert {("folded", "onnxruntime"), ("folded", "openvino"), ("folded", "executorch")} <= runtimes
     assert "max fold error (float64" in captured.out

@@ -37,6 +37,7 @@ __all__ = [
     "get_metric",
     "load_dataset",
     "register_metric",
+    "score",
     "session_predictor",
     "torch_predictor",
 ]
@@ -193,27 +194,37 @@ register_metric("top5", _topk_accuracy(5))
 
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs and labels for task accuracy.
+    """Inputs, and labels when the source has them.
 
     Attributes:
         x: inputs, first dimension the sample.
-        y: integer labels, one per sample.
+        y: integer labels, one per sample, or None (unlabelled data: agreement
+            with a reference only, no task metric).
         source: where it came from (for reports).
         classes: class names by label, when the source has them (image folders).
+        x_name, y_name: the arrays' names in the source (for messages).
     """
 
     x: np.ndarray
-    y: np.ndarray
+    y: np.ndarray | None
     source: str
     classes: tuple[str, ...] = ()
+    x_name: str = "x"
+    y_name: str = "y"
 
     def __post_init__(self) -> None:
-        if len(self.x) != len(self.y):
+        if self.y is not None and len(self.x) != len(self.y):
             raise ConfigError(
-                f"dataset {self.source!r} has {len(self.x)} inputs but {len(self.y)} labels"
+                f"dataset {self.source!r} has {len(self.x)} inputs ({self.x_name!r}) but "
+                f"{len(self.y)} labels ({self.y_name!r})"
             )
         if len(self.x) == 0:
-            raise ConfigError(f"dataset {self.source!r} is empty")
+            raise ConfigError(f"dataset {self.source!r} is empty (array {self.x_name!r})")
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the dataset has labels."""
+        return self.y is not None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -223,7 +234,7 @@ def load_dataset(
     source: str | Path,
     *,
     x_key: str = "x",
-    y_key: str = "y",
+    y_key: str | None = None,
     image_size: int | tuple[int, int] | None = None,
     channels: int = 3,
     mean: float | Sequence[float] = 0.0,
@@ -235,8 +246,10 @@ def load_dataset(
     Args:
         source: the ``.npz`` file, the folder (one subfolder per class, sorted by
             name: label 0 is the first), or ``path/to/file.py:fn`` where ``fn()``
-            returns ``(x, y)`` arrays (or tensors).
-        x_key, y_key: the arrays of an ``.npz``.
+            returns ``(x, y)`` arrays (or tensors; ``y`` may be None).
+        x_key: the inputs array of an ``.npz``.
+        y_key: the labels array of an ``.npz``; None (default): ``"y"`` when the
+            file has it, else the data is unlabelled. A named `y_key` must exist.
         image_size: folder images are resized to this (height, width); required
             for folders whose images differ in size.
         channels: 1 (grayscale) or 3 (RGB) for folder images.
@@ -245,11 +258,13 @@ def load_dataset(
         dtype: dtype of the inputs.
 
     Raises:
-        ConfigError: the source does not exist or is malformed.
+        ConfigError: the source does not exist or is malformed (not an ``.npz``
+            archive, arrays missing, not numeric, labels not class indices); the
+            message names the file and the array.
         SourceError: the factory cannot be imported or fails.
         MissingDependencyError: Pillow is missing for an image folder.
     """
-    import numpy as np
+    from edgerep.bench._data import check_labels, numeric_array, read_npz
 
     text = str(source)
     from edgerep.source import parse_source
@@ -257,23 +272,29 @@ def load_dataset(
     path, fn = parse_source(text)
     if fn is not None and path.suffix == ".py":
         x, y = _from_factory(path, fn)
-        return Dataset(np.asarray(x, dtype=dtype), np.asarray(y).astype(np.int64), text)
+        what = f"{path.name}:{fn}()"
+        x = numeric_array(x, source=text, array=f"{what}[0]", dtype=dtype)
+        labels = None if y is None else check_labels(y, len(x), source=text, array=f"{what}[1]")
+        return Dataset(x, labels, text, x_name=f"{what}[0]", y_name=f"{what}[1]")
     if path.is_dir():
         return _from_folder(path, image_size, channels, mean, std, dtype)
     if path.suffix == ".npz" and path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            keys = list(data.keys())
-            missing = [k for k in (x_key, y_key) if k not in keys]
-            if missing:
-                raise ConfigError(
-                    f"{text!r} has no array {missing[0]!r}; it holds {', '.join(keys)}; name "
-                    "the arrays with x_key/y_key (CLI: --data FILE.npz --x-key K --y-key K)"
-                )
-            x, y = data[x_key], data[y_key]
-        return Dataset(np.asarray(x, dtype=dtype), np.asarray(y).astype(np.int64), text)
+        wanted_y = y_key or "y"
+        keys, arrays = read_npz(path, [x_key, wanted_y])
+        missing = [k for k in (x_key, y_key) if k is not None and k not in keys]
+        if missing:
+            raise ConfigError(
+                f"{text!r} has no array {missing[0]!r}; it holds {', '.join(keys) or 'none'}; "
+                "name the arrays with x_key/y_key (CLI: --x-key K --y-key K)"
+            )
+        x = numeric_array(arrays[x_key], source=text, array=x_key, dtype=dtype)
+        y = arrays.get(wanted_y)
+        labels = None if y is None else check_labels(y, len(x), source=text, array=wanted_y)
+        return Dataset(x, labels, text, x_name=x_key, y_name=wanted_y)
     raise ConfigError(
-        f"dataset {text!r} does not exist or is not understood; give an .npz with x/y arrays, "
-        "an image folder with one subfolder per class, or path/to/file.py:fn returning (x, y)"
+        f"dataset {text!r} does not exist or is not understood; give an .npz with an x array "
+        "(and y labels), an image folder with one subfolder per class, or path/to/file.py:fn "
+        "returning (x, y)"
     )
 
 
@@ -297,7 +318,10 @@ def _from_factory(path: Path, fn: str) -> tuple[Any, Any]:
             f"dataset factory {path}:{fn} must return (x, y) or {{'x': ..., 'y': ...}}; "
             f"got {type(got).__name__}"
         )
-    return tuple(v.numpy() if hasattr(v, "numpy") else v for v in got)  # type: ignore[return-value]
+    # tensors (even ones that require grad or live on a GPU) become numpy arrays
+    return tuple(  # type: ignore[return-value]
+        v.detach().cpu().numpy() if hasattr(v, "detach") else v for v in got
+    )
 
 
 def _from_folder(
@@ -325,11 +349,17 @@ def _from_folder(
         for f in sorted((root / name).iterdir()):
             if f.suffix.lower() not in _IMAGE_SUFFIXES:
                 continue
-            with Image.open(f) as opened:
-                im = opened.convert("L" if channels == 1 else "RGB")
-                if size is not None:
-                    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+            try:
+                with Image.open(f) as opened:
+                    im = opened.convert("L" if channels == 1 else "RGB")
+                    if size is not None:
+                        im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+                raise ConfigError(
+                    f"image folder {str(root)!r}: {str(f)!r} is not a readable image "
+                    f"({type(e).__name__}: {e}); remove or replace it"
+                ) from e
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             images.append(arr)
             labels.append(label)
@@ -347,7 +377,14 @@ def _from_folder(
     m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
     x = ((x - m) / s).astype(dtype)
-    return Dataset(x, np.asarray(labels, dtype=np.int64), str(root), tuple(classes))
+    return Dataset(
+        x,
+        np.asarray(labels, dtype=np.int64),
+        str(root),
+        tuple(classes),
+        x_name="images",
+        y_name="class folders",
+    )
 
 
 # --- predictors and evaluation -------------------------------------------------------------
@@ -401,11 +438,28 @@ def evaluate(
     fns = {m: get_metric(m) for m in metrics}  # unknown names fail before any work
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    if dataset.y is None:
+        raise ConfigError(
+            f"dataset {dataset.source!r} has no labels, so task metrics ({', '.join(metrics)}) "
+            "cannot be computed; add labels (an .npz 'y' array) or compare with a reference"
+        )
     parts = [
         np.asarray(predict(np.ascontiguousarray(dataset.x[i : i + batch_size])))
         for i in range(0, len(dataset), batch_size)
     ]
-    logits = np.concatenate(parts)
-    out = {name: float(fn(logits, dataset.y)) for name, fn in fns.items()}
-    out["samples"] = float(len(dataset))
+    return score(np.concatenate(parts), dataset.y, metrics=list(fns))
+
+
+def score(logits: np.ndarray, labels: np.ndarray, *, metrics: Sequence[str]) -> dict[str, float]:
+    """Apply registered `metrics` to `logits` (N, classes) and `labels` (N,).
+
+    Returns:
+        ``{metric: value}`` plus ``samples``.
+
+    Raises:
+        ConfigError: unknown metric.
+    """
+    fns = {m: get_metric(m) for m in metrics}
+    out = {name: float(fn(logits, labels)) for name, fn in fns.items()}
+    out["samples"] = float(len(labels))
     return out

@@ -178,7 +178,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         "load ms | accuracy | top-1 agree | max rel err | % peak |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for row in report["rows"]:
+    rows = report["rows"]
+    for i, row in enumerate(rows):
         lat = row["latency"]
         st = lat["stats"]
         lo, hi = lat["p50_ci_ms"]
@@ -199,8 +200,12 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                     _f(lat.get("first_ms"), ".2f"),
                     _f(lat.get("load_ms"), ".1f"),
                     "-" if acc is None else f"{acc:.2%}",
-                    _f(ref.get("top1_agreement"), ".2%"),
-                    _f(ref.get("max_rel_error"), ".1e"),
+                    "(reference)"
+                    if i == 0 and len(rows) > 1
+                    else _f(ref.get("top1_agreement"), ".2%"),
+                    "(reference)"
+                    if i == 0 and len(rows) > 1
+                    else _f(ref.get("max_rel_error"), ".1e"),
                     "-"
                     if roof.get("fraction_of_peak") is None
                     else f"{roof['fraction_of_peak']:.1%}",
@@ -214,6 +219,12 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         f"{_repeats(report)} runs, (!) above the threshold (do not trust smaller differences); "
         "% peak: FLOPs / p50 / measured float32 GEMM peak.",
     ]
+    if len(rows) > 1:
+        inputs = report.get("settings", {}).get("reference_inputs") or "the same inputs"
+        notes.append(
+            f"top-1 agree, max rel err: against the reference row {_label(rows[0])} (the first "
+            f"row measured; list the reference target first), on {inputs}."
+        )
     for err in report.get("errors", []):
         notes.append(f"- {err['variant']} / {err['runtime']}: not measured: {err['error']}")
     return "\n".join(lines + notes + _throughput_lines(report)) + "\n"

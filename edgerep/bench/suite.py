@@ -5,12 +5,14 @@ runtime that can run it here) or a model source (``file.py:factory``, ``.pt2``),
 run in PyTorch eager as the variant ``torch``. ``NAME=PATH`` names a variant.
 
 Per row: load/compile time (`timed_load`), `benchmark_latency` on a seeded random
-input at the example shape (symbolic dims 1), task accuracy on ``data`` when given,
-agreement with the **reference row** (the first row measured: put the reference
-first) on the same inputs, and the roofline (FLOPs from the bundle's fold report
-or the PyTorch model, against the measured GEMM peak). A row that cannot be run
-(runtime missing, load fails) is recorded under ``errors`` with its reason, never
-silently dropped.
+input at the example shape (symbolic dims 1), task accuracy on ``data`` when it has
+labels, agreement with the **reference row** (the first row measured: put the
+reference first) on every sample of ``data`` (else on the latency input), and the
+roofline (FLOPs from the bundle's fold report or the PyTorch model, against the
+measured GEMM peak). A row that cannot be run (runtime missing, load fails) is
+recorded under ``errors`` with its reason, never silently dropped. ``data`` is
+checked against every target's inputs before any session is loaded or run
+(`edgerep.bench._data`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgerep.bench.accuracy import (
-    Dataset,
-    compare_to_reference,
-    evaluate,
-    load_dataset,
-    session_predictor,
-)
+from edgerep.bench._data import check_labels, classes_of, fit_inputs
+from edgerep.bench.accuracy import Dataset, compare_to_reference, load_dataset, score
 from edgerep.bench.latency import LatencyConfig, benchmark_latency, timed_load
 from edgerep.bench.report import REPORT_SCHEMA_VERSION
 from edgerep.bench.throughput import measure_throughput
@@ -301,16 +298,31 @@ def run_bench(
     if bad:
         raise ConfigError(f"concurrency values must be integers >= 1; got {bad}")
     dataset = load_dataset(data, **dict(data_options or {})) if isinstance(data, str) else data
+    if dataset is not None:
+        # every bundle's inputs are checked before any session is loaded or run
+        from edgerep.bundle import read_manifest
+
+        for t in parsed:
+            if t.is_bundle:
+                manifest = read_manifest(t.path, trust_unsigned=trust_unsigned)
+                _fit_dataset(dataset, manifest["inputs"], manifest["outputs"], t.name)
     errors: list[dict[str, Any]] = []
     planned: list[tuple[_Row, list[dict[str, Any]]]] = []
-    for t in parsed:
-        if t.is_bundle:
-            rows, inputs = _bundle_sessions(
-                t, runtimes, threads, device, errors, precision, trust_unsigned
-            )
-            planned += [(r, inputs) for r in rows]
-        elif runtimes is None or "torch" in runtimes:
-            planned.append(_source_session(t, threads))
+    try:
+        for t in parsed:
+            if t.is_bundle:
+                rows, inputs = _bundle_sessions(
+                    t, runtimes, threads, device, errors, precision, trust_unsigned
+                )
+                planned += [(r, inputs) for r in rows]
+            elif runtimes is None or "torch" in runtimes:
+                planned.append(_source_session(t, threads))
+                if dataset is not None:
+                    _fit_dataset(dataset, planned[-1][1], [], t.name)
+    except BaseException:
+        for row, _ in planned:
+            row.session.close()
+        raise
     peak = None
     if roofline:
         from edgerep.bench.roofline import measure_peak_gflops
@@ -346,6 +358,7 @@ def run_bench(
             "device": device,
             "runtimes": list(runtimes) if runtimes else None,
             "data": None if dataset is None else dataset.source,
+            "data_labels": None if dataset is None else dataset.labelled,
             "metrics": list(metrics),
             "data_options": dict(data_options or {}),
             "openvino_precision": precision or "default",
@@ -355,6 +368,9 @@ def run_bench(
             if out_rows
             else None,
             "input": "seeded standard normal at the example shape (symbolic dims 1)",
+            "reference_inputs": "every sample of the data"
+            if dataset is not None
+            else "the seeded latency input",
         },
         "rows": out_rows,
         "errors": errors,
@@ -391,8 +407,6 @@ def _measure(
     reference: dict[str, Any],
     seed: int,
 ) -> dict[str, Any]:
-    import numpy as np
-
     from edgerep.bench.roofline import roofline
     from edgerep.runtimes._base import SessionBase
 
@@ -406,19 +420,14 @@ def _measure(
         runtime_timer=row.session.runtime_ms if ours else None,
     )
     accuracy = None
-    check_inputs = (
-        {inputs[0]["name"]: np.ascontiguousarray(dataset.x[: _dataset_batch(inputs)])}
-        if dataset is not None
-        else feeds
-    )
-    outputs = row.session.run(check_inputs)
-    if dataset is not None:
-        accuracy = evaluate(
-            session_predictor(row.session, inputs[0]["name"]),
-            dataset,
-            metrics=metrics,
-            batch_size=_dataset_batch(inputs),
-        )
+    if dataset is None:
+        outputs = row.session.run(feeds)
+    else:
+        # one pass over the data gives the task metrics (labelled data) and the
+        # agreement with the reference row on every sample
+        outputs = _dataset_outputs(row.session, inputs[0], dataset, _dataset_batch(inputs))
+        if dataset.y is not None:
+            accuracy = score(outputs[0], dataset.y, metrics=metrics)
     agreement = None
     if not reference:
         reference["outputs"] = outputs
@@ -447,6 +456,51 @@ def _measure(
         "device_memory_bytes": row.session.device_memory_bytes() if ours else None,
         "samples_ms": list(result.samples_ms),
     }
+
+
+def _fit_dataset(
+    dataset: Dataset,
+    inputs: Sequence[Mapping[str, Any]],
+    outputs: Sequence[Mapping[str, Any]],
+    variant: str,
+) -> None:
+    """Refuse data that `variant` cannot take, naming the file, array, expected and got."""
+    if len(inputs) != 1:
+        names = ", ".join(repr(i["name"]) for i in inputs)
+        raise ConfigError(
+            f"data {dataset.source!r} gives one array ({dataset.x_name!r}) but {variant!r} "
+            f"takes {len(inputs)} inputs ({names}); bench it without --data"
+        )
+    fit_inputs(
+        {inputs[0]["name"]: dataset.x},
+        inputs,
+        source=dataset.source,
+        target=f"{variant!r}",
+        array_names={inputs[0]["name"]: dataset.x_name},
+        batch=_dataset_batch(inputs),
+    )
+    if dataset.y is not None:
+        check_labels(
+            dataset.y,
+            len(dataset),
+            source=dataset.source,
+            array=dataset.y_name,
+            classes=classes_of(outputs),
+        )
+
+
+def _dataset_outputs(
+    session: Any, spec: Mapping[str, Any], dataset: Dataset, batch: int
+) -> list[Any]:
+    """Every output of `session` over the whole dataset, in batches of `batch`."""
+    import numpy as np
+
+    x = dataset.x.astype(spec.get("dtype", "float32"), copy=False)
+    parts = [
+        session.run({spec["name"]: np.ascontiguousarray(x[i : i + batch])})
+        for i in range(0, len(x), batch)
+    ]
+    return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))]
 
 
 def _throughput(

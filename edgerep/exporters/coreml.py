@@ -55,6 +55,7 @@ __all__ = ["CoreMLExporter", "coreml_input_types", "mlprogram_op_types"]
 logger = logging.getLogger(__name__)
 
 _PACKAGE = "model.mlpackage"
+_EXIR_DEBUG_MAP = "executorch_debug_handle_mapping.json"
 _TARGET_RE = re.compile(r"^(iOS|macOS|tvOS|watchOS|visionOS)\d+$")
 _PRECISIONS = ("fp32", "fp16")
 _SHAPES = ("range", "enumerated")
@@ -362,6 +363,10 @@ class CoreMLExporter:
                 ) from e2
         path = out_dir / _PACKAGE
         mlmodel.save(str(path))
+        # MLModel.save adds ExecuTorch's debug-handle map (EXIR handle -> MIL ops) to the
+        # package when it converted a torch.export program; it is no part of a Core ML
+        # model, and Xcode and the package's own Manifest.json do not know it
+        (path / _EXIR_DEBUG_MAP).unlink(missing_ok=True)
         spec = mlmodel.get_spec()
         op_types = mlprogram_op_types(spec)
         symbols = {s.name: s.shape for s in specs}

@@ -46,6 +46,7 @@ def merge(
     seed: int = 0,
     keep_zeros: bool = False,
     rtol: float = 1e-9,
+    require_adapter: bool = False,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge every affine adapter of `model` into plain layers; see `edgerep.merge._engine.merge`."""
     from edgerep.merge._engine import merge as _merge
@@ -59,6 +60,7 @@ def merge(
         seed=seed,
         keep_zeros=keep_zeros,
         rtol=rtol,
+        require_adapter=require_adapter,
     )
 
 

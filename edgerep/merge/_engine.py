@@ -87,6 +87,7 @@ def merge(
     seed: int = 0,
     keep_zeros: bool = False,
     rtol: float = verify.DEFAULT_RTOL,
+    require_adapter: bool = False,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge every adapter whose eval-mode effect is affine into a plain layer.
 
@@ -112,6 +113,8 @@ def merge(
             base stays sparse); the merged layer then differs from the adapter's
             function at those entries, by design.
         rtol: relative tolerance of the float64 verifier.
+        require_adapter: refuse a model with no adapter at all (instead of returning
+            it as it is with a note), for callers whose only job is to merge.
 
     Returns:
         (plain eval-mode model, report).
@@ -119,7 +122,7 @@ def merge(
     Raises:
         ConfigError: bad arguments, an unknown adapter name or method, or adapters
             that PEFT already merged into the base weights when `adapter` or
-            `combine` asks to separate them.
+            `combine` asks to separate them; no adapter at all with `require_adapter`.
     """
     start = time.perf_counter()
     plan = _make_plan(model, adapter, combine, method, density, seed, keep_zeros, rtol)
@@ -149,6 +152,13 @@ def merge(
     _check_names(plan, available, root)
     wrappers = _find(root)
     found = len(wrappers)
+    if not found and require_adapter:
+        raise ConfigError(
+            f"no adapter found in the model ({type(model).__name__}): no PEFT tuner layer or "
+            "adapter-wrapped Linear/Conv/Embedding, so there is nothing to merge; attach "
+            "adapters (CLI: --adapter PATH, a PEFT adapter directory or a .safetensors LoRA "
+            "file), or fold/convert a model without adapters with `edgerep fold`/`convert`"
+        )
     while wrappers:  # drop each wrapper once replaced, so its base layer can be freed
         root = _process(root, wrappers.pop(0), plan, report)
     _note_dropped(plan, available, _peft.active_adapters(model), report)

@@ -58,7 +58,16 @@ class AdapterSource:
 
 
 def parse_adapter_spec(text: str) -> AdapterSource:
-    """Parse ``PATH``, ``NAME=PATH``, ``PATH:WEIGHT`` or ``NAME=PATH:WEIGHT``."""
+    """Parse ``PATH``, ``NAME=PATH``, ``PATH:WEIGHT`` or ``NAME=PATH:WEIGHT``.
+
+    Text after the last ``:`` is the weight and must be a number, unless the whole
+    text names an existing path, the colon follows a drive letter (``C:dir``) or a
+    directory follows it (``a:b/adapter``).
+
+    Raises:
+        ConfigError: an empty spec or name, a bad name, or a weight that is not a
+            finite number.
+    """
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"adapter spec {text!r} is empty; give PATH or NAME=PATH:WEIGHT")
     name: str | None = None
@@ -73,13 +82,27 @@ def parse_adapter_spec(text: str) -> AdapterSource:
     weight: float | None = None
     path, sep, wtext = rest.rpartition(":")
     if sep and path:
-        try:
-            weight = float(wtext)
-        except ValueError:
-            path = rest  # a colon that is part of the path
+        if Path(rest).expanduser().exists() and not Path(path).expanduser().exists():
+            path = rest  # an existing path with a colon in its name
         else:
-            if not math.isfinite(weight):
-                raise ConfigError(f"adapter weight {wtext!r} in {text!r} is not a finite number")
+            try:
+                weight = float(wtext)
+            except ValueError:
+                # a colon that is part of the path: a drive letter (C:dir) or a directory
+                # on the way (a:b/adapter); anything else after a ':' was meant as a weight
+                drive = len(path) == 1 and path.isalpha()
+                if not (drive or "/" in wtext or "\\" in wtext):
+                    raise ConfigError(
+                        f"adapter spec {text!r}: the weight after the last ':' is {wtext!r}, "
+                        "not a number; give NAME=PATH:WEIGHT with a number (e.g. "
+                        f"{name or 'a'}={path}:0.5), or PATH alone for weight 1"
+                    ) from None
+                path = rest
+            else:
+                if not math.isfinite(weight):
+                    raise ConfigError(
+                        f"adapter weight {wtext!r} in {text!r} is not a finite number"
+                    )
     else:
         path = rest
     if not path:

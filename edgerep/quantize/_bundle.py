@@ -296,7 +296,8 @@ def quantize_bundle(
 
     Raises:
         ConfigError: an unknown mode or backend, a bundle without the float artifact
-            a backend needs, or `out_dir` equal to `bundle_dir`.
+            a backend needs, `out_dir` equal to `bundle_dir`, or `data` that does not
+            fit the bundle's inputs (shape, dtype, non-finite values).
         VerificationError: the source bundle's manifest is invalid.
     """
     if mode not in MODES:
@@ -350,6 +351,10 @@ def quantize_bundle(
             )
         else:
             sources[b.name] = art
+    try:  # the data is checked against the bundle's inputs before any backend runs
+        data.check(manifest["inputs"], target=f"bundle {str(src)!r}")
+    except ConfigError as e:
+        problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -72,6 +72,20 @@ def test_write_report(report, tmp_path):
         write_report({**data, "rows": [{"variant": "x"}]}, tmp_path / "bad")
 
 
+def test_tables_name_the_reference_row(report, tmp_path):
+    """'top-1 agree' is against the first row measured: the tables say which it is."""
+    from edgerep.bench.report import markdown_table
+
+    md = markdown_table(report)
+    first = next(line for line in md.splitlines() if line.startswith("| tiny | onnxruntime"))
+    assert first.count("(reference)") == 2  # top-1 agree and max rel err
+    assert md.count("(reference)") == 2
+    assert "against the reference row tiny / onnxruntime" in md
+    assert "on every sample of the data" in md
+    page = write_report(report, tmp_path / "out")["html"].read_text()
+    assert "<td>(reference)</td>" in page and "against the reference row tiny" in page
+
+
 def test_pareto_front():
     pts = [(1.0, 0.5), (2.0, 0.9), (3.0, 0.8), (0.5, 0.4), (2.0, 0.9)]
     assert pareto_front(pts) == [3, 0, 1, 4]  # (3.0, 0.8) is dominated; ties both stay

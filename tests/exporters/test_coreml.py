@@ -62,6 +62,9 @@ def test_conversion_and_spec(nets, package):
     art = package
     assert art.path.name == "model.mlpackage" and art.path.is_dir()
     assert "model.mlpackage/Manifest.json" in art.files
+    # coremltools' save adds ExecuTorch's debug-handle map after a torch.export conversion
+    assert not any(f.endswith("executorch_debug_handle_mapping.json") for f in art.files)
+    assert not (art.path / "executorch_debug_handle_mapping.json").exists()
     assert art.precision == "fp32" and art.metadata["exporter"] == "torch.export"
     assert art.inputs[0].name == "x" and art.inputs[0].shape == ("N", 3, 8, 8)
     assert [o.name for o in art.outputs] == ["output"] and art.outputs[0].dtype == "float32"
