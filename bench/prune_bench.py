@@ -97,9 +97,11 @@ def _int8(model: nn.Module, calib: torch.Tensor, work: Path) -> Path:
     from edgerep.quantize import OrtQuantConfig, quantize_onnx
 
     src = work / f"{id(model)}_fp32.onnx"
+    # a torch.fx GraphModule's .graph confuses the TorchScript exporter's dynamic-axes check
+    wrapped = nn.Sequential(copy.deepcopy(model).float().eval())
     with torch.no_grad():
         torch.onnx.export(
-            copy.deepcopy(model).float().eval(),
+            wrapped,
             (calib[:1],),
             str(src),
             dynamo=False,
