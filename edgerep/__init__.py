@@ -28,6 +28,8 @@ _LAZY = {
     "merge": ("edgerep.merge", None),
     "MergeReport": ("edgerep.merge", "MergeReport"),
     "quantize": ("edgerep.quantize", None),
+    "prune": ("edgerep.prune", None),
+    "PruneReport": ("edgerep.prune", "PruneReport"),
     "InputSpec": ("edgerep.spec", "InputSpec"),
     "convert": ("edgerep.pipeline", "convert"),
     "load": ("edgerep.predictor", "load"),
@@ -43,6 +45,7 @@ __all__ = [
     "MergeReport",
     "MissingDependencyError",
     "Predictor",
+    "PruneReport",
     "SourceError",
     "UnsupportedError",
     "VerificationError",
@@ -51,6 +54,7 @@ __all__ = [
     "fold",
     "load",
     "merge",
+    "prune",
 ]
 
 

@@ -18,6 +18,8 @@ Usage::
                   [--device local|all|agent://HOST:PORT|adb:SERIAL|NAME ...] [--token-file F]
     edgerep devices [--device URL ...] [--timeout S] [--json]
     edgerep agent serve --token-file F [--host H] [--port P] [--tls-cert C --tls-key K]
+    edgerep prune SRC --target latency=0.5 --calib DATA -o OUT [--backend B] [--plan PLAN]
+                  (see `edgerep.prune._cli`)
     edgerep list [--json]
 
 ``SRC`` is ``path/to/file.py:factory``, ``model.pt2`` or a local Hugging Face model
@@ -271,6 +273,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_trust_arg(p)
     p.set_defaults(handler=_cmd_quantize)
+
+    from edgerep.prune._cli import add_prune_parser
+
+    add_prune_parser(sub, [common, model_args])
 
     p = sub.add_parser(
         "export",

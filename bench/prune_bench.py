@@ -1,0 +1,282 @@
+"""Pruning benchmark: RepVGG-A0 on digits, folded, pruned to a measured latency.
+
+Run from the repository root (a few minutes on 2 idle cores; timings belong under
+the exclusive lock, see bench/README.md)::
+
+    OMP_NUM_THREADS=1 flock -x -w 900 /tmp/edgerep-cpu.lock .venv/bin/python bench/prune_bench.py
+
+It writes ``bench/results/prune_bench.json`` (``--out`` to change) and prints a
+summary. Steps:
+
+1. `edgerep.zoo.repvgg_a0` (10 classes) trained ``--a0-epochs`` on the 32x32
+   digits (grey repeated to 3 channels), as in ``quant_bench.py``; folded;
+2. ``edgerep.prune(target="latency=0.5", backend="onnxruntime")``, latency measured at
+   the deployment size 1x3x224x224 (onnxruntime CPU, 1 thread, batch 1), importance
+   l2, recovery by least squares on 256 training digits (no fine-tuning); the same
+   plan without recovery for comparison; the latency table build time (cold cache);
+3. Torch-Pruning's own magnitude pruning (``MetaPruner`` + ``MagnitudeImportance(p=2)``,
+   uniform ratio, first conv and classifier ignored, no fine-tuning) with its ratio
+   bisected to the same MACs as edgerep's result;
+4. edgerep's pruned model then onnxruntime static int8 (U8S8 per-channel, 128
+   training digits; exported with dynamic height/width so that one file is scored at
+   32x32 and timed at 224x224);
+5. unpruned, edgerep, Torch-Pruning and edgerep + int8 timed interleaved in one
+   process (4 rounds of >= 1 s, alternating order, p50 = median of rounds); top-1 on
+   the 450 held-out digits at 32x32.
+
+``loadavg`` before and after is recorded: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgerep.bench.latency import LatencyConfig, benchmark_latency
+from edgerep.fold import fold
+from edgerep.prune import prune
+from edgerep.prune._engine import _export_onnx
+from edgerep.prune._latency import get_backend, layer_shapes
+from edgerep.zoo import accuracy, load_digits_tensors, repvgg_a0, train_classifier
+
+HERE = Path(__file__).resolve().parent
+
+
+def _macs(model: nn.Module, x: torch.Tensor) -> int:
+    return int(sum(s.macs() for s in layer_shapes(model, [x]).values()))
+
+
+def _tp_prune(model: nn.Module, x: torch.Tensor, macs_goal: int) -> tuple[nn.Module, float]:
+    """Torch-Pruning magnitude pruning with the uniform ratio that reaches `macs_goal`."""
+    import torch_pruning as tp
+
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+    def run(ratio: float) -> nn.Module:
+        work = copy.deepcopy(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        mods = dict(work.named_modules())
+        pruner = tp.pruner.MetaPruner(
+            work,
+            x,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=[mods[names[id(first)]], mods[names[id(head)]]],
+        )
+        pruner.step()
+        return work.eval()
+
+    lo, hi = 0.0, 0.95
+    best = run(0.5)
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        cand = run(mid)
+        if _macs(cand, x) > macs_goal:
+            lo = mid
+        else:
+            hi, best = mid, cand
+    return best, hi
+
+
+def _int8(model: nn.Module, calib: torch.Tensor, work: Path) -> Path:
+    """`model` exported with dynamic height and width, then onnxruntime static int8
+    (U8S8 per-channel, edgerep's default choice) calibrated on `calib` (one sample a feed)."""
+    from edgerep.quantize import OrtQuantConfig, quantize_onnx
+
+    src = work / f"{id(model)}_fp32.onnx"
+    # a torch.fx GraphModule's .graph confuses the TorchScript exporter's dynamic-axes check
+    wrapped = nn.Sequential(copy.deepcopy(model).float().eval())
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapped,
+            (calib[:1],),
+            str(src),
+            dynamo=False,
+            input_names=["input_0"],
+            opset_version=17,
+            dynamic_axes={"input_0": {0: "n", 2: "h", 3: "w"}},
+        )
+    out = work / f"{id(model)}_int8.onnx"
+    feeds = [{"input_0": calib[i : i + 1].numpy()} for i in range(len(calib))]
+    quantize_onnx(
+        src, out, OrtQuantConfig(mode="int8", types="U8S8", per_channel=True), calib=feeds
+    )
+    return out
+
+
+def _ort_top1(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    from edgerep.runtimes import get_runtime
+
+    session = get_runtime("onnxruntime").load(path, options={"threads": 1})
+    try:
+        logits = np.concatenate(
+            [session.run({"input_0": x[i : i + 64].numpy()})[0] for i in range(0, len(x), 64)]
+        )
+    finally:
+        session.close()
+    return float((logits.argmax(1) == y.numpy()).mean())
+
+
+def _time_models(
+    models: dict[str, nn.Module | Path], x: torch.Tensor, config: LatencyConfig
+) -> dict[str, dict[str, float]]:
+    from edgerep.runtimes import get_runtime
+
+    backend = get_backend("onnxruntime")
+    runtime = get_runtime(backend.runtime)
+    one = LatencyConfig(**{**config.to_dict(), "repeats": 1})
+    out: dict[str, list[float]] = {n: [] for n in models}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {
+            n: runtime.load(
+                m if isinstance(m, Path) else _export_onnx(m, [x], Path(tmp) / f"{n}.onnx"),
+                options=backend.options(1),
+            )
+            for n, m in models.items()
+        }
+        feeds = {"input_0": x.numpy()}
+        order = list(models)
+        for r in range(config.repeats):
+            for n in order if r % 2 == 0 else order[::-1]:
+                out[n].append(benchmark_latency(sessions[n].run, feeds, config=one).stats.p50_ms)
+        for s in sessions.values():
+            s.close()
+    return {
+        n: {"p50_ms": float(np.median(v)), "spread": float((max(v) - min(v)) / np.median(v))}
+        for n, v in out.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "prune_bench.json")
+    parser.add_argument("--a0-epochs", type=int, default=4)
+    parser.add_argument("--target", default="latency=0.5")
+    parser.add_argument("--size", type=int, default=224, help="latency input size")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="cache of the trained A0 state_dict: loaded if it exists, else written after "
+        "training (train under the shared lock, time under the exclusive one)",
+    )
+    parser.add_argument("--train-only", action="store_true", help="train (and cache), then stop")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    x_tr, y_tr, x_te, y_te = load_digits_tensors(32, seed=0)
+    x3_tr, x3_te = x_tr.repeat(1, 3, 1, 1), x_te.repeat(1, 3, 1, 1)
+    torch.manual_seed(0)
+    a0 = repvgg_a0(num_classes=10)
+    if args.weights is not None and args.weights.is_file():
+        a0.load_state_dict(torch.load(args.weights, weights_only=True))
+        a0.eval()
+    else:
+        for epoch in range(args.a0_epochs):
+            train_classifier(a0, x3_tr, y_tr, epochs=1, lr=5e-4, batch_size=64, seed=epoch)
+        if args.weights is not None:
+            torch.save(a0.state_dict(), args.weights)
+    train_s = time.perf_counter() - t0
+    if args.train_only:
+        print(f"trained in {train_s:.0f} s; top-1 {accuracy(a0, x3_te, y_te):.4f}")
+        return 0
+    folded, _ = fold(a0, (x3_te[:1],))
+    top1 = {"unpruned": accuracy(folded, x3_te, y_te)}
+    big = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    calib, labels = x3_tr[:256], y_tr[:256]
+    with tempfile.TemporaryDirectory() as cache:
+        t1 = time.perf_counter()
+        pruned, report = prune(
+            folded,
+            (x3_te[:1],),
+            target=args.target,
+            calib=calib,
+            labels=labels,
+            latency_inputs=(big,),
+            cache_dir=cache,
+        )
+        prune_s = time.perf_counter() - t1
+    no_rec, _ = prune(
+        folded,
+        (x3_te[:1],),
+        target="widths="
+        + ",".join(f"{g.name}:{g.width}" for g in report.groups if g.width != g.size),
+        recovery="none",
+    )
+    top1["edgerep_ls"] = accuracy(pruned, x3_te, y_te)
+    top1["edgerep_no_recovery"] = accuracy(no_rec, x3_te, y_te)
+    macs = {"unpruned": _macs(folded, big), "edgerep": _macs(pruned, big)}
+    tp_model, tp_ratio = _tp_prune(folded, x3_te[:1], _macs(pruned, x3_te[:1]))
+    macs["torch_pruning"] = _macs(tp_model, big)
+    top1["torch_pruning"] = accuracy(tp_model, x3_te, y_te)
+    work = Path(tempfile.mkdtemp())
+    int8_path = _int8(pruned, x3_tr[:128], work)
+    top1["edgerep_int8"] = _ort_top1(int8_path, x3_te, y_te)
+    timing = _time_models(
+        {
+            "unpruned": folded,
+            "edgerep": pruned,
+            "torch_pruning": tp_model,
+            "edgerep_int8": int8_path,
+        },
+        big,
+        LatencyConfig(min_seconds=1.0, repeats=4),
+    )
+    base = timing["unpruned"]["p50_ms"]
+    summary = {
+        "asked": report.asked,
+        "measured_ratio_in_search": report.achieved,
+        "measured_ratio_final": timing["edgerep"]["p50_ms"] / base,
+        "torch_pruning_ratio_final": timing["torch_pruning"]["p50_ms"] / base,
+        "edgerep_int8_speedup_vs_unpruned_fp32": base / timing["edgerep_int8"]["p50_ms"],
+        "top1_drop_points_edgerep_int8": 100 * (top1["unpruned"] - top1["edgerep_int8"]),
+        "top1": top1,
+        "top1_drop_points_edgerep": 100 * (top1["unpruned"] - top1["edgerep_ls"]),
+        "top1_drop_points_torch_pruning": 100 * (top1["unpruned"] - top1["torch_pruning"]),
+        "macs_ratio_edgerep": macs["edgerep"] / macs["unpruned"],
+        "macs_ratio_torch_pruning": macs["torch_pruning"] / macs["unpruned"],
+        "latency_table_seconds_cold": report.table.get("seconds"),
+        "prune_seconds_total": prune_s,
+    }
+    out = {
+        "bench": "prune_bench",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "versions": {
+            n: __import__(n).__version__ for n in ("torch", "onnxruntime", "torch_pruning")
+        },
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "runtime": f"onnxruntime CPU, 1 thread, batch 1, input 1x3x{args.size}x{args.size}",
+        "train": {"a0_epochs": args.a0_epochs, "seconds": train_s},
+        "summary": summary,
+        "timing": timing,
+        "macs": macs,
+        "torch_pruning_uniform_ratio": tp_ratio,
+        "report": report.to_dict(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    tmp_out.replace(args.out)
+    print(report.to_text())
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

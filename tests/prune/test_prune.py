@@ -1,0 +1,146 @@
+"""prune(): exactness on zero channels, targets, plans, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from edgerep.errors import ConfigError
+from edgerep.prune import (
+    PrunePlan,
+    PruneTarget,
+    apply_plan,
+    load_pruned,
+    parse_target,
+    prune,
+    save_pruned,
+)
+from tests.prune._nets import chain, coupled
+
+
+def _zero_channels(model: torch.nn.Module, layer: str, channels: list[int]) -> None:
+    conv = dict(model.named_modules())[layer]
+    with torch.no_grad():
+        conv.weight[channels] = 0.0
+        conv.bias[channels] = 0.0
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2"])
+def test_pruning_exactly_zero_channels_keeps_outputs(importance: str) -> None:
+    model = chain().double()
+    dead = [1, 4, 9, 13, 20, 22, 27, 30]
+    _zero_channels(model, "2", dead)
+    x = torch.randn(8, 3, 12, 12, dtype=torch.float64)
+    pruned, _report = prune(
+        model, x[:1], target="widths=2:24", importance=importance, recovery="none"
+    )
+    assert pruned[2].out_channels == 24 and pruned[4].in_channels == 24
+    with torch.no_grad():
+        err = (pruned(x) - model(x)).abs().max() / model(x).abs().max()
+    assert err <= 1e-6
+    # the check can fail: removing live channels instead changes the outputs
+    live = prune(model, x[:1], target="widths=4:24", importance=importance, recovery="none")[0]
+    with torch.no_grad():
+        assert (live(x) - model(x)).abs().max() / model(x).abs().max() > 1e-3
+
+
+def test_zero_channels_in_a_coupled_group_are_the_ones_removed() -> None:
+    model = coupled().double()
+    x = torch.randn(4, 3, 10, 10, dtype=torch.float64)
+    for name, chans in (("a", [2, 5]), ("b", [2, 5])):
+        _zero_channels(model, name, chans)
+    # a zero channel of the sum a + b(a) must be zero in both; dw then sees zero there
+    dw = model.dw
+    with torch.no_grad():
+        dw.weight[[2, 5]] = 0.0
+        dw.bias[[2, 5]] = 0.0
+    pruned, _ = prune(model, x[:1], target="widths=dw:30", recovery="none")
+    assert pruned.a.out_channels == 22 and pruned.dw.out_channels == 30
+    with torch.no_grad():
+        err = (pruned(x) - model(x)).abs().max() / model(x).abs().max()
+    assert err <= 1e-6
+
+
+def test_input_model_is_not_mutated_and_targets_are_met() -> None:
+    model = chain()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(16, 3, 12, 12)
+    for text in ("macs=0.5", "params=0.6"):
+        _, report = prune(model, x[:1], target=text, calib=x)
+        assert report.status == "met" and report.achieved is not None
+        assert report.achieved <= parse_target(text).ratio
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("latency=1.0", "impossible"),
+        ("latency=0", "impossible"),
+        ("macs=-0.5", "impossible"),
+        ("flops=0.5", "unknown pruning target"),
+        ("macs", "KIND=VALUE"),
+        ("widths=2:x", "GROUP:WIDTH"),
+    ],
+)
+def test_bad_targets_are_refused(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_target(text)
+
+
+def test_unreachable_and_misdirected_targets_are_refused() -> None:
+    model, x = chain(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(ConfigError, match="impossible for this model"):
+        prune(model, x[:1], target="macs=0.05")
+    with pytest.raises(ConfigError, match="cannot set the width of '0'"):
+        prune(model, x[:1], target="widths=0:8")
+    with pytest.raises(ConfigError, match="unknown pruning backend 'tensorrt'"):
+        prune(model, x[:1], target="latency=0.5", backend="tensorrt")
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        prune(model, x[:1], target="macs=0.5", recovery="ls")
+    with pytest.raises(ConfigError, match="needs calibration data with labels"):
+        prune(model, x[:1], target="macs=0.5", importance="taylor")
+    with pytest.raises(ConfigError, match="unknown importance"):
+        prune(model, x[:1], target="macs=0.5", importance="l3")
+
+
+def test_target_json_round_trip() -> None:
+    for t in (parse_target("latency=0.5"), parse_target("widths=a:8,b.c:16")):
+        assert PruneTarget.from_dict(t.to_dict()) == t
+    with pytest.raises(ConfigError):
+        PruneTarget.from_dict({**parse_target("macs=0.5").to_dict(), "version": 9})
+
+
+def test_plan_reapplication_reproduces_weights_bit_for_bit(tmp_path) -> None:
+    model = coupled()
+    x = torch.randn(32, 3, 10, 10)
+    labels = torch.randint(0, 10, (32,))
+    pruned, report = prune(
+        model, x[:1], target="macs=0.6", calib=x, labels=labels, importance="taylor"
+    )
+    plan = report.plan
+    assert plan is not None and plan.to_dict()["groups"]
+    assert report.to_dict()["plan"] == plan.to_dict()
+    again = PrunePlan.from_dict(PrunePlan.load(plan.save(tmp_path / "plan.json")).to_dict())
+    redone = apply_plan(model, x[:1], again, calib=x)
+    a, b = pruned.state_dict(), redone.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="same calibration data"):
+        apply_plan(model, x[:1], again, calib=x[:16])
+    with pytest.raises(ConfigError, match="another model"):
+        apply_plan(coupled(seed=1), x[:1], again, calib=x)
+    # saved without pickles: a state_dict that loads with weights_only, rebuilt by the plan
+    save_pruned(pruned, plan, tmp_path / "out")
+    loaded = load_pruned(model, x[:1], tmp_path / "out")
+    assert all(torch.equal(loaded.state_dict()[k], a[k]) for k in a)
+
+
+def test_a_pruned_model_measured_slower_is_refused(monkeypatch) -> None:
+    from edgerep.prune import _engine
+
+    monkeypatch.setattr(_engine, "measure_pair", lambda *a, **k: (1.0, 1.2))
+    with pytest.raises(_engine.PruneRefusedError, match=r"1\.200 ms vs 1\.000 ms"):
+        prune(chain(), torch.randn(1, 3, 8, 8), target="macs=0.5", measure=True)
