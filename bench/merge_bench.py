@@ -42,41 +42,14 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
+from _rss import PeakRss as _PeakRss
+
 WORKERS = ["peft", "edgerep", "edgerep_malloc", "edgerep_probe"]
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-class _PeakRss:
-    """Sample the RSS in a thread while the block runs."""
-
-    def __enter__(self) -> _PeakRss:
-        self.start = _rss()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
 
 
 def _build(rank: int) -> tuple[Any, int]:

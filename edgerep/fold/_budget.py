@@ -8,7 +8,6 @@ what it skipped and why. Nothing here ever skips the verification gate.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -109,11 +108,8 @@ def flat_probe_problem(
 
 
 def peak_rss_mib() -> float:
-    """The process's peak resident set size so far, in MiB."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    """The process's peak resident set size so far, in MiB (0 where unknown)."""
+    from edgerep.bench.latency import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    return 0.0 if peak is None else peak / 2**20
