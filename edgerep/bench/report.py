@@ -28,7 +28,9 @@ from edgerep.errors import ConfigError
 __all__ = [
     "REPORT_SCHEMA",
     "REPORT_SCHEMA_VERSION",
+    "latency_figure",
     "markdown_table",
+    "pareto_figure",
     "pareto_front",
     "quantization_markdown",
     "render_html",
@@ -227,9 +229,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                     "-" if acc is None else f"{acc:.2%}",
                     "(reference)" if is_ref else _f(ref.get("top1_agreement"), ".2%"),
                     "(reference)" if is_ref else _f(ref.get("max_rel_error"), ".1e"),
-                    "-"
-                    if roof.get("fraction_of_peak") is None
-                    else f"{roof['fraction_of_peak']:.1%}",
+                    _peak_cell(roof),
                 ]
             )
             + " |"
@@ -238,7 +238,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         "",
         "p50 interval: bootstrap 95%; spread: (max - min) / median of the p50s of "
         f"{_repeats(report)} runs, (!) above the threshold (do not trust smaller differences); "
-        "% peak: FLOPs / p50 / measured float32 GEMM peak.",
+        + _peak_note(rows),
     ]
     if len(rows) > 1 and report.get("devices"):
         notes.append(
@@ -262,6 +262,37 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         where = f"{err['device']}: " if err.get("device") else ""
         notes.append(f"- {where}{err['variant']} / {err['runtime']}: not measured: {err['error']}")
     return "\n".join(lines + notes + _throughput_lines(report)) + "\n"
+
+
+def _peak_cell(roof: Mapping[str, Any]) -> str:
+    """``76.1%`` against the fp32 peak; ``19.9% of bf16`` against the peak at the row's own
+    low precision; ``49.0% of fp32 (computes bf16)`` where no peak at its precision was
+    measured, so the figure cannot be misread as a fraction of its own peak."""
+    frac = roof.get("fraction_of_peak")
+    if frac is None:
+        return "-"
+    peak = str(roof.get("peak_precision") or "fp32")
+    computes = str(roof.get("compute_precision") or peak)
+    if computes != peak:
+        return f"{frac:.1%} of {peak} (computes {computes})"
+    return f"{frac:.1%}" if peak == "fp32" else f"{frac:.1%} of {peak}"
+
+
+def _peak_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    roofs = [r.get("roofline") or {} for r in rows]
+    note = "% peak: FLOPs / p50 / measured GEMM peak at the row's precision (fp32: numpy's BLAS"
+    if any((r.get("peak_precision") or "fp32") != "fp32" for r in roofs):
+        note += "; bf16/f16: OpenVINO's CPU MatMul with that precision hint"
+    note += ")."
+    if any(
+        r.get("compute_precision") and r.get("compute_precision") != r.get("peak_precision")
+        for r in roofs
+    ):
+        note += (
+            " 'of fp32 (computes X)': no GEMM peak at precision X was measured here, so the "
+            "figure is relative to the fp32 peak, not to X's own (higher) peak."
+        )
+    return note
 
 
 def quantization_markdown(report: Mapping[str, Any]) -> str:
@@ -341,47 +372,123 @@ def _plots(report: Mapping[str, Any]) -> dict[str, str]:
     matplotlib.use("Agg", force=False)  # set here, not at import: the caller's backend elsewhere
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
     out: dict[str, str] = {}
+    for name, make in (("latency", latency_figure), ("pareto", pareto_figure)):
+        fig = make(report)
+        if fig is not None:
+            out[name] = _png(fig)
+            plt.close(fig)
+    return out
+
+
+#: a latency plot whose p1..p99 span more than this ratio gets a log axis
+_LOG_AXIS_RATIO = 3.0
+
+
+def latency_figure(report: Mapping[str, Any]) -> Any:
+    """The latency distribution per row (box p25..p75, whiskers p1..p99), or None.
+
+    The axis is logarithmic when the whiskers span more than `_LOG_AXIS_RATIO`: on a
+    linear axis one row's p99 tail (or one slow runtime) squeezes every other box to a
+    line. Ticks are plain milliseconds either way.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    rows = report["rows"]
     if not rows:
-        return out
+        return None
     labels = [_label(r) for r in rows]
-    data = [r.get("samples_ms") or [r["latency"]["stats"]["p50_ms"]] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    data = [
+        np.asarray(r.get("samples_ms") or [r["latency"]["stats"]["p50_ms"]], dtype=np.float64)
+        for r in rows
+    ]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
     ax.boxplot(data, orientation="horizontal", whis=(1, 99), showfliers=False)
     ax.set_yticks(range(1, len(rows) + 1), labels)
-    ax.set_xlabel("latency per call (ms); box: p25..p75, whiskers: p1..p99")
+    low = min(float(np.percentile(d, 1)) for d in data)
+    high = max(float(np.percentile(d, 99)) for d in data)
+    scale = "linear"
+    if low > 0 and high / low > _LOG_AXIS_RATIO:
+        scale = "log"
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, axis="x", which="major", alpha=0.3)
+    ax.set_xlabel(
+        f"latency per call (ms{', log scale' if scale == 'log' else ''}); "
+        "box: p25..p75, line: p50, whiskers: p1..p99"
+    )
     ax.set_title("Latency distribution")
-    out["latency"] = _png(fig)
-    plt.close(fig)
+    return fig
 
+
+def pareto_figure(report: Mapping[str, Any]) -> Any:
+    """Accuracy against p50 latency with the Pareto front, or None without accuracy.
+
+    Points are numbered and named in a legend below the axes, so names never overlap
+    however close the points lie; numbers of nearby points are moved apart. The front
+    is drawn as a dashed line through ringed points, so it shows (in the plot and in
+    its legend entry) even when it is a single point (every row equally accurate).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    rows = report["rows"]
     points = [(r["latency"]["stats"]["p50_ms"], _accuracy_value(r)) for r in rows]
     have = [(i, (lat, acc)) for i, (lat, acc) in enumerate(points) if acc is not None]
-    if have:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for i, (lat, acc) in have:
-            ax.scatter(lat, acc)
-            ax.annotate(
-                labels[i], (lat, acc), fontsize=8, xytext=(4, 4), textcoords="offset points"
-            )
-        pts = [p for _, p in have]
-        front = [pts[k] for k in pareto_front(pts)]
-        ax.plot(
-            [p[0] for p in front], [p[1] for p in front], "--", color="gray", label="Pareto front"
+    if not have:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.8 + 0.22 * len(have)))
+    pts = [p for _, p in have]
+    front = [pts[k] for k in pareto_front(pts)]
+    ax.plot(
+        [p[0] for p in front],
+        [p[1] for p in front],
+        "--o",
+        color="gray",
+        markersize=15,
+        markerfacecolor="none",
+        label=f"Pareto front ({len(front)} of {len(pts)} points)",
+        zorder=1,
+    )
+    numbers = []
+    for k, (i, (lat, acc)) in enumerate(have, start=1):
+        ax.scatter(lat, acc, zorder=2, label=f"{k}: {_label(rows[i])}")
+        numbers.append(
+            ax.annotate(str(k), (lat, acc), fontsize=9, xytext=(6, 6), textcoords="offset points")
         )
-        ax.set_xlabel("p50 latency (ms)")
-        ax.set_ylabel("accuracy (top-1)")
-        ax.set_title("Accuracy vs latency")
-        ax.legend()
-        out["pareto"] = _png(fig)
-        plt.close(fig)
-    return out
+    ax.set_xlabel("p50 latency (ms)")
+    ax.set_ylabel("accuracy (top-1)")
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.set_title("Accuracy vs latency")
+    ax.margins(x=0.12, y=0.12)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
+    fig.tight_layout()
+    _spread_labels(fig, numbers)
+    return fig
+
+
+def _spread_labels(fig: Any, texts: Sequence[Any]) -> None:
+    """Move point numbers that would overlap to the first free offset around their point."""
+    offsets = [(6, 6), (6, -14), (-14, 6), (-14, -14), (6, 18), (6, -26), (-26, 6), (18, 6)]
+    offsets += [(6 + 12 * i, 6) for i in range(2, 12)]
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for text in texts:
+        for dx, dy in offsets:
+            text.set_position((dx, dy))
+            box = text.get_window_extent(renderer).expanded(1.1, 1.1)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(text.get_window_extent(renderer))
 
 
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
