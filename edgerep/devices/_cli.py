@@ -115,6 +115,20 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="run only bundles signed with this key (edgerep sign --key-file KEY)",
     )
+    p.add_argument(
+        "--max-failed-logins",
+        type=int,
+        default=10,
+        metavar="N",
+        help="wrong or missing tokens from one address before it gets 429 (default 10)",
+    )
+    p.add_argument(
+        "--failed-login-window",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="the sliding window those failures are counted in (default 60 s)",
+    )
     p.add_argument("--max-requests", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--max-seconds", type=float, metavar="S", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_agent_serve)
@@ -277,6 +291,8 @@ def _cmd_agent_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         runtimes=runtimes or AGENT_RUNTIMES,
         bundle_key=read_key_file(args.bundle_key_file) if args.bundle_key_file else None,
+        max_failed_logins=args.max_failed_logins,
+        failed_login_window_s=args.failed_login_window,
     )
     logging.getLogger("edgerep").setLevel(min(logging.getLogger("edgerep").level, logging.INFO))
     try:
