@@ -39,14 +39,22 @@ def _row(variant, runtime, p50, *, target, fingerprint, precision=None, top1=0.9
         "fingerprint": fingerprint,
         "session": {"inference_precision": precision} if precision else {},
         "latency": {
-            "stats": {"n": 200, "p50_ms": float(np.median(samples)), "p99_ms": float(samples.max())},
+            "stats": {
+                "n": 200,
+                "p50_ms": float(np.median(samples)),
+                "p99_ms": float(samples.max()),
+            },
             "p50_ci_ms": [p50 * 0.99, p50 * 1.01],
             "p50_spread": 0.02,
             "unstable": False,
         },
         "accuracy": {"top1": top1, "samples": 450},
         "reference": None,
-        "roofline": {"fraction_of_peak": 0.2, "peak_precision": "fp32", "compute_precision": "fp32"},
+        "roofline": {
+            "fraction_of_peak": 0.2,
+            "peak_precision": "fp32",
+            "compute_precision": "fp32",
+        },
         "samples_ms": [float(v) for v in samples],
     }
 
