@@ -16,8 +16,13 @@ one per artifact format (registry `RUNNERS`):
   --num_executions N``), which prints the total time of N calls: each run gives
   a mean per call.
 
-The binary comes from ``--runner PATH`` or the device's ``runner_dir``
-(devices.toml). The statistics over runs (median p50, spread, flag) are those of
+The binary comes from ``--runner PATH``, else the device's ``runner_dir``
+(devices.toml; ``DIR/BINARY`` or ``DIR/ABI/BINARY``), else the runner cache
+``$XDG_CACHE_HOME/edgerep/runners/ABI/BINARY`` (``~/.cache/...``), for each ABI the
+device lists (``ro.product.cpu.abilist``, e.g. ``arm64-v8a``). ``pin = "big"`` pins
+every run to the cores whose maximum frequency is above the slowest cluster's
+(``cpuinfo_max_freq``; all cores when they are all equal), or ``pin`` is a taskset
+hex mask. The statistics over runs (median p50, spread, flag) are those of
 `edgerep.bench.latency`; no p50 interval is claimed without per-call samples.
 """
 
@@ -45,9 +50,11 @@ __all__ = [
     "AdbTransport",
     "Runner",
     "adb_executable",
+    "big_core_mask",
     "parse_devices",
     "parse_getprop",
     "parse_thermal",
+    "runner_cache_dir",
 ]
 
 ADB_ENV = "EDGEREP_ADB"
@@ -159,6 +166,36 @@ def _thermal(serial: str, timeout_s: float) -> dict[str, Any]:
     )
 
 
+def runner_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/edgerep/runners`` (default ``~/.cache/edgerep/runners``); runners
+    go in ``ABI/BINARY`` under it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgerep" / "runners"
+
+
+def big_core_mask(max_freqs: str) -> tuple[str, list[int]]:
+    """The taskset mask of the big cores from ``PATH FREQ`` lines of
+    ``cpuN/cpufreq/cpuinfo_max_freq``: the cores faster than the slowest cluster (every
+    core when all are equal, e.g. an emulator).
+
+    Raises:
+        AdbError: no frequency could be read.
+    """
+    freqs: dict[int, int] = {}
+    for line in max_freqs.splitlines():
+        m = re.search(r"/cpu(\d+)/cpufreq/cpuinfo_max_freq\s+(\d+)\s*$", line)
+        if m:
+            freqs[int(m[1])] = int(m[2])
+    if not freqs:
+        raise AdbError(
+            "pin = 'big': the device shows no cpufreq/cpuinfo_max_freq; give a taskset hex "
+            "mask instead"
+        )
+    slowest = min(freqs.values())
+    big = sorted(c for c, f in freqs.items() if f > slowest) or sorted(freqs)
+    return format(sum(1 << c for c in big), "x"), big
+
+
 def describe_device(serial: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
     """Model, SoC, ABI, Android version and thermal state of `serial`.
 
@@ -268,7 +305,11 @@ class AdbTransport:
 
     def device(self, spec: Mapping[str, Any]) -> Device:
         serial = str(spec["serial"])
-        options = {k: spec[k] for k in ("runner_dir", "runner", "cooldown_s", "pin") if spec.get(k)}
+        options = {
+            k: spec[k]
+            for k in ("runner_dir", "runner", "cooldown_s", "pin")
+            if spec.get(k) is not None
+        }
         return Device("adb", str(spec.get("name", f"adb:{serial}")), serial, {}, True, "", options)
 
     def discover(self, specs: Sequence[Mapping[str, Any]], *, timeout_s: float) -> list[Device]:
@@ -313,18 +354,43 @@ class AdbTransport:
                 out.append(Device("adb", d.name, d.address, {}, False, str(e), d.options))
         return out
 
-    def _runner_path(self, device: Device, runner: Runner) -> Path:
+    def _runner_path(self, device: Device, runner: Runner, abis: Sequence[str]) -> Path:
         given = device.options.get("runner")
-        candidates = [Path(given).expanduser()] if given else []
+        if given:  # an explicit path is used or refused, never silently replaced
+            path = Path(given).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"--runner {str(path)!r} is not a file")
+            return path
+        candidates = []
         if device.options.get("runner_dir"):
-            candidates.append(Path(device.options["runner_dir"]).expanduser() / runner.binary)
+            root = Path(device.options["runner_dir"]).expanduser()
+            candidates += [root / runner.binary, *(root / abi / runner.binary for abi in abis)]
+        cache = runner_cache_dir()
+        candidates += [cache / abi / runner.binary for abi in abis]
         for c in candidates:
             if c.is_file():
                 return c
+        tried = ", ".join(str(c) for c in candidates) or "nothing (the device reports no ABI)"
         raise ConfigError(
-            f"no {runner.binary} for {device.name}: give --runner PATH (an Android build of it) "
-            "or runner_dir in devices.toml"
+            f"no {runner.binary} for {device.name}: give --runner PATH (an Android build of it), "
+            f"runner_dir in devices.toml, or put it in {cache}/ABI/ (tried {tried})"
         )
+
+    def _pin_mask(self, device: Device) -> tuple[str | None, list[int] | None]:
+        pin = device.options.get("pin")
+        if not pin:
+            return None, None
+        if pin != "big":
+            return str(pin), None
+        text = _adb(
+            [
+                "shell",
+                "for f in /sys/devices/system/cpu/cpu[0-9]*/cpufreq/cpuinfo_max_freq; "
+                'do echo "$f $(cat $f)"; done',
+            ],
+            serial=device.address,
+        )
+        return big_core_mask(text)
 
     def bench(self, device: Device, request: BenchRequest, *, timeout_s: float) -> dict[str, Any]:
         from edgerep.bench.latency import LatencyConfig
@@ -341,26 +407,32 @@ class AdbTransport:
         threads = settings.get("threads")
         cooldown_s = float(device.options.get("cooldown_s", 2.0))
         before = describe_device(serial, timeout_s=min(timeout_s, 10.0))
+        abis = list(before.get("abilist") or []) or ([before["abi"]] if before.get("abi") else [])
         rows, errors = [], []
         work = f"{REMOTE_ROOT}/edgerep-{uuid.uuid4().hex[:12]}"
         _adb(["shell", "mkdir", "-p", work], serial=serial)
         try:
+            pin = self._pin_mask(device)
             for art in manifest["artifacts"]:
                 runner = RUNNERS.get(art["format"])
                 if runner is None:
                     continue
+                if rows:  # the previous artifact's runs warmed the device
+                    time.sleep(cooldown_s)
                 try:
                     rows.append(
                         self._bench_artifact(
                             device,
                             request,
                             art,
+                            self._runner_path(device, runner, abis),
                             runner,
                             work,
                             config,
                             threads,
                             cooldown_s,
                             timeout_s,
+                            pin,
                         )
                     )
                 except EdgerepError as e:
@@ -403,15 +475,16 @@ class AdbTransport:
         device: Device,
         request: BenchRequest,
         art: Mapping[str, Any],
+        local_runner: Path,
         runner: Runner,
         work: str,
         config: Any,
         threads: int | None,
         cooldown_s: float,
         timeout_s: float,
+        pinned: tuple[str | None, list[int] | None],
     ) -> dict[str, Any]:
         serial = device.address
-        local_runner = self._runner_path(device, runner)
         remote_bin = f"{work}/{runner.binary}"
         remote_model = f"{work}/{Path(art['file']).name}"
         _adb(["push", str(local_runner), remote_bin], serial=serial, timeout_s=timeout_s)
@@ -422,9 +495,9 @@ class AdbTransport:
             timeout_s=timeout_s,
         )
         argv = runner.command(remote_bin, remote_model, config.min_iters, threads)
-        pin = device.options.get("pin")
+        pin, cores = pinned
         if pin:
-            argv = ["taskset", str(pin), *argv]
+            argv = ["taskset", pin, *argv]
         thermal_before = _thermal(serial, 10.0)
         runs = []
         for i in range(config.repeats):
@@ -440,6 +513,9 @@ class AdbTransport:
             "bundle": None,
             "session": {
                 "command": argv,
+                "runner": str(local_runner),
+                "pinned_cores": cores,
+                "cooldown_s": cooldown_s,
                 "thermal_before": thermal_before,
                 "thermal_after": _thermal(serial, 10.0),
             },
