@@ -1,7 +1,14 @@
 """Android devices over adb: discovery, and a benchmark run by a native runner binary.
 
-Written against adb's documented command line (``adb devices -l``, ``adb -s SERIAL
-shell|push|pull``); the adb executable is ``$EDGEREP_ADB`` or ``adb`` on PATH.
+Two ways to reach the devices, one set of operations (list, shell, push):
+
+- the **adb server** through `adbutils` (the ``android`` extra), when it is installed
+  and a server answers at ``$ANDROID_ADB_SERVER_HOST:$ANDROID_ADB_SERVER_PORT``
+  (default 127.0.0.1:5037, where ``adb start-server`` or Android Studio runs it);
+  edgerep never starts a server itself this way;
+- else adb's documented **command line** (``adb devices -l``, ``adb -s SERIAL
+  shell|push``), the executable being ``$EDGEREP_ADB`` or ``adb`` on PATH (it starts
+  the server as adb does). Setting ``$EDGEREP_ADB`` always chooses this way.
 
 A benchmark pushes the artifact and a runner into ``/data/local/tmp/edgerep-ID``,
 records thermal status, battery temperature and CPU frequencies, runs the runner
@@ -29,9 +36,11 @@ hex mask. The statistics over runs (median p50, spread, flag) are those of
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import time
@@ -50,6 +59,9 @@ __all__ = [
     "AdbTransport",
     "Runner",
     "adb_executable",
+    "adb_server",
+    "adb_server_address",
+    "adb_unavailable_reason",
     "big_core_mask",
     "parse_devices",
     "parse_getprop",
@@ -70,13 +82,52 @@ def adb_executable() -> str | None:
     return os.environ.get(ADB_ENV) or shutil.which("adb")
 
 
+def adb_server_address() -> tuple[str, int]:
+    """Where the adb server listens: ``$ANDROID_ADB_SERVER_HOST:$ANDROID_ADB_SERVER_PORT``
+    (adb's own variables; default 127.0.0.1:5037)."""
+    host = os.environ.get("ANDROID_ADB_SERVER_HOST") or "127.0.0.1"
+    try:
+        port = int(os.environ.get("ANDROID_ADB_SERVER_PORT") or 5037)
+    except ValueError as e:
+        raise AdbError(
+            f"$ANDROID_ADB_SERVER_PORT={os.environ['ANDROID_ADB_SERVER_PORT']!r} is not a port"
+        ) from e
+    return host, port
+
+
+def adb_server() -> tuple[str, int] | None:
+    """The adb server to use through adbutils: None when ``$EDGEREP_ADB`` asks for the
+    command line, adbutils is not installed, or no server answers within 0.5 s."""
+    if os.environ.get(ADB_ENV) or importlib.util.find_spec("adbutils") is None:
+        return None
+    host, port = adb_server_address()
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return host, port
+    except OSError:
+        return None
+
+
+def adb_unavailable_reason() -> str | None:
+    """Why neither an adb server (adbutils) nor the adb command line can be used, or None."""
+    if adb_server() is not None or adb_executable() is not None:
+        return None
+    host, port = adb_server_address()
+    return (
+        f"adb is not on PATH and no adb server answers at {host}:{port}; install Android "
+        f"platform-tools (or apt install adb), or set ${ADB_ENV}"
+    )
+
+
 def _adb(args: Sequence[str], *, serial: str | None = None, timeout_s: float = 10.0) -> str:
+    """Run ``adb [-s SERIAL] ARGS`` (``devices -l``, ``shell ...``, ``push L R``) through
+    the adb server when one answers (adbutils), else the adb executable; its stdout."""
+    server = adb_server()
+    if server is not None:
+        return _via_server(server, args, serial=serial, timeout_s=timeout_s)
     exe = adb_executable()
     if exe is None:
-        raise AdbError(
-            "adb is not installed or not on PATH; install Android platform-tools (or apt install "
-            f"adb), or set ${ADB_ENV}"
-        )
+        raise AdbError(adb_unavailable_reason() or "adb is not available")
     cmd = [exe, *(["-s", serial] if serial else []), *args]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -90,6 +141,46 @@ def _adb(args: Sequence[str], *, serial: str | None = None, timeout_s: float = 1
             f"{(out.stderr or out.stdout).strip()[-500:]}"
         )
     return out.stdout
+
+
+def _via_server(
+    server: tuple[str, int], args: Sequence[str], *, serial: str | None, timeout_s: float
+) -> str:
+    """`_adb` through adbutils: the same operations, answers shaped like adb's output."""
+    import adbutils
+
+    client = adbutils.AdbClient(host=server[0], port=server[1], socket_timeout=timeout_s)
+    shown = f"adb {'-s ' + serial + ' ' if serial else ''}{' '.join(args)}"
+    try:
+        if list(args[:2]) == ["devices", "-l"]:
+            lines = ["List of devices attached"]
+            for info in client.list(extended=True):
+                tags = " ".join(f"{k}:{v}" for k, v in (info.tags or {}).items())
+                lines.append(f"{info.serial} {info.state} {tags}".rstrip())
+            return "\n".join(lines) + "\n"
+        if serial is None:
+            raise AdbError(f"`{shown}` needs a device serial")
+        device = client.device(serial=serial)
+        if args[0] == "shell":
+            # one command line, as `adb shell A B C` sends it (adb joins with spaces)
+            result = device.shell2(" ".join(args[1:]), timeout=timeout_s)
+            if result.returncode != 0:
+                raise AdbError(
+                    f"`{shown}` failed ({result.returncode}): {result.output.strip()[-500:]}"
+                )
+            return str(result.output)
+        if args[0] == "push" and len(args) == 3:
+            device.sync.push(str(args[1]), str(args[2]), mode=0o644)
+            return ""
+    except adbutils.AdbTimeout as e:
+        raise AdbError(
+            f"`{shown}` took over {timeout_s:g} s (adb server {server[0]}:{server[1]})"
+        ) from e
+    except (adbutils.AdbError, OSError) as e:
+        raise AdbError(
+            f"`{shown}` failed through the adb server {server[0]}:{server[1]}: {e}"
+        ) from e
+    raise AdbError(f"`{shown}`: not an operation edgerep uses")
 
 
 def parse_devices(text: str) -> list[dict[str, str]]:
@@ -314,10 +405,10 @@ class AdbTransport:
 
     def discover(self, specs: Sequence[Mapping[str, Any]], *, timeout_s: float) -> list[Device]:
         wanted = [self.device(s) for s in specs if not s.get("all")]
-        if adb_executable() is None:
+        unavailable = adb_unavailable_reason()
+        if unavailable is not None:
             return [
-                Device("adb", d.name, d.address, {}, False, "adb is not on PATH", d.options)
-                for d in wanted
+                Device("adb", d.name, d.address, {}, False, unavailable, d.options) for d in wanted
             ]
         try:
             attached = parse_devices(_adb(["devices", "-l"], timeout_s=timeout_s))
@@ -408,7 +499,8 @@ class AdbTransport:
         cooldown_s = float(device.options.get("cooldown_s", 2.0))
         before = describe_device(serial, timeout_s=min(timeout_s, 10.0))
         abis = list(before.get("abilist") or []) or ([before["abi"]] if before.get("abi") else [])
-        rows, errors = [], []
+        rows: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
         work = f"{REMOTE_ROOT}/edgerep-{uuid.uuid4().hex[:12]}"
         _adb(["shell", "mkdir", "-p", work], serial=serial)
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import sys
 
@@ -99,6 +100,24 @@ sys.exit(0)
 """
 
 
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def canned_answers() -> dict[str, str]:
+    return {
+        "devices": DEVICES,
+        "getprop": GETPROP,
+        "thermalservice": THERMAL,
+        "dumpsys battery": BATTERY,
+        "scaling_cur_freq": FREQS,
+        "cpuinfo_max_freq": MAX_FREQS,
+        "perf": PERF,
+    }
+
+
 @pytest.fixture
 def fake_adb(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
@@ -108,21 +127,11 @@ def fake_adb(tmp_path, monkeypatch):
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "adb.log"
     canned = tmp_path / "canned.json"
-    canned.write_text(
-        json.dumps(
-            {
-                "devices": DEVICES,
-                "getprop": GETPROP,
-                "thermalservice": THERMAL,
-                "dumpsys battery": BATTERY,
-                "scaling_cur_freq": FREQS,
-                "cpuinfo_max_freq": MAX_FREQS,
-                "perf": PERF,
-            }
-        )
-    )
+    canned.write_text(json.dumps(canned_answers()))
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("EDGEREP_ADB", raising=False)
+    # no adb server there: these tests exercise the command line (test_adb_server.py the other)
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", str(closed_port()))
     monkeypatch.setenv("FAKE_ADB_LOG", str(log))
     monkeypatch.setenv("FAKE_ADB_CANNED", str(canned))
 
@@ -285,8 +294,11 @@ def test_runner_parsers():
 
 
 def test_real_device_skips_with_reason():
-    if adb_executable() is None:
-        pytest.skip("no adb on PATH: the real-device check needs Android platform-tools")
+    from edgerep.devices.adb import adb_unavailable_reason
+
+    reason = adb_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the real-device check needs adb: {reason}")
     devices = [d for d in AdbTransport().discover([], timeout_s=5) if d.reachable]
     if not devices:
         pytest.skip("adb is installed but no Android device is attached")
@@ -338,7 +350,9 @@ def test_runner_lookup_order_and_errors(fake_adb, tmp_path, monkeypatch):
     by_abi = runners / "arm64-v8a" / "onnxruntime_perf_test"
     by_abi.parent.mkdir(parents=True)
     by_abi.write_bytes(b"\x7fELF fake")
-    device = transport.device({"serial": "R58M1234ABC", "runner_dir": str(runners)})
+    device = transport.device(
+        {"serial": "R58M1234ABC", "runner_dir": str(runners), "cooldown_s": 0}
+    )
     (row,) = _bench(transport, device, bundle)["rows"]
     assert row["session"]["runner"] == str(by_abi)
     assert row["session"]["pinned_cores"] is None
