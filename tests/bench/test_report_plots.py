@@ -153,3 +153,26 @@ def test_low_precision_peak(tmp_path):
             measure_peak_gflops(threads=1, size=64, seconds=0.01, cache=cache, precision="bf16")
     with pytest.raises(ConfigError, match="int4"):
         measure_peak_gflops(cache=cache, precision="int4")
+
+
+def test_load_ms_excludes_importing_the_runtime(tmp_path):
+    """A runtime whose first use imports a heavy package: "load ms" is the load only."""
+    import time
+
+    from edgerep.bench.suite import _timed_load
+
+    class SlowImport:
+        imported = False
+
+        def capabilities(self, device):
+            if not self.imported:
+                time.sleep(0.3)  # the package import
+                self.imported = True
+            return {}
+
+        def load(self, path, *, device, options):
+            self.capabilities(device)  # as ExecuTorchRuntime.load does
+            return "session"
+
+    session, load_ms = _timed_load(SlowImport(), tmp_path / "m", device="cpu", options={})
+    assert session == "session" and load_ms < 150
