@@ -146,6 +146,42 @@ def add_bench_device_args(p: argparse.ArgumentParser) -> None:
         "--device-timeout", type=float, default=600, metavar="S", help="per device job limit"
     )
     p.add_argument("--runner", metavar="PATH", help="adb devices: the Android runner binary")
+    p.add_argument(
+        "--pin",
+        metavar="big|MASK",
+        help="adb devices: run pinned to the big cores, or to a taskset hex mask",
+    )
+    p.add_argument(
+        "--cooldown", type=float, metavar="S", help="adb devices: pause between runs (default 2)"
+    )
+
+
+def adb_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--runner``, ``--pin`` and ``--cooldown`` as adb device options (over devices.toml's).
+
+    Raises:
+        ConfigError: a pin that is neither ``big`` nor a hex mask, or a cool-down outside
+            0..600 s.
+    """
+    import re
+
+    out: dict[str, Any] = {}
+    if getattr(args, "runner", None):
+        out["runner"] = args.runner
+    pin = getattr(args, "pin", None)
+    if pin is not None:
+        if pin != "big" and not re.fullmatch(r"(0x)?[0-9a-fA-F]+", pin):
+            raise ConfigError(
+                f"--pin {pin!r}: give 'big' (the cores faster than the slowest cluster) or a "
+                "taskset hex mask such as f0"
+            )
+        out["pin"] = pin
+    cooldown = getattr(args, "cooldown", None)
+    if cooldown is not None:
+        if not 0 <= cooldown <= 600:
+            raise ConfigError(f"--cooldown {cooldown:g}: give seconds between 0 and 600")
+        out["cooldown_s"] = cooldown
+    return out
 
 
 def split_device_args(
@@ -203,7 +239,8 @@ def bench_devices(
             "`edgerep convert` first"
         )
     devices = resolve_devices(targets, config_file=args.devices_file, token_file=args.token_file)
-    if args.runner:
+    overrides = adb_overrides(args)
+    if overrides:
         devices = [
             Device(
                 d.transport,
@@ -212,7 +249,7 @@ def bench_devices(
                 d.description,
                 d.reachable,
                 d.error,
-                {**d.options, "runner": args.runner},
+                {**d.options, **overrides},
             )
             if d.transport == "adb"
             else d

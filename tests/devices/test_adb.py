@@ -364,3 +364,22 @@ def test_runner_lookup_order_and_errors(fake_adb, tmp_path, monkeypatch):
     (err,) = _bench(transport, nothing, bundle)["errors"]
     assert "empty-cache/edgerep/runners/ABI/" in err["error"]
     assert "empty-cache/edgerep/runners/arm64-v8a/onnxruntime_perf_test" in err["error"]
+
+
+def test_cli_bench_on_an_adb_device(fake_adb, tmp_path, capsys):
+    from edgerep.cli import EXIT_OK, EXIT_USAGE, main
+
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    runner = tmp_path / "onnxruntime_perf_test"
+    runner.write_bytes(b"\x7fELF fake")
+    argv = ["bench", str(bundle), "--device", "adb:R58M1234ABC", "--runner", str(runner)]
+    argv += ["--min-iters", "3", "--seconds", "0", "--warmup", "1", "--repeats", "2"]
+    assert main([*argv, "--pin", "fast"]) == EXIT_USAGE
+    assert "--pin 'fast'" in capsys.readouterr().err
+    assert main([*argv, "--cooldown", "-1"]) == EXIT_USAGE
+    assert main([*argv, "--pin", "big", "--cooldown", "0", "--out", str(tmp_path / "o")]) == EXIT_OK
+    report = json.loads((tmp_path / "o" / "bench.json").read_text())
+    (row,) = report["rows"]
+    assert row["target"] == "adb:R58M1234ABC" and row["session"]["pinned_cores"] == [2, 3, 4, 5]
+    assert row["session"]["cooldown_s"] == 0
+    assert all(c[2:5] == ["shell", "taskset", "3c"] for c in fake_adb() if "-m" in c)
