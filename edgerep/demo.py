@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         "--verbose",
         action="count",
         default=0,
-        help="also show other libraries' warnings (torchao, ExecuTorch's CPU probe, ...)",
+        help="also show other libraries' warnings (torchao's kernels, torch's deprecations)",
     )
     return p
 

@@ -135,8 +135,13 @@ def _openvino_gemm_s(
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(model, "CPU", config)
-    got = compiled.get_property("INFERENCE_PRECISION_HINT")
+    try:
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        got = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception as e:  # a plugin without that hint (e.g. another CPU architecture)
+        raise UnsupportedError(
+            f"no {precision} GEMM peak: OpenVINO's CPU plugin refused: {e}"
+        ) from e
     if got != wanted:
         raise UnsupportedError(f"no {precision} GEMM peak: this CPU computes the hint in {got}")
     request = compiled.create_infer_request()
