@@ -11,11 +11,8 @@ import pytest
 matplotlib.use("Agg")
 
 from edgerep.bench.env import isa_flags
-from edgerep.bench.report import (
-    latency_figure,
-    markdown_table,
-    pareto_figure,
-)
+from edgerep.bench.plots import latency_figure, pareto_figure
+from edgerep.bench.report import markdown_table
 from edgerep.bench.roofline import measure_peak_gflops
 from edgerep.errors import ConfigError, UnsupportedError
 
