@@ -8,14 +8,9 @@ import pytest
 
 pytest.importorskip("adbutils", reason="adbutils (the android extra) is not installed")
 
+from edgerep.devices._adb_host import _adb
 from edgerep.devices._base import BenchRequest
-from edgerep.devices.adb import (
-    AdbError,
-    AdbTransport,
-    _adb,
-    adb_server,
-    adb_unavailable_reason,
-)
+from edgerep.devices.adb import AdbError, AdbTransport, adb_server, adb_unavailable_reason
 from tests._tiny_bundle import make_bundle
 from tests.devices._fake_adb_server import FakeAdbServer, canned_shell
 from tests.devices.test_adb import DEVICES, canned_answers, closed_port
