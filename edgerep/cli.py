@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerep import _interrupt
+from edgerep._quiet import quiet_third_party
 from edgerep.errors import (
     ConfigError,
     EdgerepError,
@@ -1107,9 +1108,6 @@ def _configure_logging(verbose: int) -> None:
         handler.setFormatter(logging.Formatter("edgerep: %(levelname)s: %(message)s"))
         _log.addHandler(handler)
     _log.setLevel(level)
-    if verbose == 0:
-        # torch.onnx warns on every export that torchvision's ops are not registered
-        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def _report_error(error: BaseException, code: int, args: argparse.Namespace) -> None:
@@ -1130,7 +1128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     _configure_logging(args.verbose)
-    with _interrupt.handle_signals():  # the flag lives until the exit code is decided
+    # the flag lives until the exit code is decided; other libraries' chatter waits for -v
+    with _interrupt.handle_signals(), quiet_third_party(args.verbose):
         return _dispatch(args)
 
 

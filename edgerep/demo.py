@@ -124,24 +124,25 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="timed seconds per variant for the latency columns (default 0.5)",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="also show other libraries' warnings (torchao's kernels, torch's deprecations)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
     args = _parser().parse_args(argv)
+    from edgerep._quiet import quiet_third_party
+
     try:
         _check_args(args)
-        _run(
-            Path(args.out),
-            seconds=args.seconds,
-            seed=args.seed,
-            threads=args.threads,
-            latency_seconds=args.latency_seconds,
-            lora_seconds=args.lora_seconds,
-            bench=not args.no_bench,
-            quantize=args.quantize,
-        )
+        with quiet_third_party(args.verbose):
+            _run_args(args)
     except EdgerepError as e:
         from edgerep.cli import exit_code_for
 
@@ -156,6 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _run_args(args: argparse.Namespace) -> None:
+    _run(
+        Path(args.out),
+        seconds=args.seconds,
+        seed=args.seed,
+        threads=args.threads,
+        latency_seconds=args.latency_seconds,
+        lora_seconds=args.lora_seconds,
+        bench=not args.no_bench,
+        quantize=args.quantize,
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:

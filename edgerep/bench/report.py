@@ -5,15 +5,13 @@ settings, and one row per (variant, runtime) with its latency, accuracy, agreeme
 with the reference and roofline numbers. `write_report` writes ``bench.json``,
 ``bench.md`` and ``bench.html`` (plots embedded as base64 PNG: the latency
 distribution per row, and accuracy versus p50 latency with the Pareto front), each
-to a temporary name and renamed. matplotlib is imported, with its Agg backend,
-only inside the plotting function.
+to a temporary name and renamed. The plots are drawn by `edgerep.bench.plots`,
+imported (with matplotlib and its Agg backend) only when an HTML page is written.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import os
@@ -227,9 +225,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                     "-" if acc is None else f"{acc:.2%}",
                     "(reference)" if is_ref else _f(ref.get("top1_agreement"), ".2%"),
                     "(reference)" if is_ref else _f(ref.get("max_rel_error"), ".1e"),
-                    "-"
-                    if roof.get("fraction_of_peak") is None
-                    else f"{roof['fraction_of_peak']:.1%}",
+                    _peak_cell(roof),
                 ]
             )
             + " |"
@@ -238,7 +234,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         "",
         "p50 interval: bootstrap 95%; spread: (max - min) / median of the p50s of "
         f"{_repeats(report)} runs, (!) above the threshold (do not trust smaller differences); "
-        "% peak: FLOPs / p50 / measured float32 GEMM peak.",
+        + _peak_note(rows),
     ]
     if len(rows) > 1 and report.get("devices"):
         notes.append(
@@ -262,6 +258,37 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         where = f"{err['device']}: " if err.get("device") else ""
         notes.append(f"- {where}{err['variant']} / {err['runtime']}: not measured: {err['error']}")
     return "\n".join(lines + notes + _throughput_lines(report)) + "\n"
+
+
+def _peak_cell(roof: Mapping[str, Any]) -> str:
+    """``76.1%`` against the fp32 peak; ``19.9% of bf16`` against the peak at the row's own
+    low precision; ``49.0% of fp32 (computes bf16)`` where no peak at its precision was
+    measured, so the figure cannot be misread as a fraction of its own peak."""
+    frac = roof.get("fraction_of_peak")
+    if frac is None:
+        return "-"
+    peak = str(roof.get("peak_precision") or "fp32")
+    computes = str(roof.get("compute_precision") or peak)
+    if computes != peak:
+        return f"{frac:.1%} of {peak} (computes {computes})"
+    return f"{frac:.1%}" if peak == "fp32" else f"{frac:.1%} of {peak}"
+
+
+def _peak_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    roofs = [r.get("roofline") or {} for r in rows]
+    note = "% peak: FLOPs / p50 / measured GEMM peak at the row's precision (fp32: numpy's BLAS"
+    if any((r.get("peak_precision") or "fp32") != "fp32" for r in roofs):
+        note += "; bf16/f16: OpenVINO's CPU MatMul with that precision hint"
+    note += ")."
+    if any(
+        r.get("compute_precision") and r.get("compute_precision") != r.get("peak_precision")
+        for r in roofs
+    ):
+        note += (
+            " 'of fp32 (computes X)': no GEMM peak at precision X was measured here, so the "
+            "figure is relative to the fp32 peak, not to X's own (higher) peak."
+        )
+    return note
 
 
 def quantization_markdown(report: Mapping[str, Any]) -> str:
@@ -334,60 +361,11 @@ def _f(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def _plots(report: Mapping[str, Any]) -> dict[str, str]:
-    """Base64 PNGs: ``latency`` (distribution per row) and ``pareto`` (when accuracy exists)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # set here, not at import: the caller's backend elsewhere
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    out: dict[str, str] = {}
-    if not rows:
-        return out
-    labels = [_label(r) for r in rows]
-    data = [r.get("samples_ms") or [r["latency"]["stats"]["p50_ms"]] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
-    ax.boxplot(data, orientation="horizontal", whis=(1, 99), showfliers=False)
-    ax.set_yticks(range(1, len(rows) + 1), labels)
-    ax.set_xlabel("latency per call (ms); box: p25..p75, whiskers: p1..p99")
-    ax.set_title("Latency distribution")
-    out["latency"] = _png(fig)
-    plt.close(fig)
-
-    points = [(r["latency"]["stats"]["p50_ms"], _accuracy_value(r)) for r in rows]
-    have = [(i, (lat, acc)) for i, (lat, acc) in enumerate(points) if acc is not None]
-    if have:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for i, (lat, acc) in have:
-            ax.scatter(lat, acc)
-            ax.annotate(
-                labels[i], (lat, acc), fontsize=8, xytext=(4, 4), textcoords="offset points"
-            )
-        pts = [p for _, p in have]
-        front = [pts[k] for k in pareto_front(pts)]
-        ax.plot(
-            [p[0] for p in front], [p[1] for p in front], "--", color="gray", label="Pareto front"
-        )
-        ax.set_xlabel("p50 latency (ms)")
-        ax.set_ylabel("accuracy (top-1)")
-        ax.set_title("Accuracy vs latency")
-        ax.legend()
-        out["pareto"] = _png(fig)
-        plt.close(fig)
-    return out
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def render_html(report: Mapping[str, Any]) -> str:
     """A self-contained page: the table, the plots (inline PNG) and the environment."""
-    plots = _plots(report)
+    from edgerep.bench.plots import plot_pngs
+
+    plots = plot_pngs(report)
     rows_md = markdown_table(report).splitlines()
     table = [r for r in rows_md if r.startswith("|")]
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in table]

@@ -9,6 +9,13 @@
 - **Peak**: a float32 GEMM micro-benchmark (numpy, i.e. its BLAS, with the
   threads the BLAS uses), cached per machine in ``~/.cache/edgerep/peak.json``
   keyed by CPU model and threads. It is an *attainable* peak, not the data-sheet one.
+  A row that computes in bf16 or f16 (OpenVINO's CPU default is bf16 on AMX CPUs,
+  where a bf16 GEMM runs ~4x faster than float32) is divided by the GEMM peak at
+  *its* precision, measured the same way through OpenVINO's CPU plugin (a MatMul
+  compiled with that inference precision hint; cached under the key plus the
+  precision). When that peak cannot be measured (no OpenVINO, or the CPU computes
+  the hint in another precision) the row is divided by the float32 peak and says so
+  (``peak_precision``).
 - **Achieved fraction** = FLOPs / latency / peak.
 """
 
@@ -21,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgerep.errors import ConfigError
+from edgerep.errors import ConfigError, UnsupportedError
 
 __all__ = [
     "Roofline",
@@ -31,6 +38,9 @@ __all__ = [
     "measure_peak_gflops",
     "roofline",
 ]
+
+#: precisions with a measured low-precision peak (OpenVINO's names for its hint)
+LOW_PRECISION_PEAKS = ("bf16", "f16")
 
 
 def count_flops(model: Any, inputs: tuple[Any, ...]) -> int:
@@ -83,11 +93,73 @@ def _cache_path() -> Path:
     return Path(os.path.expanduser("~")) / ".cache" / "edgerep" / "peak.json"
 
 
-def _cpu_key(threads: int | None) -> str:
+def _cpu_key(threads: int | None, precision: str = "fp32") -> str:
     from edgerep.devices.local import describe_local
 
     cpu = describe_local().get("cpu") or "unknown-cpu"
-    return f"{cpu}|threads={threads if threads is not None else 'default'}"
+    key = f"{cpu}|threads={threads if threads is not None else 'default'}"
+    return key if precision == "fp32" else f"{key}|{precision}"
+
+
+def _numpy_gemm_s(size: int, seconds: float) -> tuple[float, int]:
+    """Best seconds per float32 ``a @ b`` through numpy's BLAS, and the calls timed."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b  # warm-up
+    return _best_of(lambda: a @ b, seconds)
+
+
+def _openvino_gemm_s(
+    size: int, seconds: float, precision: str, threads: int | None
+) -> tuple[float, int]:
+    """Best seconds per ``x @ W`` through OpenVINO's CPU plugin at `precision`.
+
+    Raises:
+        UnsupportedError: OpenVINO is missing, or the plugin computes in another precision.
+    """
+    import numpy as np
+
+    try:
+        import openvino as ov
+        import openvino.opset13 as ops
+    except ImportError as e:
+        raise UnsupportedError(f"no {precision} GEMM peak: OpenVINO is not installed") from e
+    wanted = {"bf16": ov.Type.bf16, "f16": ov.Type.f16}[precision]
+    rng = np.random.default_rng(0)
+    x = ops.parameter([size, size], ov.Type.f32, name="x")
+    w = ops.constant(rng.standard_normal((size, size)).astype(np.float32))
+    model = ov.Model([ops.matmul(x, w, False, False)], [x])
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        got = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception as e:  # a plugin without that hint (e.g. another CPU architecture)
+        raise UnsupportedError(
+            f"no {precision} GEMM peak: OpenVINO's CPU plugin refused: {e}"
+        ) from e
+    if got != wanted:
+        raise UnsupportedError(f"no {precision} GEMM peak: this CPU computes the hint in {got}")
+    request = compiled.create_infer_request()
+    feed = {0: rng.standard_normal((size, size)).astype(np.float32)}
+    request.infer(feed)  # warm-up
+    return _best_of(lambda: request.infer(feed), seconds)
+
+
+def _best_of(call: Any, seconds: float) -> tuple[float, int]:
+    best = float("inf")
+    end = time.perf_counter() + seconds
+    n = 0
+    while n < 3 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+        n += 1
+    return best, n
 
 
 def measure_peak_gflops(
@@ -97,13 +169,17 @@ def measure_peak_gflops(
     seconds: float = 0.5,
     cache: str | Path | None = None,
     refresh: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """The attainable float32 GEMM rate of this CPU, cached per (CPU model, threads).
+    """The attainable GEMM rate of this CPU at `precision`, cached per (CPU model,
+    threads, precision).
 
-    Times ``a @ b`` (size x size, float32) with numpy for about `seconds` and takes
+    float32: times ``a @ b`` (size x size) with numpy for about `seconds` and takes
     the best call (the least disturbed one). `threads` is recorded in the key; numpy's
     BLAS thread count is whatever its environment set (OMP/OPENBLAS_NUM_THREADS),
-    so run benchmarks and this with the same environment.
+    so run benchmarks and this with the same environment. bf16/f16: the same through
+    OpenVINO's CPU plugin with that inference precision hint and `threads` threads,
+    at twice `size` (a low-precision GEMM of `size` is too short to time well).
 
     Args:
         threads: the threads the benchmarks use (part of the cache key).
@@ -111,36 +187,45 @@ def measure_peak_gflops(
         seconds: time spent measuring.
         cache: the cache file (default ``~/.cache/edgerep/peak.json``).
         refresh: measure even when cached.
+        precision: ``"fp32"`` or one of `LOW_PRECISION_PEAKS`.
 
     Returns:
-        ``{"gflops": ..., "key": ..., "size": ..., "cached": bool}``.
-    """
-    import numpy as np
+        ``{"gflops": ..., "key": ..., "size": ..., "precision": ..., "cached": bool}``.
 
+    Raises:
+        ConfigError: bad size, seconds or precision.
+        UnsupportedError: a low-precision peak cannot be measured here.
+    """
     if size < 16 or seconds <= 0:
         raise ConfigError(f"need size >= 16 and seconds > 0; got size={size}, seconds={seconds}")
+    if precision != "fp32" and precision not in LOW_PRECISION_PEAKS:
+        raise ConfigError(
+            f"no GEMM peak for precision {precision!r}; choose fp32, "
+            + ", ".join(LOW_PRECISION_PEAKS)
+        )
     path = Path(cache) if cache is not None else _cache_path()
-    key = _cpu_key(threads)
+    key = _cpu_key(threads, precision)
     table: dict[str, Any] = {}
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
     if not refresh and isinstance(table.get(key), dict) and "gflops" in table[key]:
-        return {**table[key], "key": key, "cached": True}
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    a @ b  # warm-up
-    best = float("inf")
-    end = time.perf_counter() + seconds
-    n = 0
-    while n < 3 or time.perf_counter() < end:
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-        n += 1
-    entry = {"gflops": 2.0 * size**3 / best / 1e9, "size": size, "calls": n}
+        return {"precision": precision, **table[key], "key": key, "cached": True}
+    if precision == "fp32":
+        best, n = _numpy_gemm_s(size, seconds)
+    else:
+        size *= 2
+        best, n = _openvino_gemm_s(size, seconds, precision, threads)
+    entry = {
+        "gflops": 2.0 * size**3 / best / 1e9,
+        "size": size,
+        "calls": n,
+        "precision": precision,
+        "method": "numpy float32 GEMM"
+        if precision == "fp32"
+        else f"OpenVINO CPU MatMul, {precision}",
+    }
     table[key] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +249,9 @@ class Roofline:
         peak_gflops: the machine's measured GEMM peak.
         fraction_of_peak: achieved / peak.
         arithmetic_intensity: flops / bytes (None when bytes is unknown).
+        peak_precision: the precision of the GEMM the peak was measured at.
+        compute_precision: the precision the row computed in (differs from
+            `peak_precision` when no peak at that precision could be measured).
     """
 
     flops: int
@@ -173,6 +261,8 @@ class Roofline:
     peak_gflops: float
     fraction_of_peak: float
     arithmetic_intensity: float | None
+    peak_precision: str = "fp32"
+    compute_precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dictionary."""
@@ -180,7 +270,13 @@ class Roofline:
 
 
 def roofline(
-    flops: int, latency_ms: float, peak_gflops: float, *, bytes_: int | None = None
+    flops: int,
+    latency_ms: float,
+    peak_gflops: float,
+    *,
+    bytes_: int | None = None,
+    peak_precision: str = "fp32",
+    compute_precision: str = "fp32",
 ) -> Roofline:
     """Achieved rate and fraction of peak of a model that does `flops` in `latency_ms`.
 
@@ -201,4 +297,6 @@ def roofline(
         peak_gflops=peak_gflops,
         fraction_of_peak=achieved / peak_gflops,
         arithmetic_intensity=(flops / bytes_) if bytes_ else None,
+        peak_precision=peak_precision,
+        compute_precision=compute_precision,
     )

@@ -17,6 +17,7 @@ checked against every target's inputs before any session is loaded or run
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -175,7 +176,7 @@ def _bundle_sessions(
                 continue
             options = _runtime_options(name, threads, precision)
             try:
-                session, load_ms = timed_load(
+                session, load_ms = _timed_load(
                     rt, Path(target.path) / art["file"], device=device, options=options
                 )
             except EdgerepError as e:
@@ -323,11 +324,7 @@ def run_bench(
         for row, _ in planned:
             row.session.close()
         raise
-    peak = None
-    if roofline:
-        from edgerep.bench.roofline import measure_peak_gflops
-
-        peak = measure_peak_gflops(threads=threads)
+    peaks = _Peaks(threads) if roofline else None
     out_rows: list[dict[str, Any]] = []
     reference: dict[str, Any] = {}
     total = len(planned)
@@ -336,7 +333,7 @@ def run_bench(
         if progress:
             progress(i, total, label)
         try:
-            measured = _measure(row, inputs, dataset, metrics, config, peak, reference, seed)
+            measured = _measure(row, inputs, dataset, metrics, config, peaks, reference, seed)
             measured["throughput"] = [
                 _throughput(row, _feeds(inputs, seed), n, config) for n in concurrency
             ]
@@ -363,7 +360,8 @@ def run_bench(
             "data_options": dict(data_options or {}),
             "openvino_precision": precision or "default",
             "concurrency": list(concurrency),
-            "peak": peak,
+            "peak": None if peaks is None else peaks.get("fp32"),
+            "peaks": None if peaks is None else peaks.measured(),
             "reference_row": out_rows[0]["variant"] + " / " + out_rows[0]["runtime"]
             if out_rows
             else None,
@@ -376,6 +374,57 @@ def run_bench(
         "errors": errors,
         "quantization": _quantization(parsed),
     }
+
+
+def _timed_load(
+    rt: Any, path: Path, *, device: str, options: Mapping[str, Any]
+) -> tuple[Any, float]:
+    """`timed_load` after the runtime's Python package is imported (its ``capabilities``
+    imports it): "load ms" is loading and compiling the artifact, not importing the
+    library (ExecuTorch's import, with torch and torchao, takes seconds)."""
+    # only a warm-up: whatever it raises, the load right after reports (or does not hit)
+    with contextlib.suppress(Exception):
+        rt.capabilities(device)
+    return timed_load(rt, path, device=device, options=options)
+
+
+def _compute_precision(artifact_precision: str | None, session: Mapping[str, Any]) -> str:
+    """The precision a row computes in: OpenVINO's inference precision when the session
+    reports bf16/f16 (its CPU default on AMX machines), else the artifact's."""
+    from edgerep.bench.roofline import LOW_PRECISION_PEAKS
+
+    hint = session.get("inference_precision")
+    if hint in LOW_PRECISION_PEAKS:
+        return str(hint)
+    return str(artifact_precision or "fp32")
+
+
+class _Peaks:
+    """GEMM peaks per precision, measured (or read from the cache) on first use."""
+
+    def __init__(self, threads: int | None) -> None:
+        self._threads = threads
+        self._peaks: dict[str, dict[str, Any] | None] = {}
+
+    def get(self, precision: str) -> dict[str, Any] | None:
+        """The peak at `precision`; None where none can be measured (the caller then
+        divides by the float32 peak, and the row says so)."""
+        from edgerep.bench.roofline import LOW_PRECISION_PEAKS, measure_peak_gflops
+
+        if precision != "fp32" and precision not in LOW_PRECISION_PEAKS:
+            return None
+        if precision not in self._peaks:
+            try:
+                self._peaks[precision] = measure_peak_gflops(
+                    threads=self._threads, precision=precision
+                )
+            except UnsupportedError as e:
+                logger.info("no %s GEMM peak: %s; such rows use the fp32 peak", precision, e)
+                self._peaks[precision] = None
+        return self._peaks[precision]
+
+    def measured(self) -> dict[str, Any]:
+        return {k: v for k, v in self._peaks.items() if v is not None}
 
 
 def _quantization(targets: Sequence[BenchTarget]) -> list[dict[str, Any]]:
@@ -403,7 +452,7 @@ def _measure(
     dataset: Dataset | None,
     metrics: Sequence[str],
     config: LatencyConfig,
-    peak: Mapping[str, Any] | None,
+    peaks: _Peaks | None,
     reference: dict[str, Any],
     seed: int,
 ) -> dict[str, Any]:
@@ -437,8 +486,18 @@ def _measure(
         except ConfigError as e:
             agreement = {"error": {"reason": str(e)}}
     roof = None
-    if peak is not None and row.flops:
-        roof = roofline(row.flops, result.stats.p50_ms, float(peak["gflops"])).to_dict()
+    described = row.session.describe()
+    if peaks is not None and row.flops:
+        computes = _compute_precision(row.precision, described)
+        peak = peaks.get(computes) or peaks.get("fp32")
+        if peak is not None:
+            roof = roofline(
+                row.flops,
+                result.stats.p50_ms,
+                float(peak["gflops"]),
+                peak_precision=str(peak.get("precision", "fp32")),
+                compute_precision=computes,
+            ).to_dict()
     return {
         "variant": row.variant,
         "runtime": row.runtime,
@@ -448,7 +507,7 @@ def _measure(
         if row.runtime == "torch"
         else str(row.session.describe().get("device", "cpu")),
         "bundle": row.bundle,
-        "session": row.session.describe(),
+        "session": described,
         "latency": result.to_dict(),
         "accuracy": accuracy,
         "reference": agreement,

@@ -115,6 +115,20 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="run only bundles signed with this key (edgerep sign --key-file KEY)",
     )
+    p.add_argument(
+        "--max-failed-logins",
+        type=int,
+        default=10,
+        metavar="N",
+        help="wrong or missing tokens from one address before it gets 429 (default 10)",
+    )
+    p.add_argument(
+        "--failed-login-window",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="the sliding window those failures are counted in (default 60 s)",
+    )
     p.add_argument("--max-requests", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--max-seconds", type=float, metavar="S", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_agent_serve)
@@ -132,6 +146,42 @@ def add_bench_device_args(p: argparse.ArgumentParser) -> None:
         "--device-timeout", type=float, default=600, metavar="S", help="per device job limit"
     )
     p.add_argument("--runner", metavar="PATH", help="adb devices: the Android runner binary")
+    p.add_argument(
+        "--pin",
+        metavar="big|MASK",
+        help="adb devices: run pinned to the big cores, or to a taskset hex mask",
+    )
+    p.add_argument(
+        "--cooldown", type=float, metavar="S", help="adb devices: pause between runs (default 2)"
+    )
+
+
+def adb_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--runner``, ``--pin`` and ``--cooldown`` as adb device options (over devices.toml's).
+
+    Raises:
+        ConfigError: a pin that is neither ``big`` nor a hex mask, or a cool-down outside
+            0..600 s.
+    """
+    import re
+
+    out: dict[str, Any] = {}
+    if getattr(args, "runner", None):
+        out["runner"] = args.runner
+    pin = getattr(args, "pin", None)
+    if pin is not None:
+        if pin != "big" and not re.fullmatch(r"(0x)?[0-9a-fA-F]+", pin):
+            raise ConfigError(
+                f"--pin {pin!r}: give 'big' (the cores faster than the slowest cluster) or a "
+                "taskset hex mask such as f0"
+            )
+        out["pin"] = pin
+    cooldown = getattr(args, "cooldown", None)
+    if cooldown is not None:
+        if not 0 <= cooldown <= 600:
+            raise ConfigError(f"--cooldown {cooldown:g}: give seconds between 0 and 600")
+        out["cooldown_s"] = cooldown
+    return out
 
 
 def split_device_args(
@@ -189,7 +239,8 @@ def bench_devices(
             "`edgerep convert` first"
         )
     devices = resolve_devices(targets, config_file=args.devices_file, token_file=args.token_file)
-    if args.runner:
+    overrides = adb_overrides(args)
+    if overrides:
         devices = [
             Device(
                 d.transport,
@@ -198,7 +249,7 @@ def bench_devices(
                 d.description,
                 d.reachable,
                 d.error,
-                {**d.options, "runner": args.runner},
+                {**d.options, **overrides},
             )
             if d.transport == "adb"
             else d
@@ -277,6 +328,8 @@ def _cmd_agent_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         runtimes=runtimes or AGENT_RUNTIMES,
         bundle_key=read_key_file(args.bundle_key_file) if args.bundle_key_file else None,
+        max_failed_logins=args.max_failed_logins,
+        failed_login_window_s=args.failed_login_window,
     )
     logging.getLogger("edgerep").setLevel(min(logging.getLogger("edgerep").level, logging.INFO))
     try:

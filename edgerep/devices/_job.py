@@ -15,21 +15,23 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     from edgerep._json import finite
+    from edgerep._quiet import quiet_third_party
     from edgerep.devices._archive import BUNDLE_DIR
     from edgerep.devices._base import BenchRequest
     from edgerep.devices.local import run_request
 
     directory = Path(argv[0])
     request = json.loads((directory / "request.json").read_text())
-    report = run_request(
-        BenchRequest(
-            bundle=str(directory / "files" / BUNDLE_DIR),
-            variant=request["variant"],
-            settings=request["settings"],
-            data=request["data"],
-        ),
-        allowed_runtimes=request["allowed_runtimes"],
-    )
+    with quiet_third_party(0):  # the job log keeps what matters when a job fails
+        report = run_request(
+            BenchRequest(
+                bundle=str(directory / "files" / BUNDLE_DIR),
+                variant=request["variant"],
+                settings=request["settings"],
+                data=request["data"],
+            ),
+            allowed_runtimes=request["allowed_runtimes"],
+        )
     # the client does not see this machine's paths
     for row in report["rows"]:
         row["bundle"] = None

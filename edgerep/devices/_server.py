@@ -12,7 +12,11 @@ API (every request needs ``Authorization: Bearer TOKEN``; JSON answers):
   timeout) and, when done, the ``report``.
 - ``DELETE /v1/jobs/ID``: cancel (a running job's process group is killed).
 
-Statuses: 401 no or wrong token, 400 malformed request or unsafe archive, 404
+Statuses: 401 no or wrong token, 429 (with ``Retry-After``) an address that sent
+``max_failed_logins`` wrong or missing tokens within ``failed_login_window_s``
+(refused before its token is even compared, until the window has slid past the
+oldest failure; the table of addresses is bounded, least recently failed dropped
+first), 400 malformed request or unsafe archive, 404
 unknown path or job, 411 no Content-Length, 413 body over the limit (refused
 before reading it), 415 not a tar upload, 422 bundle does not match its manifest,
 503 queue full.
@@ -31,6 +35,7 @@ import http.server
 import ipaddress
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -44,9 +49,17 @@ from pathlib import Path
 from typing import Any
 
 from edgerep.devices._jobs import Job, JobQueue, QueueFullError
+from edgerep.devices._logins import FailedLogins
 from edgerep.errors import ConfigError, EdgerepError, VerificationError
 
-__all__ = ["AGENT_RUNTIMES", "AgentConfig", "AgentServer", "make_server", "read_token"]
+__all__ = [
+    "AGENT_RUNTIMES",
+    "AgentConfig",
+    "AgentServer",
+    "FailedLogins",
+    "make_server",
+    "read_token",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +128,25 @@ class AgentConfig:
     runtimes: tuple[str, ...] = AGENT_RUNTIMES
     bundle_key: bytes | None = None
     python: str = field(default=sys.executable)
+    max_failed_logins: int = 10
+    failed_login_window_s: float = 60.0
+    max_tracked_addresses: int = 4096
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1 or self.job_timeout_s <= 0 or self.max_queue < 1:
             raise ConfigError(
                 "agent limits must be positive: max upload, job timeout and queue length; got "
                 f"{self.max_upload_bytes}, {self.job_timeout_s}, {self.max_queue}"
+            )
+        if (
+            self.max_failed_logins < 1
+            or not self.failed_login_window_s > 0
+            or self.max_tracked_addresses < 1
+        ):
+            raise ConfigError(
+                "failed-login limits must be positive: --max-failed-logins and "
+                f"--failed-login-window; got {self.max_failed_logins}, "
+                f"{self.failed_login_window_s}"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
@@ -133,9 +159,10 @@ class AgentConfig:
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 class AgentServer(http.server.ThreadingHTTPServer):
@@ -166,6 +193,11 @@ class AgentServer(http.server.ThreadingHTTPServer):
             max_queue=config.max_queue, job_timeout_s=config.job_timeout_s, python=config.python
         )
         self.requests_handled = 0
+        self.failed_logins = FailedLogins(
+            config.max_failed_logins,
+            config.failed_login_window_s,
+            max_addresses=config.max_tracked_addresses,
+        )
         self._fingerprint: dict[str, Any] | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = threading.Event()
@@ -252,11 +284,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch("PUT")
 
     def _dispatch(self, method: str) -> None:
+        headers: dict[str, str] = {}
         try:
             self._authenticate()
             status, body = self._route(method)
         except _HttpError as e:
-            status, body = e.status, {"error": str(e)}
+            status, body, headers = e.status, {"error": str(e)}, e.headers
         except VerificationError as e:
             status, body = 422, {"error": str(e)}
         except (ConfigError, ValueError) as e:
@@ -265,9 +298,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status, body = 400, {"error": str(e)}
         if "error" in body:  # the client need not learn where the agent keeps its files
             body["error"] = body["error"].replace(str(self.server.workdir), "<workdir>")
-        self._send(status, body)
+        self._send(status, body, headers)
 
     def _authenticate(self) -> None:
+        address = str(self.client_address[0])
+        failures = self.server.failed_logins
+        wait_s = failures.retry_after_s(address)
+        if wait_s > 0:  # refused before the token is compared: no guessing while blocked
+            self.close_connection = True
+            logger.info(
+                "agent: refused %s %s from %s: blocked for %.0f s more after failed logins",
+                self.command,
+                self.path[:200],
+                address,
+                wait_s,
+            )
+            raise _HttpError(
+                429,
+                f"too many failed logins from {address}; retry after {math.ceil(wait_s)} s",
+                headers={"Retry-After": str(math.ceil(wait_s))},
+            )
         header = self.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         expected = self.server.config.token
@@ -282,6 +332,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.client_address[0],
                 "no" if not header else "wrong",
             )
+            if failures.failed(address):
+                logger.warning(
+                    "agent: %s sent %d missing or wrong tokens within %.0f s; refusing it (429) "
+                    "until the oldest is %.0f s old",
+                    address,
+                    failures.limit,
+                    failures.window_s,
+                    failures.window_s,
+                )
             raise _HttpError(401, "missing or wrong bearer token")
 
     def _route(self, method: str) -> tuple[int, dict[str, Any]]:
@@ -436,12 +495,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 f.write(chunk)
                 left -= len(chunk)
 
-    def _send(self, status: int, body: dict[str, Any]) -> None:
+    def _send(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(body, allow_nan=False, default=str).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if status == 401:
                 self.send_header("WWW-Authenticate", 'Bearer realm="edgerep-agent"')
             self.send_header("Connection", "close")

@@ -1,7 +1,15 @@
 """Android devices over adb: discovery, and a benchmark run by a native runner binary.
 
-Written against adb's documented command line (``adb devices -l``, ``adb -s SERIAL
-shell|push|pull``); the adb executable is ``$EDGEREP_ADB`` or ``adb`` on PATH.
+Two ways to reach the devices, one set of operations (list, shell, push; in
+`edgerep.devices._adb_host`):
+
+- the **adb server** through `adbutils` (the ``android`` extra), when it is installed
+  and a server answers at ``$ANDROID_ADB_SERVER_HOST:$ANDROID_ADB_SERVER_PORT``
+  (default 127.0.0.1:5037, where ``adb start-server`` or Android Studio runs it);
+  edgerep never starts a server itself this way;
+- else adb's documented **command line** (``adb devices -l``, ``adb -s SERIAL
+  shell|push``), the executable being ``$EDGEREP_ADB`` or ``adb`` on PATH (it starts
+  the server as adb does). Setting ``$EDGEREP_ADB`` always chooses this way.
 
 A benchmark pushes the artifact and a runner into ``/data/local/tmp/edgerep-ID``,
 records thermal status, battery temperature and CPU frequencies, runs the runner
@@ -16,8 +24,13 @@ one per artifact format (registry `RUNNERS`):
   --num_executions N``), which prints the total time of N calls: each run gives
   a mean per call.
 
-The binary comes from ``--runner PATH`` or the device's ``runner_dir``
-(devices.toml). The statistics over runs (median p50, spread, flag) are those of
+The binary comes from ``--runner PATH``, else the device's ``runner_dir``
+(devices.toml; ``DIR/BINARY`` or ``DIR/ABI/BINARY``), else the runner cache
+``$XDG_CACHE_HOME/edgerep/runners/ABI/BINARY`` (``~/.cache/...``), for each ABI the
+device lists (``ro.product.cpu.abilist``, e.g. ``arm64-v8a``). ``pin = "big"`` pins
+every run to the cores whose maximum frequency is above the slowest cluster's
+(``cpuinfo_max_freq``; all cores when they are all equal), or ``pin`` is a taskset
+hex mask. The statistics over runs (median p50, spread, flag) are those of
 `edgerep.bench.latency`; no p50 interval is claimed without per-call samples.
 """
 
@@ -26,9 +39,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import shutil
 import statistics
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgerep.devices._adb_host import (
+    AdbError,
+    _adb,
+    adb_executable,
+    adb_server,
+    adb_server_address,
+    adb_unavailable_reason,
+)
 from edgerep.devices._base import BenchRequest, Device
 from edgerep.errors import ConfigError, EdgerepError, UnsupportedError
 
@@ -45,44 +64,17 @@ __all__ = [
     "AdbTransport",
     "Runner",
     "adb_executable",
+    "adb_server",
+    "adb_server_address",
+    "adb_unavailable_reason",
+    "big_core_mask",
     "parse_devices",
     "parse_getprop",
     "parse_thermal",
+    "runner_cache_dir",
 ]
 
-ADB_ENV = "EDGEREP_ADB"
 REMOTE_ROOT = "/data/local/tmp"
-
-
-class AdbError(EdgerepError):
-    """adb is missing, the device is not there, or a command on it failed."""
-
-
-def adb_executable() -> str | None:
-    """``$EDGEREP_ADB``, else ``adb`` on PATH, else None."""
-    return os.environ.get(ADB_ENV) or shutil.which("adb")
-
-
-def _adb(args: Sequence[str], *, serial: str | None = None, timeout_s: float = 10.0) -> str:
-    exe = adb_executable()
-    if exe is None:
-        raise AdbError(
-            "adb is not installed or not on PATH; install Android platform-tools (or apt install "
-            f"adb), or set ${ADB_ENV}"
-        )
-    cmd = [exe, *(["-s", serial] if serial else []), *args]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        raise AdbError(f"`{' '.join(cmd[1:])}` took over {timeout_s:g} s") from e
-    except OSError as e:
-        raise AdbError(f"cannot run {exe!r}: {e}") from e
-    if out.returncode != 0:
-        raise AdbError(
-            f"`adb {' '.join(cmd[1:])}` failed ({out.returncode}): "
-            f"{(out.stderr or out.stdout).strip()[-500:]}"
-        )
-    return out.stdout
 
 
 def parse_devices(text: str) -> list[dict[str, str]]:
@@ -157,6 +149,36 @@ def _thermal(serial: str, timeout_s: float) -> dict[str, Any]:
         shell("dumpsys battery"),
         shell("cat /sys/devices/system/cpu/cpu*/cpufreq/scaling_cur_freq"),
     )
+
+
+def runner_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/edgerep/runners`` (default ``~/.cache/edgerep/runners``); runners
+    go in ``ABI/BINARY`` under it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgerep" / "runners"
+
+
+def big_core_mask(max_freqs: str) -> tuple[str, list[int]]:
+    """The taskset mask of the big cores from ``PATH FREQ`` lines of
+    ``cpuN/cpufreq/cpuinfo_max_freq``: the cores faster than the slowest cluster (every
+    core when all are equal, e.g. an emulator).
+
+    Raises:
+        AdbError: no frequency could be read.
+    """
+    freqs: dict[int, int] = {}
+    for line in max_freqs.splitlines():
+        m = re.search(r"/cpu(\d+)/cpufreq/cpuinfo_max_freq\s+(\d+)\s*$", line)
+        if m:
+            freqs[int(m[1])] = int(m[2])
+    if not freqs:
+        raise AdbError(
+            "pin = 'big': the device shows no cpufreq/cpuinfo_max_freq; give a taskset hex "
+            "mask instead"
+        )
+    slowest = min(freqs.values())
+    big = sorted(c for c, f in freqs.items() if f > slowest) or sorted(freqs)
+    return format(sum(1 << c for c in big), "x"), big
 
 
 def describe_device(serial: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -268,15 +290,19 @@ class AdbTransport:
 
     def device(self, spec: Mapping[str, Any]) -> Device:
         serial = str(spec["serial"])
-        options = {k: spec[k] for k in ("runner_dir", "runner", "cooldown_s", "pin") if spec.get(k)}
+        options = {
+            k: spec[k]
+            for k in ("runner_dir", "runner", "cooldown_s", "pin")
+            if spec.get(k) is not None
+        }
         return Device("adb", str(spec.get("name", f"adb:{serial}")), serial, {}, True, "", options)
 
     def discover(self, specs: Sequence[Mapping[str, Any]], *, timeout_s: float) -> list[Device]:
         wanted = [self.device(s) for s in specs if not s.get("all")]
-        if adb_executable() is None:
+        unavailable = adb_unavailable_reason()
+        if unavailable is not None:
             return [
-                Device("adb", d.name, d.address, {}, False, "adb is not on PATH", d.options)
-                for d in wanted
+                Device("adb", d.name, d.address, {}, False, unavailable, d.options) for d in wanted
             ]
         try:
             attached = parse_devices(_adb(["devices", "-l"], timeout_s=timeout_s))
@@ -313,18 +339,43 @@ class AdbTransport:
                 out.append(Device("adb", d.name, d.address, {}, False, str(e), d.options))
         return out
 
-    def _runner_path(self, device: Device, runner: Runner) -> Path:
+    def _runner_path(self, device: Device, runner: Runner, abis: Sequence[str]) -> Path:
         given = device.options.get("runner")
-        candidates = [Path(given).expanduser()] if given else []
+        if given:  # an explicit path is used or refused, never silently replaced
+            path = Path(given).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"--runner {str(path)!r} is not a file")
+            return path
+        candidates = []
         if device.options.get("runner_dir"):
-            candidates.append(Path(device.options["runner_dir"]).expanduser() / runner.binary)
+            root = Path(device.options["runner_dir"]).expanduser()
+            candidates += [root / runner.binary, *(root / abi / runner.binary for abi in abis)]
+        cache = runner_cache_dir()
+        candidates += [cache / abi / runner.binary for abi in abis]
         for c in candidates:
             if c.is_file():
                 return c
+        tried = ", ".join(str(c) for c in candidates) or "nothing (the device reports no ABI)"
         raise ConfigError(
-            f"no {runner.binary} for {device.name}: give --runner PATH (an Android build of it) "
-            "or runner_dir in devices.toml"
+            f"no {runner.binary} for {device.name}: give --runner PATH (an Android build of it), "
+            f"runner_dir in devices.toml, or put it in {cache}/ABI/ (tried {tried})"
         )
+
+    def _pin_mask(self, device: Device) -> tuple[str | None, list[int] | None]:
+        pin = device.options.get("pin")
+        if not pin:
+            return None, None
+        if pin != "big":
+            return str(pin), None
+        text = _adb(
+            [
+                "shell",
+                "for f in /sys/devices/system/cpu/cpu[0-9]*/cpufreq/cpuinfo_max_freq; "
+                'do echo "$f $(cat $f)"; done',
+            ],
+            serial=device.address,
+        )
+        return big_core_mask(text)
 
     def bench(self, device: Device, request: BenchRequest, *, timeout_s: float) -> dict[str, Any]:
         from edgerep.bench.latency import LatencyConfig
@@ -341,26 +392,33 @@ class AdbTransport:
         threads = settings.get("threads")
         cooldown_s = float(device.options.get("cooldown_s", 2.0))
         before = describe_device(serial, timeout_s=min(timeout_s, 10.0))
-        rows, errors = [], []
+        abis = list(before.get("abilist") or []) or ([before["abi"]] if before.get("abi") else [])
+        rows: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
         work = f"{REMOTE_ROOT}/edgerep-{uuid.uuid4().hex[:12]}"
         _adb(["shell", "mkdir", "-p", work], serial=serial)
         try:
+            pin = self._pin_mask(device)
             for art in manifest["artifacts"]:
                 runner = RUNNERS.get(art["format"])
                 if runner is None:
                     continue
+                if rows:  # the previous artifact's runs warmed the device
+                    time.sleep(cooldown_s)
                 try:
                     rows.append(
                         self._bench_artifact(
                             device,
                             request,
                             art,
+                            self._runner_path(device, runner, abis),
                             runner,
                             work,
                             config,
                             threads,
                             cooldown_s,
                             timeout_s,
+                            pin,
                         )
                     )
                 except EdgerepError as e:
@@ -403,15 +461,16 @@ class AdbTransport:
         device: Device,
         request: BenchRequest,
         art: Mapping[str, Any],
+        local_runner: Path,
         runner: Runner,
         work: str,
         config: Any,
         threads: int | None,
         cooldown_s: float,
         timeout_s: float,
+        pinned: tuple[str | None, list[int] | None],
     ) -> dict[str, Any]:
         serial = device.address
-        local_runner = self._runner_path(device, runner)
         remote_bin = f"{work}/{runner.binary}"
         remote_model = f"{work}/{Path(art['file']).name}"
         _adb(["push", str(local_runner), remote_bin], serial=serial, timeout_s=timeout_s)
@@ -422,9 +481,9 @@ class AdbTransport:
             timeout_s=timeout_s,
         )
         argv = runner.command(remote_bin, remote_model, config.min_iters, threads)
-        pin = device.options.get("pin")
+        pin, cores = pinned
         if pin:
-            argv = ["taskset", str(pin), *argv]
+            argv = ["taskset", pin, *argv]
         thermal_before = _thermal(serial, 10.0)
         runs = []
         for i in range(config.repeats):
@@ -440,6 +499,9 @@ class AdbTransport:
             "bundle": None,
             "session": {
                 "command": argv,
+                "runner": str(local_runner),
+                "pinned_cores": cores,
+                "cooldown_s": cooldown_s,
                 "thermal_before": thermal_before,
                 "thermal_after": _thermal(serial, 10.0),
             },

@@ -10,6 +10,8 @@ The file maps names to how to reach each device::
     [devices.pixel]
     adb = "R58M1234ABC"                    # adb serial
     runner_dir = "~/android-runners"       # optional: onnxruntime_perf_test, executor_runner
+    pin = "big"                            # optional: taskset to the fast cores, or a hex mask
+    cooldown_s = 5                         # optional: pause between runs (default 2)
 
 A ``--device`` spec is ``local``, ``all`` (every configured device plus local and
 the attached adb devices), an agent URL (``agent://host:port``, ``agents://``,
@@ -20,6 +22,7 @@ paths to tokens, never tokens: it is read, never evaluated.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +34,9 @@ __all__ = ["DEFAULT_CONFIG", "config_path", "load_devices_config", "parse_device
 
 DEFAULT_CONFIG = "~/.config/edgerep/devices.toml"
 _URL_SCHEMES = ("agent://", "agents://", "http://", "https://")
-_KEYS = {"url", "token_file", "ca_file", "adb", "runner_dir", "timeout_s"}
+_KEYS = {"url", "token_file", "ca_file", "adb", "runner_dir", "timeout_s", "pin", "cooldown_s"}
+#: keys only an adb device takes
+_ADB_KEYS = {"runner_dir", "pin", "cooldown_s"}
 
 
 def config_path(path: str | os.PathLike[str] | None = None) -> Path:
@@ -89,10 +94,34 @@ def load_devices_config(path: str | os.PathLike[str] | None = None) -> dict[str,
                 f"{str(p)!r}: [devices.{name}] needs exactly one of url = 'agent://host:port' "
                 "or adb = 'SERIAL'"
             )
+        if "url" in entry and set(entry) & _ADB_KEYS:
+            raise ConfigError(
+                f"{str(p)!r}: [devices.{name}] is an agent; {sorted(set(entry) & _ADB_KEYS)} "
+                "apply to adb devices only"
+            )
+        _check_adb_options(str(p), name, entry)
         if name in ("local", "all"):
             raise ConfigError(f"{str(p)!r}: {name!r} is reserved; rename [devices.{name}]")
         out[name] = dict(entry)
     return out
+
+
+def _check_adb_options(path: str, name: str, entry: Mapping[str, Any]) -> None:
+    pin = entry.get("pin")
+    if pin is not None and not (
+        pin == "big" or (isinstance(pin, str) and re.fullmatch(r"(0x)?[0-9a-fA-F]+", pin))
+    ):
+        raise ConfigError(
+            f"{path!r}: [devices.{name}] pin = {pin!r}: give 'big' (the cores with the highest "
+            "maximum frequency) or a taskset hex mask such as 'f0'"
+        )
+    cool = entry.get("cooldown_s")
+    if cool is not None and (
+        isinstance(cool, bool) or not isinstance(cool, int | float) or not 0 <= cool <= 600
+    ):
+        raise ConfigError(
+            f"{path!r}: [devices.{name}] cooldown_s = {cool!r}: give seconds between 0 and 600"
+        )
 
 
 def _entry_spec(name: str, entry: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

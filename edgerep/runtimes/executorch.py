@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["ExecuTorchRuntime", "ExecuTorchSession"]
+
+logger = logging.getLogger(__name__)
 
 _IO_SUFFIX = ".json"
 
@@ -171,9 +174,13 @@ class ExecuTorchRuntime:
             raise ConfigError(f"ExecuTorch program {str(path)!r} does not exist")
         io = _read_io(path)
         method_name = str(io.get("method", "forward"))
+        from edgerep._quiet import native_stderr_to_log
+
         try:
             program = rt.load_program(path)
-            method = program.load_method(method_name)
+            # the first method load starts the thread pool, whose CPU probe prints to fd 2
+            with native_stderr_to_log(logger, what="executorch"):
+                method = program.load_method(method_name)
         except Exception as e:
             raise UnsupportedError(
                 f"ExecuTorch {_version()} cannot load {str(path)!r}: {e}; the program may use a "

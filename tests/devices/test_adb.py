@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import sys
 
@@ -18,6 +19,7 @@ from edgerep.devices.adb import (
     AdbError,
     AdbTransport,
     adb_executable,
+    big_core_mask,
     parse_devices,
     parse_getprop,
     parse_thermal,
@@ -45,6 +47,20 @@ garbage line
 THERMAL = "IsStatusOverride: false\nThermal Status: 2\nCached temperatures:\n"
 BATTERY = "Current Battery Service state:\n  AC powered: false\n  level: 80\n  temperature: 312\n"
 FREQS = "1950000\n1950000\n2314000\n2730000\n"
+# a 4 + 3 + 1 phone (little, big, prime); cpu10/11 check numeric, not glob, order
+MAX_FREQS = "".join(
+    f"/sys/devices/system/cpu/cpu{c}/cpufreq/cpuinfo_max_freq {f}\n"
+    for c, f in [
+        (0, 1800000),
+        (1, 1800000),
+        (10, 1800000),
+        (11, 1800000),
+        (2, 2400000),
+        (3, 2400000),
+        (4, 2400000),
+        (5, 3000000),
+    ]
+)
 PERF = """Session creation time cost: 0.02 s
 Total inference requests: 5
 Average inference time cost: 1.5 ms
@@ -72,7 +88,7 @@ if argv[:2] == ["devices", "-l"]:
 if argv[0] == "-s":
     argv = argv[2:]
 cmd = " ".join(argv)
-for key in ("getprop", "thermalservice", "dumpsys battery", "scaling_cur_freq"):
+for key in ("getprop", "thermalservice", "dumpsys battery", "scaling_cur_freq", "cpuinfo_max_freq"):
     if key in cmd:
         print(canned[key], end="")
         sys.exit(0)
@@ -84,6 +100,24 @@ sys.exit(0)
 """
 
 
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def canned_answers() -> dict[str, str]:
+    return {
+        "devices": DEVICES,
+        "getprop": GETPROP,
+        "thermalservice": THERMAL,
+        "dumpsys battery": BATTERY,
+        "scaling_cur_freq": FREQS,
+        "cpuinfo_max_freq": MAX_FREQS,
+        "perf": PERF,
+    }
+
+
 @pytest.fixture
 def fake_adb(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
@@ -93,20 +127,11 @@ def fake_adb(tmp_path, monkeypatch):
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "adb.log"
     canned = tmp_path / "canned.json"
-    canned.write_text(
-        json.dumps(
-            {
-                "devices": DEVICES,
-                "getprop": GETPROP,
-                "thermalservice": THERMAL,
-                "dumpsys battery": BATTERY,
-                "scaling_cur_freq": FREQS,
-                "perf": PERF,
-            }
-        )
-    )
+    canned.write_text(json.dumps(canned_answers()))
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("EDGEREP_ADB", raising=False)
+    # no adb server there: these tests exercise the command line (test_adb_server.py the other)
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", str(closed_port()))
     monkeypatch.setenv("FAKE_ADB_LOG", str(log))
     monkeypatch.setenv("FAKE_ADB_CANNED", str(canned))
 
@@ -269,9 +294,92 @@ def test_runner_parsers():
 
 
 def test_real_device_skips_with_reason():
-    if adb_executable() is None:
-        pytest.skip("no adb on PATH: the real-device check needs Android platform-tools")
+    from edgerep.devices.adb import adb_unavailable_reason
+
+    reason = adb_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the real-device check needs adb: {reason}")
     devices = [d for d in AdbTransport().discover([], timeout_s=5) if d.reachable]
     if not devices:
         pytest.skip("adb is installed but no Android device is attached")
     assert devices[0].description["abi"]
+
+
+def test_big_core_mask():
+    assert big_core_mask(MAX_FREQS) == ("3c", [2, 3, 4, 5])
+    same = "".join(
+        f"/sys/devices/system/cpu/cpu{c}/cpufreq/cpuinfo_max_freq 2000000\n" for c in range(4)
+    )
+    assert big_core_mask(same) == ("f", [0, 1, 2, 3])  # one cluster: every core
+    with pytest.raises(AdbError, match="hex mask"):
+        big_core_mask("cat: No such file or directory\n")
+
+
+def _bench(transport, device, bundle):
+    latency = {"min_iters": 3, "min_seconds": 0.0, "warmup_iters": 1, "repeats": 2}
+    return transport.bench(
+        device, BenchRequest(str(bundle), "tiny", {"latency": latency}), timeout_s=30
+    )
+
+
+def test_pin_big_cores_and_runner_cache(fake_adb, tmp_path, monkeypatch):
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    runner = cache / "edgerep" / "runners" / "armeabi-v7a" / "onnxruntime_perf_test"
+    runner.parent.mkdir(parents=True)
+    runner.write_bytes(b"\x7fELF fake")
+    transport = AdbTransport()
+    device = transport.device({"serial": "R58M1234ABC", "pin": "big", "cooldown_s": 0})
+    assert device.options == {"pin": "big", "cooldown_s": 0}  # 0 is kept, not dropped
+    (row,) = _bench(transport, device, bundle)["rows"]
+    # the runner came from the cache, for the second ABI the device lists
+    assert row["session"]["runner"] == str(runner)
+    assert row["session"]["pinned_cores"] == [2, 3, 4, 5]
+    calls = fake_adb()
+    runs = [c for c in calls if "-m" in c]
+    assert len(runs) == 2 and all(c[2:5] == ["shell", "taskset", "3c"] for c in runs)
+    assert any(c[1:3] == ["R58M1234ABC", "push"] and c[3] == str(runner) for c in calls)
+
+
+def test_runner_lookup_order_and_errors(fake_adb, tmp_path, monkeypatch):
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    transport = AdbTransport()
+    runners = tmp_path / "runners"
+    by_abi = runners / "arm64-v8a" / "onnxruntime_perf_test"
+    by_abi.parent.mkdir(parents=True)
+    by_abi.write_bytes(b"\x7fELF fake")
+    device = transport.device(
+        {"serial": "R58M1234ABC", "runner_dir": str(runners), "cooldown_s": 0}
+    )
+    (row,) = _bench(transport, device, bundle)["rows"]
+    assert row["session"]["runner"] == str(by_abi)
+    assert row["session"]["pinned_cores"] is None
+    assert not any("taskset" in c for c in fake_adb())
+    missing = transport.device({"serial": "R58M1234ABC", "runner": str(tmp_path / "nope")})
+    report = _bench(transport, missing, bundle)
+    assert report["rows"] == [] and "is not a file" in report["errors"][0]["error"]
+    nothing = transport.device({"serial": "R58M1234ABC"})
+    (err,) = _bench(transport, nothing, bundle)["errors"]
+    assert "empty-cache/edgerep/runners/ABI/" in err["error"]
+    assert "empty-cache/edgerep/runners/arm64-v8a/onnxruntime_perf_test" in err["error"]
+
+
+def test_cli_bench_on_an_adb_device(fake_adb, tmp_path, capsys):
+    from edgerep.cli import EXIT_OK, EXIT_USAGE, main
+
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    runner = tmp_path / "onnxruntime_perf_test"
+    runner.write_bytes(b"\x7fELF fake")
+    argv = ["bench", str(bundle), "--device", "adb:R58M1234ABC", "--runner", str(runner)]
+    argv += ["--min-iters", "3", "--seconds", "0", "--warmup", "1", "--repeats", "2"]
+    assert main([*argv, "--pin", "fast"]) == EXIT_USAGE
+    assert "--pin 'fast'" in capsys.readouterr().err
+    assert main([*argv, "--cooldown", "-1"]) == EXIT_USAGE
+    assert main([*argv, "--pin", "big", "--cooldown", "0", "--out", str(tmp_path / "o")]) == EXIT_OK
+    report = json.loads((tmp_path / "o" / "bench.json").read_text())
+    (row,) = report["rows"]
+    assert row["target"] == "adb:R58M1234ABC" and row["session"]["pinned_cores"] == [2, 3, 4, 5]
+    assert row["session"]["cooldown_s"] == 0
+    assert all(c[2:5] == ["shell", "taskset", "3c"] for c in fake_adb() if "-m" in c)

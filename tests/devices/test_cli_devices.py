@@ -10,6 +10,7 @@ import pytest
 
 from edgerep.cli import EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE, main
 from edgerep.devices._cli import split_device_args
+from edgerep.devices.fleet import fingerprint_id
 from edgerep.errors import ConfigError
 from tests._tiny_bundle import make_bundle
 from tests.devices._agent import TOKEN, running_agent
@@ -117,10 +118,17 @@ def test_bench_local_and_two_agents_one_report(tmp_path, token_file, capsys):
     assert code == EXIT_OK, captured.err
     report = json.loads((out_dir / "bench.json").read_text())
     assert [r["target"] for r in report["rows"]] == ["local", "board", "second"]
-    assert len({r["fingerprint"] for r in report["rows"]}) >= 1
     assert all(len(r["fingerprint"]) == 12 for r in report["rows"])
     devices = {d["name"]: d for d in report["devices"]}
     assert set(devices) == {"local", "board", "second", "phone_gone"}
+    # three fingerprints, each that of the environment its own device reported (all three
+    # run on this machine, so their values may coincide; the agents' come from their jobs)
+    for row in report["rows"]:
+        device = devices[row["target"]]
+        assert row["fingerprint"] == device["fingerprint"]
+        assert device["fingerprint"] == fingerprint_id(device["environment"])
+    assert devices["board"]["transport"] == devices["second"]["transport"] == "agent"
+    assert devices["local"]["transport"] == "local"
     assert all(devices[n]["environment"]["cores_logical"] >= 1 for n in ("local", "board"))
     assert devices["phone_gone"]["fingerprint"] is None
     (err,) = report["errors"]

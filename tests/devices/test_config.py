@@ -75,3 +75,31 @@ def test_transport_registry_covers_every_transport():
         assert get_transport(name).name == name
     with pytest.raises(ConfigError, match="did you mean 'agent'"):
         get_transport("agnet")
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ('adb = "S"\npin = "fast"', "pin = 'fast'"),
+        ('adb = "S"\npin = 240', "hex mask"),
+        ('adb = "S"\ncooldown_s = -1', "cooldown_s = -1"),
+        ('adb = "S"\ncooldown_s = "5"', "between 0 and 600"),
+        ('url = "agent://h:1"\npin = "big"', "adb devices only"),
+    ],
+)
+def test_adb_options_checked(tmp_path, entry, fragment):
+    f = tmp_path / "devices.toml"
+    f.write_text(f"[devices.phone]\n{entry}\n")
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        load_devices_config(f)
+
+
+def test_adb_pin_and_cooldown_reach_the_device(tmp_path):
+    f = tmp_path / "devices.toml"
+    f.write_text('[devices.phone]\nadb = "S"\npin = "big"\ncooldown_s = 0\n')
+    (pair,) = parse_device_spec("phone", load_devices_config(f))
+    device = get_transport(pair[0]).device(pair[1])
+    assert device.options == {"pin": "big", "cooldown_s": 0}
+    f.write_text('[devices.phone]\nadb = "S"\npin = "0xf0"\n')
+    (pair,) = parse_device_spec("phone", load_devices_config(f))
+    assert get_transport(pair[0]).device(pair[1]).options == {"pin": "0xf0"}

@@ -1,0 +1,138 @@
+"""How edgerep reaches adb: the adb server through adbutils, else the adb executable.
+
+See `edgerep.devices.adb` for the choice; `_adb` is the one entry point, taking
+adb's own argument shapes (``devices -l``, ``shell ...``, ``push LOCAL REMOTE``)
+and returning what adb prints, whichever way is used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Sequence
+
+from edgerep.errors import EdgerepError
+
+__all__ = [
+    "ADB_ENV",
+    "AdbError",
+    "adb_executable",
+    "adb_server",
+    "adb_server_address",
+    "adb_unavailable_reason",
+]
+
+ADB_ENV = "EDGEREP_ADB"
+
+
+class AdbError(EdgerepError):
+    """adb is missing, the device is not there, or a command on it failed."""
+
+
+def adb_executable() -> str | None:
+    """``$EDGEREP_ADB``, else ``adb`` on PATH, else None."""
+    return os.environ.get(ADB_ENV) or shutil.which("adb")
+
+
+def adb_server_address() -> tuple[str, int]:
+    """Where the adb server listens: ``$ANDROID_ADB_SERVER_HOST:$ANDROID_ADB_SERVER_PORT``
+    (adb's own variables; default 127.0.0.1:5037)."""
+    host = os.environ.get("ANDROID_ADB_SERVER_HOST") or "127.0.0.1"
+    try:
+        port = int(os.environ.get("ANDROID_ADB_SERVER_PORT") or 5037)
+    except ValueError as e:
+        raise AdbError(
+            f"$ANDROID_ADB_SERVER_PORT={os.environ['ANDROID_ADB_SERVER_PORT']!r} is not a port"
+        ) from e
+    return host, port
+
+
+def adb_server() -> tuple[str, int] | None:
+    """The adb server to use through adbutils: None when ``$EDGEREP_ADB`` asks for the
+    command line, adbutils is not installed, or no server answers within 0.5 s."""
+    if os.environ.get(ADB_ENV) or importlib.util.find_spec("adbutils") is None:
+        return None
+    host, port = adb_server_address()
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return host, port
+    except OSError:
+        return None
+
+
+def adb_unavailable_reason() -> str | None:
+    """Why neither an adb server (adbutils) nor the adb command line can be used, or None."""
+    if adb_server() is not None or adb_executable() is not None:
+        return None
+    host, port = adb_server_address()
+    return (
+        f"adb is not on PATH and no adb server answers at {host}:{port}; install Android "
+        f"platform-tools (or apt install adb), or set ${ADB_ENV}"
+    )
+
+
+def _adb(args: Sequence[str], *, serial: str | None = None, timeout_s: float = 10.0) -> str:
+    """Run ``adb [-s SERIAL] ARGS`` (``devices -l``, ``shell ...``, ``push L R``) through
+    the adb server when one answers (adbutils), else the adb executable; its stdout."""
+    server = adb_server()
+    if server is not None:
+        return _via_server(server, args, serial=serial, timeout_s=timeout_s)
+    exe = adb_executable()
+    if exe is None:
+        raise AdbError(adb_unavailable_reason() or "adb is not available")
+    cmd = [exe, *(["-s", serial] if serial else []), *args]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise AdbError(f"`{' '.join(cmd[1:])}` took over {timeout_s:g} s") from e
+    except OSError as e:
+        raise AdbError(f"cannot run {exe!r}: {e}") from e
+    if out.returncode != 0:
+        raise AdbError(
+            f"`adb {' '.join(cmd[1:])}` failed ({out.returncode}): "
+            f"{(out.stderr or out.stdout).strip()[-500:]}"
+        )
+    return out.stdout
+
+
+def _via_server(
+    server: tuple[str, int], args: Sequence[str], *, serial: str | None, timeout_s: float
+) -> str:
+    """`_adb` through adbutils: the same operations, answers shaped like adb's output."""
+    import adbutils
+
+    client = adbutils.AdbClient(host=server[0], port=server[1], socket_timeout=timeout_s)
+    shown = f"adb {'-s ' + serial + ' ' if serial else ''}{' '.join(args)}"
+    try:
+        if list(args[:2]) == ["devices", "-l"]:
+            lines = ["List of devices attached"]
+            for info in client.list(extended=True):
+                tags = " ".join(f"{k}:{v}" for k, v in (info.tags or {}).items())
+                lines.append(f"{info.serial} {info.state} {tags}".rstrip())
+            return "\n".join(lines) + "\n"
+        if serial is None:
+            raise AdbError(f"`{shown}` needs a device serial")
+        device = client.device(serial=serial)
+        if args[0] == "shell":
+            # one command line, as `adb shell A B C` sends it (adb joins with spaces)
+            result = device.shell2(" ".join(args[1:]), timeout=timeout_s)
+            if result.returncode != 0:
+                raise AdbError(
+                    f"`{shown}` failed ({result.returncode}): {result.output.strip()[-500:]}"
+                )
+            return str(result.output)
+        if args[0] == "push" and len(args) == 3:
+            device.sync.push(str(args[1]), str(args[2]), mode=0o644)
+            return ""
+    except adbutils.AdbTimeout as e:
+        raise AdbError(
+            f"`{shown}` took over {timeout_s:g} s (adb server {server[0]}:{server[1]})"
+        ) from e
+    except (adbutils.AdbError, OSError) as e:
+        raise AdbError(
+            f"`{shown}` failed through the adb server {server[0]}:{server[1]}: {e}"
+        ) from e
+    raise AdbError(f"`{shown}`: not an operation edgerep uses")

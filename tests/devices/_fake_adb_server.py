@@ -1,0 +1,202 @@
+"""A fake adb server on loopback: the subset of adb's host protocol edgerep uses.
+
+adb's smart-socket protocol (AOSP ``packages/modules/adb/SERVICES.TXT``,
+``SYNC.TXT``): every request is 4 hex digits of length plus the service name; the
+server answers ``OKAY`` or ``FAIL`` + a length-prefixed message. Served here:
+
+- ``host:version`` (answers 41, today's adb), ``host:devices`` / ``host:devices-l``;
+- ``host:tport:serial:S`` (OKAY + an 8-byte transport id) and ``host:transport:S``,
+  after which the same connection carries one device service:
+  - ``shell:CMD``: the canned answer whose key occurs in CMD, then close; a trailing
+    ``; echo X4EXIT:$?`` (how a shell reports its exit status) is honoured;
+  - ``sync:``: ``STAT`` (a regular file or nothing) and ``SEND path,mode`` with
+    ``DATA``/``DONE`` chunks, the pushed bytes kept in `files`; ``QUIT``.
+
+Serves at most `max_connections` connections (each in its own thread, 5 s socket
+timeout) for at most `max_seconds`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+
+class FakeAdbServer:
+    def __init__(
+        self,
+        devices: str,
+        shell: Callable[[str, str], tuple[str, int]],
+        *,
+        max_connections: int = 400,
+        max_seconds: float = 60.0,
+    ) -> None:
+        self.devices = devices
+        self.shell = shell  # (serial, command) -> (output, exit status)
+        self.files: dict[str, tuple[bytes, int]] = {}
+        self.services: list[str] = []
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._max_connections = max_connections
+        self._deadline = time.monotonic() + max_seconds
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> FakeAdbServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        served = 0
+        while not self._stop.is_set() and served < self._max_connections:
+            if time.monotonic() > self._deadline:
+                break
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            served += 1
+            # one thread per connection: adbutils opens a second one (host:version) while
+            # its transport connection waits
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError, ValueError):
+            conn.settimeout(5)
+            self._handle(conn)
+
+    @staticmethod
+    def _read(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise ValueError("client went away")
+            data += chunk
+        return data
+
+    def _request(self, conn: socket.socket) -> str:
+        return self._read(conn, int(self._read(conn, 4), 16)).decode()
+
+    @staticmethod
+    def _block(text: str) -> bytes:
+        data = text.encode()
+        return f"{len(data):04x}".encode() + data
+
+    def _fail(self, conn: socket.socket, message: str) -> None:
+        conn.sendall(b"FAIL" + self._block(message))
+
+    def _handle(self, conn: socket.socket) -> None:
+        service = self._request(conn)
+        self.services.append(service)
+        if service == "host:version":
+            conn.sendall(b"OKAY" + self._block(f"{41:04x}"))
+            return
+        if service in ("host:devices", "host:devices-l"):
+            lines = [ln for ln in self.devices.splitlines()[1:] if ln.strip()]
+            if service == "host:devices":
+                lines = ["\t".join(ln.split()[:2]) for ln in lines]
+            conn.sendall(b"OKAY" + self._block("".join(ln + "\n" for ln in lines)))
+            return
+        for prefix in ("host:tport:serial:", "host:transport:"):
+            if service.startswith(prefix):
+                serial = service[len(prefix) :]
+                break
+        else:
+            self._fail(conn, f"unknown host service {service!r}")
+            return
+        states = {
+            ln.split()[0]: ln.split()[1] for ln in self.devices.splitlines()[1:] if ln.split()
+        }
+        if states.get(serial) != "device":
+            self._fail(conn, f"device '{serial}' not found")
+            return
+        conn.sendall(b"OKAY" + (struct.pack("<Q", 1) if "tport" in service else b""))
+        service = self._request(conn)
+        self.services.append(f"{serial}:{service}")
+        if service.startswith("shell:"):
+            self._shell(conn, serial, service[len("shell:") :])
+        elif service == "sync:":
+            conn.sendall(b"OKAY")
+            self._sync(conn)
+        else:
+            self._fail(conn, f"unsupported service {service!r}")
+
+    def _shell(self, conn: socket.socket, serial: str, command: str) -> None:
+        marker = "; echo X4EXIT:$?"
+        wants_status = command.endswith(marker)
+        output, status = self.shell(serial, command.removesuffix(marker))
+        conn.sendall(
+            b"OKAY" + output.encode() + (f"X4EXIT:{status}".encode() if wants_status else b"")
+        )
+
+    def _sync(self, conn: socket.socket) -> None:
+        while True:
+            command = self._read(conn, 4)
+            if command == b"QUIT":
+                return
+            length = struct.unpack("<I", self._read(conn, 4))[0]
+            argument = self._read(conn, length).decode()
+            if command == b"STAT":
+                known = self.files.get(argument)
+                mode = stat.S_IFREG | known[1] if known else 0
+                size = len(known[0]) if known else 0
+                conn.sendall(b"STAT" + struct.pack("<III", mode, size, 0))
+            elif command == b"SEND":
+                path, _, mode = argument.rpartition(",")
+                data = b""
+                while True:
+                    kind = self._read(conn, 4)
+                    size = struct.unpack("<I", self._read(conn, 4))[0]
+                    if kind == b"DONE":
+                        break
+                    if kind != b"DATA" or size > 64 * 1024:
+                        conn.sendall(b"FAIL" + struct.pack("<I", 3) + b"bad")
+                        return
+                    data += self._read(conn, size)
+                self.files[path] = (data, int(mode) & 0o7777)
+                conn.sendall(b"OKAY" + struct.pack("<I", 0))
+            else:
+                conn.sendall(b"FAIL" + struct.pack("<I", 7) + b"unknown")
+                return
+
+
+def canned_shell(
+    canned: Mapping[str, str], runs: list[str]
+) -> Callable[[str, str], tuple[str, int]]:
+    """A shell answering from `canned` by substring (the fake adb executable's table);
+    runner invocations are appended to `runs` and answered with a p50 that grows."""
+
+    def shell(serial: str, command: str) -> tuple[str, int]:
+        if "onnxruntime_perf_test" in command and " -m " in command:
+            runs.append(command)
+            return canned["perf"].format(p50=0.0010 + 0.0001 * len(runs)), 0
+        for key in (
+            "getprop",
+            "thermalservice",
+            "dumpsys battery",
+            "scaling_cur_freq",
+            "cpuinfo_max_freq",
+        ):
+            if key in command:
+                return canned[key], 0
+        if command.startswith(("mkdir", "rm -rf", "chmod")):
+            return "", 0
+        if command.startswith("false"):
+            return "boom\n", 1
+        return "", 0
+
+    return shell
