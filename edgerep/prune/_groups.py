@@ -135,6 +135,25 @@ def _grouped_not_depthwise(module: nn.Module) -> bool:
     return not (module.in_channels == module.out_channels == groups)
 
 
+def _attention(
+    tp: Any, graph: Any, tp_group: Any, modules: dict[str, nn.Module], members: list[GroupMember]
+) -> str:
+    """Why a group runs through attention heads ("" when it does not).
+
+    An ``nn.MultiheadAttention`` member, or an unbind/expand of the channels (the
+    ``qkv.reshape(B, N, 3, heads, d).unbind(0)`` of hand-written ViT attention).
+    """
+    mha = sorted(m.name for m in members if isinstance(modules[m.name], nn.MultiheadAttention))
+    if mha:
+        return f"nn.MultiheadAttention {', '.join(mha)}"
+    split = {tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND}
+    for dep, _ in tp_group:
+        if dep.target.type in split or dep.source.type in split:
+            root = tp_group[0][0].target
+            return f"{root._name or 'layer'} output is unbound/expanded into heads"
+    return ""
+
+
 def _check_keep(model: nn.Module, keep: Iterable[str]) -> set[str]:
     names = [n for n, _ in model.named_modules() if n]
     kept: set[str] = set()
@@ -190,8 +209,14 @@ def build_groups(
         producers = {m.name for m in members if m.dim == "out"}
         modules = dict(model.named_modules())
         grouped = sorted(m.name for m in members if _grouped_not_depthwise(modules[m.name]))
+        heads = _attention(tp, graph, tp_group, modules, members)
         reason = ""
-        if grouped:
+        if heads:
+            # Torch-Pruning slices these channels without knowing the head layout (its
+            # head pruning lives in its MetaPruner, not in group pruning): the head
+            # reshape then fails or mixes heads, so such groups stay whole
+            reason = f"attention heads ({heads}): channels split into heads are kept whole"
+        elif grouped:
             # Torch-Pruning slices a grouped conv's channels without keeping every conv
             # group the same size, which breaks the layer; such groups stay whole
             reason = (
