@@ -159,7 +159,9 @@ def _count(shapes: Mapping[str, LayerShape], what: str) -> int:
 
 def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -> Path:
     names = [f"input_{i}" for i in range(len(inputs))]
-    model = copy.deepcopy(model).float().eval()
+    # a torch.fx GraphModule (depth pruning's result) is wrapped: its .graph attribute
+    # confuses the TorchScript exporter
+    model = nn.Sequential(copy.deepcopy(model).float().eval())
     with torch.no_grad():
         torch.onnx.export(
             model,

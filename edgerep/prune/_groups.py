@@ -228,7 +228,51 @@ def build_groups(
             reason = f"model output ({', '.join(sorted(producers & last))})"
         elif producers & kept:
             reason = f"kept by keep= ({', '.join(sorted(producers & kept))})"
+        if not reason and _reshaped(tp, tp_group):
+            reason = _trial(tp, model, example_inputs, root_name, len(idxs))
         groups.append(
             Group(root_name, len(idxs), tuple(members), prunable=not reason, reason=reason)
         )
     return graph, groups
+
+
+def _reshaped(tp: Any, tp_group: Any) -> bool:
+    """Whether the group's channels pass through a reshape, split, unbind or expand."""
+    kinds = {tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND}
+    kinds.add(tp.ops.OPTYPE.EXPAND)
+    return any(dep.target.type in kinds or dep.source.type in kinds for dep, _ in tp_group)
+
+
+def _trial(
+    tp: Any, model: nn.Module, example_inputs: Sequence[torch.Tensor], root: str, size: int
+) -> str:
+    """"" when a copy of `model` with the group narrowed by one step still runs, else why not.
+
+    Code can depend on a channel count that no dependency graph sees (``c // heads``
+    in hand-written attention, a hard-coded ``view``); such a group is kept whole.
+    """
+    import copy
+
+    from edgerep.prune._latency import candidate_widths
+
+    narrower = [w for w in candidate_widths(size) if w < size]
+    if not narrower:
+        return ""
+    work = copy.deepcopy(model).eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(work, example_inputs=tuple(example_inputs))
+        layer = dict(work.named_modules())[root]
+        fn = (
+            tp.prune_linear_out_channels
+            if isinstance(layer, nn.Linear)
+            else tp.prune_conv_out_channels
+        )
+        graph.get_pruning_group(layer, fn, idxs=list(range(narrower[0], size))).prune()
+        with torch.no_grad():
+            work(*example_inputs)
+    except Exception as e:  # any failure of the narrowed model means: do not prune this group
+        return (
+            f"narrowing it breaks the forward pass ({type(e).__name__}: {str(e)[:120]}); code "
+            "depends on this channel count (e.g. attention heads or a fixed reshape)"
+        )
+    return ""

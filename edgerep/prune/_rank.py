@@ -97,19 +97,20 @@ def factorize(module: Any, rank: int) -> nn.Sequential:
     dtype = module.weight.dtype
     first: nn.Linear | nn.Conv2d
     second: nn.Linear | nn.Conv2d
+    has_bias = module.bias is not None
     if isinstance(module, nn.Linear):
-        first = nn.Linear(cin, rank, bias=False)
-        second = nn.Linear(rank, cout, bias=module.bias is not None)
+        first = nn.Linear(cin, rank, bias=False, dtype=dtype)
+        second = nn.Linear(rank, cout, bias=has_bias, dtype=dtype)
     else:
-        first = nn.Conv2d(cin, rank, 1, stride=module.stride, bias=False)
-        second = nn.Conv2d(rank, cout, 1, bias=module.bias is not None)
+        first = nn.Conv2d(cin, rank, 1, stride=module.stride, bias=False, dtype=dtype)
+        second = nn.Conv2d(rank, cout, 1, bias=has_bias, dtype=dtype)
     with torch.no_grad():
         first.weight.copy_(a_f.reshape(first.weight.shape))
         second.weight.copy_(b_f.reshape(second.weight.shape))
         if module.bias is not None:
             assert second.bias is not None
             second.bias.copy_(module.bias.detach())
-    return nn.Sequential(first, second).to(dtype)
+    return nn.Sequential(first, second)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
