@@ -246,7 +246,7 @@ def _reshaped(tp: Any, tp_group: Any) -> bool:
 def _trial(
     tp: Any, model: nn.Module, example_inputs: Sequence[torch.Tensor], root: str, size: int
 ) -> str:
-    """"" when a copy of `model` with the group narrowed by one step still runs, else why not.
+    """Why narrowing the group by one step breaks a copy of `model` ("" when it still runs).
 
     Code can depend on a channel count that no dependency graph sees (``c // heads``
     in hand-written attention, a hard-coded ``view``); such a group is kept whole.
