@@ -11,7 +11,8 @@ SRC, ``--input``, ``--weights`` and the calibration formats are those of the oth
 commands. The model is folded (unless ``--no-fold``), pruned, exported and verified
 through `edgerep.pipeline.convert` (no second fold); OUT is that bundle plus
 ``pruned_state_dict.pt`` (plain tensors), ``prune_plan.json`` and
-``prune_report.json``. ``--plan`` re-applies a saved plan instead of searching
+``prune_report.json`` (with depth pruning, the exported graph is folded again so
+that adjacent maps merge). ``--plan`` re-applies a saved plan instead of searching
 (with the same ``--calib`` when the plan has a recovery).
 """
 
@@ -225,7 +226,8 @@ def run_prune(args: argparse.Namespace) -> int:
         to=formats,
         out_dir=args.out,
         overwrite=args.force,
-        fold=False,
+        # replaced blocks leave affine 1x1 maps that the fold merges where adjacent
+        fold=bool(plan.depth),
         seed=args.seed,
         source=description,
         exporter_options=options,

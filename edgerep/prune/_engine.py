@@ -410,7 +410,13 @@ def prune(
     after_shapes = layer_shapes(pruned, inputs)
     report.macs_after = _count(after_shapes, "macs")
     report.params_after = _count(after_shapes, "params")
-    if structural and measure:
+    changed = bool(depth_entries or ranks or kept)
+    if structural and not changed:
+        report.notes.append(
+            "nothing was replaced, factorized or pruned (see the depth/rank rows for why); "
+            "the model is returned unchanged"
+        )
+    if structural and measure and changed:
         p0, p1 = measure_pair(
             backend,
             original,
@@ -428,7 +434,7 @@ def prune(
             report.status = "measured"
         _refuse_slower(p0, p1, backend)
     elif not report.status:
-        report.status = "applied"
+        report.status = "applied" if changed else "unchanged"
     plan = PrunePlan(
         kept=kept,
         sizes={g.name: g.size for g in report.groups if g.name in kept},

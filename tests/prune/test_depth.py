@@ -241,3 +241,35 @@ def test_channel_only_plans_stay_version_1_and_old_plans_read() -> None:
         PrunePlan.from_dict({**old, "version": 3})
     with pytest.raises(ConfigError, match="rank entry"):
         PrunePlan.from_dict({**old, "version": 2, "rank": [{"layer": "x"}]})
+
+
+def test_a_depth_pruned_model_measured_slower_is_refused_and_a_no_op_is_not_timed(
+    monkeypatch,
+) -> None:
+    from edgerep.prune import _engine
+
+    x = _calib(0).float()
+    calls = []
+
+    def slower(*a, **k):
+        calls.append(1)
+        return 1.0, 1.3
+
+    monkeypatch.setattr(_engine, "measure_pair", slower)
+    with pytest.raises(_engine.PruneRefusedError, match=r"1\.300 ms vs 1\.000 ms"):
+        prune(
+            resnet_like(0),
+            x[:1],
+            method="depth",
+            calib=x,
+            layer_cost=macs,
+            depth_blocks=1,
+            depth_error=10.0,
+        )
+    calls.clear()
+    # nothing within the error bound: the model comes back unchanged, nothing is timed
+    _, report = prune(
+        resnet_like(0), x[:1], method="depth", calib=x, layer_cost=macs, depth_error=1e-9
+    )
+    assert not calls and report.status == "unchanged" and not report.plan.depth
+    assert "unchanged" in report.notes[0]
