@@ -744,7 +744,7 @@ def apply_plan(
     pruned = apply_plan_structure(src, inputs, plan.kept) if plan.kept else src
     if plan.recovery != "none" and plan.kept:
         assert calib_t is not None  # checked above
-        _, groups = build_groups(src, inputs)
+        _, groups = build_groups(src, inputs, trial=False)
         consumers = sorted({m.name for g in groups if g.name in plan.kept for m in g.consumers})
         idx = index_maps(src, inputs, plan.kept)
         pruned, _ = recover(

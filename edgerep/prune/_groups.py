@@ -173,6 +173,7 @@ def build_groups(
     example_inputs: Sequence[torch.Tensor],
     *,
     keep: Iterable[str] = (),
+    trial: bool = True,
 ) -> tuple[Any, list[Group]]:
     """Torch-Pruning's dependency graph of `model` and its channel groups.
 
@@ -180,6 +181,9 @@ def build_groups(
         model: an eval-mode model (not modified; Torch-Pruning only traces it).
         example_inputs: positional inputs of one forward call.
         keep: module names (or prefixes) whose output channels must stay.
+        trial: narrow each group whose channels pass through a reshape, split,
+            unbind or expand once on a copy, and keep it whole if the copy no longer
+            runs (plan application skips this: a plan never names such a group).
 
     Returns:
         ``(dependency_graph, groups)``, groups in the graph's order, each with
@@ -228,7 +232,7 @@ def build_groups(
             reason = f"model output ({', '.join(sorted(producers & last))})"
         elif producers & kept:
             reason = f"kept by keep= ({', '.join(sorted(producers & kept))})"
-        if not reason and _reshaped(tp, tp_group):
+        if not reason and trial and _reshaped(tp, tp_group):
             reason = _trial(tp, model, example_inputs, root_name, len(idxs))
         groups.append(
             Group(root_name, len(idxs), tuple(members), prunable=not reason, reason=reason)

@@ -216,7 +216,7 @@ def apply_plan_structure(
             "it was made from"
         )
     work = copy.deepcopy(model).eval()
-    graph, groups = build_groups(work, example_inputs)
+    graph, groups = build_groups(work, example_inputs, trial=False)
     by_name = {g.name: g for g in groups}
     modules = dict(work.named_modules())
     for name, idx in kept.items():
