@@ -273,3 +273,25 @@ def test_a_depth_pruned_model_measured_slower_is_refused_and_a_no_op_is_not_time
     )
     assert not calls and report.status == "unchanged" and not report.plan.depth
     assert "unchanged" in report.notes[0]
+
+
+def test_a_latency_target_counts_from_the_unpruned_model_after_depth(monkeypatch) -> None:
+    from edgerep.prune import _engine
+
+    x = _calib(0).float()
+    # depth alone measured at 0.4 of the unpruned p50: latency=0.5 needs no channel pruning
+    monkeypatch.setattr(_engine, "measure_pair", lambda *a, **k: (1.0, 0.4))
+    pruned, report = prune(
+        resnet_like(0),
+        x[:1],
+        target="latency=0.5",
+        method="depth,channels",
+        calib=x,
+        layer_cost=macs,
+        depth_blocks=1,
+        depth_error=10.0,
+    )
+    assert report.status == "met" and report.achieved == pytest.approx(0.4)
+    assert report.plan.depth and not report.plan.kept
+    assert any("0.400" in n for n in report.notes)
+    assert pruned.stem.out_channels == 16
