@@ -57,7 +57,7 @@ __all__ = [
     "to_graph",
 ]
 
-_ADDS = (operator.add, operator.iadd, torch.add)
+_ADDS = (operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

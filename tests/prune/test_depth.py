@@ -295,3 +295,50 @@ def test_a_latency_target_counts_from_the_unpruned_model_after_depth(monkeypatch
     assert report.plan.depth and not report.plan.kept
     assert any("0.400" in n for n in report.notes)
     assert pruned.stem.out_channels == 16
+
+
+def test_depth_runs_on_the_graph_edgerep_fold_returns() -> None:
+    from edgerep.fold import fold
+
+    class BNBlock(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+            self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        BNBlock(8),
+        BNBlock(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):  # randomized statistics
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = _calib(1).float()
+    folded, _ = fold(net.eval(), (x[:1],))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    pruned, report = prune(
+        folded,
+        x[:1],
+        method="depth",
+        calib=x,
+        layer_cost=macs,
+        measure=False,
+        depth_blocks=1,
+        depth_error=10.0,
+    )
+    assert len(report.depth) == 2 and sum(d.replaced for d in report.depth) == 1
+    redone = apply_plan(folded, x[:1], report.plan, calib=x)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(pruned.state_dict().values(), redone.state_dict().values())
+    )
