@@ -1,6 +1,8 @@
 """``edgerep prune``: the argument wiring of the prune verb (the CLI spine only registers it).
 
     edgerep prune SRC --target latency=0.5 --calib DATA -o OUT [--backend onnxruntime]
+                  [--method channels,depth,rank] [--depth-blocks N] [--depth-error E]
+                  [--rank-error E]
                   [--importance l2|l1|taylor] [--recovery ls|mean|none] [--keep NAME ...]
                   [--plan prune_plan.json] [--latency-input SPEC ...] [--to onnx,...]
                   [--no-fold] [--weights W] [--input SPEC ...] [--force] [--json]
@@ -9,7 +11,8 @@ SRC, ``--input``, ``--weights`` and the calibration formats are those of the oth
 commands. The model is folded (unless ``--no-fold``), pruned, exported and verified
 through `edgerep.pipeline.convert` (no second fold); OUT is that bundle plus
 ``pruned_state_dict.pt`` (plain tensors), ``prune_plan.json`` and
-``prune_report.json``. ``--plan`` re-applies a saved plan instead of searching
+``prune_report.json`` (with depth pruning, the exported graph is folded again so
+that adjacent maps merge). ``--plan`` re-applies a saved plan instead of searching
 (with the same ``--calib`` when the plan has a recovery).
 """
 
@@ -40,6 +43,30 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "widths=GROUP:W,...; required unless --plan",
     )
     p.add_argument("--plan", metavar="JSON", help="re-apply a prune_plan.json instead of searching")
+    p.add_argument(
+        "--method",
+        default="channels",
+        metavar="M,M",
+        help="what to remove: channels (default), depth (residual blocks -> fitted linear maps, "
+        "needs --calib), rank (SVD of Linear/1x1 conv), comma-separated",
+    )
+    p.add_argument(
+        "--depth-blocks", type=int, metavar="N", help="replace at most N residual blocks"
+    )
+    p.add_argument(
+        "--depth-error",
+        type=float,
+        default=0.1,
+        metavar="E",
+        help="largest relative output error of a replaced block (0.1)",
+    )
+    p.add_argument(
+        "--rank-error",
+        type=float,
+        default=0.05,
+        metavar="E",
+        help="largest relative output error of a factorized layer (0.05)",
+    )
     p.add_argument(
         "--backend", default="onnxruntime", help="where latency is measured: onnxruntime, openvino"
     )
@@ -109,13 +136,24 @@ def run_prune(args: argparse.Namespace) -> int:
     from edgerep.cli import EXIT_OK, _formats_and_options, _load, _parse_specs
     from edgerep.errors import ConfigError
     from edgerep.prune import PrunePlan, apply_plan, parse_target, prune, save_pruned
+    from edgerep.prune._engine import parse_methods
     from edgerep.prune._latency import get_backend
     from edgerep.spec import example_inputs
 
     problems = []
     target = None
-    if args.plan is None and not args.target:
+    methods: tuple[str, ...] = ("channels",)
+    try:
+        methods = parse_methods(args.method)
+    except ConfigError as e:
+        problems.append(str(e))
+    if args.plan is None and not args.target and "channels" in methods:
         problems.append("give --target (e.g. latency=0.5) or --plan prune_plan.json")
+    if args.target and "channels" not in methods:
+        problems.append(
+            f"--target sets how many channels go but --method {args.method} prunes no "
+            "channels; add channels to --method or drop --target"
+        )
     if args.target:
         try:
             target = parse_target(args.target)
@@ -129,6 +167,11 @@ def run_prune(args: argparse.Namespace) -> int:
     if needs_calib and not args.calib:
         problems.append(
             f"--recovery {args.recovery} / --importance {args.importance} need --calib DATA "
+            "(an .npz, image folder or file.py:fn of representative inputs)"
+        )
+    if "depth" in methods and not args.calib and args.plan is None:
+        problems.append(
+            "--method depth fits each replaced block on calibration data: give --calib DATA "
             "(an .npz, image folder or file.py:fn of representative inputs)"
         )
     if problems:
@@ -148,12 +191,19 @@ def run_prune(args: argparse.Namespace) -> int:
         plan = PrunePlan.load(args.plan)
         pruned = apply_plan(model, inputs, plan, calib=calib)
         report_dict: dict[str, Any] = {"plan": str(Path(args.plan).resolve()), "reapplied": True}
-        text = f"re-applied {args.plan} ({len(plan.kept)} groups)"
+        text = (
+            f"re-applied {args.plan} ({len(plan.kept)} groups, {len(plan.depth)} blocks, "
+            f"{len(plan.ranks)} factorized layers)"
+        )
     else:
         pruned, report = prune(
             model,
             inputs,
             target=target,
+            method=methods,
+            depth_blocks=args.depth_blocks,
+            depth_error=args.depth_error,
+            rank_error=args.rank_error,
             importance=args.importance,
             calib=evals if args.importance == "taylor" else calib,
             labels=labels if args.importance == "taylor" else None,
@@ -176,7 +226,8 @@ def run_prune(args: argparse.Namespace) -> int:
         to=formats,
         out_dir=args.out,
         overwrite=args.force,
-        fold=False,
+        # replaced blocks leave affine 1x1 maps that the fold merges where adjacent
+        fold=bool(plan.depth),
         seed=args.seed,
         source=description,
         exporter_options=options,

@@ -13,6 +13,18 @@
    keeping the least pruning that meets the target; a pruned model measured slower
    than the unpruned one is refused;
 6. recovery of the consuming layers on calibration data (`_recover`).
+
+`method` chooses what is removed, applied in this order:
+
+- ``depth``: residual blocks replaced by linear maps fitted on calibration data
+  (`_depth`), chosen by measured latency saved per reconstruction error;
+- ``channels``: the steps above, to `target` (a latency target counts from the
+  unpruned model: after depth pruning, the channel search is asked for the rest);
+- ``rank``: Linear / 1x1 conv layers factorized by truncated SVD where measured
+  faster (`_rank`).
+
+Depth and rank decisions are timed with the same per-layer tables as channel
+widths (``layer_cost`` injects another cost, e.g. in tests).
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +45,7 @@ import torch
 from torch import nn
 
 from edgerep.bench.latency import LatencyConfig, benchmark_latency
-from edgerep.errors import ConfigError, UnsupportedError
+from edgerep.errors import ConfigError, UnsupportedError, did_you_mean
 from edgerep.prune._config import PruneTarget, parse_target
 from edgerep.prune._groups import Group, build_groups
 from edgerep.prune._importance import channel_importance
@@ -49,7 +61,10 @@ from edgerep.prune._plan import PrunePlan, apply_plan_structure, index_maps, mod
 from edgerep.prune._recover import RECOVERY_MODES, recover
 from edgerep.prune._report import GroupResult, Iteration, PruneReport
 
-__all__ = ["PruneRefusedError", "apply_plan", "prune"]
+__all__ = ["METHODS", "PruneRefusedError", "apply_plan", "parse_methods", "prune"]
+
+#: what `prune` can remove, in the order it is applied
+METHODS = ("depth", "channels", "rank")
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +88,24 @@ def _calib_sha256(calib: Sequence[torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def parse_methods(method: str | Sequence[str]) -> tuple[str, ...]:
+    """``"channels,depth"`` or a sequence -> the methods in application order.
+
+    Raises:
+        ConfigError: an unknown or empty method list.
+    """
+    items = method.split(",") if isinstance(method, str) else list(method)
+    names = [str(m).strip() for m in items if str(m).strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        hint = did_you_mean(bad[0], METHODS) if bad else ""
+        raise ConfigError(
+            f"unknown pruning method(s) {bad or method!r};{hint} allowed: {', '.join(METHODS)}, "
+            "comma-separated (e.g. channels,depth,rank)"
+        )
+    return tuple(m for m in METHODS if m in names)
 
 
 def _kept_indices(scores: np.ndarray, width: int) -> tuple[int, ...]:
@@ -126,7 +159,9 @@ def _count(shapes: Mapping[str, LayerShape], what: str) -> int:
 
 def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -> Path:
     names = [f"input_{i}" for i in range(len(inputs))]
-    model = copy.deepcopy(model).float().eval()
+    # a torch.fx GraphModule (depth pruning's result) is wrapped: its .graph attribute
+    # confuses the TorchScript exporter
+    model = nn.Sequential(copy.deepcopy(model).float().eval())
     with torch.no_grad():
         torch.onnx.export(
             model,
@@ -181,7 +216,12 @@ def prune(
     model: nn.Module,
     example_inputs: Any,
     *,
-    target: str | PruneTarget,
+    target: str | PruneTarget | None = None,
+    method: str | Sequence[str] = "channels",
+    depth_blocks: int | None = None,
+    depth_error: float = 0.1,
+    rank_error: float = 0.05,
+    layer_cost: Callable[[Sequence[LayerShape]], list[float]] | None = None,
     importance: str = "l2",
     calib: Any = None,
     labels: torch.Tensor | None = None,
@@ -203,7 +243,17 @@ def prune(
         model: a plain (e.g. folded) eval-mode model.
         example_inputs: one forward call's inputs (a tensor or a sequence).
         target: ``latency=R``, ``macs=R``, ``params=R`` (fraction remaining) or
-            ``widths=GROUP:W,...``; see `PruneTarget`.
+            ``widths=GROUP:W,...``; see `PruneTarget`. Required with ``channels``,
+            refused without it.
+        method: ``channels`` (default), ``depth``, ``rank`` or several,
+            comma-separated or a sequence (see the module doc).
+        depth_blocks: replace at most this many residual blocks (default: every
+            block within `depth_error` whose map is measured faster).
+        depth_error: the largest relative output error (calibration data) of a
+            replaced block.
+        rank_error: the largest relative output error of a factorized layer.
+        layer_cost: layer shapes -> cost each, replacing the measured per-layer
+            latency of depth and rank decisions (tests inject a table here).
         importance: ``l1``, ``l2`` or ``taylor`` (needs `calib` and `labels`).
         calib: calibration inputs, batched (a tensor or one tensor per input); needed
             by recovery and by ``taylor``.
@@ -219,7 +269,8 @@ def prune(
         max_iters: measure-and-correct rounds of a latency target.
         cache_dir: where latency tables are cached (default ``~/.cache/edgerep/prune``).
         measure: time the result end to end also for non-latency targets (default:
-            only for latency targets); a result measured slower is refused.
+            for latency targets and for depth/rank); a result measured slower is
+            refused.
         latency_config: the end-to-end timing of each round (default `E2E_LATENCY`).
 
     Returns:
@@ -230,7 +281,24 @@ def prune(
             or a target the prunable groups cannot reach.
         PruneRefusedError: the pruned model was measured slower than the unpruned one.
     """
-    t = parse_target(target)
+    methods = parse_methods(method)
+    if "channels" in methods and target is None:
+        raise ConfigError(
+            "channel pruning needs a target (e.g. target='latency=0.5'); or choose "
+            "method='depth' / 'rank' alone"
+        )
+    if "channels" not in methods and target is not None:
+        raise ConfigError(
+            f"target={target!r} sets how many channels go, but method={','.join(methods)!r} "
+            "prunes no channels; add 'channels' to the methods or drop the target (depth and "
+            "rank are bounded by depth_blocks/depth_error and rank_error)"
+        )
+    if "depth" in methods and calib is None:
+        raise ConfigError(
+            "depth pruning fits each replaced block's linear map on calibration data: pass "
+            "calib= (CLI --calib DATA) or drop 'depth' from the methods"
+        )
+    t = parse_target(target) if target is not None else None
     inputs = _as_inputs(example_inputs)
     lat_inputs = _as_inputs(latency_inputs) if latency_inputs is not None else inputs
     calib_t = _as_inputs(calib) if calib is not None else None
@@ -242,13 +310,175 @@ def prune(
             f"recovery={recovery!r} needs calibration data (calib=, CLI --calib DATA); "
             "pass it or use recovery='none'"
         )
-    measure = t.kind == "latency" if measure is None else measure
-    if measure:
+    structural = bool({"depth", "rank"} & set(methods))
+    if measure is None:
+        measure = (t is not None and t.kind == "latency") or structural
+    if measure or (structural and layer_cost is None):
         get_backend(backend)
     if not 0 < min_ratio <= 1:
         raise ConfigError(f"min_ratio must be in (0, 1]; got {min_ratio}")
-    src = copy.deepcopy(model).eval()
-    sha = model_sha256(src)
+    original = copy.deepcopy(model).eval()
+    sha = model_sha256(original)
+    base_shapes = layer_shapes(original, inputs)
+    report = PruneReport(
+        target=t.to_text() if t is not None else "",
+        asked=t.ratio if t is not None else None,
+        importance=importance if t is not None else "",
+        recovery_mode=recovery,
+        macs_before=_count(base_shapes, "macs"),
+        params_before=_count(base_shapes, "params"),
+        methods=list(methods),
+    )
+    cost: Callable[[Sequence[LayerShape]], list[float]] = layer_cost or (
+        lambda shapes: LatencyTables(
+            get_backend(backend), threads=threads, model_hash=sha, cache_dir=cache_dir
+        ).ms(shapes)
+    )
+    src = original
+    depth_entries: list[dict[str, Any]] = []
+    if "depth" in methods:
+        from edgerep.prune._depth import blocks_to_plan, depth_prune
+
+        assert calib_t is not None  # checked above
+        src, chosen, report.depth = depth_prune(
+            original,
+            inputs,
+            calib_t,
+            cost,
+            max_blocks=depth_blocks,
+            max_error=depth_error,
+            ridge=ridge,
+            latency_inputs=lat_inputs,
+        )
+        depth_entries = blocks_to_plan(chosen)
+        src = src.eval()
+    kept: dict[str, tuple[int, ...]] = {}
+    pruned = src
+    if t is not None:
+        if t.kind == "latency" and depth_entries:
+            p0, pd = measure_pair(
+                backend,
+                original,
+                src,
+                lat_inputs,
+                threads=threads,
+                config=latency_config or E2E_LATENCY,
+            )
+            report.notes.append(
+                f"after depth pruning the measured p50 ratio is {pd / p0:.3f}; channels are "
+                f"pruned for the rest of {t.to_text()}"
+            )
+            if t.ratio is not None and t.ratio / (pd / p0) < 1:
+                t = replace(t, ratio=t.ratio / (pd / p0))
+            else:
+                t = None
+        if t is not None:
+            pruned, kept = _channels(
+                src,
+                inputs,
+                lat_inputs,
+                t,
+                report,
+                calib_t,
+                labels,
+                importance,
+                backend,
+                keep,
+                recovery,
+                ridge,
+                threads,
+                min_ratio,
+                max_iters,
+                cache_dir,
+                sha,
+                measure and not structural,
+                latency_config,
+            )
+    ranks: dict[str, int] = {}
+    if t is not None and depth_entries and not kept:
+        report.notes.append(f"{t.to_text()} was met before any channel was pruned")
+    if "rank" in methods:
+        from edgerep.prune._rank import lowrank
+
+        pruned, ranks, report.rank = lowrank(
+            pruned,
+            inputs,
+            calib_t,
+            cost,
+            max_error=rank_error,
+            keep=keep,
+            latency_inputs=lat_inputs,
+        )
+    after_shapes = layer_shapes(pruned, inputs)
+    report.macs_after = _count(after_shapes, "macs")
+    report.params_after = _count(after_shapes, "params")
+    changed = bool(depth_entries or ranks or kept)
+    if structural and not changed:
+        report.notes.append(
+            "nothing was replaced, factorized or pruned (see the depth/rank rows for why); "
+            "the model is returned unchanged"
+        )
+    if structural and measure and changed:
+        p0, p1 = measure_pair(
+            backend,
+            original,
+            pruned,
+            lat_inputs,
+            threads=threads,
+            config=latency_config or E2E_LATENCY,
+        )
+        report.backend, report.p50_before_ms, report.p50_after_ms = backend, p0, p1
+        if not report.target or report.target.startswith("latency"):
+            report.achieved = p1 / p0  # a macs/params target keeps its counted ratio
+        if report.asked is not None and report.target.startswith("latency"):
+            tolerance = parse_target(report.target).tolerance
+            met = p1 / p0 <= report.asked * (1 + tolerance)
+            report.status = "met" if met else "missed"
+        elif not report.status:
+            report.status = "measured"
+        _refuse_slower(p0, p1, backend)
+    elif not report.status:
+        report.status = "applied" if changed else "unchanged"
+    plan = PrunePlan(
+        kept=kept,
+        sizes={g.name: g.size for g in report.groups if g.name in kept},
+        model_sha256=sha,
+        recovery=recovery,
+        ridge=ridge,
+        calib_sha256=(
+            _calib_sha256(calib_t) if calib_t is not None and (kept or depth_entries) else None
+        ),
+        target=report.target,
+        depth=tuple(depth_entries),
+        depth_ridge=ridge,
+        ranks=ranks,
+    )
+    report.plan = plan
+    return pruned, report
+
+
+def _channels(
+    src: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    lat_inputs: Sequence[torch.Tensor],
+    t: PruneTarget,
+    report: PruneReport,
+    calib_t: Sequence[torch.Tensor] | None,
+    labels: torch.Tensor | None,
+    importance: str,
+    backend: str,
+    keep: Sequence[str],
+    recovery: str,
+    ridge: float,
+    threads: int,
+    min_ratio: float,
+    max_iters: int,
+    cache_dir: str | Path | None,
+    sha: str,
+    measure: bool,
+    latency_config: LatencyConfig | None,
+) -> tuple[nn.Module, dict[str, tuple[int, ...]]]:
+    """Channel pruning of `src` to `t` (steps 1-6 of the module doc); fills `report`."""
     _, groups = build_groups(src, inputs, keep=keep)
     prunable = [g for g in groups if g.prunable]
     if not prunable:
@@ -259,14 +489,6 @@ def prune(
     scores = channel_importance(importance, src, prunable, calib=calib_t, labels=labels)
     sizes = {g.name: g.size for g in prunable}
     shapes = layer_shapes(src, inputs)
-    report = PruneReport(
-        target=t.to_text(),
-        asked=t.ratio,
-        importance=importance,
-        recovery_mode=recovery,
-        macs_before=_count(shapes, "macs"),
-        params_before=_count(shapes, "params"),
-    )
     tables: dict[str, dict[int, float]] = {}
 
     def plan_for(widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
@@ -294,11 +516,12 @@ def prune(
             lambda ss: [float(s.macs() if t.kind == "macs" else s.params()) for s in ss],
             min_ratio=min_ratio,
         )
+        # counted against the unpruned model (before any depth pruning)
         total = float(report.macs_before if t.kind == "macs" else report.params_before)
         assert t.ratio is not None
         # the tables add each group's saving alone; a layer whose input and output both
         # shrink saves more than that sum, so count the result exactly and correct
-        need = total * (1 - t.ratio)
+        need = _count(shapes, t.kind) - total * t.ratio
         for _ in range(30):
             widths, done = _allocate(tables, scores, sizes, need)
             kept = plan_for(widths)
@@ -342,8 +565,6 @@ def prune(
         )
     report.recovery = rec_rows
     after_shapes = layer_shapes(pruned, inputs)
-    report.macs_after = _count(after_shapes, "macs")
-    report.params_after = _count(after_shapes, "params")
     for g in groups:
         w = len(kept[g.name]) if g.name in kept else g.size
         table = tables.get(g.name)
@@ -360,7 +581,7 @@ def prune(
             )
         )
     if t.kind in ("macs", "params"):
-        after = report.macs_after if t.kind == "macs" else report.params_after
+        after = _count(after_shapes, t.kind)
         before = report.macs_before if t.kind == "macs" else report.params_before
         report.achieved = after / before
         report.status = "met" if report.achieved <= (t.ratio or 1) + 1e-9 else "missed"
@@ -379,17 +600,7 @@ def prune(
             report.achieved, report.status = p1 / p0, "measured"
     elif t.kind == "widths":
         report.status = "applied"
-    plan = PrunePlan(
-        kept=kept,
-        sizes={g: sizes[g] for g in kept},
-        model_sha256=sha,
-        recovery=recovery,
-        ridge=ridge,
-        calib_sha256=_calib_sha256(calib_t) if calib_t is not None and kept else None,
-        target=t.to_text(),
-    )
-    report.plan = plan
-    return pruned, report
+    return pruned, kept
 
 
 def _refuse_slower(p0: float, p1: float, backend: str) -> None:
@@ -511,18 +722,40 @@ def apply_plan(
     """
     inputs = _as_inputs(example_inputs)
     src = copy.deepcopy(model).eval()
-    pruned = apply_plan_structure(src, inputs, plan.kept, check_sha256=plan.model_sha256)
-    if plan.recovery == "none" or not plan.kept:
-        return pruned
-    calib_t = _as_inputs(calib) if calib is not None else None
-    if calib_t is None or _calib_sha256(calib_t) != plan.calib_sha256:
+    if model_sha256(src) != plan.model_sha256:
         raise ConfigError(
-            f"the plan's recovery ({plan.recovery}) was solved on calibration data with sha256 "
+            "the prune plan was made for another model (its model_sha256 differs from this "
+            "model's); apply a plan to the exact model (same weights, folded the same way) "
+            "it was made from"
+        )
+    needs_calib = bool(plan.depth) or (plan.recovery != "none" and bool(plan.kept))
+    calib_t = _as_inputs(calib) if calib is not None else None
+    if needs_calib and (calib_t is None or _calib_sha256(calib_t) != plan.calib_sha256):
+        what = "depth maps" if plan.depth else f"recovery ({plan.recovery})"
+        raise ConfigError(
+            f"the plan's {what} was solved on calibration data with sha256 "
             f"{plan.calib_sha256}; pass the same calibration data to re-apply it (or load the "
             "saved state_dict with load_pruned)"
         )
-    _, groups = build_groups(src, inputs)
-    consumers = sorted({m.name for g in groups if g.name in plan.kept for m in g.consumers})
-    idx = index_maps(src, inputs, plan.kept)
-    pruned, _ = recover(src, pruned, consumers, idx, calib_t, mode=plan.recovery, ridge=plan.ridge)
+    if plan.depth:
+        from edgerep.prune._depth import blocks_from_plan, fit_blocks, replace_blocks, to_graph
+
+        assert calib_t is not None  # checked above
+        gm = to_graph(src)
+        blocks = blocks_from_plan(gm, inputs, plan.depth)
+        src, _ = fit_blocks(gm, replace_blocks(gm, blocks), blocks, calib_t, ridge=plan.depth_ridge)
+        src = src.eval()
+    pruned = apply_plan_structure(src, inputs, plan.kept) if plan.kept else src
+    if plan.recovery != "none" and plan.kept:
+        assert calib_t is not None  # checked above
+        _, groups = build_groups(src, inputs, trial=False)
+        consumers = sorted({m.name for g in groups if g.name in plan.kept for m in g.consumers})
+        idx = index_maps(src, inputs, plan.kept)
+        pruned, _ = recover(
+            src, pruned, consumers, idx, calib_t, mode=plan.recovery, ridge=plan.ridge
+        )
+    if plan.ranks:
+        from edgerep.prune._rank import apply_ranks
+
+        pruned = apply_ranks(pruned, plan.ranks)
     return pruned

@@ -135,6 +135,25 @@ def _grouped_not_depthwise(module: nn.Module) -> bool:
     return not (module.in_channels == module.out_channels == groups)
 
 
+def _attention(
+    tp: Any, graph: Any, tp_group: Any, modules: dict[str, nn.Module], members: list[GroupMember]
+) -> str:
+    """Why a group runs through attention heads ("" when it does not).
+
+    An ``nn.MultiheadAttention`` member, or an unbind/expand of the channels (the
+    ``qkv.reshape(B, N, 3, heads, d).unbind(0)`` of hand-written ViT attention).
+    """
+    mha = sorted(m.name for m in members if isinstance(modules[m.name], nn.MultiheadAttention))
+    if mha:
+        return f"nn.MultiheadAttention {', '.join(mha)}"
+    split = {tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND}
+    for dep, _ in tp_group:
+        if dep.target.type in split or dep.source.type in split:
+            root = tp_group[0][0].target
+            return f"{root._name or 'layer'} output is unbound/expanded into heads"
+    return ""
+
+
 def _check_keep(model: nn.Module, keep: Iterable[str]) -> set[str]:
     names = [n for n, _ in model.named_modules() if n]
     kept: set[str] = set()
@@ -154,6 +173,7 @@ def build_groups(
     example_inputs: Sequence[torch.Tensor],
     *,
     keep: Iterable[str] = (),
+    trial: bool = True,
 ) -> tuple[Any, list[Group]]:
     """Torch-Pruning's dependency graph of `model` and its channel groups.
 
@@ -161,6 +181,9 @@ def build_groups(
         model: an eval-mode model (not modified; Torch-Pruning only traces it).
         example_inputs: positional inputs of one forward call.
         keep: module names (or prefixes) whose output channels must stay.
+        trial: narrow each group whose channels pass through a reshape, split,
+            unbind or expand once on a copy, and keep it whole if the copy no longer
+            runs (plan application skips this: a plan never names such a group).
 
     Returns:
         ``(dependency_graph, groups)``, groups in the graph's order, each with
@@ -190,8 +213,14 @@ def build_groups(
         producers = {m.name for m in members if m.dim == "out"}
         modules = dict(model.named_modules())
         grouped = sorted(m.name for m in members if _grouped_not_depthwise(modules[m.name]))
+        heads = _attention(tp, graph, tp_group, modules, members)
         reason = ""
-        if grouped:
+        if heads:
+            # Torch-Pruning slices these channels without knowing the head layout (its
+            # head pruning lives in its MetaPruner, not in group pruning): the head
+            # reshape then fails or mixes heads, so such groups stay whole
+            reason = f"attention heads ({heads}): channels split into heads are kept whole"
+        elif grouped:
             # Torch-Pruning slices a grouped conv's channels without keeping every conv
             # group the same size, which breaks the layer; such groups stay whole
             reason = (
@@ -203,7 +232,51 @@ def build_groups(
             reason = f"model output ({', '.join(sorted(producers & last))})"
         elif producers & kept:
             reason = f"kept by keep= ({', '.join(sorted(producers & kept))})"
+        if not reason and trial and _reshaped(tp, tp_group):
+            reason = _trial(tp, model, example_inputs, root_name, len(idxs))
         groups.append(
             Group(root_name, len(idxs), tuple(members), prunable=not reason, reason=reason)
         )
     return graph, groups
+
+
+def _reshaped(tp: Any, tp_group: Any) -> bool:
+    """Whether the group's channels pass through a reshape, split, unbind or expand."""
+    kinds = {tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND}
+    kinds.add(tp.ops.OPTYPE.EXPAND)
+    return any(dep.target.type in kinds or dep.source.type in kinds for dep, _ in tp_group)
+
+
+def _trial(
+    tp: Any, model: nn.Module, example_inputs: Sequence[torch.Tensor], root: str, size: int
+) -> str:
+    """Why narrowing the group by one step breaks a copy of `model` ("" when it still runs).
+
+    Code can depend on a channel count that no dependency graph sees (``c // heads``
+    in hand-written attention, a hard-coded ``view``); such a group is kept whole.
+    """
+    import copy
+
+    from edgerep.prune._latency import candidate_widths
+
+    narrower = [w for w in candidate_widths(size) if w < size]
+    if not narrower:
+        return ""
+    work = copy.deepcopy(model).eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(work, example_inputs=tuple(example_inputs))
+        layer = dict(work.named_modules())[root]
+        fn = (
+            tp.prune_linear_out_channels
+            if isinstance(layer, nn.Linear)
+            else tp.prune_conv_out_channels
+        )
+        graph.get_pruning_group(layer, fn, idxs=list(range(narrower[0], size))).prune()
+        with torch.no_grad():
+            work(*example_inputs)
+    except Exception as e:  # any failure of the narrowed model means: do not prune this group
+        return (
+            f"narrowing it breaks the forward pass ({type(e).__name__}: {str(e)[:120]}); code "
+            "depends on this channel count (e.g. attention heads or a fixed reshape)"
+        )
+    return ""

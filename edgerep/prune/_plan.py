@@ -37,7 +37,10 @@ __all__ = [
     "save_pruned",
 ]
 
-PLAN_VERSION = 1
+#: the newest plan format: 1 = channels only, 2 = adds depth and rank decisions.
+#: A plan with neither is still written as version 1 (older readers read it).
+PLAN_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 def model_sha256(model: nn.Module) -> str:
@@ -64,7 +67,11 @@ class PrunePlan:
         ridge: the ridge factor of the least-squares recovery.
         calib_sha256: hash of the calibration inputs the recovery used, or None.
         target: the target the plan was made for, as text.
-        version: the JSON format version.
+        version: the JSON format version (written: 1 without depth/rank, else 2).
+        depth: residual blocks replaced by a fitted linear map, applied first
+            (``{"output", "input", "map", "channels"}`` each, see `edgerep.prune._depth`).
+        depth_ridge: the identity-regularisation factor of their fit.
+        ranks: layer -> rank, factorized last (on the channel-pruned model).
     """
 
     kept: Mapping[str, tuple[int, ...]]
@@ -76,10 +83,13 @@ class PrunePlan:
     target: str = ""
     version: int = PLAN_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
+    depth: tuple[Mapping[str, Any], ...] = ()
+    depth_ridge: float = 1e-4
+    ranks: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
+        d: dict[str, Any] = {
+            "version": 2 if self.depth or self.ranks else 1,
             "model_sha256": self.model_sha256,
             "target": self.target,
             "recovery": self.recovery,
@@ -91,6 +101,11 @@ class PrunePlan:
             ],
             "extra": dict(self.extra),
         }
+        if self.depth or self.ranks:
+            d["depth"] = [dict(e) for e in self.depth]
+            d["depth_ridge"] = self.depth_ridge
+            d["rank"] = [{"layer": n, "rank": int(r)} for n, r in self.ranks.items()]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PrunePlan:
@@ -109,12 +124,30 @@ class PrunePlan:
             "groups",
             "extra",
         }
+        if data.get("version") == 2:
+            known |= {"depth", "depth_ridge", "rank"}
         unknown = sorted(set(data) - known)
-        if data.get("version") != PLAN_VERSION or unknown:
+        if data.get("version") not in READ_VERSIONS or unknown:
             raise ConfigError(
                 f"cannot read prune plan: version {data.get('version')!r} (this edgerep reads "
-                f"{PLAN_VERSION}) or unknown keys {unknown}"
+                f"{', '.join(map(str, READ_VERSIONS))}) or unknown keys {unknown}"
             )
+        depth = []
+        for e in data.get("depth") or ():
+            if not isinstance(e, Mapping) or set(e) != {"output", "input", "map", "channels"}:
+                raise ConfigError(
+                    f"depth entry {e!r} of the plan is not {{output, input, map, channels}}; "
+                    "the plan file is damaged"
+                )
+            depth.append(dict(e))
+        ranks: dict[str, int] = {}
+        for e in data.get("rank") or ():
+            try:
+                ranks[str(e["layer"])] = int(e["rank"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ConfigError(
+                    f"rank entry {e!r} of the plan is not {{layer, rank}}; the plan file is damaged"
+                ) from err
         kept: dict[str, tuple[int, ...]] = {}
         sizes: dict[str, int] = {}
         for g in data["groups"]:
@@ -136,6 +169,9 @@ class PrunePlan:
             calib_sha256=data.get("calib_sha256"),
             target=str(data.get("target", "")),
             extra=dict(data.get("extra") or {}),
+            depth=tuple(depth),
+            depth_ridge=float(data.get("depth_ridge", 1e-4)),
+            ranks=ranks,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -180,7 +216,7 @@ def apply_plan_structure(
             "it was made from"
         )
     work = copy.deepcopy(model).eval()
-    graph, groups = build_groups(work, example_inputs)
+    graph, groups = build_groups(work, example_inputs, trial=False)
     by_name = {g.name: g for g in groups}
     modules = dict(work.named_modules())
     for name, idx in kept.items():
@@ -208,6 +244,40 @@ def apply_plan_structure(
         )
         group = graph.get_pruning_group(root, fn, idxs=removed)
         group.prune()
+    return work
+
+
+def apply_full_structure(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    plan: PrunePlan,
+    *,
+    check_sha256: bool = True,
+) -> nn.Module:
+    """The plan's structure on a copy of `model`: depth maps (identity), channels, ranks.
+
+    The weights are those of `model` (sliced) and of identity maps; `load_pruned`
+    then loads the saved state_dict, `apply_plan` re-solves what needs data.
+    """
+    from edgerep.prune._depth import blocks_from_plan, replace_blocks, to_graph
+    from edgerep.prune._rank import apply_ranks
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = [example_inputs]
+    if check_sha256 and model_sha256(model) != plan.model_sha256:
+        raise ConfigError(
+            "the prune plan was made for another model (its model_sha256 differs from this "
+            "model's); apply a plan to the exact model (same weights, folded the same way) "
+            "it was made from"
+        )
+    work = copy.deepcopy(model).eval()
+    if plan.depth:
+        gm = to_graph(work)
+        work = replace_blocks(gm, blocks_from_plan(gm, example_inputs, plan.depth))
+    if plan.kept:
+        work = apply_plan_structure(work, example_inputs, plan.kept)
+    if plan.ranks:
+        work = apply_ranks(work, plan.ranks)
     return work
 
 
@@ -262,7 +332,7 @@ def load_pruned(
     if not (d / PLAN_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
         raise SourceError(f"{str(d)!r} holds no {PLAN_FILE} and {WEIGHTS_FILE}")
     plan = PrunePlan.load(d / PLAN_FILE)
-    pruned = apply_plan_structure(model, example_inputs, plan.kept, check_sha256=plan.model_sha256)
+    pruned = apply_full_structure(model, example_inputs, plan)
     state = torch.load(d / WEIGHTS_FILE, weights_only=True)
     try:
         pruned.load_state_dict(state)

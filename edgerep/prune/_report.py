@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from edgerep.prune._depth import DepthResult
     from edgerep.prune._plan import PrunePlan
+    from edgerep.prune._rank import RankResult
     from edgerep.prune._recover import RecoveredLayer
 
 __all__ = ["GroupResult", "Iteration", "PruneReport"]
@@ -70,6 +72,11 @@ class PruneReport:
         iterations: the latency rounds.
         table: latency table statistics (layers measured, from cache, seconds).
         notes: anything else worth knowing.
+        methods: what was pruned, in order (``depth``, ``channels``, ``rank``).
+        depth: one row per residual block found (latency saved, reconstruction
+            error, replaced or why not).
+        rank: one row per Linear / 1x1 conv considered (rank kept, error, measured
+            latency of the layer and of its factors).
         plan: the `PrunePlan` that re-applies the result (save it with `save_pruned`).
     """
 
@@ -91,6 +98,9 @@ class PruneReport:
     iterations: list[Iteration] = field(default_factory=list)
     table: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: ["channels"])
+    depth: list[DepthResult] = field(default_factory=list)
+    rank: list[RankResult] = field(default_factory=list)
     plan: PrunePlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +114,7 @@ class PruneReport:
         return d
 
     def to_text(self) -> str:
-        lines = [f"prune {self.target}: {self.status}"]
+        lines = [f"prune {self.target or ','.join(self.methods)}: {self.status}"]
         if self.p50_before_ms is not None and self.p50_after_ms is not None:
             lines.append(
                 f"  measured p50 on {self.backend}: {self.p50_before_ms:.3f} ms -> "
@@ -117,7 +127,8 @@ class PruneReport:
                 f"({self.macs_after / self.macs_before:.3f}); params {self.params_before:,} -> "
                 f"{self.params_after:,}"
             )
-        lines.append(f"  importance {self.importance}, recovery {self.recovery_mode}")
+        if "channels" in self.methods:
+            lines.append(f"  importance {self.importance}, recovery {self.recovery_mode}")
         for g in self.groups:
             if not g.prunable:
                 lines.append(f"  {g.name:<24} {g.size:>5}  kept whole: {g.reason}")
@@ -137,5 +148,23 @@ class PruneReport:
                 f"  recovered {r.name:<20} rel err {r.rel_error_before:.4f} -> "
                 f"{r.rel_error_after:.4f}{cond}{'' if r.kept else ' (not kept) ' + r.reason}"
             )
+        for d in self.depth:
+            what = (
+                f"replaced by a {d.map_kind} map, rel err {d.final_rel_error:.4f}"
+                if d.replaced and d.final_rel_error is not None
+                else f"kept: {d.reason}"
+            )
+            lines.append(
+                f"  block {d.block:<20} saves {d.saved_ms:.4g}  fit err {d.rel_error:.4f} "
+                f"(removal {d.removal_error:.4f})  {what}"
+            )
+        for k in self.rank:
+            if k.rank is not None:
+                lines.append(
+                    f"  rank {k.layer:<21} {k.cin}->{k.cout} rank {k.rank}  rel err "
+                    f"{k.rel_error:.4f}  {k.ms_before:.4g} -> {k.ms_after:.4g} ms"
+                )
+            else:
+                lines.append(f"  rank {k.layer:<21} {k.cin}->{k.cout} kept whole: {k.reason}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -51,3 +51,94 @@ class Coupled(nn.Module):
 def coupled(seed: int = 0) -> Coupled:
     torch.manual_seed(seed)
     return Coupled().eval()
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016), identity shortcut: relu(x + conv(relu(conv(x))))."""
+
+    def __init__(self, c: int, *, linear_branch: bool = False) -> None:
+        super().__init__()
+        k, p = (1, 0) if linear_branch else (3, 1)
+        self.conv1 = nn.Conv2d(c, 2 * c if linear_branch else c, k, padding=p)
+        self.conv2 = nn.Conv2d(self.conv1.out_channels, c, k, padding=p)
+        self.linear_branch = linear_branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        if not self.linear_branch:
+            h = torch.relu(h)
+        return torch.relu(x + self.conv2(h))
+
+
+class ResNetLike(nn.Module):
+    """Stem, two identity-shortcut blocks, a strided projection block, head.
+
+    The projection block (``down``: ``proj(x) + f(x)``) is not an identity residual.
+    """
+
+    def __init__(self, c: int = 16, *, linear_first: bool = False, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.block1 = BasicBlock(c, linear_branch=linear_first)
+        self.block2 = BasicBlock(c)
+        self.down_f = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.down_p = nn.Conv2d(c, 2 * c, 1, stride=2)
+        self.block3 = BasicBlock(2 * c)
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = self.block2(self.block1(x))
+        x = torch.relu(self.down_p(x) + self.down_f(x))
+        x = self.block3(x)
+        return self.head(x.mean((2, 3)))
+
+
+def resnet_like(seed: int = 0, **kw: object) -> ResNetLike:
+    torch.manual_seed(seed)
+    return ResNetLike(**kw).eval()  # type: ignore[arg-type]
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer block (Tolstikhin et al. 2021): token mixing then channel mixing, pre-norm."""
+
+    def __init__(self, tokens: int, dim: int, *, linear_channel_mlp: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.tok1 = nn.Linear(tokens, 2 * tokens)
+        self.tok2 = nn.Linear(2 * tokens, tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.linear = linear_channel_mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm1(x).transpose(1, 2)
+        x = x + self.tok2(nn.functional.gelu(self.tok1(t))).transpose(1, 2)
+        h = self.fc1(x if self.linear else self.norm2(x))
+        return x + self.fc2(h if self.linear else nn.functional.gelu(h))
+
+
+class Mixer(nn.Module):
+    """Patch embedding (a strided conv), Mixer blocks, mean pool, head."""
+
+    def __init__(self, dim: int = 16, depth: int = 2, *, linear_last: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.Sequential(
+            *[
+                MixerBlock(9, dim, linear_channel_mlp=linear_last and i == depth - 1)
+                for i in range(depth)
+            ]
+        )
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)  # (N, 9, dim) at 12x12
+        x = self.blocks(x)
+        return self.head(x.mean(1))
+
+
+def mixer(seed: int = 0, **kw: object) -> Mixer:
+    torch.manual_seed(seed)
+    return Mixer(**kw).eval()  # type: ignore[arg-type]

@@ -76,3 +76,109 @@ def test_prune_usage_errors(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert code == EXIT_USAGE, (extra, err)
         assert message in err, (extra, err)
+
+
+RESNET = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    EDGEREP_INPUTS = ["x:1x3x12x12"]
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.b1, self.b2 = Block(16), Block(16)
+            self.mix = nn.Conv2d(16, 32, 1)
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self.b2(self.b1(torch.relu(self.stem(x))))
+            return self.head(torch.relu(self.mix(x)).mean((2, 3)))
+
+    def build():
+        torch.manual_seed(0)
+        return Net().eval()
+    """
+)
+
+
+def test_depth_and_rank_plan_made_in_python_replays_through_the_cli(tmp_path, capsys) -> None:
+    import argparse
+
+    from edgerep.prune import prune
+    from edgerep.prune._cli import _calibration
+    from edgerep.source import load_model
+
+    src = tmp_path / "resnet.py"
+    src.write_text(RESNET)
+    _, data = _files(tmp_path)
+    args = argparse.Namespace(
+        calib=data,
+        calib_samples=256,
+        calib_seed=0,
+        x_key="x",
+        y_key="y",
+        image_size=None,
+        channels=3,
+        mean=[0.0],
+        std=[1.0],
+    )
+    calib, _, _ = _calibration(args, ["x"])
+    model, _ = load_model(f"{src}:build")
+    pruned, report = prune(
+        model,
+        calib[0][:1],
+        method="depth,rank",
+        calib=calib,
+        depth_blocks=1,
+        depth_error=10.0,
+        rank_error=0.5,
+        layer_cost=lambda ss: [float(s.macs()) for s in ss],
+        measure=False,
+    )
+    assert report.plan.depth and report.plan.ranks
+    plan = report.plan.save(tmp_path / "plan.json")
+    out = tmp_path / "out"
+    code = main(
+        ["prune", f"{src}:build", "--no-fold", "--plan", str(plan), "--calib", data, "-o", str(out)]
+    )
+    assert code == EXIT_OK, capsys.readouterr().err
+    assert "1 blocks, 1 factorized layers" in capsys.readouterr().out
+    state = torch.load(out / "pruned_state_dict.pt", weights_only=True)
+    ref = pruned.state_dict()
+    assert list(state) == list(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+    # the bundle was exported and verified like any other
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "onnx" / "model.onnx").is_file() and manifest
+    # without calibration data the depth maps cannot be re-solved: a named usage error
+    code = main(
+        ["prune", f"{src}:build", "--no-fold", "--plan", str(plan), "-o", str(out), "--force"]
+    )
+    assert code == EXIT_USAGE and "same calibration data" in capsys.readouterr().err
+
+
+def test_method_usage_errors(tmp_path, capsys) -> None:
+    src, data = _files(tmp_path)
+    out = str(tmp_path / "o")
+    cases = [
+        (["--method", "depth"], "--method depth fits each replaced block"),
+        (["--method", "depth", "--target", "macs=0.5", "--calib", data], "prunes no channels"),
+        (["--method", "channels,widths"], "unknown pruning method"),
+        (["--method", "depth", "--calib", data], "no residual block"),
+    ]
+    for extra, message in cases:
+        code = main(["prune", src, "-o", out, *extra])
+        err = capsys.readouterr().err
+        assert code == EXIT_USAGE, (extra, err)
+        assert message in err, (extra, err)

@@ -1,0 +1,523 @@
+"""Depth pruning: a residual block ``y = x + f(x)`` replaced by a linear map of ``x``.
+
+ReplaceMe-style (Shopkhoev et al. 2025, "ReplaceMe: network simplification via
+depth pruning and transformer block linearization"), on any torch.fx-traceable
+model, with no knowledge of its architecture:
+
+- **Blocks** are found on the torch.fx graph (a GraphModule as `edgerep.fold`
+  returns it, else `torch.fx.symbolic_trace` of the model): an ``add`` node with
+  operands ``x`` and ``b`` is a residual block when every path from ``b`` back to
+  the model's inputs passes through ``x`` (``b`` depends on ``x`` and parameters
+  only), no value computed inside the branch is used outside it, and ``x`` and the
+  sum have the same shape. Identity shortcuts only: a projection shortcut (``p(x) +
+  f(x)``) is not a block. Blocks that nest or overlap are never both replaced.
+- **The map** acts on ``x``'s channels: a 1x1 ``Conv2d`` when the branch holds a
+  convolution and ``x`` is NCHW, else a ``Linear`` on the last dim (Conv1d/3d
+  branches are not blocks: their maps have no latency table). Its weights are
+  fitted in float64 on calibration activations (inputs ``X`` of the block in the
+  model with the earlier blocks already replaced, targets ``Y`` the block's outputs
+  in the original model), identity-regularised ridge least squares:
+
+      min_{W,b} ||X W + 1 bᵀ - Y||² + λ ||W - I||²,   λ = ridge · trace(XᵀX) / C
+
+  ``W = I`` (dropping the block) is a feasible point, so the fitted map's error on
+  the calibration data is never above plain block removal.
+- **Choice**: each block's saving is the measured latency of its Conv/Linear layers
+  minus the map's, from the same per-layer tables as channel pruning
+  (`edgerep.prune._latency`); blocks whose relative output error on the
+  calibration data is within ``max_error`` and whose saving is positive are taken
+  by saving per unit of error, up to ``max_blocks``.
+
+The replaced model is a GraphModule; the map is affine, so `edgerep.fold` merges
+it into an affine neighbour when there is one (`merge_affine`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from edgerep.errors import ConfigError, UnsupportedError
+from edgerep.prune._latency import LayerShape, layer_shapes
+
+__all__ = [
+    "Block",
+    "DepthResult",
+    "depth_prune",
+    "find_blocks",
+    "fit_blocks",
+    "replace_blocks",
+    "to_graph",
+]
+
+_ADDS = (operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One residual block of the traced graph.
+
+    Attributes:
+        output: the fx name of the ``add`` node (the block's output); its key in plans.
+        input: the fx name of ``x``.
+        nodes: fx names of the branch's nodes (``add`` included, ``x`` not).
+        layers: qualified names of the Conv/Linear modules the branch calls.
+        channels: size of the channel dim the map acts on.
+        map_kind: ``conv2d`` (a 1x1 conv, NCHW) or ``linear`` (on the last dim).
+        shape: the shape of ``x`` at the example inputs.
+    """
+
+    output: str
+    input: str
+    nodes: tuple[str, ...]
+    layers: tuple[str, ...]
+    channels: int
+    map_kind: str
+    shape: tuple[int, ...]
+
+    @property
+    def module_name(self) -> str:
+        return f"depth_{self.output}"
+
+
+@dataclass(frozen=True)
+class DepthResult:
+    """What depth pruning decided for one block.
+
+    Attributes:
+        block: the block's output node (``add_3``).
+        layers: the Conv/Linear layers it holds.
+        map_kind: the map that replaces it.
+        saved_ms: table latency of its layers minus the map's (ms, on the backend;
+            in the unit of the injected cost otherwise).
+        rel_error: ||map(x) - block(x)|| / ||block(x)|| on the calibration data (the
+            map fitted on the original model's activations).
+        removal_error: the same for plain removal (identity map).
+        replaced: whether the block was replaced.
+        reason: why not, or "".
+        condition: condition number of the regularized normal matrix.
+        final_rel_error: the error after the sequential fit (inputs from the model
+            with the earlier blocks replaced), for replaced blocks.
+    """
+
+    block: str
+    layers: tuple[str, ...]
+    map_kind: str
+    saved_ms: float
+    rel_error: float
+    removal_error: float
+    replaced: bool
+    reason: str = ""
+    condition: float | None = None
+    final_rel_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def to_graph(model: nn.Module) -> fx.GraphModule:
+    """`model` itself when it is a GraphModule, else its torch.fx symbolic trace.
+
+    Raises:
+        UnsupportedError: the model cannot be traced (data-dependent control flow).
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # torch.fx raises many types for untraceable code
+        raise UnsupportedError(
+            f"depth pruning needs a torch.fx-traceable model to find residual blocks; tracing "
+            f"{type(model).__name__} failed: {type(e).__name__}: {e}. Fold it first "
+            "(edgerep fold returns a traced graph) or drop 'depth' from the methods"
+        ) from e
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADDS:
+        return len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2
+
+
+def _branch(x: fx.Node, b: fx.Node) -> set[fx.Node] | None:
+    """Nodes computing `b` from `x` (and parameters only), or None when `b` reads anything else."""
+    seen: set[fx.Node] = set()
+    stack = [b]
+    while stack:
+        n = stack.pop()
+        if n is x or n in seen:
+            continue
+        if n.op == "placeholder":
+            return None
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen if seen else None
+
+
+def _shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                shapes[n.name] = tuple(out.shape)
+            return out
+
+    with torch.no_grad():
+        _Rec(gm).run(*[t[:1] for t in inputs])
+    return shapes
+
+
+def find_blocks(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> list[Block]:
+    """Every residual block of `gm` (see the module doc), in graph order."""
+    shapes = _shapes(gm, inputs)
+    modules = dict(gm.named_modules())
+    blocks: list[Block] = []
+    for node in gm.graph.nodes:
+        if not _is_add(node):
+            continue
+        a, b = node.args
+        for x, br in ((a, b), (b, a)):
+            if not isinstance(x, fx.Node) or not isinstance(br, fx.Node):
+                continue
+            if shapes.get(x.name) is None or shapes.get(x.name) != shapes.get(node.name):
+                continue
+            body = _branch(x, br)
+            if body is None:
+                continue
+            # nothing computed in the branch may be read outside it
+            if any(u not in body and u is not node for n in body for u in n.users):
+                continue
+            called = [modules[str(n.target)] for n in body if n.op == "call_module"]
+            if not any(isinstance(m, (*_CONVS, nn.Linear)) for m in called) and not any(
+                n.op == "get_attr" for n in body
+            ):
+                continue  # a parameter-free branch (x + relu(x)) is not a block worth a map
+            conv = next((m for m in called if isinstance(m, _CONVS)), None)
+            shape = shapes[x.name]
+            if conv is not None:
+                if len(shape) != 4:
+                    continue  # 1x1 maps are timed as Conv2d only
+                kind, channels = "conv2d", shape[1]
+            else:
+                kind, channels = "linear", shape[-1]
+            layers = tuple(
+                sorted(
+                    str(n.target)
+                    for n in body
+                    if n.op == "call_module"
+                    and isinstance(modules[str(n.target)], (*_CONVS, nn.Linear))
+                )
+            )
+            blocks.append(
+                Block(
+                    node.name,
+                    x.name,
+                    tuple(sorted(n.name for n in body | {node})),
+                    layers,
+                    int(channels),
+                    kind,
+                    shape,
+                )
+            )
+            break
+    return blocks
+
+
+def _new_map(block: Block, dtype: torch.dtype) -> nn.Module:
+    c = block.channels
+    m: nn.Linear | nn.Conv2d = nn.Linear(c, c) if block.map_kind == "linear" else nn.Conv2d(c, c, 1)
+    with torch.no_grad():
+        w = m.weight
+        w.zero_()
+        w.view(c, c)[:] = torch.eye(c)
+        assert m.bias is not None
+        m.bias.zero_()
+    return m.to(dtype)
+
+
+def replace_blocks(gm: fx.GraphModule, blocks: Sequence[Block]) -> fx.GraphModule:
+    """A copy of `gm` with each block replaced by an identity-initialised map of its input.
+
+    Raises:
+        ConfigError: a block the graph does not have (another model or tracing).
+    """
+    out = copy.deepcopy(gm)
+    nodes = {n.name: n for n in out.graph.nodes}
+    dtype = next((p.dtype for p in out.parameters()), torch.float32)
+    for block in blocks:
+        add, x = nodes.get(block.output), nodes.get(block.input)
+        if add is None or x is None or not _is_add(add) or x not in add.args:
+            raise ConfigError(
+                f"the model has no residual block {block.output!r} reading {block.input!r}; "
+                "apply a depth plan to the model (traced the same way) it was made from"
+            )
+        out.add_submodule(block.module_name, _new_map(block, dtype))
+        with out.graph.inserting_before(add):
+            new = out.graph.call_module(block.module_name, (x,))
+        add.replace_all_uses_with(new)
+        nodes[block.output] = new  # a later block may read this block's output
+        out.graph.eliminate_dead_code()
+    out.graph.lint()
+    out.recompile()
+    out.delete_all_unused_submodules()
+    return out
+
+
+class _Capture(fx.Interpreter):
+    """Runs a graph, keeping the values of some nodes."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = out.detach()
+        return out
+
+
+def _capture(
+    gm: fx.GraphModule, names: set[str], inputs: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    cap = _Capture(gm, names)
+    with torch.no_grad():
+        cap.run(*inputs)
+    missing = names - set(cap.values)
+    if missing:
+        raise ConfigError(f"nodes {sorted(missing)} did not run on the calibration inputs")
+    return cap.values
+
+
+def _rows(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """(samples, channels): channels first for conv maps, last for linear ones."""
+    if kind == "linear":
+        return t.reshape(-1, t.shape[-1])
+    return t.transpose(0, 1).reshape(t.shape[1], -1).T
+
+
+def solve_map(
+    x: torch.Tensor, y: torch.Tensor, kind: str, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(W (C, C) acting as ``y = W x + b``, b, condition) by identity-regularised ridge LS."""
+    xr, yr = _rows(x.double(), kind), _rows(y.double(), kind)
+    c = xr.shape[1]
+    a = torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=torch.float64)], 1)
+    gram = a.T @ a
+    lam = ridge * float(torch.trace(gram[:c, :c])) / max(c, 1)
+    penalty = torch.full((c + 1,), lam, dtype=torch.float64)
+    penalty[-1] = 0.0
+    prior = torch.zeros(c + 1, c, dtype=torch.float64)
+    prior[:c] = torch.eye(c, dtype=torch.float64)
+    lhs = gram + torch.diag(penalty)
+    sol = torch.linalg.solve(lhs, a.T @ yr + penalty[:, None] * prior)
+    return sol[:c].T.contiguous(), sol[c].clone(), float(torch.linalg.cond(lhs))
+
+
+def _rel(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return float((pred - y).norm() / y.norm().clamp_min(1e-300))
+
+
+def _apply_map(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "linear":
+        return x @ w.T + b
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.einsum("oc,nc...->no...", w, x) + b.reshape(shape)
+
+
+def _set_map(module: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
+    weight = module.weight
+    bias = module.bias
+    assert isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+    with torch.no_grad():
+        weight.copy_(w.reshape(weight.shape).to(weight.dtype))
+        bias.copy_(b.to(bias.dtype))
+
+
+def fit_blocks(
+    original: fx.GraphModule,
+    replaced: fx.GraphModule,
+    blocks: Sequence[Block],
+    calib: Sequence[torch.Tensor],
+    *,
+    ridge: float,
+) -> tuple[fx.GraphModule, list[tuple[float, float]]]:
+    """A copy of `replaced` whose maps are fitted in execution order (see the module doc).
+
+    Returns:
+        ``(model, [(rel_error, condition) per block])``.
+    """
+    dtype = next((p.dtype for p in replaced.parameters()), torch.float32)
+    work = copy.deepcopy(replaced).double()
+    ref = copy.deepcopy(original).double()
+    x64 = [t.double() for t in calib]
+    targets = _capture(ref, {b.output for b in blocks}, x64)
+    map_nodes = {
+        str(n.target): (i, n) for i, n in enumerate(work.graph.nodes) if n.op == "call_module"
+    }
+    stats: dict[str, tuple[float, float]] = {}
+    for block in sorted(blocks, key=lambda b: map_nodes[b.module_name][0]):
+        # the input of this map in the model with the earlier maps fitted: the map node's arg
+        arg = map_nodes[block.module_name][1].args[0]
+        assert isinstance(arg, fx.Node)
+        x = _capture(work, {arg.name}, x64)[arg.name]
+        y = targets[block.output]
+        w, b, cond = solve_map(x, y, block.map_kind, ridge)
+        _set_map(work.get_submodule(block.module_name), w, b)
+        stats[block.output] = (_rel(_apply_map(x, w, b, block.map_kind), y), cond)
+    return work.to(dtype), [stats[b.output] for b in blocks]
+
+
+def _map_shapes(block: Block) -> list[LayerShape]:
+    c = block.channels
+    if block.map_kind == "linear":
+        rows = math.prod(block.shape[1:-1]) if len(block.shape) > 2 else 1
+        return [LayerShape("Linear", (rows,), c, c)]
+    return [LayerShape("Conv2d", (1, *block.shape[2:]), c, c, (1, 1), (1, 1), (0, 0), (1, 1))]
+
+
+def depth_prune(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    calib: Sequence[torch.Tensor] | None,
+    cost: Callable[[Sequence[LayerShape]], list[float]],
+    *,
+    max_blocks: int | None = None,
+    max_error: float = 0.1,
+    ridge: float = 1e-4,
+    latency_inputs: Sequence[torch.Tensor] | None = None,
+) -> tuple[nn.Module, list[Block], list[DepthResult]]:
+    """Replace the residual blocks that save the most latency per error (see the module doc).
+
+    Args:
+        model: the (folded) model; not modified.
+        inputs: example inputs.
+        calib: calibration inputs (required).
+        cost: layer shapes -> cost each (measured ms on the backend, or injected).
+        max_blocks: at most this many blocks (None: every block within `max_error`).
+        max_error: largest relative output error of a replaced block.
+        ridge: the identity-regularisation factor.
+        latency_inputs: the inputs the latency is counted at (default `inputs`).
+
+    Returns:
+        ``(model, blocks replaced, one row per block found)``.
+
+    Raises:
+        ConfigError: no calibration data, bad options, or no residual block.
+        UnsupportedError: the model cannot be traced.
+    """
+    if calib is None:
+        raise ConfigError(
+            "depth pruning fits each replaced block's linear map on calibration data: pass "
+            "calib= (CLI --calib DATA) or drop 'depth' from the methods"
+        )
+    if max_blocks is not None and max_blocks < 1:
+        raise ConfigError(f"max depth blocks must be >= 1; got {max_blocks}")
+    if max_error <= 0:
+        raise ConfigError(f"depth max_error must be > 0; got {max_error}")
+    gm = to_graph(copy.deepcopy(model).eval())
+    blocks = find_blocks(gm, inputs)
+    if not blocks:
+        raise ConfigError(
+            "depth pruning found no residual block (an add of x and a branch computed from x "
+            "alone, same shape) in this model; drop 'depth' from the methods"
+        )
+    lat_in = latency_inputs if latency_inputs is not None else inputs
+    lat_gm_shapes = layer_shapes(gm, lat_in)
+    lat_blocks = {b.output: b for b in find_blocks(gm, lat_in)}
+    ref = copy.deepcopy(gm).double()
+    x64 = [t.double() for t in calib]
+    values = _capture(ref, {b.output for b in blocks} | {b.input for b in blocks}, x64)
+    rows: list[DepthResult] = []
+    scored: list[tuple[float, Block]] = []
+    for block in blocks:
+        lb = lat_blocks.get(block.output, block)
+        own = [lat_gm_shapes[n] for n in block.layers if n in lat_gm_shapes]
+        costs = cost(own + _map_shapes(lb))
+        saved = float(sum(costs[:-1]) - costs[-1])
+        x, y = values[block.input], values[block.output]
+        w, b, cond = solve_map(x, y, block.map_kind, ridge)
+        err = _rel(_apply_map(x, w, b, block.map_kind), y)
+        removal = _rel(x, y)
+        reason = ""
+        if saved <= 0:
+            reason = f"the map is not faster than the block (saves {saved:.4g})"
+        elif err > max_error:
+            reason = f"relative error {err:.4f} > max {max_error}"
+        rows.append(
+            DepthResult(
+                block.output, block.layers, block.map_kind, saved, err, removal, False, reason, cond
+            )
+        )
+        if not reason:
+            scored.append((saved / max(err, 1e-12), block))
+    chosen: list[Block] = []
+    used: set[str] = set()
+    for _, block in sorted(scored, key=lambda s: -s[0]):
+        if max_blocks is not None and len(chosen) >= max_blocks:
+            break
+        if used & set(block.nodes):
+            continue
+        chosen.append(block)
+        used |= set(block.nodes)
+    position = {b.output: i for i, b in enumerate(blocks)}
+    chosen.sort(key=lambda b: position[b.output])  # graph order, as a plan re-applies them
+    replaced = replace_blocks(gm, chosen)
+    fitted, stats = fit_blocks(gm, replaced, chosen, calib, ridge=ridge)
+    final = {b.output: s for b, s in zip(chosen, stats)}
+    out_rows = []
+    for r in rows:
+        if r.block in final:
+            r = DepthResult(
+                **{**r.to_dict(), "replaced": True, "final_rel_error": final[r.block][0]}
+            )
+        elif not r.reason:
+            why = "overlaps a replaced block" if any(r.block in b.nodes for b in chosen) else ""
+            r = DepthResult(**{**r.to_dict(), "reason": why or f"beyond max_blocks={max_blocks}"})
+        out_rows.append(r)
+    return fitted, chosen, out_rows
+
+
+def blocks_to_plan(blocks: Sequence[Block]) -> list[dict[str, Any]]:
+    return [
+        {"output": b.output, "input": b.input, "map": b.map_kind, "channels": b.channels}
+        for b in blocks
+    ]
+
+
+def blocks_from_plan(
+    gm: fx.GraphModule, inputs: Sequence[torch.Tensor], entries: Sequence[Mapping[str, Any]]
+) -> list[Block]:
+    """The blocks of `gm` a plan names, checked against the plan's record.
+
+    Raises:
+        ConfigError: a block the model does not have or that differs.
+    """
+    found = {b.output: b for b in find_blocks(gm, inputs)}
+    out = []
+    for e in entries:
+        b = found.get(str(e.get("output")))
+        if (
+            b is None
+            or b.input != e.get("input")
+            or b.map_kind != e.get("map")
+            or b.channels != int(e.get("channels", -1))
+        ):
+            raise ConfigError(
+                f"the plan replaces residual block {e.get('output')!r} ({e.get('map')}, "
+                f"{e.get('channels')} channels) which this model does not have; blocks: "
+                f"{', '.join(found) or 'none'}"
+            )
+        out.append(b)
+    return out
