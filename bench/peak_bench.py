@@ -6,7 +6,7 @@ at bf16 / f16 (OpenVINO's CPU plugin with that inference precision hint), with t
 threads given (default 1, as the demo and the recorded benches). A precision the CPU
 does not compute natively is recorded with the reason instead of a figure.
 
-Run alone (`/work/notes/run-timed`-style exclusive lock on a shared machine):
+Run alone (nothing else using the cores):
 
     python bench/peak_bench.py [--threads 1] [--rounds 5] [--out bench/results/peak_bench.json]
 """
