@@ -3,14 +3,12 @@ gather, padding, tiling, shape, fill, range and friends."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from edgerep.errors import UnsupportedError
 from edgerep.runtimes._mil._registry import IOS16, IOS17, OpContext, kernel
 
-__all__: list[str] = []
+__all__ = ["slice_index"]
 
 
 @kernel("reshape")
@@ -106,10 +104,8 @@ def _split(ctx: OpContext) -> tuple[np.ndarray, ...]:
     return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
 
 
-@kernel("slice_by_index")
-def _slice_by_index(ctx: OpContext) -> np.ndarray:
-    x = ctx.x()
-    rank = x.ndim
+def slice_index(ctx: OpContext, rank: int) -> tuple[int | slice, ...]:
+    """The numpy index of a ``slice_by_index``/``slice_update`` op on a tensor of `rank`."""
     begin = [int(b) for b in ctx.val("begin")]
     end = [int(e) for e in ctx.val("end")]
     stride = [int(s) for s in ctx.val("stride", [1] * rank)]
@@ -124,7 +120,28 @@ def _slice_by_index(ctx: OpContext) -> np.ndarray:
         b = None if begin_mask[i] else begin[i]
         e = None if end_mask[i] else end[i]
         index.append(slice(b, e, stride[i]))
-    return np.asarray(x[tuple(index)])
+    return tuple(index)
+
+
+@kernel("slice_by_index")
+def _slice_by_index(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    return np.asarray(x[slice_index(ctx, x.ndim)])
+
+
+@kernel("slice_update")
+def _slice_update(ctx: OpContext) -> np.ndarray:
+    x = ctx.x().copy()
+    index = slice_index(ctx, x.ndim)
+    update = ctx.x("update")
+    target_shape = x[index].shape
+    if int(np.prod(update.shape)) != int(np.prod(target_shape)):
+        raise UnsupportedError(
+            f"slice_update {ctx.name!r}: update of shape {update.shape} does not fill the "
+            f"slice of shape {target_shape}"
+        )
+    x[index] = update.reshape(target_shape)
+    return x
 
 
 @kernel("slice_by_size")
@@ -170,34 +187,6 @@ def _gather_along_axis(ctx: OpContext) -> np.ndarray:
     indices = ctx.x("indices").astype(np.int64)
     indices = np.where(indices < 0, indices + x.shape[axis], indices)
     return np.take_along_axis(x, indices, axis=axis)
-
-
-@kernel("gather_nd")
-def _gather_nd(ctx: OpContext) -> np.ndarray:
-    x = ctx.x()
-    indices = ctx.x("indices").astype(np.int64)
-    if ctx.val("batch_dims", 0):
-        raise UnsupportedError(f"gather_nd {ctx.name!r}: batch_dims > 0 is not evaluable yet")
-    k = indices.shape[-1]
-    return x[tuple(np.moveaxis(indices, -1, 0))] if k else x
-
-
-@kernel("scatter_along_axis")
-def _scatter_along_axis(ctx: OpContext) -> np.ndarray:
-    x = ctx.x("data").copy()
-    axis = int(ctx.val("axis", 0))
-    indices = ctx.x("indices").astype(np.int64)
-    updates = ctx.x("updates")
-    mode = ctx.val("mode", "add")
-    if mode == "update":
-        np.put_along_axis(x, indices, updates, axis=axis)
-        return x
-    if mode != "add":
-        raise UnsupportedError(f"scatter_along_axis {ctx.name!r}: mode {mode!r} not evaluable yet")
-    idx: list[Any] = list(np.indices(indices.shape, sparse=True))
-    idx[axis] = indices
-    np.add.at(x, tuple(idx), updates)
-    return x
 
 
 @kernel("pad")
