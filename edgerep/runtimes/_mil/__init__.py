@@ -11,6 +11,7 @@ from edgerep.runtimes._mil import (  # noqa: F401  (registration)
     ops_control,
     ops_elementwise,
     ops_nn,
+    ops_recurrent,
     ops_scatter,
     ops_tensor,
 )

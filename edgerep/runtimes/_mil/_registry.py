@@ -55,20 +55,28 @@ class EvaluationError(UnsupportedError):
 
 class TensorList:
     """A MIL list value (``make_list``/``list_write``...): immutable, each write makes a
-    new list. Unwritten slots are None.
+    new list. Unwritten slots are None and read as zeros (as Core ML's lists start).
 
     Attributes:
         items: the elements (numpy arrays, or None where never written).
         dynamic: whether writes past the end grow the list.
         dtype: the element dtype the program declares (a numpy dtype).
+        elem_shape: the element shape, None where ``make_list`` left it symbolic.
     """
 
-    __slots__ = ("dtype", "dynamic", "items")
+    __slots__ = ("dtype", "dynamic", "elem_shape", "items")
 
-    def __init__(self, items: Sequence[Any], dynamic: bool, dtype: Any) -> None:
+    def __init__(
+        self,
+        items: Sequence[Any],
+        dynamic: bool,
+        dtype: Any,
+        elem_shape: tuple[int, ...] | None = None,
+    ) -> None:
         self.items = tuple(items)
         self.dynamic = dynamic
         self.dtype = dtype
+        self.elem_shape = elem_shape
 
     def __len__(self) -> int:
         return len(self.items)

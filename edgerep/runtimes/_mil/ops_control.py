@@ -75,9 +75,12 @@ def _index(ctx: OpContext, i: Any, length: int, *, write: bool, dynamic: bool) -
 def _element(ctx: OpContext, ls: TensorList, i: int) -> np.ndarray:
     item = ls.items[i]
     if item is None:
-        raise UnsupportedError(
-            f"{ctx.op_type} {ctx.name!r}: element {i} of the list was never written"
-        )
+        if ls.elem_shape is None:
+            raise UnsupportedError(
+                f"{ctx.op_type} {ctx.name!r}: element {i} of the list was never written and "
+                "the list's element shape is symbolic"
+            )
+        return np.zeros(ls.elem_shape, ls.dtype)
     return np.asarray(item)
 
 
@@ -87,14 +90,24 @@ def _written(ls: TensorList, updates: dict[int, np.ndarray]) -> TensorList:
         items += [None] * max(0, max(updates) + 1 - len(items))
     for i, v in updates.items():
         items[i] = np.asarray(v).astype(ls.dtype) if ls.dtype.kind in "iub" else np.asarray(v)
-    return TensorList(items, ls.dynamic, ls.dtype)
+    return TensorList(items, ls.dynamic, ls.dtype, ls.elem_shape)
 
 
 @kernel("make_list")
 def _make_list(ctx: OpContext) -> TensorList:
     dtype = np.dtype(_LIST_DTYPES[str(ctx.val("dtype", "fp32"))])
     length = int(ctx.val("init_length", 1))
-    return TensorList([None] * length, bool(ctx.val("dynamic_length", True)), dtype)
+    dims = (
+        [np.asarray(d).reshape(-1) for d in ctx.raw("elem_shape")] if ctx.has("elem_shape") else []
+    )
+    shape = [d.item() for d in dims if d.size == 1]
+    known = (
+        len(shape) == len(dims)
+        and ctx.has("elem_shape")
+        and all(isinstance(d, (int, np.integer)) for d in shape)
+    )
+    elem_shape = tuple(int(d) for d in shape) if known else None
+    return TensorList([None] * length, bool(ctx.val("dynamic_length", True)), dtype, elem_shape)
 
 
 @kernel("list_length")

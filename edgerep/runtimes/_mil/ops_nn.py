@@ -14,7 +14,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from edgerep.errors import UnsupportedError
-from edgerep.runtimes._mil._registry import IOS16, OpContext, kernel, spatial_pads
+from edgerep.runtimes._mil._registry import IOS16, IOS17, OpContext, kernel, spatial_pads
 
 __all__: list[str] = []
 
@@ -387,26 +387,82 @@ def _upsample_bilinear_16(ctx: OpContext) -> np.ndarray:
     return _bilinear(x, oh, ow, mode)
 
 
-_SAMPLING = {
-    "STRICT_ALIGN_CORNERS": "align_corners",
-    "ALIGN_CORNERS": "align_corners",
-    "DEFAULT": "asymmetric",
-    "UNALIGN_CORNERS": "half_pixel",
-}
+_SAMPLING_MODES = (
+    "STRICT_ALIGN_CORNERS",
+    "ALIGN_CORNERS",
+    "DEFAULT",
+    "OFFSET_CORNERS",
+    "UNALIGN_CORNERS",
+)
+
+
+def _sampling_grid(size_in: int, size_out: int, mode: str) -> np.ndarray:
+    """Input coordinates of the output pixels for a ``sampling_mode`` of ``resize_bilinear``
+    and iOS17 ``resize``, as the op spec's Notes give them (clamped to the input)."""
+    i = np.arange(size_out, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
+        if size_out == 1:
+            g = np.full(1, (size_in - 1) / 2.0 if mode == "ALIGN_CORNERS" else 0.0)
+        else:
+            g = i * ((size_in - 1) / (size_out - 1))
+    elif mode == "DEFAULT":
+        g = i * (size_in / size_out)
+    elif mode == "OFFSET_CORNERS":
+        delta = max(1, size_in - 1) / size_out
+        g = 0.5 * delta + i * delta
+    else:  # UNALIGN_CORNERS
+        g = (i + 0.5) * (size_in / size_out) - 0.5
+    return np.clip(g, 0, size_in - 1)
+
+
+def _sampling(ctx: OpContext) -> str:
+    sampling = str(ctx.val("sampling_mode", "DEFAULT"))
+    if sampling not in _SAMPLING_MODES:
+        raise UnsupportedError(
+            f"{ctx.op_type} {ctx.name!r}: sampling_mode {sampling!r} is not evaluable; "
+            f"the reference evaluator knows {', '.join(_SAMPLING_MODES)}"
+        )
+    return sampling
 
 
 @kernel("resize_bilinear")
 def _resize_bilinear(ctx: OpContext) -> np.ndarray:
     x = ctx.x()
-    sampling = ctx.val("sampling_mode", "DEFAULT")
-    if sampling not in _SAMPLING:
-        raise UnsupportedError(
-            f"resize_bilinear {ctx.name!r}: sampling_mode {sampling!r} is not evaluable; "
-            f"the reference evaluator knows {', '.join(_SAMPLING)}"
-        )
+    sampling = _sampling(ctx)
     oh = int(ctx.val("target_size_height", x.shape[-2]))
     ow = int(ctx.val("target_size_width", x.shape[-1]))
-    return _bilinear(x, oh, ow, _SAMPLING[sampling])
+    y = _interp(x, x.ndim - 2, _sampling_grid(x.shape[-2], oh, sampling))
+    return _interp(y, x.ndim - 1, _sampling_grid(x.shape[-1], ow, sampling))
+
+
+@kernel("resize", since=IOS17)
+def _resize_17(ctx: OpContext) -> np.ndarray:
+    # the last `resized_dims` dims take their sizes from the tail of `shape` (0: keep x's)
+    x = ctx.x()
+    shape = [int(s) for s in np.asarray(ctx.raw("shape")).reshape(-1)]
+    k = int(ctx.val("resized_dims"))
+    if not 0 <= k <= min(len(shape), x.ndim):
+        raise UnsupportedError(
+            f"resize {ctx.name!r}: resized_dims {k} with a shape of {len(shape)} on rank {x.ndim}"
+        )
+    mode = str(ctx.val("interpolation_mode", "LINEAR"))
+    sampling = _sampling(ctx)
+    y = x
+    for j in range(k):
+        axis = x.ndim - k + j
+        size_out = shape[len(shape) - k + j] or x.shape[axis]
+        size_in = x.shape[axis]
+        if mode == "LINEAR":
+            y = _interp(y, axis, _sampling_grid(size_in, size_out, sampling))
+        elif mode == "NEAREST_NEIGHBOR" and sampling == "DEFAULT":
+            index = np.floor(np.arange(size_out) * (size_in / size_out)).astype(np.int64)
+            y = np.take(y, np.minimum(index, size_in - 1), axis=axis)
+        else:
+            raise UnsupportedError(
+                f"resize {ctx.name!r}: interpolation_mode {mode!r} with sampling_mode "
+                f"{sampling!r} is not evaluable"
+            )
+    return y
 
 
 def _nearest(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
