@@ -190,17 +190,19 @@ def test_rnn_matches_torch():
 
 
 def _one_op(build, opset, **feeds):
+    """Evaluate `build` over the named float64-compared inputs `feeds` (1 to 3 of them)."""
+    from coremltools.converters.mil.mil import types
+
     specs = [
-        mb.TensorSpec(
-            shape=v.shape, dtype=ct.converters.mil.mil.types.numpy_type_to_builtin_type(v.dtype)
-        )
+        mb.TensorSpec(shape=v.shape, dtype=types.numpy_type_to_builtin_type(v.dtype))
         for v in feeds.values()
     ]
-
-    @mb.program(input_specs=specs, opset_version=opset)
-    def prog(*args):
-        return build(*args)
-
+    arity = {
+        1: lambda a: build(a),
+        2: lambda a, b: build(a, b),
+        3: lambda a, b, c: build(a, b, c),
+    }[len(feeds)]
+    prog = mb.program(input_specs=specs, opset_version=opset)(arity)
     names = list(prog.functions["main"].inputs)
     return Evaluator(prog, precision="float64").run(dict(zip(names, feeds.values())))
 
@@ -295,7 +297,7 @@ def test_slice_update_and_resize_17():
     u = RNG.standard_normal((2, 2)).astype(np.float32)
     (got,) = _one_op(
         lambda x, u: mb.slice_update(x=x, update=u, begin=[0, 1], end=[3, 5], stride=[2, 2]),
-        ct.target.iOS17,
+        ct.target.iOS18,
         x=x,
         u=u,
     ).values()
@@ -308,7 +310,7 @@ def test_slice_update_and_resize_17():
         lambda x: mb.resize(
             x=x,
             shape=np.array([5], np.int32),
-            resized_dims=1,
+            resized_dims=np.uint32(1),
             interpolation_mode="LINEAR",
             sampling_mode="DEFAULT",
         ),
@@ -322,7 +324,7 @@ def test_slice_update_and_resize_17():
         lambda x: mb.resize(
             x=x,
             shape=np.array([7, 9], np.int32),
-            resized_dims=2,
+            resized_dims=np.uint32(2),
             interpolation_mode="LINEAR",
             sampling_mode="ALIGN_CORNERS",
         ),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgerep.errors import UnsupportedError
-from edgerep.runtimes._mil._registry import IOS16, IOS17, OpContext, kernel
+from edgerep.runtimes._mil._registry import IOS16, IOS17, IOS18, OpContext, kernel
 
 __all__ = ["slice_index"]
 
@@ -129,7 +129,7 @@ def _slice_by_index(ctx: OpContext) -> np.ndarray:
     return np.asarray(x[slice_index(ctx, x.ndim)])
 
 
-@kernel("slice_update")
+@kernel("slice_update", since=IOS18)
 def _slice_update(ctx: OpContext) -> np.ndarray:
     x = ctx.x().copy()
     index = slice_index(ctx, x.ndim)
