@@ -16,12 +16,10 @@ Run from the repository root::
 
 MODULE defaults to every module under the installed tests (``iOS17.test_activation``
 style names). Writes ``bench/results/coreml_optests.json``: passed / failed /
-explained / unsupported / skipped per module, the failures' first lines, and per
-module when and at what ``loadavg`` it ran. ``--update`` keeps the other modules'
-records already in the file (a module run again replaces its own).
-
-*explained*: a failure listed in `EXPLAINED` with its evidence (e.g. a test that
-asserts undefined behaviour); never counted as passed.
+unsupported / skipped per module, the failures' first lines, what was unsupported
+(the op without a kernel, or the case a kernel declines and why) and per module when
+and at what ``loadavg`` it ran. ``--update`` keeps the other modules' records already
+in the file (a module run again replaces its own).
 """
 
 from __future__ import annotations
@@ -86,6 +84,10 @@ def reference_compare_backend(
         # the program fails on this input where the framework's predict fails too: raise
         # what MLModel.predict raises, so the tests' pytest.raises see the same error
         raise RuntimeError(f"Unable to compute the prediction using ML Program: {e}") from e
+    except UnsupportedError as e:
+        # a kernel declines this case (a mode it does not evaluate, behaviour the op spec
+        # leaves undefined): unsupported, with the op and the reason named, never passed
+        pytest.skip(f"unsupported: case {e}")
     if expected_outputs is None:
         return pred
     if dtype == "fp16":
@@ -120,35 +122,12 @@ def _make_state(self: Any) -> _ReferenceState:
     return _ReferenceState()
 
 
-#: failures that are understood, each with its evidence: (module, substring of the
-#: test id, why). They are counted as "explained", never as passed.
-EXPLAINED: list[tuple[str, str, str]] = [
-    (
-        "iOS17/test_scatter_gather.py",
-        "TestScatter::test_ios17_invalid_indices",
-        "validate_indices=False with an index out of bounds: the iOS17 scatter spec says the "
-        "result is 'undefined but memory safe'; the test asserts (pytest.raises("
-        "AssertionError)) that the framework returns something other than the in-bounds "
-        "expectation. The evaluator refuses to make up a value for undefined behaviour "
-        "(UnsupportedError naming the op and index), so the test's AssertionError never comes.",
-    ),
-]
-
-
-def _explanation(module: str, case: str) -> str | None:
-    for mod, needle, why in EXPLAINED:
-        if mod == module and needle in case and "validate_indices=False" in case:
-            return why
-    return None
-
-
 class _Plugin:
     """Patches compare_backend and tallies outcomes per module."""
 
     def __init__(self) -> None:
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.failures: dict[str, list[str]] = defaultdict(list)
-        self.explained: dict[str, list[str]] = defaultdict(list)
         self.unsupported: dict[str, Counter] = defaultdict(Counter)
         self.seconds: dict[str, float] = {}
 
@@ -167,7 +146,11 @@ class _Plugin:
         case = report.nodeid.split("::", 1)[-1]
         if report.skipped:
             reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
-            if "unsupported:" in reason:
+            if "unsupported: case " in reason:  # declined at run time, reason named
+                self.counts[module]["unsupported"] += 1
+                why = reason.split("unsupported: case ", 1)[1]
+                self.unsupported[module][f"case: {why[:200]}"] += 1
+            elif "unsupported:" in reason:
                 self.counts[module]["unsupported"] += 1
                 op = reason.split("op(s) ")[-1].split(";")[0]
                 self.unsupported[module][op] += 1
@@ -176,13 +159,8 @@ class _Plugin:
         elif report.failed:
             lines = str(report.longrepr).strip().splitlines()
             errors = [ln[1:].strip() for ln in lines if ln.startswith("E ")] or lines[-1:]
-            first = f"{case}: {' | '.join(errors[:3])[:300]}"
-            if _explanation(module, case) is not None:
-                self.counts[module]["explained"] += 1
-                self.explained[module].append(first)
-            else:
-                self.counts[module]["failed"] += 1
-                self.failures[module].append(first)
+            self.counts[module]["failed"] += 1
+            self.failures[module].append(f"{case}: {' | '.join(errors[:3])[:300]}")
         else:
             self.counts[module]["passed"] += 1
 
@@ -202,27 +180,19 @@ def _write(
     modules = dict(old.get("modules", {}))
     unsupported = dict(old.get("unsupported_ops", {}))
     failures = dict(old.get("failures", {}))
-    explained = dict(old.get("explained_failures", {}))
     runs = dict(old.get("module_runs", {}))
     for m in done:  # a module run now replaces its earlier record
         modules[m] = dict(plugin.counts.get(m, Counter()))
         unsupported.pop(m, None)
         failures.pop(m, None)
-        explained.pop(m, None)
         if plugin.unsupported.get(m):
             unsupported[m] = dict(plugin.unsupported[m].most_common())
         if plugin.failures.get(m):
             failures[m] = plugin.failures[m][:20]
-        if plugin.explained.get(m):
-            explained[m] = plugin.explained[m][:20]
         runs[m] = {**run, "seconds": plugin.seconds.get(m)}
     totals: Counter = Counter()
     for c in modules.values():
         totals.update(c)
-    reasons = {}
-    for mod, needle, why in EXPLAINED:
-        if mod in explained:
-            reasons[f"{mod}::{needle}"] = why
     result = {
         "bench": "coreml_optests",
         "what": "coremltools' MIL op unit tests, expected outputs compared through the "
@@ -236,8 +206,6 @@ def _write(
         "module_runs": dict(sorted(runs.items())),
         "unsupported_ops": dict(sorted(unsupported.items())),
         "failures": dict(sorted(failures.items())),
-        "explained_failures": dict(sorted(explained.items())),
-        "explanations": reasons,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

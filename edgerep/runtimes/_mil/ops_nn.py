@@ -455,8 +455,11 @@ def _resize_17(ctx: OpContext) -> np.ndarray:
         if mode == "LINEAR":
             y = _interp(y, axis, _sampling_grid(size_in, size_out, sampling))
         elif mode == "NEAREST_NEIGHBOR" and sampling == "DEFAULT":
-            index = np.floor(np.arange(size_out) * (size_in / size_out)).astype(np.int64)
-            y = np.take(y, np.minimum(index, size_in - 1), axis=axis)
+            # the nearest input pixel to the sampling point (coremltools' own test:
+            # [a, b] resized to 3 is [a, b, b]), unlike resize_nearest_neighbor's floor
+            grid = _sampling_grid(size_in, size_out, sampling)
+            index = np.minimum(np.floor(grid + 0.5).astype(np.int64), size_in - 1)
+            y = np.take(y, index, axis=axis)
         else:
             raise UnsupportedError(
                 f"resize {ctx.name!r}: interpolation_mode {mode!r} with sampling_mode "
@@ -499,3 +502,84 @@ def _local_response_norm(ctx: OpContext) -> np.ndarray:
     sq = np.pad(x * x, [(0, 0), (size // 2, (size - 1) // 2)] + [(0, 0)] * (x.ndim - 2))
     sums = sliding_window_view(sq, size, axis=1).sum(axis=-1)
     return x / (k + alpha / size * sums) ** beta
+
+
+# --- crop_resize ------------------------------------------------------------------------
+
+
+def _box_corners(ctx: OpContext, box: np.ndarray, h: int, w: int) -> tuple[float, ...]:
+    """(y1, x1, y2, x2) of one box in input pixel coordinates."""
+    mode = str(ctx.val("box_coordinate_mode", "CORNERS_HEIGHT_FIRST"))
+    a, b, c, d = (float(v) for v in box)
+    if mode == "CORNERS_HEIGHT_FIRST":
+        y1, x1, y2, x2 = a, b, c, d
+    elif mode == "CORNERS_WIDTH_FIRST":
+        x1, y1, x2, y2 = a, b, c, d
+    elif mode == "CENTER_SIZE_HEIGHT_FIRST":
+        y1, x1, y2, x2 = a - c / 2, b - d / 2, a + c / 2, b + d / 2
+    elif mode == "CENTER_SIZE_WIDTH_FIRST":
+        x1, y1, x2, y2 = a - c / 2, b - d / 2, a + c / 2, b + d / 2
+    else:
+        raise UnsupportedError(f"crop_resize {ctx.name!r}: box_coordinate_mode {mode!r}")
+    if ctx.val("normalized_coordinates", False):
+        y1, y2, x1, x2 = y1 * (h - 1), y2 * (h - 1), x1 * (w - 1), x2 * (w - 1)
+    scale = float(ctx.val("spatial_scale", 1.0))
+    return y1 * scale, x1 * scale, y2 * scale, x2 * scale
+
+
+def _box_grid(start: float, end: float, n: int, sampling: str) -> np.ndarray:
+    if n == 1:
+        return np.array([(start + end) / 2 if sampling == "ALIGN_CORNERS" else start])
+    return start + np.arange(n) * ((end - start) / (n - 1))
+
+
+def _crop(ctx: OpContext, image: np.ndarray, box: np.ndarray, pad: float | None) -> np.ndarray:
+    """One box of `image` (C, H, W) resampled bilinearly to the target size."""
+    sampling = _sampling(ctx)
+    if sampling not in ("ALIGN_CORNERS", "STRICT_ALIGN_CORNERS"):
+        raise UnsupportedError(
+            f"crop_resize {ctx.name!r}: sampling_mode {sampling!r} is not evaluable (only "
+            "ALIGN_CORNERS and STRICT_ALIGN_CORNERS are)"
+        )
+    h, w = image.shape[-2:]
+    y1, x1, y2, x2 = _box_corners(ctx, box, h, w)
+    ys = _box_grid(y1, y2, int(ctx.val("target_height", 1)), sampling)
+    xs = _box_grid(x1, x2, int(ctx.val("target_width", 1)), sampling)
+    out_y = (ys < 0) | (ys > h - 1)
+    out_x = (xs < 0) | (xs > w - 1)
+    if pad is None and (out_y.any() or out_x.any()):
+        raise UnsupportedError(
+            f"crop_resize {ctx.name!r}: a box samples outside the image; before iOS16 the op "
+            "has no pad_value and the evaluator does not guess the framework's border"
+        )
+    y = _interp(_interp(image, image.ndim - 2, ys), image.ndim - 1, xs)
+    if pad is not None:
+        y = np.where(out_y[:, None] | out_x[None, :], np.asarray(pad, y.dtype), y)
+    return y
+
+
+@kernel("crop_resize")
+def _crop_resize_15(ctx: OpContext) -> np.ndarray:
+    # roi (N, 1, 4|5, 1, 1): 4 numbers crop every image, 5 start with the image index;
+    # iOS16 adds pad_value for samples outside the image
+    x = ctx.x()
+    roi = ctx.x("roi").reshape(ctx.x("roi").shape[0], -1)
+    pad = float(ctx.val("pad_value", 0.0)) if ctx.opset >= IOS16 else None
+    if roi.shape[1] == 4:
+        return np.stack([np.stack([_crop(ctx, img, box, pad) for img in x]) for box in roi])
+    return np.stack([_crop(ctx, x[int(r[0])], r[1:], pad)[None] for r in roi])
+
+
+@kernel("crop_resize", since=IOS17)
+def _crop_resize_17(ctx: OpContext) -> np.ndarray:
+    # boxes (N, 4) with box_indices (N,) (default: image 0); samples outside get pad_value
+    x = ctx.x()
+    boxes = ctx.x("boxes").reshape(-1, 4)
+    if ctx.has("box_indices") and ctx.raw("box_indices") is not None:
+        indices = np.asarray(ctx.raw("box_indices")).reshape(-1).astype(np.int64)
+    else:
+        indices = np.zeros(len(boxes), np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= x.shape[0]):
+        raise UnsupportedError(f"crop_resize {ctx.name!r}: a box index is outside the batch")
+    pad = float(ctx.val("pad_value", 0.0))
+    return np.stack([_crop(ctx, x[i], box, pad) for i, box in zip(indices, boxes)])
