@@ -335,3 +335,60 @@ def test_slice_update_and_resize_17():
         torch.tensor(img, dtype=torch.float64), size=(7, 9), mode="bilinear", align_corners=True
     )
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding_mode", ["constant", "border"])
+def test_resample_matches_torch_grid_sample(align_corners, padding_mode):
+    img = RNG.standard_normal((2, 3, 5, 6)).astype(np.float32)
+    grid = RNG.uniform(-1.3, 1.3, (2, 4, 7, 2)).astype(np.float32)  # some samples outside
+    (got,) = _one_op(
+        lambda x, g: mb.resample(
+            x=x,
+            coordinates=g,
+            sampling_mode="bilinear",
+            padding_mode=padding_mode,
+            padding_value=0.0,
+            coordinates_mode="normalized_minus_one_to_one",
+            align_corners=align_corners,
+        ),
+        ct.target.iOS17,
+        x=img,
+        g=grid,
+    ).values()
+    want = torch.nn.functional.grid_sample(
+        torch.tensor(img, dtype=torch.float64),
+        torch.tensor(grid, dtype=torch.float64),
+        mode="bilinear",
+        padding_mode={"constant": "zeros", "border": "border"}[padding_mode],
+        align_corners=align_corners,
+    )
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_crop_resize_aligned_boxes_and_pad_value():
+    img = np.arange(1, 17, dtype=np.float32).reshape(1, 1, 4, 4)
+    boxes = np.array([[1, 1, 2, 2], [0.5, 2.5, 3.0, 4.5]], np.float32)  # the 2nd leaves the image
+    (got,) = _one_op(
+        lambda x: mb.crop_resize(
+            x=x,
+            boxes=boxes,
+            box_indices=np.array([0, 0], np.int32),
+            target_height=2,
+            target_width=3,
+            box_coordinate_mode="CORNERS_HEIGHT_FIRST",
+            sampling_mode="ALIGN_CORNERS",
+            pad_value=-7.0,
+        ),
+        ct.target.iOS17,
+        x=img,
+    ).values()
+
+    def bilinear(y, x):  # the image is linear in y and x: 1 + 4y + x
+        return -7.0 if not (0 <= y <= 3 and 0 <= x <= 3) else 1 + 4 * y + x
+
+    want = [
+        [[bilinear(y, x) for x in np.linspace(x1, x2, 3)] for y in np.linspace(y1, y2, 2)]
+        for y1, x1, y2, x2 in boxes.astype(np.float64)
+    ]
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-12)

@@ -572,14 +572,84 @@ def _crop_resize_15(ctx: OpContext) -> np.ndarray:
 
 @kernel("crop_resize", since=IOS17)
 def _crop_resize_17(ctx: OpContext) -> np.ndarray:
-    # boxes (N, 4) with box_indices (N,) (default: image 0); samples outside get pad_value
+    # boxes (N, 4) with box_indices (N,) (default: box i crops image i); samples outside
+    # the image get pad_value
     x = ctx.x()
     boxes = ctx.x("boxes").reshape(-1, 4)
     if ctx.has("box_indices") and ctx.raw("box_indices") is not None:
         indices = np.asarray(ctx.raw("box_indices")).reshape(-1).astype(np.int64)
     else:
-        indices = np.zeros(len(boxes), np.int64)
+        indices = np.arange(len(boxes), dtype=np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= x.shape[0]):
         raise UnsupportedError(f"crop_resize {ctx.name!r}: a box index is outside the batch")
     pad = float(ctx.val("pad_value", 0.0))
     return np.stack([_crop(ctx, x[i], box, pad) for i, box in zip(indices, boxes)])
+
+
+# --- resample (grid sampling) -----------------------------------------------------------
+
+
+def _pixel_coords(ctx: OpContext, c: np.ndarray, size: int) -> np.ndarray:
+    mode = str(ctx.val("coordinates_mode", "normalized_minus_one_to_one"))
+    if mode == "unnormalized":
+        return c
+    if mode == "normalized_zero_to_one":
+        c = 2.0 * c - 1.0
+    elif mode != "normalized_minus_one_to_one":
+        raise UnsupportedError(f"resample {ctx.name!r}: coordinates_mode {mode!r}")
+    if ctx.val("align_corners", False):
+        return (c + 1.0) / 2.0 * (size - 1)
+    return ((c + 1.0) * size - 1.0) / 2.0
+
+
+def _padded_index(ctx: OpContext, i: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index into a dim of size `n` for integer positions `i` of the padded image, and
+    a mask of the positions that read ``padding_value`` (constant mode)."""
+    mode = str(ctx.val("padding_mode", "constant"))
+    inside = (i >= 0) & (i < n)
+    if mode == "constant":
+        return np.clip(i, 0, n - 1), ~inside
+    if mode == "border":
+        return np.clip(i, 0, n - 1), np.zeros_like(inside)
+    if mode == "reflection":  # |1,2,3| -> 2,3,|1,2,3|,2,1 (the edge not repeated)
+        period = max(2 * (n - 1), 1)
+        j = np.abs(i) % period
+        return np.where(j > n - 1, period - j, j), np.zeros_like(inside)
+    if mode == "symmetric":  # |1,2,3| -> 3,2,1,|1,2,3|,3,2,1 (the edge repeated)
+        j = np.mod(i, 2 * n)
+        return np.where(j >= n, 2 * n - 1 - j, j), np.zeros_like(inside)
+    raise UnsupportedError(f"resample {ctx.name!r}: padding_mode {mode!r}")
+
+
+@kernel("resample")
+def _resample(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    coords = ctx.x("coordinates").astype(x.dtype)
+    _, _, h, w = x.shape
+    px = _pixel_coords(ctx, coords[..., 0], w)  # (B, H2, W2)
+    py = _pixel_coords(ctx, coords[..., 1], h)
+    pad = np.asarray(ctx.val("padding_value", 0.0), x.dtype)
+    batch = np.arange(x.shape[0])[:, None, None]
+
+    def fetch(iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        jy, out_y = _padded_index(ctx, iy, h)
+        jx, out_x = _padded_index(ctx, ix, w)
+        v = x[batch, :, jy, jx]  # (B, H2, W2, C)
+        return np.where((out_y | out_x)[..., None], pad, v)
+
+    sampling = str(ctx.val("sampling_mode", "bilinear"))
+    if sampling == "nearest":
+        y = fetch(np.floor(py + 0.5).astype(np.int64), np.floor(px + 0.5).astype(np.int64))
+    elif sampling == "bilinear":
+        y0, x0 = np.floor(py), np.floor(px)
+        wy, wx = (py - y0)[..., None], (px - x0)[..., None]
+        iy, ix = y0.astype(np.int64), x0.astype(np.int64)
+        y = (
+            fetch(iy, ix) * (1 - wy) * (1 - wx)
+            + fetch(iy, ix + 1) * (1 - wy) * wx
+            + fetch(iy + 1, ix) * wy * (1 - wx)
+            + fetch(iy + 1, ix + 1) * wy * wx
+        )
+    else:
+        raise UnsupportedError(f"resample {ctx.name!r}: sampling_mode {sampling!r}")
+    return np.moveaxis(y, -1, 1)
