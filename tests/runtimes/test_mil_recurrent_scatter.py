@@ -392,3 +392,39 @@ def test_crop_resize_aligned_boxes_and_pad_value():
         for y1, x1, y2, x2 in boxes.astype(np.float64)
     ]
     np.testing.assert_allclose(got[:, 0], want, rtol=1e-12)
+
+
+def test_sliding_windows_reverse_sequence_and_space_to_batch():
+    x = RNG.standard_normal((2, 9, 3)).astype(np.float32)
+    (got,) = _one_op(
+        lambda x: mb.sliding_windows(x=x, axis=1, size=4, stride=2), ct.target.iOS17, x=x
+    ).values()
+    want = torch.tensor(x, dtype=torch.float64).unfold(1, 4, 2).permute(0, 1, 3, 2)
+    np.testing.assert_array_equal(got, want.numpy())  # (2, 3 windows, 4, 3)
+    lengths = np.array([3, 0], np.int32)
+    (got,) = _one_op(
+        lambda x: mb.reverse_sequence(x=x, lengths=lengths, seq_axis=1, batch_axis=0),
+        ct.target.iOS17,
+        x=x,
+    ).values()
+    want = x.astype(np.float64).copy()
+    want[0, :3] = x[0, 2::-1]
+    np.testing.assert_array_equal(got, want)
+    # space_to_batch moves each block offset in front of the batch; batch_to_space undoes it
+    img = RNG.standard_normal((2, 3, 4, 6)).astype(np.float32)
+    (packed, back) = _one_op(
+        lambda x: (
+            mb.space_to_batch(x=x, block_shape=[2, 3], paddings=[[0, 0], [0, 0]]),
+            mb.batch_to_space(
+                x=mb.space_to_batch(x=x, block_shape=[2, 3], paddings=[[2, 0], [0, 3]]),
+                block_shape=[2, 3],
+                crops=[[2, 0], [0, 3]],
+            ),
+        ),
+        ct.target.iOS17,
+        x=img,
+    ).values()
+    assert packed.shape == (12, 3, 2, 2)
+    # offset (1, 2) of image 1 is batch (1 * 3 + 2) * 2 + 1 = 11
+    np.testing.assert_array_equal(packed[11], img[1][:, 1::2, 2::3])
+    np.testing.assert_array_equal(back, img.astype(np.float64))

@@ -3,6 +3,8 @@ gather, padding, tiling, shape, fill, range and friends."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from edgerep.errors import UnsupportedError
@@ -338,3 +340,75 @@ def _crop(ctx: OpContext) -> np.ndarray:
     left, right = (int(v) for v in ctx.val("crop_width", [0, 0]))
     h, w = x.shape[-2:]
     return x[..., top : h - bottom, left : w - right]
+
+
+@kernel("sliding_windows")
+def _sliding_windows(ctx: OpContext) -> np.ndarray:
+    # x.shape[:axis] + [windows, size] + x.shape[axis + 1:]
+    x = ctx.x()
+    axis = int(ctx.val("axis")) % x.ndim
+    size, stride = int(ctx.val("size")), int(ctx.val("stride", 1))
+    windows = np.lib.stride_tricks.sliding_window_view(x, size, axis=axis)  # size last
+    windows = np.take(windows, np.arange(0, windows.shape[axis], stride), axis=axis)
+    return np.ascontiguousarray(np.moveaxis(windows, -1, axis + 1))
+
+
+@kernel("reverse_sequence")
+def _reverse_sequence(ctx: OpContext) -> np.ndarray:
+    # along seq_axis, the first lengths[b] elements of batch b are reversed
+    x = ctx.x()
+    seq_axis = int(ctx.val("seq_axis", 0)) % x.ndim
+    batch_axis = int(ctx.val("batch_axis", 0)) % x.ndim
+    lengths = np.asarray(ctx.raw("lengths")).reshape(-1).astype(np.int64)
+    out = x.copy()
+    for b, n in enumerate(lengths):
+        if not 0 <= n <= x.shape[seq_axis]:
+            raise UnsupportedError(
+                f"reverse_sequence {ctx.name!r}: length {n} for a sequence of {x.shape[seq_axis]}"
+            )
+        src: list[Any] = [slice(None)] * x.ndim
+        src[batch_axis] = b
+        src[seq_axis] = slice(0, n)
+        dst = list(src)
+        dst[seq_axis] = slice(n - 1, None, -1) if n else slice(0, 0)
+        out[tuple(src)] = x[tuple(dst)]
+    return out
+
+
+@kernel("space_to_batch")
+def _space_to_batch(ctx: OpContext) -> np.ndarray:
+    # TensorFlow's SpaceToBatchND on (N, C, *spatial): pad, then move each block offset
+    # (row-major over the block) in front of the batch
+    x = ctx.x()
+    block = [int(b) for b in np.asarray(ctx.val("block_shape")).reshape(-1)]
+    pads = np.asarray(ctx.val("paddings"), dtype=np.int64).reshape(len(block), 2)
+    m = len(block)
+    x = np.pad(x, [(0, 0), (0, 0), *[(int(a), int(b)) for a, b in pads]])
+    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    split: list[int] = []
+    for s, b in zip(spatial, block):
+        split += [s // b, b]
+    y = x.reshape(n, c, *split)
+    order = [3 + 2 * i for i in range(m)] + [0, 1] + [2 + 2 * i for i in range(m)]
+    y = y.transpose(order)
+    return y.reshape(n * int(np.prod(block)), c, *[s // b for s, b in zip(spatial, block)])
+
+
+@kernel("batch_to_space")
+def _batch_to_space(ctx: OpContext) -> np.ndarray:
+    # the inverse: block offsets leave the batch and interleave into the spatial dims
+    x = ctx.x()
+    block = [int(b) for b in np.asarray(ctx.val("block_shape")).reshape(-1)]
+    crops = np.asarray(ctx.val("crops"), dtype=np.int64).reshape(len(block), 2)
+    m = len(block)
+    n = x.shape[0] // int(np.prod(block))
+    c, spatial = x.shape[1], x.shape[2:]
+    y = x.reshape(*block, n, c, *spatial)
+    order = [m, m + 1]
+    for i in range(m):
+        order += [m + 2 + i, i]
+    y = y.transpose(order).reshape(n, c, *[s * b for s, b in zip(spatial, block)])
+    index = [slice(None), slice(None)] + [
+        slice(int(a), y.shape[2 + i] - int(b)) for i, (a, b) in enumerate(crops)
+    ]
+    return np.ascontiguousarray(y[tuple(index)])
