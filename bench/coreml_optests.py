@@ -214,6 +214,20 @@ def _write(
     return dict(totals)
 
 
+def markdown_table(result: dict) -> str:
+    """The README's per-module table of a results JSON."""
+    cols = ("passed", "failed", "unsupported", "skipped")
+    lines = [
+        f"| module (coremltools {result['coremltools']} op tests) | {' | '.join(cols)} |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for module, counts in result["modules"].items():
+        lines.append(f"| {module} | " + " | ".join(str(counts.get(c, 0)) for c in cols) + " |")
+    totals = result["totals"]
+    lines.append("| **total** | " + " | ".join(f"**{totals.get(c, 0)}**" for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
@@ -231,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the other modules' records already in --out; replace those run now",
     )
+    parser.add_argument(
+        "--table", action="store_true", help="print the README table of --out and exit"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return 0
     os.environ["PYMIL_TEST_TARGETS"] = "mlprogram"
     root = Path(importlib.import_module(_TESTS).__file__).parent
     if args.modules:

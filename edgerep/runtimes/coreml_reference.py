@@ -50,7 +50,7 @@ _OPTIONS = ("precision", "function")
 class CoreMLReferenceSession(SessionBase):
     """An `Evaluator` behind the `Session` protocol."""
 
-    thread_safe = True  # run() keeps all state in locals
+    thread_safe = True  # run() keeps all values in locals (a stateful program: False)
 
     def __init__(self, evaluator: Any, path: Path, version: str, output_names: list[str]) -> None:
         self._evaluator: Any = evaluator
@@ -59,6 +59,8 @@ class CoreMLReferenceSession(SessionBase):
         self._input_names = list(evaluator.input_names)
         self._output_names = output_names
         self._state: dict[str, np.ndarray] = evaluator.make_state()
+        # a stateful program's runs update one shared state: they must not interleave
+        self.thread_safe = not evaluator.state_names
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Evaluate the program once.

@@ -249,6 +249,7 @@ def test_runtime_session_holds_one_state_and_resets_it(tmp_path):
     _shipped(_stateful_program(), path, target=ct.target.iOS18, precision=ct.precision.FLOAT16)
     session = CoreMLReferenceRuntime().load(path, options={"precision": "declared"})
     assert session.describe()["states"] == ["acc"]
+    assert session.thread_safe is False  # runs share one state: they must not interleave
     x = np.full((2, 3), 0.5, np.float32)
     outs = [session.run({"x": x})[0] for _ in range(3)]
     np.testing.assert_array_equal(np.stack(outs)[:, 0, 0], [1.0, 2.0, 3.0])
