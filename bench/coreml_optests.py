@@ -25,6 +25,7 @@ in the file (a module run again replaces its own).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -173,9 +174,21 @@ def _write(
     asked: list[str],
     update: bool,
 ) -> dict:
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent, os.O_RDONLY)  # runs may update the file in parallel
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _merge_and_write(out, plugin, run, done, asked, update)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _merge_and_write(
+    out: Path, plugin: _Plugin, run: dict[str, Any], done: list[str], asked: list[str], update: bool
+) -> dict:
     import coremltools
 
-    out = Path(out_path)
     old: dict[str, Any] = json.loads(out.read_text()) if update and out.exists() else {}
     modules = dict(old.get("modules", {}))
     unsupported = dict(old.get("unsupported_ops", {}))

@@ -428,3 +428,26 @@ def test_sliding_windows_reverse_sequence_and_space_to_batch():
     # offset (1, 2) of image 1 is batch (1 * 3 + 2) * 2 + 1 = 11
     np.testing.assert_array_equal(packed[11], img[1][:, 1::2, 2::3])
     np.testing.assert_array_equal(back, img.astype(np.float64))
+
+
+def test_quantize_and_dequantize_match_coremltools_constant_folding():
+    x = RNG.standard_normal((2, 3, 4)).astype(np.float32) * 3
+    scale = np.array([0.02, 0.05, 0.1], np.float32)
+    zp = np.array([3, -2, 0], np.int8)
+    folded = {}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3, 4))], opset_version=ct.target.iOS17)
+    def prog(x_in):
+        q = mb.quantize(input=x, scale=scale, zero_point=zp, axis=1, output_dtype="int8")
+        folded["q"] = q.val  # coremltools' own value_inference of the constant
+        qd = mb.quantize(input=x_in, scale=scale, zero_point=zp, axis=1, output_dtype="int8")
+        return mb.identity(x=qd, name="q"), mb.dequantize(
+            input=qd, scale=scale, zero_point=zp, axis=1, name="dq"
+        )
+
+    got = Evaluator(prog, precision="float64").run({"x_in": x})
+    np.testing.assert_array_equal(got["q"], folded["q"])
+    want = scale[None, :, None].astype(np.float64) * (
+        folded["q"].astype(np.float64) - zp[None, :, None]
+    )
+    np.testing.assert_allclose(got["dq"], want, rtol=1e-12)
