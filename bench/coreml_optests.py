@@ -16,12 +16,16 @@ Run from the repository root::
 
 MODULE defaults to every module under the installed tests (``iOS17.test_activation``
 style names). Writes ``bench/results/coreml_optests.json``: passed / failed /
-unsupported / skipped per module, the failures' first lines, and ``loadavg``.
+unsupported / skipped per module, the failures' first lines, what was unsupported
+(the op without a kernel, or the case a kernel declines and why) and per module when
+and at what ``loadavg`` it ran. ``--update`` keeps the other modules' records already
+in the file (a module run again replaces its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -53,20 +57,38 @@ def reference_compare_backend(
     from edgerep.errors import UnsupportedError
     from edgerep.runtimes._mil import Evaluator
     from edgerep.runtimes._mil._program import load_program
+    from edgerep.runtimes._mil._registry import EvaluationError
 
     if mlmodel.get_spec().WhichOneof("Type") != "mlProgram":
         pytest.skip("NeuralNetwork model: the reference evaluator reads ML Programs only")
-    if state is not None:
-        pytest.skip("stateful model: states are not evaluated yet")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.mlpackage"
-        mlmodel.save(str(path))
-        try:
-            program, _ = load_program(path)
-            ev = Evaluator(program, precision="declared" if dtype == "fp16" else "float32")
-        except UnsupportedError as e:  # no kernel, or coremltools cannot rebuild the program
-            pytest.skip(f"unsupported: {e}")
-        pred = ev.run({k: np.asarray(v) for k, v in input_key_values.items()})
+    if state is not None and not isinstance(state, _ReferenceState):
+        pytest.skip("stateful model with a framework state object")
+    ev = state.evaluator if state is not None else None
+    if ev is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.mlpackage"
+            mlmodel.save(str(path))
+            try:
+                program, _ = load_program(path)
+                ev = Evaluator(program, precision="declared" if dtype == "fp16" else "float32")
+            except UnsupportedError as e:  # no kernel, or coremltools cannot rebuild it
+                pytest.skip(f"unsupported: {e}")
+    feeds = {k: np.asarray(v) for k, v in input_key_values.items()}
+    try:
+        if state is not None:  # the same evaluator and state mapping across pred_iters
+            if state.evaluator is None:
+                state.evaluator, state.values = ev, ev.make_state()
+            pred = ev.run(feeds, state=state.values)
+        else:
+            pred = ev.run(feeds)
+    except EvaluationError as e:
+        # the program fails on this input where the framework's predict fails too: raise
+        # what MLModel.predict raises, so the tests' pytest.raises see the same error
+        raise RuntimeError(f"Unable to compute the prediction using ML Program: {e}") from e
+    except UnsupportedError as e:
+        # a kernel declines this case (a mode it does not evaluate, behaviour the op spec
+        # leaves undefined): unsupported, with the op and the reason named, never passed
+        pytest.skip(f"unsupported: case {e}")
     if expected_outputs is None:
         return pred
     if dtype == "fp16":
@@ -88,36 +110,57 @@ def reference_compare_backend(
     return pred
 
 
+class _ReferenceState:
+    """What the patched ``MLModel.make_state`` returns off macOS: the evaluator and its
+    state mapping are made at the first prediction and kept for the following ones."""
+
+    def __init__(self) -> None:
+        self.evaluator: Any = None
+        self.values: dict[str, np.ndarray] = {}
+
+
+def _make_state(self: Any) -> _ReferenceState:
+    return _ReferenceState()
+
+
 class _Plugin:
     """Patches compare_backend and tallies outcomes per module."""
 
     def __init__(self) -> None:
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.failures: dict[str, list[str]] = defaultdict(list)
-        self.unsupported: Counter = Counter()
+        self.unsupported: dict[str, Counter] = defaultdict(Counter)
+        self.seconds: dict[str, float] = {}
 
     def pytest_configure(self, config: Any) -> None:
         from coremltools.converters.mil.mil.ops.tests import testing_utils
 
         testing_utils.compare_backend = reference_compare_backend
+        import coremltools as ct
+
+        ct.models.MLModel.make_state = _make_state  # the framework's needs macOS 15
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
             return
         module = report.nodeid.split("::")[0].split("/tests/")[-1]
+        case = report.nodeid.split("::", 1)[-1]
         if report.skipped:
             reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
-            if "unsupported:" in reason:
+            if "unsupported: case " in reason:  # declined at run time, reason named
+                self.counts[module]["unsupported"] += 1
+                why = reason.split("unsupported: case ", 1)[1]
+                self.unsupported[module][f"case: {why[:200]}"] += 1
+            elif "unsupported:" in reason:
                 self.counts[module]["unsupported"] += 1
                 op = reason.split("op(s) ")[-1].split(";")[0]
-                self.unsupported[op] += 1
+                self.unsupported[module][op] += 1
             else:
                 self.counts[module]["skipped"] += 1
         elif report.failed:
-            self.counts[module]["failed"] += 1
             lines = str(report.longrepr).strip().splitlines()
             errors = [ln[1:].strip() for ln in lines if ln.startswith("E ")] or lines[-1:]
-            case = report.nodeid.split("::", 1)[-1]
+            self.counts[module]["failed"] += 1
             self.failures[module].append(f"{case}: {' | '.join(errors[:3])[:300]}")
         else:
             self.counts[module]["passed"] += 1
@@ -126,37 +169,76 @@ class _Plugin:
 def _write(
     out_path: str,
     plugin: _Plugin,
-    loadavg_before: list[str],
-    t0: float,
+    run: dict[str, Any],
     done: list[str],
     asked: list[str],
+    update: bool,
+) -> dict:
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent, os.O_RDONLY)  # runs may update the file in parallel
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _merge_and_write(out, plugin, run, done, asked, update)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _merge_and_write(
+    out: Path, plugin: _Plugin, run: dict[str, Any], done: list[str], asked: list[str], update: bool
 ) -> dict:
     import coremltools
 
+    old: dict[str, Any] = json.loads(out.read_text()) if update and out.exists() else {}
+    modules = dict(old.get("modules", {}))
+    unsupported = dict(old.get("unsupported_ops", {}))
+    failures = dict(old.get("failures", {}))
+    runs = dict(old.get("module_runs", {}))
+    for m in done:  # a module run now replaces its earlier record
+        modules[m] = dict(plugin.counts.get(m, Counter()))
+        unsupported.pop(m, None)
+        failures.pop(m, None)
+        if plugin.unsupported.get(m):
+            unsupported[m] = dict(plugin.unsupported[m].most_common())
+        if plugin.failures.get(m):
+            failures[m] = plugin.failures[m][:20]
+        runs[m] = {**run, "seconds": plugin.seconds.get(m)}
     totals: Counter = Counter()
-    for c in plugin.counts.values():
+    for c in modules.values():
         totals.update(c)
     result = {
         "bench": "coreml_optests",
         "what": "coremltools' MIL op unit tests, expected outputs compared through the "
         "coreml-reference evaluator (mlprogram backend only)",
         "coremltools": coremltools.__version__,
-        "seconds": round(time.time() - t0, 1),
-        "loadavg_before": loadavg_before,
-        "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
         "totals": dict(totals),
-        "modules_run": done,
-        "modules_not_run": [m for m in asked if m not in done],
-        "modules": {m: dict(c) for m, c in sorted(plugin.counts.items())},
-        "unsupported_ops": dict(plugin.unsupported.most_common()),
-        "failures": {m: f[:20] for m, f in sorted(plugin.failures.items())},
+        "modules_not_run": sorted(
+            (set(old.get("modules_not_run", [])) | set(asked)) - set(modules)
+        ),
+        "modules": dict(sorted(modules.items())),
+        "module_runs": dict(sorted(runs.items())),
+        "unsupported_ops": dict(sorted(unsupported.items())),
+        "failures": dict(sorted(failures.items())),
     }
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
     return dict(totals)
+
+
+def markdown_table(result: dict) -> str:
+    """The README's per-module table of a results JSON."""
+    cols = ("passed", "failed", "unsupported", "skipped")
+    lines = [
+        f"| module (coremltools {result['coremltools']} op tests) | {' | '.join(cols)} |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for module, counts in result["modules"].items():
+        lines.append(f"| {module} | " + " | ".join(str(counts.get(c, 0)) for c in cols) + " |")
+    totals = result["totals"]
+    lines.append("| **total** | " + " | ".join(f"**{totals.get(c, 0)}**" for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget-s", type=float, default=1200.0, help="start no module after this many seconds"
     )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other modules' records already in --out; replace those run now",
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="print the README table of --out and exit"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return 0
     os.environ["PYMIL_TEST_TARGETS"] = "mlprogram"
     root = Path(importlib.import_module(_TESTS).__file__).parent
     if args.modules:
@@ -179,23 +272,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         files = sorted(p for p in root.rglob("test_*.py") if p.name != "test_utils.py")
     plugin = _Plugin()
-    loadavg_before = Path("/proc/loadavg").read_text().split()[:3]
     t0 = time.time()
     done: list[str] = []
+    asked = [str(f.relative_to(root)) for f in files]
+    totals: dict = {}
     for file in files:  # one pytest run per module: results are written as they come
         if time.time() - t0 > args.budget_s:
             break
+        name = str(file.relative_to(root))
         pytest_args = [str(file), "-q", "-p", "no:cacheprovider", "-W", "ignore"]
         if args.k:
             pytest_args += ["-k", args.k]
+        run = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+            "k": args.k,
+        }
+        t_mod = time.time()
         pytest.main(pytest_args, plugins=[plugin])
-        done.append(str(file.relative_to(root)))
-        _write(
-            args.out, plugin, loadavg_before, t0, done, [str(f.relative_to(root)) for f in files]
-        )
-    totals = _write(
-        args.out, plugin, loadavg_before, t0, done, [str(f.relative_to(root)) for f in files]
-    )
+        plugin.seconds[name] = round(time.time() - t_mod, 1)
+        run["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+        done.append(name)
+        totals = _write(args.out, plugin, run, [name], asked, args.update or len(done) > 1)
     print(json.dumps({"totals": totals, "modules_done": len(done)}, indent=1))
     return 0
 

@@ -33,7 +33,9 @@ from edgerep.errors import (
 from edgerep.exporters.onnx import OnnxExporter
 from tests._models import CONV_BN
 
-MODELS = CONV_BN + """
+MODELS = (
+    CONV_BN
+    + """
 class Svd(nn.Module):
     def forward(self, x):
         return torch.linalg.svdvals(x)
@@ -41,6 +43,7 @@ class Svd(nn.Module):
 def svd():
     return Svd()
 """
+)
 
 
 @pytest.fixture
@@ -55,8 +58,6 @@ def declared(tmp_path):
     p = tmp_path / "declared.py"
     p.write_text(textwrap.dedent(MODELS) + "\nEDGEREP_INPUTS = ['x:Nx3x8x8']\n")
     return p
-
-
 
 
 def run(capsys, *argv):

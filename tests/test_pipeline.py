@@ -50,8 +50,6 @@ class TwoInputs(nn.Module):
         return self.fc(self.emb(ids)).sum(1) * scale, self.emb(ids).mean()
 
 
-
-
 @pytest.fixture(scope="module")
 def unfolded_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "bundle"

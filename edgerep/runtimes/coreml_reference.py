@@ -13,7 +13,13 @@ Devices: ``cpu``. Options:
   Core ML's GPU path computes; the Neural Engine's fp16 accumulation and its own
   transcendental approximations are *not* modelled), ``"float32"`` or ``"float64"``
   (graph semantics with every float tensor in that dtype);
-- ``function``: the function of a multi-function program (default ``"main"``).
+- ``function``: the function of a multi-function program (``save_multifunction``);
+  default: the package's default function, else ``"main"``.
+
+Stateful programs (iOS18 ``ct.StateType``): the session holds one state, zero-filled
+at load (as ``MLModel.make_state``), and every `run` reads and updates it, as
+``predict(..., state=)`` with one state object does; `reset_state` starts again from
+zeros and `state` returns a copy of the current values. State inputs are not fed.
 
 An op with no kernel makes `load` raise `UnsupportedError` naming every such op type
 at once, before anything runs.
@@ -44,7 +50,7 @@ _OPTIONS = ("precision", "function")
 class CoreMLReferenceSession(SessionBase):
     """An `Evaluator` behind the `Session` protocol."""
 
-    thread_safe = True  # run() keeps all state in locals
+    thread_safe = True  # run() keeps all values in locals (a stateful program: False)
 
     def __init__(self, evaluator: Any, path: Path, version: str, output_names: list[str]) -> None:
         self._evaluator: Any = evaluator
@@ -52,6 +58,9 @@ class CoreMLReferenceSession(SessionBase):
         self._version = version
         self._input_names = list(evaluator.input_names)
         self._output_names = output_names
+        self._state: dict[str, np.ndarray] = evaluator.make_state()
+        # a stateful program's runs update one shared state: they must not interleave
+        self.thread_safe = not evaluator.state_names
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Evaluate the program once.
@@ -78,8 +87,19 @@ class CoreMLReferenceSession(SessionBase):
                     )
                 arr = arr.astype(want)
             data[name] = arr
-        out = self._evaluator.run(data)
+        out = self._evaluator.run(data, state=self._state if self._state else None)
         return [out[n] for n in self._output_names]
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """A copy of the current state values (empty for a stateless program)."""
+        return {k: v.copy() for k, v in self._state.items()}
+
+    def reset_state(self) -> None:
+        """Start the program's states again from zeros (a new ``make_state``)."""
+        if self._evaluator is None:
+            raise ConfigError(f"the Core ML reference session for {str(self._path)!r} is closed")
+        self._state = self._evaluator.make_state()
 
     def close(self) -> None:
         """Drop the program."""
@@ -96,6 +116,7 @@ class CoreMLReferenceSession(SessionBase):
             "precision_mode": None if ev is None else ev.precision,
             "function": None if ev is None else ev.function,
             "opset": None if ev is None else ev.opset,
+            "states": [] if ev is None else list(ev.state_names),
         }
 
 
@@ -174,12 +195,16 @@ class CoreMLReferenceRuntime:
         from edgerep.runtimes._mil import Evaluator, load_program
 
         program, spec = load_program(path)
-        function = str(opts.get("function", "main"))
+        default = spec.description.defaultFunctionName or "main"
+        function = str(opts.get("function", default))
         evaluator = Evaluator(
             program, function=function, precision=str(opts.get("precision", "declared"))
         )
         described = [f.name for f in spec.description.output]
-        names = described if function == "main" and described else evaluator.output_names
+        for fn_desc in spec.description.functions:  # a multi-function package
+            if fn_desc.name == function:
+                described = [f.name for f in fn_desc.output]
+        names = described or evaluator.output_names
         if set(names) != set(evaluator.output_names):
             names = evaluator.output_names
         return CoreMLReferenceSession(evaluator, path, ct.__version__, names)

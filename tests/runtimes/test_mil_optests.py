@@ -1,8 +1,8 @@
 """A fast subset of coremltools' own MIL op unit tests through the reference evaluator.
 
 `bench/coreml_optests.py` runs them all (its JSON is committed); here a few classes
-of activation tests run in a subprocess, so a kernel regression against coremltools'
-hand-computed expected outputs fails CI.
+of activation, control-flow and iOS18 state tests run in a subprocess, so a kernel or
+evaluator regression against coremltools' hand-computed expected outputs fails CI.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ pytest.importorskip("scipy")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_coremltools_activation_tests_pass_through_the_evaluator(tmp_path):
+def test_coremltools_op_tests_pass_through_the_evaluator(tmp_path):
     out = tmp_path / "optests.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(
@@ -29,8 +29,11 @@ def test_coremltools_activation_tests_pass_through_the_evaluator(tmp_path):
             sys.executable,
             str(ROOT / "bench" / "coreml_optests.py"),
             "iOS14.test_activation",
+            "iOS14.test_control_flow",
+            "iOS18.test_states",
             "-k",
-            "TestGeLU or TestSoftmax or TestReLU6 or TestSiLU or TestELU",
+            "TestGeLU or TestSoftmax or TestReLU6 or TestSiLU or TestELU or TestCond or "
+            "TestWhileLoop or TestList or TestReadState or TestCoreMLUpdateState",
             "--out",
             str(out),
         ],
@@ -43,4 +46,9 @@ def test_coremltools_activation_tests_pass_through_the_evaluator(tmp_path):
     result = json.loads(out.read_text())
     totals = result["totals"]
     assert totals.get("failed", 0) == 0, result["failures"]
-    assert totals.get("passed", 0) >= 20, totals  # numerically compared, not skipped
+    assert totals.get("passed", 0) >= 30, totals  # numerically compared, not skipped
+    modules = result["modules"]
+    # control flow and states are evaluated, not skipped as unsupported
+    assert modules["iOS14/test_control_flow.py"].get("passed", 0) >= 5, modules
+    assert modules["iOS18/test_states.py"].get("passed", 0) >= 4, modules
+    assert "unsupported" not in modules["iOS14/test_control_flow.py"], result["unsupported_ops"]

@@ -7,15 +7,31 @@ function per MIL op type, see `kernel`), in float64, float32 or "declared" preci
 
 from __future__ import annotations
 
-from edgerep.runtimes._mil import ops_elementwise, ops_nn, ops_tensor  # noqa: F401  (registration)
+from edgerep.runtimes._mil import (  # noqa: F401  (registration)
+    ops_control,
+    ops_elementwise,
+    ops_nn,
+    ops_recurrent,
+    ops_scatter,
+    ops_tensor,
+)
 from edgerep.runtimes._mil._program import PRECISIONS, Evaluator, load_program, unsupported_ops
-from edgerep.runtimes._mil._registry import KERNELS, OpContext, kernel, lookup
+from edgerep.runtimes._mil._registry import (
+    KERNELS,
+    OpContext,
+    StateCell,
+    TensorList,
+    kernel,
+    lookup,
+)
 
 __all__ = [
     "KERNELS",
     "PRECISIONS",
     "Evaluator",
     "OpContext",
+    "StateCell",
+    "TensorList",
     "kernel",
     "load_program",
     "lookup",

@@ -18,11 +18,25 @@ Precision modes:
 ``const`` and ``constexpr_*`` ops (compressed weights: affine int8, palettized, sparse,
 blockwise) are materialized once at load time; ``constexpr_*`` values come from
 coremltools' own numpy decompression (``materialized_val_inference``).
+
+Control flow: ``cond`` and ``while_loop`` run their nested blocks (compiled once, like
+the function body; a block reads the values of the blocks around it by name, and its
+block inputs are bound on each entry). MIL lists (``make_list``, ``list_*``) are
+immutable `TensorList` values.
+
+States (iOS18, ``ct.StateType``): a state input is not fed; `Evaluator.make_state`
+returns a fresh state mapping (name -> zero-filled array of the state's shape and
+dtype, as Core ML's ``MLModel.make_state`` zero-fills), and ``run(feeds, state=...)``
+reads and updates it in place, so passing the same mapping again continues where the
+previous run left off (Core ML's ``predict(..., state=)``).
+
+Multi-function programs (``save_multifunction``): one `Evaluator` per function
+(``function=`` name); each is compiled and evaluated on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from edgerep.errors import ConfigError, UnsupportedError
-from edgerep.runtimes._mil._registry import Kernel, OpContext, lookup
+from edgerep.runtimes._mil._registry import Kernel, OpContext, StateCell, TensorList, lookup
 
 __all__ = ["PRECISIONS", "Evaluator", "load_program", "unsupported_ops"]
 
@@ -102,6 +116,22 @@ def _np_dtype(var: Any) -> Any:
         return None
 
 
+def _is_state(var: Any) -> bool:
+    from coremltools.converters.mil.mil import types
+
+    return bool(types.is_state(var.sym_type))
+
+
+def _static_shape(var: Any) -> tuple[int | None, ...] | None:
+    try:
+        shape = var.shape
+    except ValueError:  # a list var has no shape
+        return None
+    if shape is None:
+        return None
+    return tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in shape)
+
+
 @dataclass(frozen=True)
 class _Step:
     op_type: str
@@ -110,10 +140,25 @@ class _Step:
     inputs: tuple[tuple[str, str | tuple[str, ...]], ...]
     outputs: tuple[tuple[str, Any], ...]  # (name, declared numpy dtype)
     output_shapes: tuple[tuple[int | None, ...] | None, ...]
+    blocks: tuple[_Plan, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A compiled block: its block inputs (name, declared dtype), steps and outputs."""
+
+    inputs: tuple[tuple[str, Any], ...]
+    steps: tuple[_Step, ...]
+    outputs: tuple[str, ...]
 
 
 class Evaluator:
     """One function of an ML Program, ready to evaluate in one precision mode.
+
+    Attributes:
+        input_names: the inputs a run is fed (state inputs excluded).
+        state_names: the function's state inputs (iOS18), see `make_state`.
+        output_names: the function's outputs.
 
     Raises (constructor):
         ConfigError: unknown precision or function.
@@ -143,16 +188,36 @@ class Evaluator:
         self.function = function
         self.opset = int(fn.opset_version)
         self._compute = np.float64 if precision == "float64" else np.float32
-        self.input_names = list(fn.inputs)
-        self.input_dtypes = {n: _np_dtype(v) for n, v in fn.inputs.items()}
+        self.state_names = [n for n, v in fn.inputs.items() if _is_state(v)]
+        self.input_names = [n for n in fn.inputs if n not in self.state_names]
+        self.input_dtypes = {n: _np_dtype(fn.inputs[n]) for n in self.input_names}
+        self._state_specs: dict[str, tuple[tuple[int, ...], Any]] = {}
+        for n in self.state_names:
+            wrapped = fn.inputs[n].sym_type.wrapped_type()
+            from coremltools.converters.mil.mil import types
+
+            shape = tuple(int(d) for d in wrapped.get_shape())
+            self._state_specs[n] = (
+                shape,
+                np.dtype(types.nptype_from_builtin(wrapped.get_primitive())),
+            )
         self.output_names = [v.name for v in fn.outputs]
         self._consts: dict[str, Any] = {}
-        self._steps: list[_Step] = []
-        for op in fn.operations:
+        self._names = set(self.input_names) | set(self.state_names)
+        self._plan = self._compile(fn, inputs=())
+
+    # --- compiling ---------------------------------------------------------------------
+
+    def _compile(self, block: Any, inputs: tuple[tuple[str, Any], ...]) -> _Plan:
+        self._names.update(n for n, _ in inputs)
+        steps = []
+        for op in block.operations:
             if _is_load_time(op.op_type):
                 self._materialize(op)
             else:
-                self._steps.append(self._step(op))
+                steps.append(self._step(op))
+        outputs = tuple(self._source(v) for v in block.outputs)
+        return _Plan(inputs, tuple(steps), outputs)
 
     def _materialize(self, op: Any) -> None:
         if op.op_type == "const":
@@ -165,7 +230,7 @@ class Evaluator:
 
     def _step(self, op: Any) -> _Step:
         kernel = lookup(op.op_type, self.opset)
-        if kernel is None:  # unsupported_ops ran first; a nested block would land here
+        if kernel is None:  # unsupported_ops ran first
             raise UnsupportedError(f"no reference kernel for MIL op {op.op_type!r}")
         inputs: list[tuple[str, str | tuple[str, ...]]] = []
         for key, var in op.inputs.items():
@@ -173,33 +238,33 @@ class Evaluator:
                 inputs.append((key, tuple(self._source(v) for v in var)))
             else:
                 inputs.append((key, self._source(var)))
+        blocks = tuple(
+            self._compile(b, tuple((v.name, _np_dtype(v)) for v in b.inputs))
+            for b in (getattr(op, "blocks", ()) or ())
+        )
+        self._names.update(v.name for v in op.outputs)
         return _Step(
             op.op_type,
             op.outputs[0].name if op.outputs else op.name,
             kernel,
             tuple(inputs),
             tuple((v.name, _np_dtype(v)) for v in op.outputs),
-            tuple(
-                tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in v.shape)
-                if getattr(v, "shape", None) is not None
-                else None
-                for v in op.outputs
-            ),
+            tuple(_static_shape(v) for v in op.outputs),
+            blocks,
         )
 
     def _source(self, var: Any) -> str:
         """The env name of `var`; a literal the builder made without a const op is
         materialized here."""
         name = var.name
-        producer = var.op
-        if producer is None and name not in self.input_names and var.val is not None:
+        if var.op is None and name not in self._names and var.val is not None:
             self._consts[name] = self._store(var.val, _np_dtype(var))
         return name
 
     def _store(self, value: Any, declared: Any) -> Any:
         """A value as the mode keeps it: floats in the compute dtype, after rounding to
         the declared dtype in ``declared`` mode."""
-        if isinstance(value, (str, bytes)) or value is None:
+        if isinstance(value, (str, bytes, TensorList, StateCell)) or value is None:
             return value
         a = np.asarray(value)
         if declared is not None and declared.kind in "iub":
@@ -213,11 +278,31 @@ class Evaluator:
             return a.astype(declared)
         return a
 
-    def run(self, feeds: Mapping[str, np.ndarray], *, keep: bool = False) -> dict[str, np.ndarray]:
+    # --- running -----------------------------------------------------------------------
+
+    def make_state(self) -> dict[str, np.ndarray]:
+        """A fresh state for a stateful program: state name -> zeros of its shape (in the
+        mode's float dtype), as Core ML's ``make_state`` starts. Empty for a stateless
+        program."""
+        return {
+            n: self._store(np.zeros(shape, dtype), dtype)
+            for n, (shape, dtype) in self._state_specs.items()
+        }
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        state: dict[str, np.ndarray] | None = None,
+        keep: bool = False,
+    ) -> dict[str, np.ndarray]:
         """Evaluate the function on `feeds`; the outputs by name (every value if `keep`).
 
+        `state` (stateful programs only) is read and updated in place.
+
         Raises:
-            ConfigError: feeds do not match the inputs.
+            ConfigError: feeds do not match the inputs; a stateful program without a
+                state (or a state of other names or shapes).
             UnsupportedError: a kernel met an input it does not evaluate (naming the op).
         """
         env: dict[str, Any] = dict(self._consts)
@@ -225,13 +310,69 @@ class Evaluator:
             if name not in feeds:
                 raise ConfigError(f"missing input {name!r}; the program takes {self.input_names}")
             env[name] = self._store(np.asarray(feeds[name]), self.input_dtypes[name])
-        for step in self._steps:
+        if self.state_names:
+            self._check_state(state)
+            assert state is not None
+            for name in self.state_names:
+                env[name] = StateCell(state, name, self._state_store(name))
+        elif state:
+            raise ConfigError(
+                f"the function {self.function!r} has no states; got state for {sorted(state)}"
+            )
+        self._run_plan(self._plan, env, ())
+        if keep:
+            return env
+        return {n: np.asarray(env[n]) for n in self.output_names}
+
+    def _state_store(self, name: str) -> Callable[[Any], Any]:
+        declared = self._state_specs[name][1]
+        return lambda value: self._store(value, declared)
+
+    def _check_state(self, state: dict[str, np.ndarray] | None) -> None:
+        if state is None:
+            raise ConfigError(
+                f"the function {self.function!r} is stateful (states {self.state_names}); "
+                "pass state=evaluator.make_state() and the same mapping on later runs"
+            )
+        for name, (shape, _) in self._state_specs.items():
+            if name not in state:
+                raise ConfigError(
+                    f"state {name!r} missing; the program's states are {self.state_names} "
+                    "(use evaluator.make_state())"
+                )
+            if tuple(np.shape(state[name])) != shape:
+                raise ConfigError(
+                    f"state {name!r} has shape {tuple(np.shape(state[name]))}, the program "
+                    f"declares {shape}"
+                )
+
+    def _run_plan(self, plan: _Plan, env: dict[str, Any], inputs: Any) -> list[Any]:
+        if len(inputs) != len(plan.inputs):
+            raise UnsupportedError(
+                f"a nested block takes {len(plan.inputs)} input(s), was given {len(inputs)}"
+            )
+        for (name, declared), value in zip(plan.inputs, inputs):
+            env[name] = self._store(value, declared)
+        for step in plan.steps:
             values = {
                 key: (tuple(env[s] for s in src) if isinstance(src, tuple) else env[src])
                 for key, src in step.inputs
             }
+            runner = None
+            if step.blocks:
+                blocks = step.blocks
+
+                def runner(i: int, block_inputs: Any, blocks: Any = blocks) -> list[Any]:
+                    return self._run_plan(blocks[i], env, block_inputs)
+
             ctx = OpContext(
-                step.op_type, step.name, self.opset, self._compute, values, step.output_shapes
+                step.op_type,
+                step.name,
+                self.opset,
+                self._compute,
+                values,
+                step.output_shapes,
+                runner,
             )
             try:
                 result = step.kernel(ctx)
@@ -245,6 +386,4 @@ class Evaluator:
             results = result if isinstance(result, (tuple, list)) else (result,)
             for (name, declared), value in zip(step.outputs, results):
                 env[name] = self._store(value, declared)
-        if keep:
-            return env
-        return {n: np.asarray(env[n]) for n in self.output_names}
+        return [env[n] for n in plan.outputs]

@@ -17,16 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from edgerep.errors import ConfigError
+from edgerep.errors import ConfigError, UnsupportedError
 
 __all__ = [
     "IOS15",
     "IOS16",
     "IOS17",
     "IOS18",
+    "EvaluationError",
     "KERNELS",
+    "MAX_LOOP_ITERATIONS",
     "Kernel",
     "OpContext",
+    "StateCell",
+    "TensorList",
     "kernel",
     "lookup",
     "spatial_pads",
@@ -34,6 +38,72 @@ __all__ = [
 
 #: opset numbers, as coremltools' AvailableTarget (the spec version of that OS release)
 IOS15, IOS16, IOS17, IOS18 = 6, 7, 8, 9
+
+#: a ``while_loop`` that has not ended after this many iterations stops the evaluation
+#: with an error (Core ML has no bound; a verifier must end)
+MAX_LOOP_ITERATIONS = 1_000_000
+
+#: runs nested block `i` of the op with these block inputs; returns the block's outputs
+BlockRunner = Callable[[int, Sequence[Any]], list[Any]]
+
+
+class EvaluationError(UnsupportedError):
+    """The program itself fails on this input where the framework's ``predict`` fails
+    too (e.g. a scatter with ``validate_indices=True`` given an index out of bounds).
+    Not a parity pass: the artifact is not verified, and the message names the op."""
+
+
+class TensorList:
+    """A MIL list value (``make_list``/``list_write``...): immutable, each write makes a
+    new list. Unwritten slots are None and read as zeros (as Core ML's lists start).
+
+    Attributes:
+        items: the elements (numpy arrays, or None where never written).
+        dynamic: whether writes past the end grow the list.
+        dtype: the element dtype the program declares (a numpy dtype).
+        elem_shape: the element shape, None where ``make_list`` left it symbolic.
+    """
+
+    __slots__ = ("dtype", "dynamic", "elem_shape", "items")
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        dynamic: bool,
+        dtype: Any,
+        elem_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        self.items = tuple(items)
+        self.dynamic = dynamic
+        self.dtype = dtype
+        self.elem_shape = elem_shape
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class StateCell:
+    """One iOS18 state of a stateful program during a run: ``read_state`` reads it,
+    ``coreml_update_state`` writes it. Writes go to the caller's state mapping, so they
+    persist to the next run that is given the same mapping.
+    """
+
+    __slots__ = ("_states", "_store", "name")
+
+    def __init__(
+        self, states: dict[str, np.ndarray], name: str, store: Callable[[Any], np.ndarray]
+    ) -> None:
+        self._states = states
+        self.name = name
+        self._store = store
+
+    def read(self) -> np.ndarray:
+        """A copy of the state's value."""
+        return np.array(self._states[self.name], copy=True)
+
+    def write(self, value: np.ndarray) -> None:
+        """Replace the state's value (rounded to the state's dtype in declared mode)."""
+        self._states[self.name] = self._store(np.array(value, copy=True))
 
 
 class OpContext:
@@ -55,6 +125,7 @@ class OpContext:
         dtype: type[np.floating[Any]],
         values: dict[str, Any],
         output_shapes: Sequence[tuple[int | None, ...] | None] = (),
+        run_block: BlockRunner | None = None,
     ) -> None:
         self.op_type = op_type
         self.name = name
@@ -62,6 +133,18 @@ class OpContext:
         self.dtype = dtype
         self._values = values
         self.output_shapes = list(output_shapes)
+        self._run_block = run_block
+
+    def raw(self, name: str) -> Any:
+        """Input `name` exactly as evaluated (a list, a state, a tuple of values...)."""
+        return self._values[name]
+
+    def block(self, index: int, inputs: Sequence[Any] = ()) -> list[Any]:
+        """Run the op's nested block `index` (``cond``: 0 true, 1 false; ``while_loop``:
+        0 condition, 1 body) with `inputs` bound to its block inputs; its outputs."""
+        if self._run_block is None:
+            raise ConfigError(f"{self.op_type} {self.name!r} has no nested blocks")
+        return self._run_block(index, inputs)
 
     def has(self, name: str) -> bool:
         """Whether the op was given input `name`."""

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edgerep.errors import UnsupportedError
-from edgerep.runtimes._mil._registry import OpContext, kernel
+from edgerep.runtimes._mil._registry import IOS17, OpContext, kernel
 
 __all__: list[str] = []
 
@@ -253,3 +253,37 @@ def _cast(ctx: OpContext) -> np.ndarray:
     kind = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
     np_type = kind.get(target, np.int32)
     return (np.trunc(x) if x.dtype.kind == "f" else x).astype(np_type)
+
+
+def _quant_params(ctx: OpContext, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``scale`` and ``zero_point`` broadcast along ``axis`` (scalars: per tensor)."""
+    scale = np.asarray(ctx.x("scale"), dtype=ctx.dtype)
+    zp = (
+        np.asarray(ctx.raw("zero_point"), dtype=ctx.dtype)
+        if ctx.has("zero_point") and ctx.raw("zero_point") is not None
+        else np.zeros((), ctx.dtype)
+    )
+    if scale.ndim == 0 and zp.ndim == 0:
+        return scale, zp
+    axis = int(ctx.val("axis")) % x.ndim
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return scale.reshape(shape), zp.reshape(shape)
+
+
+@kernel("quantize", since=IOS17)
+def _quantize(ctx: OpContext) -> np.ndarray:
+    # clip(round(x / scale) + zero_point), rounding half to even as coremltools folds it
+    x = ctx.x("input")
+    scale, zp = _quant_params(ctx, x)
+    dtype = {"int8": np.int8, "uint8": np.uint8}[str(ctx.val("output_dtype"))]
+    info = np.iinfo(dtype)
+    return np.clip(np.around(x / scale) + zp, info.min, info.max).astype(dtype)
+
+
+@kernel("dequantize", since=IOS17)
+def _dequantize(ctx: OpContext) -> np.ndarray:
+    # scale * (x - zero_point)
+    x = np.asarray(ctx.raw("input"))
+    scale, zp = _quant_params(ctx, x)
+    return scale * (x.astype(ctx.dtype) - zp)

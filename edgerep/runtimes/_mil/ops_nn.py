@@ -14,7 +14,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from edgerep.errors import UnsupportedError
-from edgerep.runtimes._mil._registry import IOS16, OpContext, kernel, spatial_pads
+from edgerep.runtimes._mil._registry import IOS16, IOS17, OpContext, kernel, spatial_pads
 
 __all__: list[str] = []
 
@@ -387,26 +387,85 @@ def _upsample_bilinear_16(ctx: OpContext) -> np.ndarray:
     return _bilinear(x, oh, ow, mode)
 
 
-_SAMPLING = {
-    "STRICT_ALIGN_CORNERS": "align_corners",
-    "ALIGN_CORNERS": "align_corners",
-    "DEFAULT": "asymmetric",
-    "UNALIGN_CORNERS": "half_pixel",
-}
+_SAMPLING_MODES = (
+    "STRICT_ALIGN_CORNERS",
+    "ALIGN_CORNERS",
+    "DEFAULT",
+    "OFFSET_CORNERS",
+    "UNALIGN_CORNERS",
+)
+
+
+def _sampling_grid(size_in: int, size_out: int, mode: str) -> np.ndarray:
+    """Input coordinates of the output pixels for a ``sampling_mode`` of ``resize_bilinear``
+    and iOS17 ``resize``, as the op spec's Notes give them (clamped to the input)."""
+    i = np.arange(size_out, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
+        if size_out == 1:
+            g = np.full(1, (size_in - 1) / 2.0 if mode == "ALIGN_CORNERS" else 0.0)
+        else:
+            g = i * ((size_in - 1) / (size_out - 1))
+    elif mode == "DEFAULT":
+        g = i * (size_in / size_out)
+    elif mode == "OFFSET_CORNERS":
+        delta = max(1, size_in - 1) / size_out
+        g = 0.5 * delta + i * delta
+    else:  # UNALIGN_CORNERS
+        g = (i + 0.5) * (size_in / size_out) - 0.5
+    return np.clip(g, 0, size_in - 1)
+
+
+def _sampling(ctx: OpContext) -> str:
+    sampling = str(ctx.val("sampling_mode", "DEFAULT"))
+    if sampling not in _SAMPLING_MODES:
+        raise UnsupportedError(
+            f"{ctx.op_type} {ctx.name!r}: sampling_mode {sampling!r} is not evaluable; "
+            f"the reference evaluator knows {', '.join(_SAMPLING_MODES)}"
+        )
+    return sampling
 
 
 @kernel("resize_bilinear")
 def _resize_bilinear(ctx: OpContext) -> np.ndarray:
     x = ctx.x()
-    sampling = ctx.val("sampling_mode", "DEFAULT")
-    if sampling not in _SAMPLING:
-        raise UnsupportedError(
-            f"resize_bilinear {ctx.name!r}: sampling_mode {sampling!r} is not evaluable; "
-            f"the reference evaluator knows {', '.join(_SAMPLING)}"
-        )
+    sampling = _sampling(ctx)
     oh = int(ctx.val("target_size_height", x.shape[-2]))
     ow = int(ctx.val("target_size_width", x.shape[-1]))
-    return _bilinear(x, oh, ow, _SAMPLING[sampling])
+    y = _interp(x, x.ndim - 2, _sampling_grid(x.shape[-2], oh, sampling))
+    return _interp(y, x.ndim - 1, _sampling_grid(x.shape[-1], ow, sampling))
+
+
+@kernel("resize", since=IOS17)
+def _resize_17(ctx: OpContext) -> np.ndarray:
+    # the last `resized_dims` dims take their sizes from the tail of `shape` (0: keep x's)
+    x = ctx.x()
+    shape = [int(s) for s in np.asarray(ctx.raw("shape")).reshape(-1)]
+    k = int(ctx.val("resized_dims"))
+    if not 0 <= k <= min(len(shape), x.ndim):
+        raise UnsupportedError(
+            f"resize {ctx.name!r}: resized_dims {k} with a shape of {len(shape)} on rank {x.ndim}"
+        )
+    mode = str(ctx.val("interpolation_mode", "LINEAR"))
+    sampling = _sampling(ctx)
+    y = x
+    for j in range(k):
+        axis = x.ndim - k + j
+        size_out = shape[len(shape) - k + j] or x.shape[axis]
+        size_in = x.shape[axis]
+        if mode == "LINEAR":
+            y = _interp(y, axis, _sampling_grid(size_in, size_out, sampling))
+        elif mode == "NEAREST_NEIGHBOR" and sampling == "DEFAULT":
+            # the nearest input pixel to the sampling point (coremltools' own test:
+            # [a, b] resized to 3 is [a, b, b]), unlike resize_nearest_neighbor's floor
+            grid = _sampling_grid(size_in, size_out, sampling)
+            index = np.minimum(np.floor(grid + 0.5).astype(np.int64), size_in - 1)
+            y = np.take(y, index, axis=axis)
+        else:
+            raise UnsupportedError(
+                f"resize {ctx.name!r}: interpolation_mode {mode!r} with sampling_mode "
+                f"{sampling!r} is not evaluable"
+            )
+    return y
 
 
 def _nearest(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -443,3 +502,154 @@ def _local_response_norm(ctx: OpContext) -> np.ndarray:
     sq = np.pad(x * x, [(0, 0), (size // 2, (size - 1) // 2)] + [(0, 0)] * (x.ndim - 2))
     sums = sliding_window_view(sq, size, axis=1).sum(axis=-1)
     return x / (k + alpha / size * sums) ** beta
+
+
+# --- crop_resize ------------------------------------------------------------------------
+
+
+def _box_corners(ctx: OpContext, box: np.ndarray, h: int, w: int) -> tuple[float, ...]:
+    """(y1, x1, y2, x2) of one box in input pixel coordinates."""
+    mode = str(ctx.val("box_coordinate_mode", "CORNERS_HEIGHT_FIRST"))
+    a, b, c, d = (float(v) for v in box)
+    if mode == "CORNERS_HEIGHT_FIRST":
+        y1, x1, y2, x2 = a, b, c, d
+    elif mode == "CORNERS_WIDTH_FIRST":
+        x1, y1, x2, y2 = a, b, c, d
+    elif mode == "CENTER_SIZE_HEIGHT_FIRST":
+        y1, x1, y2, x2 = a - c / 2, b - d / 2, a + c / 2, b + d / 2
+    elif mode == "CENTER_SIZE_WIDTH_FIRST":
+        x1, y1, x2, y2 = a - c / 2, b - d / 2, a + c / 2, b + d / 2
+    else:
+        raise UnsupportedError(f"crop_resize {ctx.name!r}: box_coordinate_mode {mode!r}")
+    if ctx.val("normalized_coordinates", False):
+        y1, y2, x1, x2 = y1 * (h - 1), y2 * (h - 1), x1 * (w - 1), x2 * (w - 1)
+    scale = float(ctx.val("spatial_scale", 1.0))
+    return y1 * scale, x1 * scale, y2 * scale, x2 * scale
+
+
+def _box_grid(start: float, end: float, n: int, sampling: str) -> np.ndarray:
+    if n == 1:
+        return np.array([(start + end) / 2 if sampling == "ALIGN_CORNERS" else start])
+    return start + np.arange(n) * ((end - start) / (n - 1))
+
+
+def _crop(ctx: OpContext, image: np.ndarray, box: np.ndarray, pad: float | None) -> np.ndarray:
+    """One box of `image` (C, H, W) resampled bilinearly to the target size."""
+    sampling = _sampling(ctx)
+    if sampling not in ("ALIGN_CORNERS", "STRICT_ALIGN_CORNERS"):
+        raise UnsupportedError(
+            f"crop_resize {ctx.name!r}: sampling_mode {sampling!r} is not evaluable (only "
+            "ALIGN_CORNERS and STRICT_ALIGN_CORNERS are)"
+        )
+    h, w = image.shape[-2:]
+    y1, x1, y2, x2 = _box_corners(ctx, box, h, w)
+    ys = _box_grid(y1, y2, int(ctx.val("target_height", 1)), sampling)
+    xs = _box_grid(x1, x2, int(ctx.val("target_width", 1)), sampling)
+    out_y = (ys < 0) | (ys > h - 1)
+    out_x = (xs < 0) | (xs > w - 1)
+    if pad is None and (out_y.any() or out_x.any()):
+        raise UnsupportedError(
+            f"crop_resize {ctx.name!r}: a box samples outside the image; before iOS16 the op "
+            "has no pad_value and the evaluator does not guess the framework's border"
+        )
+    y = _interp(_interp(image, image.ndim - 2, ys), image.ndim - 1, xs)
+    if pad is not None:
+        y = np.where(out_y[:, None] | out_x[None, :], np.asarray(pad, y.dtype), y)
+    return y
+
+
+@kernel("crop_resize")
+def _crop_resize_15(ctx: OpContext) -> np.ndarray:
+    # roi (N, 1, 4|5, 1, 1): 4 numbers crop every image, 5 start with the image index;
+    # iOS16 adds pad_value for samples outside the image
+    x = ctx.x()
+    roi = ctx.x("roi").reshape(ctx.x("roi").shape[0], -1)
+    pad = float(ctx.val("pad_value", 0.0)) if ctx.opset >= IOS16 else None
+    if roi.shape[1] == 4:
+        return np.stack([np.stack([_crop(ctx, img, box, pad) for img in x]) for box in roi])
+    return np.stack([_crop(ctx, x[int(r[0])], r[1:], pad)[None] for r in roi])
+
+
+@kernel("crop_resize", since=IOS17)
+def _crop_resize_17(ctx: OpContext) -> np.ndarray:
+    # boxes (N, 4) with box_indices (N,) (default: box i crops image i); samples outside
+    # the image get pad_value
+    x = ctx.x()
+    boxes = ctx.x("boxes").reshape(-1, 4)
+    if ctx.has("box_indices") and ctx.raw("box_indices") is not None:
+        indices = np.asarray(ctx.raw("box_indices")).reshape(-1).astype(np.int64)
+    else:
+        indices = np.arange(len(boxes), dtype=np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= x.shape[0]):
+        raise UnsupportedError(f"crop_resize {ctx.name!r}: a box index is outside the batch")
+    pad = float(ctx.val("pad_value", 0.0))
+    return np.stack([_crop(ctx, x[i], box, pad) for i, box in zip(indices, boxes)])
+
+
+# --- resample (grid sampling) -----------------------------------------------------------
+
+
+def _pixel_coords(ctx: OpContext, c: np.ndarray, size: int) -> np.ndarray:
+    mode = str(ctx.val("coordinates_mode", "normalized_minus_one_to_one"))
+    if mode == "unnormalized":
+        return c
+    if mode == "normalized_zero_to_one":
+        c = 2.0 * c - 1.0
+    elif mode != "normalized_minus_one_to_one":
+        raise UnsupportedError(f"resample {ctx.name!r}: coordinates_mode {mode!r}")
+    if ctx.val("align_corners", False):
+        return (c + 1.0) / 2.0 * (size - 1)
+    return ((c + 1.0) * size - 1.0) / 2.0
+
+
+def _padded_index(ctx: OpContext, i: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index into a dim of size `n` for integer positions `i` of the padded image, and
+    a mask of the positions that read ``padding_value`` (constant mode)."""
+    mode = str(ctx.val("padding_mode", "constant"))
+    inside = (i >= 0) & (i < n)
+    if mode == "constant":
+        return np.clip(i, 0, n - 1), ~inside
+    if mode == "border":
+        return np.clip(i, 0, n - 1), np.zeros_like(inside)
+    if mode == "reflection":  # |1,2,3| -> 2,3,|1,2,3|,2,1 (the edge not repeated)
+        period = max(2 * (n - 1), 1)
+        j = np.abs(i) % period
+        return np.where(j > n - 1, period - j, j), np.zeros_like(inside)
+    if mode == "symmetric":  # |1,2,3| -> 3,2,1,|1,2,3|,3,2,1 (the edge repeated)
+        j = np.mod(i, 2 * n)
+        return np.where(j >= n, 2 * n - 1 - j, j), np.zeros_like(inside)
+    raise UnsupportedError(f"resample {ctx.name!r}: padding_mode {mode!r}")
+
+
+@kernel("resample")
+def _resample(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    coords = ctx.x("coordinates").astype(x.dtype)
+    _, _, h, w = x.shape
+    px = _pixel_coords(ctx, coords[..., 0], w)  # (B, H2, W2)
+    py = _pixel_coords(ctx, coords[..., 1], h)
+    pad = np.asarray(ctx.val("padding_value", 0.0), x.dtype)
+    batch = np.arange(x.shape[0])[:, None, None]
+
+    def fetch(iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        jy, out_y = _padded_index(ctx, iy, h)
+        jx, out_x = _padded_index(ctx, ix, w)
+        v = x[batch, :, jy, jx]  # (B, H2, W2, C)
+        return np.where((out_y | out_x)[..., None], pad, v)
+
+    sampling = str(ctx.val("sampling_mode", "bilinear"))
+    if sampling == "nearest":
+        y = fetch(np.floor(py + 0.5).astype(np.int64), np.floor(px + 0.5).astype(np.int64))
+    elif sampling == "bilinear":
+        y0, x0 = np.floor(py), np.floor(px)
+        wy, wx = (py - y0)[..., None], (px - x0)[..., None]
+        iy, ix = y0.astype(np.int64), x0.astype(np.int64)
+        y = (
+            fetch(iy, ix) * (1 - wy) * (1 - wx)
+            + fetch(iy, ix + 1) * (1 - wy) * wx
+            + fetch(iy + 1, ix) * wy * (1 - wx)
+            + fetch(iy + 1, ix + 1) * wy * wx
+        )
+    else:
+        raise UnsupportedError(f"resample {ctx.name!r}: sampling_mode {sampling!r}")
+    return np.moveaxis(y, -1, 1)

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from edgerep.errors import UnsupportedError
-from edgerep.runtimes._mil._registry import IOS16, IOS17, OpContext, kernel
+from edgerep.runtimes._mil._registry import IOS16, IOS17, IOS18, OpContext, kernel
 
-__all__: list[str] = []
+__all__ = ["slice_index"]
 
 
 @kernel("reshape")
@@ -106,10 +106,8 @@ def _split(ctx: OpContext) -> tuple[np.ndarray, ...]:
     return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
 
 
-@kernel("slice_by_index")
-def _slice_by_index(ctx: OpContext) -> np.ndarray:
-    x = ctx.x()
-    rank = x.ndim
+def slice_index(ctx: OpContext, rank: int) -> tuple[int | slice, ...]:
+    """The numpy index of a ``slice_by_index``/``slice_update`` op on a tensor of `rank`."""
     begin = [int(b) for b in ctx.val("begin")]
     end = [int(e) for e in ctx.val("end")]
     stride = [int(s) for s in ctx.val("stride", [1] * rank)]
@@ -124,7 +122,28 @@ def _slice_by_index(ctx: OpContext) -> np.ndarray:
         b = None if begin_mask[i] else begin[i]
         e = None if end_mask[i] else end[i]
         index.append(slice(b, e, stride[i]))
-    return np.asarray(x[tuple(index)])
+    return tuple(index)
+
+
+@kernel("slice_by_index")
+def _slice_by_index(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    return np.asarray(x[slice_index(ctx, x.ndim)])
+
+
+@kernel("slice_update", since=IOS18)
+def _slice_update(ctx: OpContext) -> np.ndarray:
+    x = ctx.x().copy()
+    index = slice_index(ctx, x.ndim)
+    update = ctx.x("update")
+    target_shape = x[index].shape
+    if int(np.prod(update.shape)) != int(np.prod(target_shape)):
+        raise UnsupportedError(
+            f"slice_update {ctx.name!r}: update of shape {update.shape} does not fill the "
+            f"slice of shape {target_shape}"
+        )
+    x[index] = update.reshape(target_shape)
+    return x
 
 
 @kernel("slice_by_size")
@@ -170,34 +189,6 @@ def _gather_along_axis(ctx: OpContext) -> np.ndarray:
     indices = ctx.x("indices").astype(np.int64)
     indices = np.where(indices < 0, indices + x.shape[axis], indices)
     return np.take_along_axis(x, indices, axis=axis)
-
-
-@kernel("gather_nd")
-def _gather_nd(ctx: OpContext) -> np.ndarray:
-    x = ctx.x()
-    indices = ctx.x("indices").astype(np.int64)
-    if ctx.val("batch_dims", 0):
-        raise UnsupportedError(f"gather_nd {ctx.name!r}: batch_dims > 0 is not evaluable yet")
-    k = indices.shape[-1]
-    return x[tuple(np.moveaxis(indices, -1, 0))] if k else x
-
-
-@kernel("scatter_along_axis")
-def _scatter_along_axis(ctx: OpContext) -> np.ndarray:
-    x = ctx.x("data").copy()
-    axis = int(ctx.val("axis", 0))
-    indices = ctx.x("indices").astype(np.int64)
-    updates = ctx.x("updates")
-    mode = ctx.val("mode", "add")
-    if mode == "update":
-        np.put_along_axis(x, indices, updates, axis=axis)
-        return x
-    if mode != "add":
-        raise UnsupportedError(f"scatter_along_axis {ctx.name!r}: mode {mode!r} not evaluable yet")
-    idx: list[Any] = list(np.indices(indices.shape, sparse=True))
-    idx[axis] = indices
-    np.add.at(x, tuple(idx), updates)
-    return x
 
 
 @kernel("pad")
@@ -349,3 +340,75 @@ def _crop(ctx: OpContext) -> np.ndarray:
     left, right = (int(v) for v in ctx.val("crop_width", [0, 0]))
     h, w = x.shape[-2:]
     return x[..., top : h - bottom, left : w - right]
+
+
+@kernel("sliding_windows")
+def _sliding_windows(ctx: OpContext) -> np.ndarray:
+    # x.shape[:axis] + [windows, size] + x.shape[axis + 1:]
+    x = ctx.x()
+    axis = int(ctx.val("axis")) % x.ndim
+    size, stride = int(ctx.val("size")), int(ctx.val("stride", 1))
+    windows = np.lib.stride_tricks.sliding_window_view(x, size, axis=axis)  # size last
+    windows = np.take(windows, np.arange(0, windows.shape[axis], stride), axis=axis)
+    return np.ascontiguousarray(np.moveaxis(windows, -1, axis + 1))
+
+
+@kernel("reverse_sequence")
+def _reverse_sequence(ctx: OpContext) -> np.ndarray:
+    # along seq_axis, the first lengths[b] elements of batch b are reversed
+    x = ctx.x()
+    seq_axis = int(ctx.val("seq_axis", 0)) % x.ndim
+    batch_axis = int(ctx.val("batch_axis", 0)) % x.ndim
+    lengths = np.asarray(ctx.raw("lengths")).reshape(-1).astype(np.int64)
+    out = x.copy()
+    for b, n in enumerate(lengths):
+        if not 0 <= n <= x.shape[seq_axis]:
+            raise UnsupportedError(
+                f"reverse_sequence {ctx.name!r}: length {n} for a sequence of {x.shape[seq_axis]}"
+            )
+        src: list[Any] = [slice(None)] * x.ndim
+        src[batch_axis] = b
+        src[seq_axis] = slice(0, n)
+        dst = list(src)
+        dst[seq_axis] = slice(n - 1, None, -1) if n else slice(0, 0)
+        out[tuple(src)] = x[tuple(dst)]
+    return out
+
+
+@kernel("space_to_batch")
+def _space_to_batch(ctx: OpContext) -> np.ndarray:
+    # TensorFlow's SpaceToBatchND on (N, C, *spatial): pad, then move each block offset
+    # (row-major over the block) in front of the batch
+    x = ctx.x()
+    block = [int(b) for b in np.asarray(ctx.val("block_shape")).reshape(-1)]
+    pads = np.asarray(ctx.val("paddings"), dtype=np.int64).reshape(len(block), 2)
+    m = len(block)
+    x = np.pad(x, [(0, 0), (0, 0), *[(int(a), int(b)) for a, b in pads]])
+    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    split: list[int] = []
+    for s, b in zip(spatial, block):
+        split += [s // b, b]
+    y = x.reshape(n, c, *split)
+    order = [3 + 2 * i for i in range(m)] + [0, 1] + [2 + 2 * i for i in range(m)]
+    y = y.transpose(order)
+    return y.reshape(n * int(np.prod(block)), c, *[s // b for s, b in zip(spatial, block)])
+
+
+@kernel("batch_to_space")
+def _batch_to_space(ctx: OpContext) -> np.ndarray:
+    # the inverse: block offsets leave the batch and interleave into the spatial dims
+    x = ctx.x()
+    block = [int(b) for b in np.asarray(ctx.val("block_shape")).reshape(-1)]
+    crops = np.asarray(ctx.val("crops"), dtype=np.int64).reshape(len(block), 2)
+    m = len(block)
+    n = x.shape[0] // int(np.prod(block))
+    c, spatial = x.shape[1], x.shape[2:]
+    y = x.reshape(*block, n, c, *spatial)
+    order = [m, m + 1]
+    for i in range(m):
+        order += [m + 2 + i, i]
+    y = y.transpose(order).reshape(n, c, *[s * b for s, b in zip(spatial, block)])
+    index = [slice(None), slice(None)] + [
+        slice(int(a), y.shape[2 + i] - int(b)) for i, (a, b) in enumerate(crops)
+    ]
+    return np.ascontiguousarray(y[tuple(index)])
