@@ -11,6 +11,7 @@ plan plus a plain state_dict.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def load_finetune(text: str) -> tuple[Finetune, str]:
         ConfigError: not of the form FILE.py:FN, or the file does not exist.
         SourceError: the file fails to import or has no such callable.
     """
-    from edgerep.source import _callables, _import_file
+    from edgerep.source import _callables
 
     path_text, sep, name = str(text).rpartition(":")
     path = Path(path_text).expanduser()
@@ -73,7 +74,8 @@ def load_finetune(text: str) -> tuple[Finetune, str]:
         )
     if not path.is_file():
         raise ConfigError(f"--finetune file {str(path)!r} does not exist")
-    module = _import_file(path.resolve())
+    resolved = path.resolve()
+    module = _import_once(str(resolved), resolved.stat().st_mtime_ns)
     fn = vars(module).get(name)
     if not callable(fn):
         raise SourceError(
@@ -81,6 +83,14 @@ def load_finetune(text: str) -> tuple[Finetune, str]:
             f"{', '.join(_callables(module)) or '(none)'}"
         )
     return fn, f"{path}:{name}"
+
+
+@functools.lru_cache(maxsize=8)
+def _import_once(path: str, mtime_ns: int) -> Any:
+    """The file imported once per version: checked early, called later, run once."""
+    from edgerep.source import _import_file
+
+    return _import_file(Path(path))
 
 
 def _signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -240,3 +240,22 @@ def test_prune_sweep_writes_one_bundle_per_ratio_and_a_pareto_report(
     html = (out / "bench" / "bench.html").read_text()
     assert "Pruning sweep" in md and "macs-0.4" in md
     assert "plot-pareto" in html and "<h2>Pruning</h2>" in html
+
+
+def test_convert_sweep_one_ratio(files, tmp_path, capsys) -> None:
+    out = tmp_path / "cs"
+    argv = ["convert", files["src"], "--prune", "params=0.5", "--sweep", "0.6"]
+    argv += ["--seconds", "0.02", "--repeats", "1", "--json", "-o", str(out)]
+    code = main(argv)
+    text = capsys.readouterr()
+    assert code == EXIT_OK, text.err
+    printed = json.loads(text.out)
+    assert [v["variant"] for v in printed["bench"]["pruning"]["variants"]] == ["params-0.6"]
+    manifest = json.loads((out / "params-0.6" / "manifest.json").read_text())
+    assert any(r["stage"] == "prune" for r in manifest["ledger"])
+    report = json.loads((out / "params-0.6" / "prune_report.json").read_text())
+    assert (
+        report["target"] == "params=0.6" and report["params_after"] <= 0.6 * report["params_before"]
+    )
+    # no --calib: no recovery, no accuracy, said so rather than guessed
+    assert report["recovery_mode"] == "none" and report["accuracy"] == {}
