@@ -130,6 +130,12 @@ def test_convert_prune_bundle_verifies_against_the_pruned_model_and_ledgers_its_
 
     report = json.loads((out / "prune_report.json").read_text())
     assert report["status"] == "met" and report["achieved"] <= 0.5
+    # the roofline of `edgerep bench` counts the pruned model's FLOPs, not the unpruned fold's
+    from edgerep.bench.roofline import bundle_flops
+
+    fold = json.loads((out / "fold_report.json").read_text())
+    assert fold["flops_after"] == 2 * report["macs_before"]
+    assert bundle_flops(out) == 2 * report["macs_after"]
     ft = report["finetune"]
     assert ft["function"].endswith("ft.py:fill_bias") and ft["seconds"] >= 0
     assert ft["top1_before"] is not None and ft["top1_after"] is not None
@@ -214,7 +220,7 @@ def test_prune_sweep_writes_one_bundle_per_ratio_and_a_pareto_report(
     out = tmp_path / "sweep"
     argv = ["prune", files["src"], "--target", "macs=0.5", "--sweep", "0.4,0.7"]
     argv += ["--calib", files["data"], "--seconds", "0.02", "--repeats", "1", "-o", str(out)]
-    code = main(argv)
+    code = main([*argv, "--finetune", f"{files['ft']}:fill_bias"])
     text = capsys.readouterr()
     assert code == EXIT_OK, text.err
     assert "Pruning sweep" in text.out
@@ -226,6 +232,7 @@ def test_prune_sweep_writes_one_bundle_per_ratio_and_a_pareto_report(
     assert set(variants) == {"macs-0.4", "macs-0.7"}
     for v in variants.values():
         assert v["macs_after"] < v["macs_before"] and v["top1_before"] is not None
+        assert v["finetune"]["function"].endswith("ft.py:fill_bias")
         assert v["p50_ratio"] and all(r > 0 for r in v["p50_ratio"].values())
     assert variants["macs-0.4"]["macs_after"] < variants["macs-0.7"]["macs_after"]
     points = bench["pruning"]["points"]
