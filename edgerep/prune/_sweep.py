@@ -65,7 +65,7 @@ def pruning_summary(
         report: the bench report (rows of the unpruned bundle first).
         pruned: variant name -> its ``prune_report.json``.
     """
-    from edgerep.bench.report import pareto_front
+    from edgerep.bench.report import _runtime_label, pareto_front
 
     rows = report["rows"]
     base: dict[tuple[str, str, str], float] = {
@@ -79,7 +79,8 @@ def pruning_summary(
         for r in rows:
             key = (r["runtime"], r["format"], r["precision"])
             if r["variant"] == name and key in base:
-                ratios[f"{r['runtime']} {r['format']}/{r['precision']}"] = (
+                # the runtime with the precision that ran (OpenVINO's default may be bf16)
+                ratios[f"{_runtime_label(r)} {r['format']}/{r['precision']}"] = (
                     r["latency"]["stats"]["p50_ms"] / base[key]
                 )
         acc = rep.get("accuracy") or {}
@@ -107,7 +108,7 @@ def pruning_summary(
             points.append(
                 {
                     "variant": r["variant"],
-                    "runtime": r["runtime"],
+                    "runtime": _runtime_label(r),
                     "precision": r["precision"],
                     "p50_ms": r["latency"]["stats"]["p50_ms"],
                     "top1": float(acc),
