@@ -188,7 +188,7 @@ def _outputs(
     return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
+def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float | None]:
     """Worst over outputs: max |diff| / max |ref|, cosine, top-1 agreement of the first."""
     rel, cos = 0.0, 1.0
     for r, g in zip(ref, got):
@@ -202,7 +202,7 @@ def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, floa
         if ref[0].shape[1] > 1
         else None
     )
-    return {"max_rel_error": rel, "cosine": cos, "top1_agreement": agree}  # type: ignore[dict-item]
+    return {"max_rel_error": rel, "cosine": cos, "top1_agreement": agree}
 
 
 def _top1(outs: list[torch.Tensor], labels: np.ndarray | None) -> float | None:
