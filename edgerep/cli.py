@@ -82,6 +82,7 @@ from edgerep.errors import (
     VerificationError,
 )
 from edgerep.merge import _cli as merge_cli
+from edgerep.prune import _cli as prune_cli
 
 __all__ = [
     "EXIT_CODES",
@@ -253,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
         "`edgerep quantize`",
     )
     _add_option_arg(p)
+    prune_cli.add_convert_prune_args(p)
     p.set_defaults(handler=_cmd_convert)
 
     p = sub.add_parser(
@@ -821,6 +823,9 @@ def _show(result: Any, args: argparse.Namespace) -> None:
     else:
         print("fold: skipped (--no-fold)")
     print()
+    if getattr(result, "prune", None) is not None:
+        print(result.prune.to_text())
+        print()
     print("formats:")
     print(result.status_table())
     print()
@@ -909,9 +914,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from edgerep.pipeline import convert
 
     formats, options = _formats_and_options(args)
+    prune_cli.check_convert_prune(args, formats)
     if args.quantize is not None:
         check_output_dir(args.out, overwrite=args.force)
     model, specs, description = _load(args)
+    prune = prune_cli.convert_prune_options(args, specs, formats)
+    if args.sweep:
+        quantize = (
+            None
+            if args.quantize is None
+            else _quant_setup(args, [s.to_dict() for s in specs], args.quantize, formats)
+        )
+        return prune_cli.run_convert_sweep(
+            args, model, specs, description, formats, options, prune, quantize
+        )
     if args.quantize is None:
         _, result = convert(
             model,
@@ -926,13 +942,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             merge=args.merge_options,
             exporter_options=options,
             allow_nonfinite_reference=args.allow_nonfinite_reference,
+            prune=prune,
         )
         _show(result, args)
         return EXIT_OK
     quantize = _quant_setup(
         args, [s.to_dict() for s in specs], args.quantize, formats, with_model=True
     )
-    return _convert_then_quantize(args, model, specs, description, formats, options, quantize)
+    return _convert_then_quantize(
+        args, model, specs, description, formats, options, quantize, prune
+    )
 
 
 def _model_for_quantizers(
@@ -965,6 +984,7 @@ def _convert_then_quantize(
     formats: list[str],
     options: dict[str, Any],
     quantize: tuple[Any, list[str]],
+    prune: Any = None,
 ) -> int:
     """Convert into a scratch bundle beside OUT, quantize it into OUT, drop the scratch."""
     import shutil
@@ -974,7 +994,11 @@ def _convert_then_quantize(
     from edgerep.quantize import quantize_bundle
 
     data, backends = quantize
-    torch_model = _model_for_quantizers(args, model, specs) if "executorch" in backends else None
+    torch_model = (
+        _model_for_quantizers(args, model, specs)
+        if "executorch" in backends and prune is None
+        else None
+    )
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = private_dir(out, "float")  # named for its owner: a killed run's is cleaned up
@@ -991,7 +1015,13 @@ def _convert_then_quantize(
             merge=args.merge_options,
             exporter_options=options,
             allow_nonfinite_reference=args.allow_nonfinite_reference,
+            prune=prune,
         )
+        if "executorch" in backends and result.prune is not None:
+            from edgerep.spec import example_inputs
+
+            # the pruned model is what the bundle's artifacts were exported from
+            torch_model = (result.prune.export_model, example_inputs(specs, seed=args.seed), specs)
         _, report = quantize_bundle(
             scratch / "bundle",
             out,

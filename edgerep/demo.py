@@ -17,6 +17,11 @@ run has succeeded; the paths recorded in it (``bench/bench.json``) are the final
   quantized variant each backend chose (`edgerep.quantize.quantize_bundle`:
   calibrated on training digits, kept only when at least 1.15x faster than float
   and within one point of top-1 on the test digits; the report says why not);
+- ``pruned/`` with ``--prune TARGET`` (e.g. ``latency=0.6``): `edgerep convert --prune`
+  of the trained model (folded, channels pruned to the target measured on onnxruntime,
+  recovered by least squares on 256 training digits, no fine-tuning), its ONNX
+  verified against the pruned model, its accuracy loss in the ledger; with
+  ``--quantize MODE`` also ``pruned-quantized/`` (the same quantize step on it);
 - ``demo_net.pt``: the trained weights (a state dict);
 - ``demo.json``: the table, the errors and the fold report, machine-readable;
 - ``summary.txt``: what the demo printed;
@@ -119,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
         "one point of top-1 on the test digits",
     )
     p.add_argument(
+        "--prune",
+        metavar="TARGET",
+        help="also prune the folded model (e.g. latency=0.6: 60%% of the unpruned p50 on "
+        "onnxruntime, measured) with `edgerep convert --prune`; with --quantize, the pruned "
+        "model is quantized too",
+    )
+    p.add_argument(
         "--latency-seconds",
         type=float,
         default=0.5,
@@ -169,6 +181,7 @@ def _run_args(args: argparse.Namespace) -> None:
         lora_seconds=args.lora_seconds,
         bench=not args.no_bench,
         quantize=args.quantize,
+        prune=args.prune,
     )
 
 
@@ -188,6 +201,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(
                 f"--quantize {args.quantize!r} is not a mode; choose one of {', '.join(MODES)}"
             )
+    if args.prune is not None:
+        from edgerep.prune import parse_target
+
+        parse_target(args.prune)
     out = Path(args.out).expanduser()
     if out.exists() and not (out.is_dir() and (out / _MARKER).is_file()):
         raise ConfigError(
@@ -272,22 +289,14 @@ def _quantize_step(
     latency_seconds: float,
     seed: int,
     say: Callable[[str], None],
+    name: str = "folded",
 ) -> Path | None:
-    """`edgerep quantize` on the folded bundle: every backend here that quantizes, the
+    """`edgerep quantize` on the `name` bundle: every backend here that quantizes, the
     fastest variant within one point of top-1; returns the ONNX variant chosen, if any."""
-    import numpy as np
-
     from edgerep.bench.latency import LatencyConfig
-    from edgerep.quantize import CalibrationData, default_backends, quantize_bundle
+    from edgerep.quantize import default_backends, quantize_bundle
 
-    generator = np.random.default_rng(seed)
-    picks = generator.permutation(len(x_train))[:256]
-    data = CalibrationData(
-        calib=[{"x": x_train[i : i + 1].numpy()} for i in picks],
-        eval_feeds={"x": x_test.numpy()},
-        labels=y_test.numpy(),
-        source="digits: 256 training images (calibration), the test images (evaluation)",
-    )
+    data = _digits_calibration(x_train, x_test, y_test, seed)
     config = LatencyConfig(
         warmup_iters=5,
         warmup_seconds=0.05,
@@ -296,8 +305,8 @@ def _quantize_step(
         repeats=3,
     )
     _, report = quantize_bundle(
-        tmp / "folded",
-        tmp / "folded-quantized",
+        tmp / name,
+        tmp / f"{name}-quantized",
         data=data,
         backends=default_backends(mode, ("onnx", "openvino", "executorch"), with_model=True),
         mode=mode,
@@ -309,7 +318,64 @@ def _quantize_step(
     chosen = next((b for b in report.backends if b.backend == "onnxruntime"), None)
     if chosen is None or chosen.artifact is None:
         return None
-    return tmp / "folded-quantized" / chosen.artifact
+    return tmp / f"{name}-quantized" / chosen.artifact
+
+
+def _digits_calibration(
+    x_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, seed: int
+) -> Any:
+    """256 training digits to calibrate on, the test digits to judge on."""
+    import numpy as np
+
+    from edgerep.quantize import CalibrationData
+
+    picks = np.random.default_rng(seed).permutation(len(x_train))[:256]
+    return CalibrationData(
+        calib=[{"x": x_train[i : i + 1].numpy()} for i in picks],
+        eval_feeds={"x": x_test.numpy()},
+        labels=y_test.numpy(),
+        source="digits: 256 training images (calibration), the test images (evaluation)",
+    )
+
+
+def _prune_step(
+    tmp: Path,
+    model: torch.nn.Module,
+    specs: list[Any],
+    source: dict[str, Any],
+    data: Any,
+    target: str,
+    seed: int,
+    threads: int,
+    say: Callable[[str], None],
+) -> Any:
+    """`edgerep convert --prune TARGET` into ``pruned/``; the convert result, or None when
+    the pruned model was measured slower than the unpruned one (refused, said why)."""
+    from edgerep.pipeline import convert
+    from edgerep.prune import PruneRefusedError
+    from edgerep.prune._stage import PruneOptions
+
+    options = PruneOptions(target=target, data=data, threads=threads)
+    try:
+        _, result = convert(
+            model,
+            specs,
+            # the formats of the folded bundle, so that the bench compares every backend
+            to=("onnx", "openvino", "executorch"),
+            out_dir=tmp / "pruned",
+            seed=seed,
+            source=source,
+            prune=options,
+        )
+    except PruneRefusedError as e:
+        say("")
+        say(f"pruning refused: {e}")
+        return None
+    say("")
+    say("prune (convert --prune):")
+    assert result.prune is not None  # convert ran the prune stage
+    say(result.prune.to_text())
+    return result
 
 
 def _bench_step(
@@ -321,8 +387,9 @@ def _bench_step(
     threads: int,
     latency_seconds: float,
     say: Callable[[str], None],
+    pruned: Path | None = None,
 ) -> None:
-    """`edgerep bench` on both bundles: every backend that runs here, p50/p99, held-out
+    """`edgerep bench` on both bundles (and the pruned one): every backend that runs here, p50/p99, held-out
     accuracy and % of the measured GEMM peak in one table, plus the HTML report."""
     import numpy as np
 
@@ -336,7 +403,8 @@ def _bench_step(
         warmup_iters=5, warmup_seconds=0.05, min_iters=30, min_seconds=latency_seconds, repeats=3
     )
     report = run_bench(
-        [f"unfolded={tmp / 'unfolded'}", f"folded={folded}"],
+        [f"unfolded={tmp / 'unfolded'}", f"folded={folded}"]
+        + ([f"pruned={pruned}"] if pruned is not None else []),
         data=str(data),
         config=config,
         threads=threads,
@@ -374,6 +442,7 @@ def _run(
     lora_seconds: float = 2.0,
     bench: bool = True,
     quantize: str | None = None,
+    prune: str | None = None,
 ) -> None:
     """The demo; prints as it goes and keeps what it printed for ``summary.txt``."""
     import torch
@@ -520,6 +589,51 @@ def _run(
                     report.params_after,
                     report.flops_after,
                 )
+        pruned_bundle = None
+        if prune is not None:
+            pruned = _prune_step(
+                tmp,
+                model,
+                specs,
+                source,
+                _digits_calibration(x_train, x_test, y_test, seed),
+                prune,
+                seed,
+                threads,
+                say,
+            )
+            if pruned is not None:
+                pruned_bundle = tmp / "pruned"
+                rep = pruned.prune.report
+                p_session = _ort_session(pruned_bundle / pruned.formats[0].file, threads)
+                measured[f"onnxruntime pruned {prune}"] = (
+                    lambda: p_session(one_np),
+                    _np_accuracy(p_session(x_test), y_test),
+                    rep.params_after,
+                    2 * rep.macs_after,
+                )
+                if quantize is not None:
+                    pq = _quantize_step(
+                        tmp,
+                        (pruned.prune.model, (example,), specs),
+                        x_train,
+                        x_test,
+                        y_test,
+                        quantize,
+                        latency_seconds,
+                        seed,
+                        say,
+                        name="pruned",
+                    )
+                    pruned_bundle = tmp / "pruned-quantized"
+                    if pq is not None:
+                        pq_session = _ort_session(pq, threads)
+                        measured[f"onnxruntime pruned {quantize}"] = (
+                            lambda: pq_session(one_np),
+                            _np_accuracy(pq_session(x_test), y_test),
+                            rep.params_after,
+                            2 * rep.macs_after,
+                        )
         rows = [
             _Row(name, params, flops, acc, _latency(fn, latency_seconds))
             for name, (fn, acc, params, flops) in measured.items()
@@ -537,7 +651,17 @@ def _run(
             say(f"{name} ONNX bundle: {out / path.relative_to(tmp)}")
         if bench:
             folded_bundle = tmp / "folded-quantized" if quantize else tmp / "folded"
-            _bench_step(tmp, folded_bundle, out, x_test, y_test, threads, latency_seconds, say)
+            _bench_step(
+                tmp,
+                folded_bundle,
+                out,
+                x_test,
+                y_test,
+                threads,
+                latency_seconds,
+                say,
+                pruned=pruned_bundle,
+            )
         say(f"all outputs: {out}  ({time.perf_counter() - start:.1f} s)")
 
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")

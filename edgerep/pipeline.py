@@ -84,6 +84,7 @@ if TYPE_CHECKING:
     from edgerep.exporters import Artifact, Exporter
     from edgerep.fold.report import FoldReport
     from edgerep.merge.report import MergeReport
+    from edgerep.prune._stage import PruneOptions, PruneStageResult
     from edgerep.runtimes import Runtime
 
 __all__ = [
@@ -102,6 +103,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _PARITY_INPUTS = 3
+_ORIGINAL = "original (unfolded) model"
+_PRUNED = "pruned model"
 
 
 @dataclass
@@ -113,6 +116,8 @@ class ConvertResult:
     formats: list[FormatStatus]
     manifest: dict[str, Any]
     merge_report: MergeReport | None = None
+    #: the prune stage (`edgerep.prune._stage`), when `convert` pruned
+    prune: PruneStageResult | None = None
 
     def status_table(self) -> str:
         """The per-format status table."""
@@ -124,6 +129,7 @@ class ConvertResult:
             "bundle": str(self.bundle),
             "fold_report": self.fold_report.to_dict() if self.fold_report else None,
             "merge_report": self.merge_report.to_dict() if self.merge_report else None,
+            **({"prune_report": self.prune.to_dict()} if self.prune else {}),
             "formats": [finite(asdict(s)) for s in self.formats],
         }
 
@@ -212,6 +218,8 @@ class _Prepared:
     input_labels: list[dict[str, Any]]
     references: list[list[np.ndarray]]
     allow_nonfinite_reference: bool = False
+    #: what the artifacts are compared with (the pruned model after a prune stage)
+    reference_label: str = _ORIGINAL
 
 
 def _prepare(
@@ -220,6 +228,7 @@ def _prepare(
     seed: int,
     *,
     allow_nonfinite_reference: bool = False,
+    reference_label: str = _ORIGINAL,
 ) -> _Prepared:
     specs = list(specs)
     validate_specs(specs)
@@ -233,7 +242,9 @@ def _prepare(
         refs.append(_run_reference(reference, specs, ref_x))
         inputs.append(x)
         labels.append({"seed": s, "shapes": {sp.name: list(t.shape) for sp, t in zip(specs, x)}})
-    return _Prepared(reference, specs, inputs, labels, refs, allow_nonfinite_reference)
+    return _Prepared(
+        reference, specs, inputs, labels, refs, allow_nonfinite_reference, reference_label
+    )
 
 
 def _merge(
@@ -335,7 +346,12 @@ def _fold_rows(report: FoldReport | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _parity_rows(fmt: str, precision: str, parity: Sequence[OutputParity]) -> list[dict[str, Any]]:
+def _parity_rows(
+    fmt: str,
+    precision: str,
+    parity: Sequence[OutputParity],
+    reference: str = "the original model",
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for p in parity:
         rows.append(
@@ -343,7 +359,7 @@ def _parity_rows(fmt: str, precision: str, parity: Sequence[OutputParity]) -> li
                 "stage": "verify",
                 "action": "passed" if p.passed else "failed",
                 "detail": (
-                    f"{fmt}/{precision} output {p.output!r} vs the original model (float32) on "
+                    f"{fmt}/{precision} output {p.output!r} vs {reference} (float32) on "
                     f"{_PARITY_INPUTS} inputs, {p.elements} elements compared: max abs "
                     f"{p.max_abs_error:.3e}, cosine {p.cosine:.9f}, tolerance "
                     f"{p.threshold_rel:.0e} of max |ref|" + (f"; {p.reason}" if p.reason else "")
@@ -371,7 +387,7 @@ def _parity_dict(
     prepared: _Prepared, parity: Sequence[OutputParity], tol: Tolerance, runtime: Mapping[str, Any]
 ) -> dict[str, Any]:
     return {
-        "reference": "original (unfolded) model, float32, PyTorch eager",
+        "reference": f"{prepared.reference_label}, float32, PyTorch eager",
         "runtime": dict(runtime),
         "inputs": prepared.input_labels,
         "tolerance": {"rel_to_max_abs_reference": tol.rel},
@@ -612,6 +628,7 @@ def convert(
     exporter_options: Mapping[str, Mapping[str, Any]] | None = None,
     merge: Mapping[str, Any] | None = None,
     allow_nonfinite_reference: bool = False,
+    prune: PruneOptions | None = None,
 ) -> tuple[Path, ConvertResult]:
     """Fold, export to each format, verify against the original model, write a bundle.
 
@@ -635,6 +652,10 @@ def convert(
         allow_nonfinite_reference: the model's outputs hold NaN/Inf on purpose (e.g.
             ``-inf`` attention masks); artifacts must then give the same non-finite
             values at the same places. Off: any NaN/Inf in an output fails parity.
+        prune: prune the folded model (`edgerep.prune._stage.PruneOptions`). Pruning is
+            lossy: its error against the folded model is a ``prune`` row of the ledger,
+            and the artifacts are verified against the pruned model; the bundle also
+            holds ``prune_plan.json``, ``pruned_state_dict.pt`` and ``prune_report.json``.
 
     Returns:
         The bundle path and a `ConvertResult`. A format whose runtime cannot run here
@@ -669,6 +690,8 @@ def convert(
         raise ConfigError(f"rtol must be positive, got {rtol!r}")
     target = check_output_dir(out_dir, overwrite=overwrite)
     refuse_non_finite(model, action="convert")
+    if prune is not None:
+        prune.check()  # a bad target, backend or fine-tune file fails before any work
 
     reference, merged, merge_report = _merge_stage(model, merge)
     prepared = _prepare(reference, specs, seed, allow_nonfinite_reference=allow_nonfinite_reference)
@@ -678,6 +701,21 @@ def convert(
     if fold:
         subject, report = _fold(merged, example)
     ledger: list[dict[str, Any]] = _merge_rows(merge_report) + _fold_rows(report)
+    pruned: PruneStageResult | None = None
+    if prune is not None:
+        from edgerep.prune._stage import prune_stage
+
+        pruned = prune_stage(subject, prepared.inputs, [s.name for s in prepared.specs], prune)
+        ledger += pruned.rows
+        subject = pruned.export_model
+        prepared = _prepare(
+            subject,
+            specs,
+            seed,
+            allow_nonfinite_reference=allow_nonfinite_reference,
+            reference_label=_PRUNED,
+        )
+        example = prepared.inputs[0]
 
     problems = [p for e in exporters for p in e.check(subject, example, prepared.specs)]
     if problems:
@@ -704,6 +742,8 @@ def convert(
             raise ExportError(_failure(statuses, "export failed"))
         if any(s.status == FAILED for s in statuses):
             raise VerificationError(_failure(statuses, "parity check failed"))
+        if pruned is not None:
+            pruned.write(tmp)
         manifest = _finish_bundle(
             tmp,
             title="convert",
@@ -716,7 +756,7 @@ def convert(
             outputs=outputs,
             artifacts=artifacts,
         )
-    return target, ConvertResult(target, report, statuses, manifest, merge_report)
+    return target, ConvertResult(target, report, statuses, manifest, merge_report, pruned)
 
 
 def _export_and_verify(
@@ -803,7 +843,13 @@ def _export_and_verify(
             {"stage": "verify", "action": "failed", "detail": f"{fmt}: {msg}", "error": None}
         )
         return FormatStatus(fmt, artifact.precision, FAILED, msg, rel), None, rows
-    rows += _parity_rows(fmt, artifact.precision, parity)
+    pruned_ref = prepared.reference_label != _ORIGINAL
+    rows += _parity_rows(
+        fmt,
+        artifact.precision,
+        parity,
+        f"the {prepared.reference_label}" if pruned_ref else "the original model",
+    )
     ok = all(p.passed for p in parity)
     why = "; ".join(f"output {p.output!r}: {p.reason}" for p in parity if not p.passed)
     reported = []

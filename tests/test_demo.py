@@ -27,6 +27,8 @@ def test_demo_end_to_end(tmp_path, capsys):
             "0.05",
             "--quantize",
             "int8",
+            "--prune",
+            "macs=0.6",
         ]
     )
     captured = capsys.readouterr()
@@ -44,6 +46,11 @@ def test_demo_end_to_end(tmp_path, capsys):
         for line in captured.out.splitlines()
         if line.startswith(VARIANTS) and not line.startswith(quantized_row)
     ]
+    # --prune: convert --prune into pruned/, its ledger records the loss, then quantized too
+    assert "prune macs=0.6: met" in captured.out and "lossy:" in captured.out
+    manifest = json.loads((out / "pruned" / "manifest.json").read_text())
+    assert any(r["stage"] == "prune" and r["action"] == "lossy" for r in manifest["ledger"])
+    assert (out / "pruned-quantized" / "quantize_report.json").is_file()
     assert [next(v for v in VARIANTS if r.startswith(v + " ")) for r in rows] == list(VARIANTS)
     lora = [line for line in captured.out.splitlines() if line.startswith("LoRA fine-tune")]
     assert len(lora) == 1 and "on 2 layers" in lora[0] and "edgerep.merge" in lora[0]
@@ -54,8 +61,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     # the report names the files where they are now, not the run's temporary directory
     assert bench["settings"]["data"] == str((out / "digits_test.npz").resolve())
     assert {r["bundle"] for r in bench["rows"]} <= {
-        str((out / name).resolve()) for name in ("folded", "unfolded", "folded-quantized")
+        str((out / name).resolve())
+        for name in ("folded", "unfolded", "folded-quantized", "pruned-quantized")
     }
+    assert "pruned" in {r["variant"] for r in bench["rows"]}
     assert all(Path(r["bundle"]).is_dir() for r in bench["rows"])
     assert ".tmp-" not in (out / "bench" / "bench.json").read_text()
     runtimes = {(r["variant"], r["runtime"]) for r in bench["rows"]}
@@ -72,6 +81,14 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     results = json.loads((out / "demo.json").read_text())
     by_name = {r["variant"]: r for r in results["rows"]}
+    pruned = by_name.pop("onnxruntime pruned macs=0.6")
+    assert pruned["flops"] <= 0.6 * by_name["onnxruntime folded"]["flops"] + 1
+    assert pruned["params"] < by_name["onnxruntime folded"]["params"]
+    assert pruned["latency"]["p50_ms"] > 0 and 0 <= pruned["accuracy"] <= 1
+    pruned_q = json.loads((out / "pruned-quantized" / "quantize_report.json").read_text())
+    ort_q = next(b for b in pruned_q["backends"] if b["backend"] == "onnxruntime")
+    assert ("onnxruntime pruned int8" in by_name) == (ort_q["artifact"] is not None)
+    by_name.pop("onnxruntime pruned int8", None)
     int8 = by_name.pop("onnxruntime folded int8", None)
     assert (int8 is not None) == (ort["artifact"] is not None)
     if int8 is not None:
@@ -106,6 +123,7 @@ def test_demo_refuses_an_unrelated_directory(tmp_path, capsys):
         (["--seconds", "0"], "--seconds"),
         (["--threads", "0"], "--threads"),
         (["--quantize", "int4"], "not a mode"),
+        (["--prune", "latency=1.2"], "impossible"),
     ],
 )
 def test_demo_rejects_bad_options(tmp_path, capsys, args, message):

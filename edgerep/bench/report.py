@@ -28,6 +28,7 @@ __all__ = [
     "REPORT_SCHEMA_VERSION",
     "markdown_table",
     "pareto_front",
+    "pruning_markdown",
     "quantization_markdown",
     "render_html",
     "validate_report",
@@ -93,6 +94,14 @@ REPORT_SCHEMA: dict[str, Any] = {
         "quantization": {
             "type": "array",
             "items": {"type": "object", "required": ["variant", "report"]},
+        },
+        "pruning": {
+            "type": "object",
+            "required": ["variants", "points"],
+            "properties": {
+                "variants": {"type": "array", "items": {"type": "object"}},
+                "points": {"type": "array", "items": {"type": "object"}},
+            },
         },
         "errors": {
             "type": "array",
@@ -326,6 +335,51 @@ def quantization_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def pruning_markdown(report: Mapping[str, Any]) -> str:
+    """A pruning sweep (``edgerep prune --sweep``): per variant MACs, params, measured p50
+    ratio against the unpruned bundle per backend, top-1 before/after; "" if none."""
+    pruning = report.get("pruning") or {}
+    variants = pruning.get("variants") or []
+    if not variants:
+        return ""
+    out = [
+        "### Pruning sweep",
+        "",
+        "| variant | status | MACs | params | measured p50 / unpruned | top-1 before | "
+        "top-1 after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        macs = (
+            f"{v['macs_after']:,} ({v['macs_after'] / v['macs_before']:.3f})"
+            if v.get("macs_before")
+            else "-"
+        )
+        params = (
+            f"{v['params_after']:,} ({v['params_after'] / v['params_before']:.3f})"
+            if v.get("params_before")
+            else "-"
+        )
+        ratios = "; ".join(f"{k}: {r:.3f}" for k, r in (v.get("p50_ratio") or {}).items()) or "-"
+        out.append(
+            f"| {v['variant']} | {v.get('status') or '-'} | {macs} | {params} | {ratios} | "
+            f"{_f(v.get('top1_before'), '.2%')} | {_f(v.get('top1_after'), '.2%')} |"
+        )
+    front = [p for p in pruning.get("points") or [] if p.get("pareto")]
+    if front:
+        out += [
+            "",
+            "Pareto front (accuracy vs p50, every row): "
+            + ", ".join(
+                f"{p['variant']} / {p['runtime']} {p['precision']} ({p['p50_ms']:.3f} ms, "
+                f"{p['top1']:.2%})"
+                for p in front
+            ),
+        ]
+    out.append("")
+    return "\n".join(out)
+
+
 def _throughput_lines(report: Mapping[str, Any]) -> list[str]:
     """The throughput table (rows measured with concurrency), or nothing."""
     out = []
@@ -392,6 +446,9 @@ def render_html(report: Mapping[str, Any]) -> str:
     quantized = quantization_markdown(report)
     if quantized:
         parts.append("<h2>Quantization</h2><pre>" + html.escape(quantized) + "</pre>")
+    pruned = pruning_markdown(report)
+    if pruned:
+        parts.append("<h2>Pruning</h2><pre>" + html.escape(pruned) + "</pre>")
     devices = report.get("devices") or []
     if devices:
         parts.append(
@@ -461,8 +518,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench.json", "markdown": out / "bench.md"}
     _write(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
-    quantized = quantization_markdown(data)
-    _write(paths["markdown"], markdown_table(data) + ("\n" + quantized if quantized else ""))
+    extra = "".join("\n" + s for s in (quantization_markdown(data), pruning_markdown(data)) if s)
+    _write(paths["markdown"], markdown_table(data) + extra)
     if html_page:
         paths["html"] = out / "bench.html"
         _write(paths["html"], render_html(data))

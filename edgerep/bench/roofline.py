@@ -74,7 +74,16 @@ def activation_and_param_bytes(model: Any, inputs: tuple[Any, ...]) -> tuple[int
 
 
 def bundle_flops(bundle_dir: str | Path) -> int | None:
-    """``flops_after`` from a bundle's ``fold_report.json`` (None when absent or zero)."""
+    """``flops_after`` from a bundle's ``fold_report.json`` (None when absent or zero); a
+    pruned bundle's from ``prune_report.json`` (2 x the conv/linear MACs left, counted as
+    the fold report counts FLOPs), since its fold report describes the unpruned model."""
+    try:
+        pruned = json.loads((Path(bundle_dir) / "prune_report.json").read_text())
+        macs = int(pruned.get("macs_after") or 0) if isinstance(pruned, dict) else 0
+    except (OSError, ValueError, TypeError):
+        macs = 0
+    if macs > 0:
+        return 2 * macs
     path = Path(bundle_dir) / "fold_report.json"
     try:
         report = json.loads(path.read_text())

@@ -102,124 +102,409 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--cache-dir", metavar="DIR", help="latency table cache (~/.cache/edgerep/prune)"
     )
+    p.add_argument("--seconds", type=float, metavar="S", help="--sweep: timed seconds per row")
+    p.add_argument("--repeats", type=int, metavar="N", help="--sweep: latency runs per row")
+    _add_finetune_sweep_args(p)
     p.set_defaults(handler=run_prune)
 
 
-def _calibration(args: argparse.Namespace, names: list[str]) -> tuple[Any, Any, Any]:
-    """(calib tensors batched, eval tensors, labels) or Nones without --calib."""
-    if not args.calib:
-        return None, None, None
-    import numpy as np
-    import torch
+def _add_finetune_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--finetune",
+        metavar="FILE.py:FN",
+        help="optional: fn(model, data) -> model, run after pruning and recovery (data: the "
+        "calibration inputs, the unpruned model as teacher; see edgerep.prune._finetune); "
+        "needs --calib (top-1 before/after is measured on its evaluation part)",
+    )
+    p.add_argument(
+        "--finetune-data",
+        metavar="DATA",
+        help="what --finetune trains on (.npz x[, y], image folder or file.py:fn; one-input "
+        "models); default: the calibration inputs without labels",
+    )
+    p.add_argument(
+        "--sweep",
+        metavar="R,R,...",
+        help="one pruned bundle per ratio of the target's kind (e.g. 0.3,0.5,0.7), plus the "
+        "unpruned one, benchmarked together: OUT/bench/bench.{json,md,html} with the "
+        "accuracy-vs-latency Pareto plot",
+    )
 
+
+def add_convert_prune_args(p: argparse.ArgumentParser) -> None:
+    """The pruning options of ``edgerep convert`` (stage order merge, fold, prune, quantize)."""
+    p.add_argument(
+        "--prune",
+        metavar="TARGET",
+        help="prune after folding: latency=R, macs=R, params=R (fraction that remains) or "
+        "widths=GROUP:W,...; see `edgerep prune`",
+    )
+    p.add_argument(
+        "--prune-backend",
+        metavar="NAME",
+        help="where a latency target is measured: onnxruntime (default when --to has onnx) "
+        "or openvino (default for an openvino-only --to)",
+    )
+    p.add_argument("--prune-importance", default="l2", metavar="I", help="l2, l1 or taylor")
+    p.add_argument(
+        "--prune-method",
+        default="channels",
+        metavar="M,M",
+        help="channels (default), depth (needs --calib), rank; comma-separated; see `edgerep prune`",
+    )
+    p.add_argument("--prune-depth-blocks", type=int, metavar="N", help="see --depth-blocks")
+    p.add_argument(
+        "--prune-depth-error", type=float, default=0.1, metavar="E", help="see --depth-error"
+    )
+    p.add_argument(
+        "--prune-rank-error", type=float, default=0.05, metavar="E", help="see --rank-error"
+    )
+    p.add_argument("--prune-recovery", metavar="R", help="ls (default with --calib), mean, none")
+    p.add_argument(
+        "--prune-keep", action="append", default=[], metavar="NAME", help="never pruned (repeat)"
+    )
+    p.add_argument(
+        "--prune-latency-input",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="input shape latency is measured at (default: --input), e.g. x:1x3x224x224",
+    )
+    p.add_argument("--prune-cache-dir", metavar="DIR", help="latency table cache")
+    _add_finetune_sweep_args(p)
+
+
+_PRUNE_ONLY = (
+    "prune_backend",
+    "prune_depth_blocks",
+    "prune_recovery",
+    "prune_keep",
+    "prune_latency_input",
+    "prune_cache_dir",
+    "finetune",
+    "finetune_data",
+    "sweep",
+)
+
+
+def _converts_with_pruning(args: argparse.Namespace) -> bool:
+    # --prune TARGET, or a method that needs no target (depth, rank)
+    return args.prune is not None or args.prune_method != "channels"
+
+
+def check_convert_prune(args: argparse.Namespace, formats: list[str]) -> None:
+    """Usage errors of the convert pruning options, all at once, before the model loads.
+
+    Raises:
+        ConfigError: a pruning option without --prune, a bad target or backend, data
+            missing where needed.
+    """
+    from edgerep.errors import ConfigError
+
+    if not _converts_with_pruning(args):
+        given = [f"--{k.replace('_', '-')}" for k in _PRUNE_ONLY if getattr(args, k)]
+        if args.prune_importance != "l2":
+            given.append("--prune-importance")
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} apply to pruning; add --prune TARGET (or --prune-method "
+                "depth / rank)"
+            )
+        return
+    _options(args, formats, specs=None, data=None).check(has_data=bool(args.calib))
+
+
+def _folder(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "mean": args.mean if len(args.mean) > 1 else args.mean[0],
+        "std": args.std if len(args.std) > 1 else args.std[0],
+    }
+
+
+def _load_data(args: argparse.Namespace, specs: list[Any]) -> Any:
+    if not args.calib:
+        return None
     from edgerep.quantize import load_calibration
 
-    data = load_calibration(
+    return load_calibration(
         args.calib,
-        input_names=names,
+        inputs=[s.to_dict() for s in specs],
         samples=args.calib_samples,
         seed=args.calib_seed,
         x_key=args.x_key,
         y_key=args.y_key,
-        image_size=args.image_size,
-        channels=args.channels,
-        mean=args.mean if len(args.mean) > 1 else args.mean[0],
-        std=args.std if len(args.std) > 1 else args.std[0],
+        **_folder(args),
     )
-    calib = [torch.from_numpy(np.concatenate([f[n] for f in data.calib])) for n in names]
-    evals = [torch.from_numpy(np.asarray(data.eval_feeds[n])) for n in names]
-    labels = torch.from_numpy(np.asarray(data.labels)) if data.labels is not None else None
-    return calib, evals, labels
+
+
+def _options(
+    args: argparse.Namespace, formats: list[str], *, specs: list[Any] | None, data: Any
+) -> Any:
+    """`PruneOptions` from either verb's flags (convert's are ``--prune-*``)."""
+    from edgerep.prune._stage import PruneOptions, default_prune_backend
+
+    convert = args.command == "convert"
+    get = (lambda k: getattr(args, "prune_" + k)) if convert else (lambda k: getattr(args, k))
+    backend = get("backend") if convert else args.backend
+    lat = get("latency_input")
+    lat_inputs = None
+    if lat and specs is not None:
+        from edgerep.cli import _parse_specs
+        from edgerep.spec import example_inputs
+
+        lat_inputs = tuple(example_inputs(_parse_specs(lat), seed=args.seed))
+    ft_data = None
+    if args.finetune_data and specs is not None:
+        from edgerep.bench.accuracy import load_dataset
+        from edgerep.errors import ConfigError
+
+        if len(specs) != 1:
+            raise ConfigError(
+                "--finetune-data is for one-input models; this model takes "
+                f"{len(specs)} inputs (leave it out: the fine-tune then gets "
+                "the calibration inputs)"
+            )
+        ft_data = load_dataset(
+            args.finetune_data, x_key=args.x_key, y_key=args.y_key, **_folder(args)
+        )
+    return PruneOptions(
+        target=(args.prune if convert else args.target) or "",
+        method=get("method"),
+        depth_blocks=get("depth_blocks"),
+        depth_error=get("depth_error"),
+        rank_error=get("rank_error"),
+        backend=backend or default_prune_backend(formats),
+        importance=get("importance"),
+        recovery=get("recovery"),
+        keep=tuple(get("keep")),
+        data=data,
+        finetune=args.finetune,
+        finetune_data=ft_data,
+        threads=getattr(args, "threads", 1) if not convert else 1,
+        min_ratio=getattr(args, "min_ratio", 0.125),
+        cache_dir=get("cache_dir"),
+        latency_inputs=lat_inputs,
+    )
+
+
+def convert_prune_options(args: argparse.Namespace, specs: list[Any], formats: list[str]) -> Any:
+    """The `PruneOptions` of ``edgerep convert --prune`` (None without --prune)."""
+    if not _converts_with_pruning(args):
+        return None
+    return _options(args, formats, specs=specs, data=_load_data(args, specs))
+
+
+def _sweep_targets(args: argparse.Namespace, target: str) -> list[str]:
+    from edgerep.prune._config import parse_target
+    from edgerep.prune._sweep import parse_sweep
+
+    return parse_sweep(args.sweep, parse_target(target).kind)
+
+
+def _bench_config(args: argparse.Namespace) -> Any:
+    from edgerep.bench.latency import LatencyConfig
+
+    overrides = {
+        "min_seconds": getattr(args, "seconds", None),
+        "repeats": getattr(args, "repeats", None),
+    }
+    return LatencyConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_convert_sweep(
+    args: argparse.Namespace,
+    model: Any,
+    specs: list[Any],
+    description: dict[str, Any],
+    formats: list[str],
+    exporter_options: dict[str, Any],
+    prune: Any,
+    quantize: tuple[Any, list[str]] | None,
+) -> int:
+    """``edgerep convert --prune ... --sweep``: one (quantized, with --quantize) bundle per ratio."""
+    import shutil
+    from dataclasses import replace
+
+    from edgerep.bundle import private_dir
+    from edgerep.cli import _quant_options
+    from edgerep.pipeline import convert
+
+    targets = _sweep_targets(args, prune.target)
+
+    def make(out: Path, target: str | None) -> None:
+        common = {
+            "to": formats,
+            "fold": not args.no_fold,
+            "rtol": args.rtol,
+            "seed": args.seed,
+            "source": description,
+            "merge": args.merge_options,
+            "exporter_options": exporter_options,
+            "allow_nonfinite_reference": args.allow_nonfinite_reference,
+            "prune": None if target is None else replace(prune, target=target),
+        }
+        if quantize is None:
+            convert(model, specs, out_dir=out, **common)
+            return
+        from edgerep.quantize import quantize_bundle
+
+        data, backends = quantize
+        if "executorch" in backends:
+            from edgerep.errors import ConfigError
+
+            raise ConfigError(
+                "--sweep with --quantize on executorch is not supported; "
+                "pass --backend onnxruntime or openvino"
+            )
+        scratch = private_dir(out, "float")
+        try:
+            convert(model, specs, out_dir=scratch / "bundle", **common)
+            quantize_bundle(
+                scratch / "bundle",
+                out,
+                data=data,
+                backends=backends,
+                mode=args.quantize,
+                **{**_quant_options(args), "overwrite": False},
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    return _finish_sweep(args, specs, targets, make, prune.data)
+
+
+def _finish_sweep(
+    args: argparse.Namespace, specs: list[Any], targets: list[str], make: Any, data: Any
+) -> int:
+    from edgerep.bench.report import markdown_table, pruning_markdown
+    from edgerep.cli import EXIT_OK
+    from edgerep.prune._sweep import run_sweep
+
+    out, report = run_sweep(
+        args.out,
+        targets,
+        make,
+        data=data,
+        input_names=[s.name for s in specs],
+        overwrite=args.force,
+        latency_config=_bench_config(args),
+    )
+    if args.json:
+        print(json.dumps({"bundle": str(out), "bench": report}, indent=2, default=str))
+    else:
+        print(markdown_table(report), end="")
+        print()
+        print(pruning_markdown(report))
+        print(f"bundles and bench report: {out} (bench/bench.html)")
+    return EXIT_OK
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from edgerep.cli import EXIT_OK, _formats_and_options, _load, _parse_specs
+    from edgerep.cli import EXIT_OK, _formats_and_options, _load
     from edgerep.errors import ConfigError
-    from edgerep.prune import PrunePlan, apply_plan, parse_target, prune, save_pruned
-    from edgerep.prune._engine import parse_methods
-    from edgerep.prune._latency import get_backend
-    from edgerep.spec import example_inputs
+    from edgerep.pipeline import convert
 
     problems = []
-    target = None
-    methods: tuple[str, ...] = ("channels",)
-    try:
-        methods = parse_methods(args.method)
-    except ConfigError as e:
-        problems.append(str(e))
-    if args.plan is None and not args.target and "channels" in methods:
+    if args.plan is None and not args.target and "channels" in args.method.split(","):
         problems.append("give --target (e.g. latency=0.5) or --plan prune_plan.json")
-    if args.target and "channels" not in methods:
-        problems.append(
-            f"--target sets how many channels go but --method {args.method} prunes no "
-            "channels; add channels to --method or drop --target"
-        )
-    if args.target:
-        try:
-            target = parse_target(args.target)
-        except ConfigError as e:
-            problems.append(str(e))
-    try:
-        get_backend(args.backend)
-    except ConfigError as e:
-        problems.append(str(e))
-    needs_calib = (args.recovery in ("ls", "mean")) or args.importance == "taylor"
-    if needs_calib and not args.calib:
-        problems.append(
-            f"--recovery {args.recovery} / --importance {args.importance} need --calib DATA "
-            "(an .npz, image folder or file.py:fn of representative inputs)"
-        )
-    if "depth" in methods and not args.calib and args.plan is None:
-        problems.append(
-            "--method depth fits each replaced block on calibration data: give --calib DATA "
-            "(an .npz, image folder or file.py:fn of representative inputs)"
-        )
-    if problems:
-        raise ConfigError("; ".join(problems))
+    if args.plan is not None and (args.sweep or args.finetune):
+        problems.append("--plan re-applies a saved plan; --sweep and --finetune search anew")
+    if args.sweep and not args.target:
+        problems.append("--sweep gives ratios of --target's kind; give --target too")
     args.option = getattr(args, "option", [])
     formats, options = _formats_and_options(args)
+    if args.plan is None:
+        try:
+            _options(args, formats, specs=None, data=None).check(has_data=bool(args.calib))
+        except ConfigError as e:
+            problems.append(str(e))
+        if args.sweep and args.target:
+            try:
+                _sweep_targets(args, args.target)
+            except ConfigError as e:
+                problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
     model, specs, description = _load(args)
+    if args.plan:
+        return _reapply(args, model, specs, description, formats, options)
+    data = _load_data(args, specs)
+    prune = _options(args, formats, specs=specs, data=data)
+    if args.sweep:
+        from dataclasses import replace
+
+        def make(out: Path, target: str | None) -> None:
+            convert(
+                model,
+                specs,
+                to=formats,
+                out_dir=out,
+                fold=not args.no_fold,
+                seed=args.seed,
+                source=description,
+                exporter_options=options,
+                prune=None if target is None else replace(prune, target=target),
+            )
+
+        return _finish_sweep(args, specs, _sweep_targets(args, args.target), make, data)
+    _, result = convert(
+        model,
+        specs,
+        to=formats,
+        out_dir=args.out,
+        overwrite=args.force,
+        fold=not args.no_fold,
+        seed=args.seed,
+        source=description,
+        exporter_options=options,
+        prune=prune,
+    )
+    assert result.prune is not None
+    report_dict = result.prune.to_dict()
+    if args.json:
+        print(json.dumps({"prune": report_dict, "bundle": str(result.bundle)}, indent=2))
+    else:
+        print(result.prune.to_text())
+        print()
+        print("formats:")
+        print(result.status_table())
+        print()
+        print(f"bundle: {result.bundle}")
+    return EXIT_OK
+
+
+def _reapply(
+    args: argparse.Namespace,
+    model: Any,
+    specs: list[Any],
+    description: dict[str, Any],
+    formats: list[str],
+    options: dict[str, Any],
+) -> int:
+    """``--plan``: the saved plan applied to the (folded) model, exported and verified."""
+    import numpy as np
+    import torch
+
+    from edgerep.cli import EXIT_OK
+    from edgerep.pipeline import convert
+    from edgerep.prune import PrunePlan, apply_plan, save_pruned
+    from edgerep.spec import example_inputs
+
     inputs = example_inputs(specs, seed=args.seed)
-    lat_specs = _parse_specs(args.latency_input) if args.latency_input else None
-    lat_inputs = example_inputs(lat_specs, seed=args.seed) if lat_specs else None
     if not args.no_fold:
         from edgerep.fold import fold
 
         model, _ = fold(model, inputs)
-    calib, evals, labels = _calibration(args, [s.name for s in specs])
-    if args.plan:
-        plan = PrunePlan.load(args.plan)
-        pruned = apply_plan(model, inputs, plan, calib=calib)
-        report_dict: dict[str, Any] = {"plan": str(Path(args.plan).resolve()), "reapplied": True}
-        text = (
-            f"re-applied {args.plan} ({len(plan.kept)} groups, {len(plan.depth)} blocks, "
-            f"{len(plan.ranks)} factorized layers)"
-        )
-    else:
-        pruned, report = prune(
-            model,
-            inputs,
-            target=target,
-            method=methods,
-            depth_blocks=args.depth_blocks,
-            depth_error=args.depth_error,
-            rank_error=args.rank_error,
-            importance=args.importance,
-            calib=evals if args.importance == "taylor" else calib,
-            labels=labels if args.importance == "taylor" else None,
-            backend=args.backend,
-            keep=args.keep,
-            recovery=args.recovery,
-            latency_inputs=lat_inputs,
-            threads=args.threads,
-            min_ratio=args.min_ratio,
-            cache_dir=args.cache_dir,
-        )
-        assert report.plan is not None  # prune() always records its plan
-        plan = report.plan
-        report_dict, text = report.to_dict(), report.to_text()
-    from edgerep.pipeline import convert
-
+    data = _load_data(args, specs)
+    calib = (
+        [torch.from_numpy(np.concatenate([f[s.name] for f in data.calib])) for s in specs]
+        if data is not None
+        else None
+    )
+    plan = PrunePlan.load(args.plan)
+    pruned = apply_plan(model, inputs, plan, calib=calib)
     _, result = convert(
         pruned,
         specs,
@@ -234,11 +519,15 @@ def run_prune(args: argparse.Namespace) -> int:
     )
     out = Path(result.bundle)
     save_pruned(pruned, plan, out)
-    (out / "prune_report.json").write_text(json.dumps(report_dict, indent=2, default=str) + "\n")
+    report = {"plan": str(Path(args.plan).resolve()), "reapplied": True}
+    (out / "prune_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
-        print(json.dumps({"prune": report_dict, "bundle": str(out)}, indent=2, default=str))
+        print(json.dumps({"prune": report, "bundle": str(out)}, indent=2))
     else:
-        print(text)
+        print(
+            f"re-applied {args.plan} ({len(plan.kept)} groups, {len(plan.depth)} blocks, "
+            f"{len(plan.ranks)} factorized layers)"
+        )
         print()
         print("formats:")
         print(result.status_table())

@@ -209,13 +209,15 @@ def apply_plan_structure(
     tp = require_torch_pruning()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
-    if check_sha256 is not None and model_sha256(model) != check_sha256:
+    work = copy.deepcopy(model).eval()
+    # hashed after the copy, as `prune` hashes its copy: a deep-copied torch.fx
+    # GraphModule prints under another class name than the fold's original
+    if check_sha256 is not None and model_sha256(work) != check_sha256:
         raise ConfigError(
             "the prune plan was made for another model (its model_sha256 differs from this "
             "model's); apply a plan to the exact model (same weights, folded the same way) "
             "it was made from"
         )
-    work = copy.deepcopy(model).eval()
     graph, groups = build_groups(work, example_inputs, trial=False)
     by_name = {g.name: g for g in groups}
     modules = dict(work.named_modules())
@@ -264,13 +266,15 @@ def apply_full_structure(
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
-    if check_sha256 and model_sha256(model) != plan.model_sha256:
+    work = copy.deepcopy(model).eval()
+    # hashed after the copy, as `prune` hashes its copy: a deep-copied torch.fx
+    # GraphModule prints under another class name than the fold's original
+    if check_sha256 and model_sha256(work) != plan.model_sha256:
         raise ConfigError(
             "the prune plan was made for another model (its model_sha256 differs from this "
             "model's); apply a plan to the exact model (same weights, folded the same way) "
             "it was made from"
         )
-    work = copy.deepcopy(model).eval()
     if plan.depth:
         gm = to_graph(work)
         work = replace_blocks(gm, blocks_from_plan(gm, example_inputs, plan.depth))

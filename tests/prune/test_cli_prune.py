@@ -116,8 +116,10 @@ RESNET = textwrap.dedent(
 def test_depth_and_rank_plan_made_in_python_replays_through_the_cli(tmp_path, capsys) -> None:
     import argparse
 
+    from edgerep.cli import _parse_specs
     from edgerep.prune import prune
-    from edgerep.prune._cli import _calibration
+    from edgerep.prune._cli import _load_data
+    from edgerep.prune._stage import _batched
     from edgerep.source import load_model
 
     src = tmp_path / "resnet.py"
@@ -134,7 +136,8 @@ def test_depth_and_rank_plan_made_in_python_replays_through_the_cli(tmp_path, ca
         mean=[0.0],
         std=[1.0],
     )
-    calib, _, _ = _calibration(args, ["x"])
+    # the calibration batch exactly as the CLI draws it (the plan checks its hash)
+    calib, _ = _batched(_load_data(args, _parse_specs(["x:1x3x12x12"])), ["x"])
     model, _ = load_model(f"{src}:build")
     pruned, report = prune(
         model,
@@ -172,7 +175,7 @@ def test_method_usage_errors(tmp_path, capsys) -> None:
     src, data = _files(tmp_path)
     out = str(tmp_path / "o")
     cases = [
-        (["--method", "depth"], "--method depth fits each replaced block"),
+        (["--method", "depth"], "depth pruning (fits each replaced block): need --calib"),
         (["--method", "depth", "--target", "macs=0.5", "--calib", data], "prunes no channels"),
         (["--method", "channels,widths"], "unknown pruning method"),
         (["--method", "depth", "--calib", data], "no residual block"),
