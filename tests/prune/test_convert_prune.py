@@ -290,7 +290,7 @@ def test_convert_prune_method_depth_refolds_and_verifies(tmp_path, files) -> Non
     assert len(plan["depth"]) == 1  # one block replaced by its fitted map
     assert any(r["action"] == "refolded" for r in rows)
     assert any(r["action"] == "lossy" for r in rows)
-    onnx = [a for a in manifest["artifacts"] if a["format"] == "onnx"][0]
+    onnx = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
     assert onnx["status"].startswith("verified")
 
 
