@@ -677,21 +677,27 @@ def merge_adapter_checkpoint(
 
         def merge_layer(t: _Target) -> None:
             mine = {k: tensors[k] for k in t.adapter_keys}
-            wrapper = _wrapped_layer(t, config, mine, reader)
+            first: list[nn.Module] = [_wrapped_layer(t, config, mine, reader)]
             stored = reader.header(t.weight)[0]
-            base: Any = wrapper.get_base_layer()  # type: ignore[operator]
+            base: Any = first[0].get_base_layer()  # type: ignore[operator]
             kind = KINDS[
                 kind_name.get(t.layer, f"torch.nn.modules.conv.Conv{base.weight.ndim - 2}d")
             ]
+            base_path = _base_path(first[0], base)
+            del base
+
+            def fresh() -> nn.Module:  # the first copy once, then new ones (fast rules write)
+                return first.pop() if first else _wrapped_layer(t, config, mine, reader)
+
             plan = _engine._Plan("active", rtol=rtol, fast=fast)
-            result = _engine._read(kind, wrapper, base, _base_path(wrapper, base), plan)
+            result = _engine._read(kind, fresh, base_path, plan)
             if isinstance(result, str):
                 raise VerificationError(f"layer {t.path!r} of the checkpoint: {result}")
             weight, bias, checks, routes = result
             dtype = _torch_dtype(stored)
             w = weight.T if t.layer == "conv1d-linear" else weight
             pending[t.weight] = round_to(w, dtype).contiguous()
-            del result, weight, w, wrapper
+            del result, weight, w
             if t.bias is not None:
                 bias_dtype = _torch_dtype(reader.header(t.bias)[0])
                 pending[t.bias] = round_to(bias, bias_dtype).contiguous()
