@@ -180,13 +180,13 @@ def _parser() -> argparse.ArgumentParser:
         default="linear",
         metavar="M",
         help="how several adapters (or --models checkpoints) combine: linear, task_arithmetic, "
-        "ties, dare_linear, dare_ties, breadcrumbs",
+        "ties, dare_linear, dare_ties, breadcrumbs, della, della_linear",
     )
     adapter_args.add_argument(
-        "--density", type=float, metavar="D", help="fraction of each delta kept by TIES/DARE"
+        "--density", type=float, metavar="D", help="fraction of each delta kept by TIES/DARE/DELLA/Breadcrumbs"
     )
     adapter_args.add_argument(
-        "--merge-seed", type=int, default=0, metavar="N", help="seed of DARE's random masks"
+        "--merge-seed", type=int, default=0, metavar="N", help="seed of DARE's and DELLA's random masks"
     )
     adapter_args.add_argument(
         "--keep-zeros", action="store_true", help="keep the exact zeros of the base weights"

@@ -114,9 +114,11 @@ def merge(
         combine: merge a combination of PEFT adapters, adapter name -> weight; each
             adapter's delta ``W_i - W0`` is read off the layer with only that adapter
             on, then combined per tensor with `method` (see `edgerep.merge._combine`).
-        method: 'linear', 'task_arithmetic', 'ties', 'dare_linear' or 'dare_ties'.
-        density: the fraction kept by TIES (by magnitude) and DARE (at random).
-        seed: seed of DARE's random masks (same seed, same model).
+        method: 'linear', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties',
+            'breadcrumbs', 'della' or 'della_linear' (`edgerep.merge._combine`).
+        density: the fraction kept by TIES and Breadcrumbs (by magnitude), DARE (at
+            random) and DELLA (at random, more likely the larger the entry).
+        seed: seed of DARE's and DELLA's random masks (same seed, same model).
         keep_zeros: keep the exact zeros of the base weights (a pruned or sparse
             base stays sparse); the merged layer then differs from the adapter's
             function at those entries, by design.

@@ -378,6 +378,26 @@ def test_dare_is_seeded(three, tmp_path):
     assert not torch.equal(outs[0]["w"], outs[2]["w"])
 
 
+def test_della_streams_the_shared_combination(three, tmp_path):
+    """The checkpoint merge draws DELLA's masks from one seeded generator, tensor by tensor
+    in the order it processes them (the report's order), with the adapters' code."""
+    from edgerep.merge import _combine
+
+    (base, *models), deltas = three
+    weights = [0.5, 0.3, 0.2]
+    report = merge_checkpoints(
+        base, models, tmp_path / "della", method="della", density=0.5, weights=weights, seed=5
+    )
+    out = _read(tmp_path / "della")
+    gen = torch.Generator().manual_seed(5)
+    per_key = {"w": deltas, "b": [d[0] for d in deltas]}
+    start = {"w": torch.zeros(2, 3, dtype=F64), "b": torch.ones(3, dtype=F64)}
+    assert [r.key for r in report.merged] in (["w", "b"], ["b", "w"])
+    for row in report.merged:
+        combined = _combine.combine("della", per_key[row.key], weights, density=0.5, generator=gen)
+        assert torch.equal(out[row.key], start[row.key] + combined)
+
+
 def test_mismatched_checkpoints_are_named(three, tmp_path):
     (base, *models), _ = three
     bad = _write(
