@@ -126,14 +126,18 @@ def test_bench_takes_a_hugging_face_directory_with_its_task(tmp_path):
     quick = LatencyConfig(warmup_iters=1, warmup_seconds=0, min_iters=3, min_seconds=0, repeats=1)
     report = run_bench([f"lm={path}"], task="causal-lm", config=quick, roofline=False)
     (row,) = report["rows"]
-    assert row["variant"] == "lm" and row["runtime"] == "torch" and row["latency"]["stats"]["p50_ms"] > 0
+    assert (
+        row["variant"] == "lm"
+        and row["runtime"] == "torch"
+        and row["latency"]["stats"]["p50_ms"] > 0
+    )
     target = parse_target(str(path), task="causal-lm")
     assert target.task == "causal-lm"
     _, inputs = _source_session(target, None)
     # the symbolic sequence length runs at its declared optimum (16), not at 1
     assert inputs == [{"name": "input_ids", "shape": [1, 16], "dtype": "int64"}]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="without manifest.json or config.json"):
+    with pytest.raises(ConfigError, match=r"without manifest\.json or config\.json"):
         parse_target(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="none of the targets is one"):
         run_bench(["model.pt2"], task="causal-lm", config=quick)
