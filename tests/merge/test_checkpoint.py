@@ -177,6 +177,60 @@ def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, model, adap
     assert changed >= len(report.merged)  # every targeted layer moved
 
 
+@pytest.mark.parametrize("tuner", ["vera", "lora+modules_to_save"])
+def test_shared_projections_and_modules_to_save_stream_bit_for_bit(tmp_path, tuner):
+    """VeRA's projections are shared by every layer (each slices its corner); a
+    modules_to_save copy replaces the checkpoint's tensors. Both equal the in-memory merge."""
+    from peft import VeraConfig
+
+    _save_base(tmp_path / "base", "llama")
+    torch.manual_seed(1)
+    if tuner == "vera":
+        config = VeraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    else:
+        config = LoraConfig(r=4, target_modules=["q_proj", "o_proj"], modules_to_save=["lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_load(tmp_path / "base", "llama", torch.float32), config)
+    randomize_adapters(pm, seed=1, std=0.1)  # the lm_head copy too: it is trainable
+    pm.save_pretrained(tmp_path / "adapter")
+
+    report = merge_adapter_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    if tuner == "vera":
+        assert report.routes == {"fast:peft-merge": 2 * 4}
+    else:
+        assert report.routes == {"fast:lora": 2 * 2, "swap": 1}
+    streamed = _load(tmp_path / "out", "llama", torch.bfloat16).state_dict()
+    in_memory, _ = edgerep.merge(
+        _peft(tmp_path / "base", tmp_path / "adapter", "llama", torch.bfloat16)
+    )
+    in_memory_sd = in_memory.state_dict()
+    base_sd = _load(tmp_path / "base", "llama", torch.bfloat16).state_dict()
+    assert streamed.keys() == in_memory_sd.keys()
+    for k in streamed:
+        assert torch.equal(streamed[k], in_memory_sd[k]), k
+    assert not torch.equal(
+        streamed["model.layers.0.self_attn.q_proj.weight"],
+        base_sd["model.layers.0.self_attn.q_proj.weight"],
+    )
+    if tuner != "vera":
+        assert not torch.equal(streamed["lm_head.weight"], base_sd["lm_head.weight"])
+
+
+def test_vera_without_its_projections_is_refused(tmp_path):
+    from peft import VeraConfig
+
+    _save_base(tmp_path / "base", "llama")
+    config = VeraConfig(r=4, target_modules=["q_proj"], save_projection=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_load(tmp_path / "base", "llama", torch.float32), config)
+        pm.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(edgerep.errors.UnsupportedError, match="save_projection=False"):
+        merge_adapter_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_single_file_checkpoint_and_fp16(tmp_path):
     _, config, _, _ = MODELS["llama"]
     torch.manual_seed(0)
