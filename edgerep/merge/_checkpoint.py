@@ -51,6 +51,7 @@ from torch import nn
 from edgerep.errors import ConfigError, SourceError, UnsupportedError, did_you_mean
 from edgerep.fold import verify
 from edgerep.fold.probe import round_to
+from edgerep.merge.report import RouteSummary
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ class TensorRow:
 
 
 @dataclass
-class CheckpointMergeReport:
+class CheckpointMergeReport(RouteSummary):
     """The report of `merge_adapter_checkpoint` or `merge_checkpoints`."""
 
     kind: str  # 'adapter' or 'models'
@@ -255,17 +256,6 @@ class CheckpointMergeReport:
     merged: list[TensorRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-    @property
-    def routes(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for r in self.merged:
-            counts[r.route] = counts.get(r.route, 0) + 1
-        return counts
-
-    @property
-    def max_error(self) -> float:
-        return max((r.max_rel_error or 0.0 for r in self.merged), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
