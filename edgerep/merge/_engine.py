@@ -187,6 +187,7 @@ def merge(
     for w in wrappers:
         root = _process(root, w, plan, report, copies)
     plan.arena = None
+    root = _tie_repeated(root)
     _note_dropped(plan, available, _peft.active_adapters(model), report)
     if plan.keep_zeros:
         report.notes.append(
@@ -412,6 +413,14 @@ def _shared(t: torch.Tensor) -> torch.Tensor | None:
     if type(t) is torch.Tensor:
         return t.detach().requires_grad_(t.requires_grad) if t.is_leaf else None
     return None  # a tensor subclass: deepcopy knows how to copy it
+
+
+def _tie_repeated(root: nn.Module) -> nn.Module:
+    """A wrapper the model holds at several paths was replaced at its first: tie the rest."""
+    for name, m in list(root.named_modules(remove_duplicate=False)):
+        if isinstance(m, _Pending) and name:
+            root = _set(root, name, root.get_submodule(m.path))
+    return root
 
 
 def _copy_shell(

@@ -257,3 +257,27 @@ def test_unchanged_tensors_share_storage_and_merged_ones_do_not():
     ids = torch.randint(0, 30, (2, 5))
     with torch.no_grad():
         assert rel_error(model(ids), independent(ids)) <= 1e-9
+
+
+class _Scaled(nn.Module):
+    """A custom adapter: a per-output scale after a base Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(6, 6)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) * self.scale
+
+
+def test_a_wrapper_held_at_two_paths_stays_tied():
+    torch.manual_seed(0)
+    wrapper = _Scaled()
+    model = nn.Sequential(wrapper, nn.ReLU(), wrapper).to(F64).eval()
+    merged, report = edgerep.merge(model)
+    assert len(report.merged) == 1 and type(merged[0]) is nn.Linear
+    assert merged[2] is merged[0]  # one module at both paths, like the input
+    x = torch.randn(4, 6, dtype=F64)
+    with torch.no_grad():
+        assert rel_error(model(x), merged(x)) <= 1e-9
