@@ -487,10 +487,11 @@ def _float64_copy(module: nn.Module, arena: _Arena | None = None) -> nn.Module:
         if t.is_floating_point() and id(t) not in memo:
             memo[id(t)] = None
             floating.append(t)
+    on_cpu = all(t.device.type == "cpu" and t.is_contiguous() for t in floating)
     copies = (
         arena.views(floating)
-        if arena is not None and all(t.is_contiguous() for t in floating)
-        else [torch.empty(t.shape, dtype=_F64) for t in floating]
+        if arena is not None and on_cpu
+        else [torch.empty(t.shape, dtype=_F64, device=t.device) for t in floating]
     )
     with torch.no_grad():
         for t, c in zip(floating, copies):
