@@ -33,13 +33,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from _merge_common import bert_base, busy_note, machine, run_worker
 from _rss import PeakRss as _PeakRss
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,8 +177,7 @@ def _make_berts(root: Path, shard_mb: int) -> list[Path]:
     paths = [root / f"bert-{n}" for n in ("base", "a", "b", "c")]
     if all((p / "complete").exists() for p in paths):
         return paths
-    torch.manual_seed(0)
-    base = transformers.BertModel(transformers.BertConfig()).state_dict()
+    base = bert_base(0).state_dict()
     gen = torch.Generator().manual_seed(1)
     for n, p in enumerate(paths):
         if n == 0:
@@ -292,11 +289,7 @@ def _worker_models(paths: list[Path], out: Path, method: str) -> dict[str, Any]:
 
 
 def _run(args: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, args)
 
 
 def main() -> None:
@@ -340,21 +333,11 @@ def main() -> None:
         "shards are written tensor by tensor and inputs unmapped after each shard, so memory "
         "holds about one tensor in float64 (plus PEFT's float64 copy of it), not one shard",
     ]
-    if max(load_before[0], load_after[0]) > 0.5:
-        notes.append(
-            f"the machine was busy (1-min load average {load_before[0]:.2f} before, "
-            f"{load_after[0]:.2f} after, on {os.cpu_count()} cores): times are upper bounds"
-        )
+    notes += busy_note(load_before, load_after)
     record = {
         "bench": "checkpoint_merge_bench",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-        },
+        "machine": machine(load_before, load_after),
         "adapter_case": {
             "model": f"Llama-shaped {LLAMA[size]}, random bf16, shards of {args.shard_mb} MB",
             "params": params,

@@ -182,13 +182,20 @@ def _parser() -> argparse.ArgumentParser:
         default="linear",
         metavar="M",
         help="how several adapters (or --models checkpoints) combine: linear, task_arithmetic, "
-        "ties, dare_linear, dare_ties, breadcrumbs",
+        "ties, dare_linear, dare_ties, breadcrumbs, della, della_linear",
     )
     adapter_args.add_argument(
-        "--density", type=float, metavar="D", help="fraction of each delta kept by TIES/DARE"
+        "--density",
+        type=float,
+        metavar="D",
+        help="fraction of each delta kept by TIES/DARE/DELLA/Breadcrumbs",
     )
     adapter_args.add_argument(
-        "--merge-seed", type=int, default=0, metavar="N", help="seed of DARE's random masks"
+        "--merge-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of DARE's and DELLA's random masks",
     )
     adapter_args.add_argument(
         "--keep-zeros", action="store_true", help="keep the exact zeros of the base weights"
@@ -551,6 +558,11 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         metavar="BUNDLE_OR_SRC",
         help="bundle dir or model source, [NAME=]PATH",
     )
+    p.add_argument(
+        "--task",
+        metavar="TASK",
+        help="how a Hugging Face model directory among the targets loads (as for convert)",
+    )
     p.add_argument("--compare", action="append", default=[], metavar="OTHER", help="more bundles")
     p.add_argument(
         "--runtime", action="append", default=[], metavar="NAME", help="runtimes (comma-separated)"
@@ -686,6 +698,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--image-size/--channels/--mean/--std do not go with --device targets"
             )
+        if args.task is not None:
+            raise ConfigError(
+                "--task does not go with --device targets: devices run bundles; convert the "
+                "Hugging Face directory first (edgerep convert DIR --task ...)"
+            )
         report = bench_devices(args, device_targets, settings)
     else:
         report = run_bench(
@@ -702,6 +719,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             precision=args.precision,
             data_options=data_options,
             trust_unsigned=args.trust_unsigned,
+            task=args.task,
         )
     paths = write_report(report, args.out) if args.out else {}
     if args.json:

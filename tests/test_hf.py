@@ -99,3 +99,64 @@ def test_causal_lm_converts_to_onnx_with_a_dynamic_sequence_length(tmp_path, cap
             ref = model(ids).numpy()
         assert got.shape == (1, length, 64)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _resnet(path):
+    config = transformers.ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=4,
+        image_size=32,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.ResNetForImageClassification(config).save_pretrained(path)
+    return path
+
+
+def test_bench_takes_a_hugging_face_directory_with_its_task(tmp_path):
+    from edgerep.bench.latency import LatencyConfig
+    from edgerep.bench.suite import _source_session, parse_target, run_bench
+
+    path = _llama(tmp_path / "llama")
+    quick = LatencyConfig(warmup_iters=1, warmup_seconds=0, min_iters=3, min_seconds=0, repeats=1)
+    report = run_bench([f"lm={path}"], task="causal-lm", config=quick, roofline=False)
+    (row,) = report["rows"]
+    assert (
+        row["variant"] == "lm"
+        and row["runtime"] == "torch"
+        and row["latency"]["stats"]["p50_ms"] > 0
+    )
+    target = parse_target(str(path), task="causal-lm")
+    assert target.task == "causal-lm"
+    _, inputs = _source_session(target, None)
+    # the symbolic sequence length runs at its declared optimum (16), not at 1
+    assert inputs == [{"name": "input_ids", "shape": [1, 16], "dtype": "int64"}]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"without manifest\.json or config\.json"):
+        parse_target(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="none of the targets is one"):
+        run_bench(["model.pt2"], task="causal-lm", config=quick)
+
+
+def test_prune_takes_a_hugging_face_directory_with_its_task(tmp_path, capsys):
+    pytest.importorskip("torch_pruning", reason="torch-pruning comes with edgerep[prune]")
+    pytest.importorskip("onnxruntime", reason="onnxruntime comes with edgerep[onnx]")
+    from edgerep.cli import EXIT_OK, main
+
+    path = _resnet(tmp_path / "resnet")
+    calib = tmp_path / "calib.npz"
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    np.savez(calib, x=x)
+    out = tmp_path / "pruned"
+    argv = ["prune", str(path), "--task", "image-classification", "--target", "macs=0.95"]
+    code = main([*argv, "--calib", str(calib), "--no-fold", "-o", str(out)])
+    assert code == EXIT_OK, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "inputs (declared by the source): pixel_values:1x3x32x32" in text
+    report = (out / "prune_report.json").read_text()
+    assert "16 -> 8" in text or '"after": 8' in report

@@ -47,21 +47,30 @@ class BenchTarget:
     name: str
     path: str
     is_bundle: bool
+    task: str | None = None  # a Hugging Face model directory's task (`edgerep._hf.TASKS`)
 
 
-def parse_target(text: str) -> BenchTarget:
-    """``[NAME=]PATH``: a bundle directory (has manifest.json) or a model source."""
+def parse_target(text: str, *, task: str | None = None) -> BenchTarget:
+    """``[NAME=]PATH``: a bundle directory (has manifest.json) or a model source.
+
+    A model source is ``file.py:factory``, ``model.pt2`` or a local Hugging Face model
+    directory (config.json and weights), loaded for `task` (default feature-extraction).
+    """
+    from edgerep._hf import is_hf_dir
+
     name, sep, path = text.partition("=")
     if not sep or "/" in name or not name:
         name, path = "", text
     p = Path(path)
     is_bundle = (p / "manifest.json").is_file()
-    if not is_bundle and p.is_dir():
+    if not is_bundle and p.is_dir() and not is_hf_dir(p):
         raise ConfigError(
-            f"{path!r} is a directory without manifest.json; give an edgerep bundle or a model "
-            "source (file.py:factory, model.pt2)"
+            f"{path!r} is a directory without manifest.json or config.json; give an edgerep "
+            "bundle or a model source (file.py:factory, model.pt2, a Hugging Face model "
+            "directory with --task)"
         )
-    return BenchTarget(name or p.name or path, path, is_bundle)
+    hf = not is_bundle and p.is_dir()
+    return BenchTarget(name or p.name or path, path, is_bundle, task if hf else None)
 
 
 @dataclass
@@ -217,7 +226,7 @@ def _source_session(target: BenchTarget, threads: int | None) -> tuple[_Row, lis
     if threads is not None:
         torch.set_num_threads(threads)
     start = time.perf_counter_ns()
-    model, description = load_model(target.path)
+    model, description = load_model(target.path, task=target.task)
     load_ms = (time.perf_counter_ns() - start) / 1e6
     declared = description.get("inputs") or []
     if not declared:
@@ -226,7 +235,17 @@ def _source_session(target: BenchTarget, threads: int | None) -> tuple[_Row, lis
             "made by `edgerep convert` instead, or declare them"
         )
     specs = [parse_input_spec(t) for t in declared]
-    inputs = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
+    # a symbolic dim after the batch (a sequence length) runs at its declared optimum
+    inputs = [
+        {
+            "name": s.name,
+            "shape": [
+                d if i == 0 else e for i, (d, e) in enumerate(zip(s.shape, s.example_shape()))
+            ],
+            "dtype": s.dtype,
+        }
+        for s in specs
+    ]
     model.eval()
     session = TorchEagerSession(model, [s.name for s in specs])
     example = tuple(torch.from_numpy(v) for v in _feeds(inputs, 0).values())
@@ -250,6 +269,7 @@ def run_bench(
     precision: str | None = None,
     data_options: Mapping[str, Any] | None = None,
     trust_unsigned: bool = False,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Benchmark every (target, runtime) pair; returns the report (see `edgerep.bench.report`).
 
@@ -277,6 +297,8 @@ def run_bench(
             ``image_size``, ``channels``, ``mean``, ``std``).
         trust_unsigned: accept bundles whose manifest has no checksum (written by
             another tool); off, they are refused.
+        task: how Hugging Face model directories among the targets load
+            (`edgerep._hf.TASKS`; default feature-extraction); local files only.
 
     Raises:
         ConfigError: a bad target, runtime name or dataset, before anything is timed.
@@ -285,9 +307,14 @@ def run_bench(
     from edgerep.bench.env import environment_fingerprint
 
     config = config or LatencyConfig()
-    parsed = [t if isinstance(t, BenchTarget) else parse_target(t) for t in targets]
+    parsed = [t if isinstance(t, BenchTarget) else parse_target(t, task=task) for t in targets]
     if not parsed:
         raise ConfigError("nothing to benchmark: give at least one bundle or model source")
+    if task is not None and not any(t.task for t in parsed):
+        raise ConfigError(
+            f"--task {task!r} applies to Hugging Face model directories (config.json and "
+            "weights); none of the targets is one"
+        )
     for m in metrics:
         get_metric(m)
     if precision is not None and precision not in _PRECISIONS:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VerifyResult", "affinity_error", "compare", "probe_shapes"]
+__all__ = ["Recorded", "VerifyResult", "affinity_error", "compare", "probe_shapes", "record"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_RTOL = 1e-9
@@ -82,74 +82,113 @@ def compare(
     A shape the reference itself cannot run (a size-specialized model) is skipped,
     but at least `required` shapes must run, the first (the example) always.
     """
-    gen = torch.Generator().manual_seed(seed)
-    max_abs = max_rel = 0.0
-    ran: list[tuple[int, ...]] = []
-    for n, shape in enumerate(shapes):
-        x = torch.randn(shape, generator=gen, dtype=torch.float64)
-        with torch.no_grad():
-            try:
-                ref = reference(x)
-            except Exception as e:
+    return record(reference, shapes, seed=seed).compare(candidate, rtol=rtol, required=required)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The reference's float64 outputs on the verifier's random inputs, kept for later.
+
+    `record` runs the reference first; `compare` runs a candidate on the same
+    inputs. A transform that builds its candidate by overwriting the float64 copy
+    the reference runs on (to hold one weight-sized buffer instead of two) records
+    first, then compares: same inputs, same outputs, same verdict as `compare`.
+    """
+
+    inputs: tuple[torch.Tensor, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    # the reference's output per input, or the text of the exception it raised
+    outputs: tuple[torch.Tensor | str, ...]
+
+    def compare(
+        self, candidate: Fn, *, rtol: float = DEFAULT_RTOL, required: int = 1
+    ) -> VerifyResult:
+        """`candidate` against the recorded outputs (see `edgerep.fold.verify.compare`)."""
+        max_abs = max_rel = 0.0
+        ran: list[tuple[int, ...]] = []
+        for n, (shape, x, ref) in enumerate(zip(self.shapes, self.inputs, self.outputs)):
+            if isinstance(ref, str):
                 if n == 0:
                     return VerifyResult(
                         False,
                         float("inf"),
                         float("inf"),
                         tuple(ran),
-                        f"the original fails on {list(shape)}: {e}",
+                        f"the original fails on {list(shape)}: {ref}",
                     )
                 continue
-            try:
-                out = candidate(x)
-            except Exception as e:
+            with torch.no_grad():
+                try:
+                    out = candidate(x)
+                except Exception as e:
+                    return VerifyResult(
+                        False,
+                        float("inf"),
+                        float("inf"),
+                        tuple(ran),
+                        f"the replacement fails on {list(shape)}: {e}",
+                    )
+            if out.shape != ref.shape:
                 return VerifyResult(
                     False,
                     float("inf"),
                     float("inf"),
                     tuple(ran),
-                    f"the replacement fails on {list(shape)}: {e}",
+                    f"output shape {list(out.shape)} != {list(ref.shape)} on input {list(shape)}",
                 )
-        if out.shape != ref.shape:
-            return VerifyResult(
-                False,
-                float("inf"),
-                float("inf"),
-                tuple(ran),
-                f"output shape {list(out.shape)} != {list(ref.shape)} on input {list(shape)}",
-            )
-        ref = ref.to(torch.float64)
-        out = out.to(torch.float64)
-        if not torch.isfinite(ref).all() or not torch.isfinite(out).all():
-            return VerifyResult(
-                False,
-                float("inf"),
-                float("inf"),
-                tuple(ran),
-                f"non-finite output on input {list(shape)}",
-            )
-        err = (out - ref).abs().max().item() if ref.numel() else 0.0
-        scale = ref.abs().max().item() if ref.numel() else 0.0
-        rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
-        max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
-        ran.append(tuple(shape))
-        if rel > rtol:
+            out = out.to(torch.float64)
+            if not torch.isfinite(ref).all() or not torch.isfinite(out).all():
+                return VerifyResult(
+                    False,
+                    float("inf"),
+                    float("inf"),
+                    tuple(ran),
+                    f"non-finite output on input {list(shape)}",
+                )
+            err = (out - ref).abs().max().item() if ref.numel() else 0.0
+            scale = ref.abs().max().item() if ref.numel() else 0.0
+            rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+            max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
+            ran.append(tuple(shape))
+            if rel > rtol:
+                return VerifyResult(
+                    False,
+                    max_abs,
+                    max_rel,
+                    tuple(ran),
+                    f"differs by {rel:.2e} relative (> {rtol:.0e}) on input {list(shape)}",
+                )
+        if len(ran) < required:
             return VerifyResult(
                 False,
                 max_abs,
                 max_rel,
                 tuple(ran),
-                f"differs by {rel:.2e} relative (> {rtol:.0e}) on input {list(shape)}",
+                f"only {len(ran)} of the verification sizes could run",
             )
-    if len(ran) < required:
-        return VerifyResult(
-            False,
-            max_abs,
-            max_rel,
-            tuple(ran),
-            f"only {len(ran)} of the verification sizes could run",
-        )
-    return VerifyResult(True, max_abs, max_rel, tuple(ran))
+        return VerifyResult(True, max_abs, max_rel, tuple(ran))
+
+
+def record(reference: Fn, shapes: Sequence[tuple[int, ...]], *, seed: int = 0) -> Recorded:
+    """Run `reference` in float64 on the verifier's random inputs of each shape.
+
+    Stops at the first shape the reference cannot run (that shape fails the
+    comparison if it is the first, else it is skipped, as in `compare`).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor | str] = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        y: torch.Tensor | str
+        with torch.no_grad():
+            try:
+                y = reference(x).to(torch.float64)
+            except Exception as e:
+                y = str(e) or type(e).__name__
+        inputs.append(x)
+        outputs.append(y)
+    return Recorded(tuple(inputs), tuple(tuple(s) for s in shapes), tuple(outputs))
 
 
 def affinity_error(f: Fn, shape: tuple[int, ...], *, seed: int = 0) -> float:

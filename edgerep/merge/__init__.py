@@ -51,6 +51,7 @@ def merge(
     rtol: float = 1e-9,
     fast: bool = True,
     require_adapter: bool = False,
+    share_unchanged: bool = True,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge every affine adapter of `model` into plain layers; see `edgerep.merge._engine.merge`."""
     from edgerep.merge._engine import merge as _merge
@@ -66,6 +67,7 @@ def merge(
         rtol=rtol,
         fast=fast,
         require_adapter=require_adapter,
+        share_unchanged=share_unchanged,
     )
 
 

@@ -10,11 +10,13 @@ scratch for one tensor, never the model:
 * `merge_adapter_checkpoint`: each layer the adapter targets is rebuilt alone, in
   float64 (its base tensors from the shard, its adapter tensors from the adapter
   file), wrapped by PEFT with the adapter's own config, and merged exactly like
-  `edgerep.merge` merges a layer in memory (`_engine.read_layer`: the fast path,
-  PEFT's own merge, gated by the verifier on random rows against the wrapped
+  `edgerep.merge` merges a layer in memory (`_engine._read`: the fast path,
+  the LoRA rule or PEFT's own merge, gated by the verifier on random rows against the wrapped
   layer's forward, the probe as fallback); the result is rounded once to the
   stored dtype (bf16/fp16/fp32). The in-memory merge of the same model gives the
-  same bits.
+  same bits. VeRA's shared projections (``vera_A``, ``vera_B``) are given to each
+  layer as the corner its forward slices; the trained copies of ``modules_to_save``
+  replace the checkpoint's tensors of those modules (rounded once to their dtype).
 * `merge_checkpoints`: model merging of full fine-tuned checkpoints (model soups,
   task arithmetic, TIES, DARE, ...): per tensor, the deltas ``θ_i - θ_base`` are
   combined by `edgerep.merge._combine` (the code adapter combinations use), in
@@ -29,6 +31,7 @@ output is written to a temporary directory and renamed when complete.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -48,6 +51,7 @@ from torch import nn
 from edgerep.errors import ConfigError, SourceError, UnsupportedError, did_you_mean
 from edgerep.fold import verify
 from edgerep.fold.probe import round_to
+from edgerep.merge.report import RouteSummary
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +240,7 @@ class TensorRow:
 
 
 @dataclass
-class CheckpointMergeReport:
+class CheckpointMergeReport(RouteSummary):
     """The report of `merge_adapter_checkpoint` or `merge_checkpoints`."""
 
     kind: str  # 'adapter' or 'models'
@@ -252,17 +256,6 @@ class CheckpointMergeReport:
     merged: list[TensorRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-    @property
-    def routes(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for r in self.merged:
-            counts[r.route] = counts.get(r.route, 0) + 1
-        return counts
-
-    @property
-    def max_error(self) -> float:
-        return max((r.max_rel_error or 0.0 for r in self.merged), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -479,10 +472,55 @@ def _prefix(config: Any) -> str:
     return str(prefix)
 
 
-def _targets(config: Any, tensors: Mapping[str, torch.Tensor], reader: _Reader) -> list[_Target]:
-    """The layers the adapter changes, checked against the checkpoint's headers."""
+# VeRA's projections, shared by every layer (each layer uses their top-left corner)
+_VERA_SHARED = ("base_model.vera_A", "base_model.vera_B")
+
+
+def _is_saved_module(config: Any, name: str) -> bool:
+    """Whether the checkpoint key `name` is a tensor of one of the config's modules_to_save."""
+    module = name.rpartition(".")[0]
+    return any(
+        module == m or module.endswith(f".{m}")
+        for m in getattr(config, "modules_to_save", None) or ()
+    )
+
+
+def _saved_modules(
+    config: Any, tensors: Mapping[str, torch.Tensor], keys: list[str], reader: _Reader
+) -> dict[str, str]:
+    """Checkpoint key -> adapter key of the trained copies of ``modules_to_save``, checked."""
+    out: dict[str, str] = {}
+    for key in keys:
+        own = key.removeprefix(_SAVED_PREFIX)
+        if own not in reader.ckpt.weight_map:
+            raise ConfigError(
+                f"the adapter's trained copy {key!r} (modules_to_save) has no tensor {own!r} in "
+                "the checkpoint to replace; it was trained for another base model"
+            )
+        dtype, shape = reader.header(own)
+        if list(tensors[key].shape) != shape:
+            raise ConfigError(
+                f"the adapter's trained copy {key!r} has shape {list(tensors[key].shape)}, the "
+                f"checkpoint's {own!r} {shape}: it was trained for another base model"
+            )
+        if tensors[key].is_floating_point() != _float_dtype(dtype):
+            raise ConfigError(
+                f"the adapter's trained copy {key!r} is {tensors[key].dtype}, the checkpoint "
+                f"stores {own!r} as {dtype}: one is floating and the other is not"
+            )
+        out[own] = key
+    return out
+
+
+def _targets(
+    config: Any, tensors: Mapping[str, torch.Tensor], reader: _Reader
+) -> tuple[list[_Target], dict[str, str]]:
+    """The layers the adapter changes and the ``modules_to_save`` tensors it replaces
+    (checkpoint key -> adapter key), checked against the checkpoint's headers."""
     prefix = _prefix(config)
+    vera = str(config.peft_type) in ("VERA", "PeftType.VERA")
     modules: dict[str, list[str]] = {}
+    saved: list[str] = []
     other: list[str] = []
     for key in tensors:
         name = key.removeprefix(_SAVED_PREFIX)
@@ -493,16 +531,27 @@ def _targets(config: Any, tensors: Mapping[str, torch.Tensor], reader: _Reader) 
             # PEFT saves a targeted embedding's own weights too (save_embedding_layers);
             # loading the adapter puts them in the base layer, and so does this merge
             modules.setdefault(name[: name.index(".base_layer.")], []).append(key)
+        elif vera and key in _VERA_SHARED:
+            continue  # read by each VeRA layer (`_wrapped_layer`)
+        elif key.startswith(_SAVED_PREFIX) and _is_saved_module(config, name):
+            saved.append(key)
         else:
             other.append(key)
     if other:
         raise UnsupportedError(
-            f"the adapter holds tensors that are not {prefix}* layer factors, e.g. {other[0]!r} "
-            f"({len(other)} in all: modules_to_save, trainable tokens or shared weights); merge it "
-            "in memory instead (edgerep merge on a model source)"
+            f"the adapter holds tensors that are not {prefix}* layer factors or modules_to_save, "
+            f"e.g. {other[0]!r} ({len(other)} in all: trainable tokens or other shared weights); "
+            "merge it in memory instead (edgerep merge on a model source)"
         )
-    if not modules:
+    if vera and modules and not all(k in tensors for k in _VERA_SHARED):
+        raise UnsupportedError(
+            "the VeRA adapter was saved without its projections (save_projection=False): they "
+            "would have to be regenerated from projection_prng_key at the shapes of the whole "
+            "model; merge it in memory instead (edgerep merge on a model source)"
+        )
+    if not modules and not saved:
         raise ConfigError("the adapter holds no tensors; nothing to merge")
+    replaced = _saved_modules(config, tensors, saved, reader)
     keys = reader.ckpt.weight_map
     out: list[_Target] = []
     absent: list[str] = []
@@ -543,7 +592,7 @@ def _targets(config: Any, tensors: Mapping[str, torch.Tensor], reader: _Reader) 
             f"{absent[0]!r};{hint} it was trained for another base model (or another naming of "
             "the same one)"
         )
-    return out
+    return out, replaced
 
 
 def _base_layer(t: _Target, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -596,9 +645,23 @@ def _wrapped_layer(
     weight = reader.get(t.weight)
     bias = None if t.bias is None else reader.get(t.bias)
     model = _nest(t.path, _base_layer(t, weight, bias))
+    shared = {k: v for k, v in tensors.items() if k in _VERA_SHARED}
+    peft_model: Any = None
+    if shared:
+        # this one-layer model gets its own projections, filled below with the corner of
+        # the saved ones that the layer's forward slices (vera_A[:, :in], vera_B[:out])
+        config = copy.copy(config)
+        config.save_projection = False
+        tensors = {k: v for k, v in tensors.items() if k not in shared}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = inject_adapter_in_model(config, model, adapter_name="default")
+        if shared:  # PEFT keeps VeRA's projections on the tuner: a PeftModel is needed
+            from peft import get_peft_model
+
+            peft_model = get_peft_model(model, config, adapter_name="default")
+            model = peft_model
+        else:
+            model = inject_adapter_in_model(config, model, adapter_name="default")
         stored = _torch_dtype(reader.header(t.weight)[0])
         # base weights carried by the adapter go into the base layer as PEFT would load
         # them into this checkpoint's model: in its dtype
@@ -620,7 +683,19 @@ def _wrapped_layer(
             f"the adapter's tensors {unexpected[:3]} for {t.path!r} were not used by PEFT's "
             f"{config.peft_type} layer; the adapter does not match the checkpoint"
         )
-    return model.get_submodule(t.path).eval()
+    inner: Any = peft_model.base_model.model if shared else model
+    layer: Any = inner.get_submodule(t.path).eval()
+    if shared:
+        a, b = shared[_VERA_SHARED[0]], shared[_VERA_SHARED[1]]
+        n_in, n_out = layer.in_features, layer.out_features
+        if a.shape[1] < n_in or b.shape[0] < n_out:
+            raise ConfigError(
+                f"the VeRA projections {list(a.shape)}/{list(b.shape)} are smaller than "
+                f"{t.path!r} ({n_out}x{n_in}); the adapter does not match the checkpoint"
+            )
+        layer.vera_A["default"] = a[:, :n_in].to(_F64).contiguous()
+        layer.vera_B["default"] = b[:n_out, :].to(_F64).contiguous()
+    return layer
 
 
 def merge_adapter_checkpoint(
@@ -666,7 +741,7 @@ def merge_adapter_checkpoint(
     report = CheckpointMergeReport("adapter", str(src), str(target), inputs=[str(adapter_root)])
     with ExitStack() as stack:
         reader = _Reader(ckpt, stack)
-        targets = _targets(config, tensors, reader)
+        targets, replaced = _targets(config, tensors, reader)
         by_key = {t.weight: t for t in targets} | {t.bias: t for t in targets if t.bias}
         pending: dict[str, torch.Tensor] = {}
         kind_name = {
@@ -676,22 +751,28 @@ def merge_adapter_checkpoint(
         }
 
         def merge_layer(t: _Target) -> None:
-            mine = {k: tensors[k] for k in t.adapter_keys}
-            wrapper = _wrapped_layer(t, config, mine, reader)
+            mine = {k: tensors[k] for k in (*t.adapter_keys, *_VERA_SHARED) if k in tensors}
+            first: list[nn.Module] = [_wrapped_layer(t, config, mine, reader)]
             stored = reader.header(t.weight)[0]
-            base: Any = wrapper.get_base_layer()  # type: ignore[operator]
+            base: Any = first[0].get_base_layer()  # type: ignore[operator]
             kind = KINDS[
                 kind_name.get(t.layer, f"torch.nn.modules.conv.Conv{base.weight.ndim - 2}d")
             ]
+            base_path = _base_path(first[0], base)
+            del base
+
+            def fresh() -> nn.Module:  # the first copy once, then new ones (fast rules write)
+                return first.pop() if first else _wrapped_layer(t, config, mine, reader)
+
             plan = _engine._Plan("active", rtol=rtol, fast=fast)
-            result = _engine._read(kind, wrapper, base, _base_path(wrapper, base), plan)
+            result = _engine._read(kind, fresh, base_path, plan)
             if isinstance(result, str):
                 raise VerificationError(f"layer {t.path!r} of the checkpoint: {result}")
             weight, bias, checks, routes = result
             dtype = _torch_dtype(stored)
             w = weight.T if t.layer == "conv1d-linear" else weight
             pending[t.weight] = round_to(w, dtype).contiguous()
-            del result, weight, w, wrapper
+            del result, weight, w
             if t.bias is not None:
                 bias_dtype = _torch_dtype(reader.header(t.bias)[0])
                 pending[t.bias] = round_to(bias, bias_dtype).contiguous()
@@ -711,6 +792,14 @@ def merge_adapter_checkpoint(
 
         def produce(shard: str, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
             for key in keys:
+                if key in replaced:  # a modules_to_save tensor: the adapter's trained copy
+                    stored = reader.header(key)[0]
+                    value = tensors[replaced[key]]
+                    if value.is_floating_point():
+                        value = round_to(value, _torch_dtype(stored))
+                    report.merged.append(TensorRow(key, "swap", stored, max_rel_error=0.0))
+                    yield key, value.contiguous()
+                    continue
                 t = by_key.get(key)
                 if t is None:
                     yield key, reader.get(key)

@@ -19,9 +19,20 @@ of one tensor are combined with weights ``w_i``:
 * ``breadcrumbs`` (Model Breadcrumbs, Davari & Belilovsky 2024): per delta, drop the
   ``int(gamma·n)`` entries of largest magnitude (outliers, ``gamma = 0.01``) and keep the
   next ``int(density·n)`` (``τ_i``; the small ones are dropped), then ``Σ_i w_i τ_i``.
+* ``della`` (DELLA-Merging, Deep et al. 2024, MAGPRUNE): drop each entry of ``Δ_i``
+  at random with a probability that falls with its magnitude, rescale the survivors,
+  then TIES' sign election and disjoint mean (``della_linear``: ``Σ_i w_i τ_i``
+  instead). Within each row (the first dimension; the trailing ones flattened; a 1-D
+  tensor is one row) of ``n`` entries, entry ``j`` has rank ``r_j`` in ``0..n-1`` by
+  ascending magnitude (ties in index order) and is kept with probability
+  ``p_j = density - ε + 2ε·r_j/(n-1)`` (``p = density`` for ``n = 1``), so the mean
+  keep rate is ``density``; a kept entry becomes ``Δ_ij / p_j`` (unbiased:
+  ``E[τ] = Δ``). ``ε = min(DELLA_EPSILON, density/2, 1-density)`` keeps every ``p_j``
+  in ``(0, 1]``.
 
-DARE's masks come from one ``torch.Generator`` seeded once per `edgerep.merge`
-call, drawn as ``torch.rand(shape, dtype=float64) < density`` for each adapter in
+DARE's and DELLA's masks come from one ``torch.Generator`` seeded once per `edgerep.merge`
+call, drawn as ``torch.rand(shape, dtype=float64) < p`` (``p = density`` for DARE, the
+``p_j`` above for DELLA) for each adapter in
 the order of the ``combine`` mapping, tensor by tensor (weight, then bias) and
 layer by layer in module order: the same seed gives the same model.
 """
@@ -34,7 +45,16 @@ import torch
 
 from edgerep.errors import ConfigError, did_you_mean
 
-__all__ = ["METHODS", "check_method", "combine", "is_linear", "needs_density", "register_method"]
+__all__ = [
+    "DELLA_EPSILON",
+    "METHODS",
+    "check_method",
+    "combine",
+    "della_keep_probabilities",
+    "is_linear",
+    "needs_density",
+    "register_method",
+]
 
 Method = Callable[[Sequence[torch.Tensor], Sequence[float], float, torch.Generator], torch.Tensor]
 
@@ -206,3 +226,37 @@ def _breadcrumbs(deltas, weights, density, generator):  # type: ignore[no-untype
 @register_method("dare_ties", uses_density=True)
 def _dare_ties(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
     return _disjoint_mean([_drop(d, density, generator) for d in deltas], weights)
+
+
+DELLA_EPSILON = 0.1
+"""DELLA's spread of keep probabilities around ``density`` (``±ε`` from the smallest
+to the largest magnitude of a row)."""
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """MAGPRUNE's keep probability of each entry of `delta` (see the module docstring)."""
+    eps = min(DELLA_EPSILON, density / 2, 1 - density)
+    rows = delta.reshape(delta.shape[0], -1) if delta.ndim > 1 else delta.reshape(1, -1)
+    n = rows.shape[1]
+    if n < 2 or eps <= 0:
+        return torch.full_like(delta, density, dtype=torch.float64)
+    order = rows.abs().argsort(dim=1, stable=True)
+    ranks = order.argsort(dim=1).to(torch.float64)  # 0 = smallest magnitude
+    probs = (density - eps) + 2 * eps * ranks / (n - 1)
+    return probs.reshape(delta.shape)
+
+
+def _magprune(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    probs = della_keep_probabilities(delta, density)
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) < probs
+    return torch.where(keep, delta / probs, torch.zeros_like(delta))
+
+
+@register_method("della", uses_density=True)
+def _della(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+    return _disjoint_mean([_magprune(d, density, generator) for d in deltas], weights)
+
+
+@register_method("della_linear", uses_density=True)
+def _della_linear(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+    return _weighted_sum([_magprune(d, density, generator) for d in deltas], weights)

@@ -27,6 +27,7 @@ import copy
 import logging
 import math
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ class _Plan:
     rtol: float = verify.DEFAULT_RTOL
     fast: bool = True
     generator: torch.Generator | None = None
+    arena: _Arena | None = None
     zeroed: int = 0
     zeroed_layers: int = 0
 
@@ -93,6 +95,7 @@ def merge(
     rtol: float = verify.DEFAULT_RTOL,
     fast: bool = True,
     require_adapter: bool = False,
+    share_unchanged: bool = True,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge every adapter whose eval-mode effect is affine into a plain layer.
 
@@ -111,9 +114,11 @@ def merge(
         combine: merge a combination of PEFT adapters, adapter name -> weight; each
             adapter's delta ``W_i - W0`` is read off the layer with only that adapter
             on, then combined per tensor with `method` (see `edgerep.merge._combine`).
-        method: 'linear', 'task_arithmetic', 'ties', 'dare_linear' or 'dare_ties'.
-        density: the fraction kept by TIES (by magnitude) and DARE (at random).
-        seed: seed of DARE's random masks (same seed, same model).
+        method: 'linear', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties',
+            'breadcrumbs', 'della' or 'della_linear' (`edgerep.merge._combine`).
+        density: the fraction kept by TIES and Breadcrumbs (by magnitude), DARE (at
+            random) and DELLA (at random, more likely the larger the entry).
+        seed: seed of DARE's and DELLA's random masks (same seed, same model).
         keep_zeros: keep the exact zeros of the base weights (a pruned or sparse
             base stays sparse); the merged layer then differs from the adapter's
             function at those entries, by design.
@@ -123,6 +128,15 @@ def merge(
             probed one and the probe is the fallback. False: always probe.
         require_adapter: refuse a model with no adapter at all (instead of returning
             it as it is with a note), for callers whose only job is to merge.
+        share_unchanged: the returned model holds the tensors merge leaves unchanged
+            (embeddings, norms, every layer without an adapter) as new Parameter and
+            tensor objects over the *same storage* as the input's, instead of copies:
+            merge costs the merged layers only, not a second copy of the whole model.
+            Neither model is mutated by merge, and moving or casting one
+            (``.to()``, ``.half()``) rebinds its own tensors only; but an in-place
+            write to a shared tensor (an optimizer step, ``load_state_dict``,
+            ``nn.init``) shows in both. False: a fully independent copy (or
+            ``copy.deepcopy`` the result).
 
     Returns:
         (plain eval-mode model, report).
@@ -135,6 +149,7 @@ def merge(
     start = time.perf_counter()
     plan = _make_plan(model, adapter, combine, method, density, seed, keep_zeros, rtol)
     plan.fast = bool(fast)
+    plan.arena = _Arena()
     report = MergeReport(
         mode=plan.mode,
         method=plan.method,
@@ -143,12 +158,14 @@ def merge(
         seed=seed,
         params_before=count_params(model),
     )
-    work, copies = _copy_without_merged_weights(model)
+    source, kept, notes = _peft.unwrap(model)
+    wrappers = [] if kept else _find(source)
+    work, copies = _copy_shell(model, wrappers, share=share_unchanged)
     if model.training:
         report.notes.append(
             "the model was in train mode: merged its eval-mode function (dropout off)"
         )
-    root, kept, notes = _peft.unwrap(work)
+    root, _, _ = _peft.unwrap(work)
     report.kept += kept
     report.notes += notes
     if kept:  # a prompt-learning model: nothing to merge
@@ -157,11 +174,9 @@ def merge(
         report.seconds = time.perf_counter() - start
         return work, report
 
-    available = _peft.available_adapters(root)
-    _check_names(plan, available, root)
-    wrappers = _find(root)
+    available = _peft.available_adapters(source)
+    _check_names(plan, available, source)
     found = len(wrappers)
-    source, _, _ = _peft.unwrap(model)
     if not found and require_adapter:
         raise ConfigError(
             f"no adapter found in the model ({type(model).__name__}): no PEFT tuner layer or "
@@ -169,8 +184,10 @@ def merge(
             "adapters (CLI: --adapter PATH, a PEFT adapter directory or a .safetensors LoRA "
             "file), or fold/convert a model without adapters with `edgerep fold`/`convert`"
         )
-    while wrappers:  # drop each wrapper once replaced, so its base layer can be freed
-        root = _process(root, source, wrappers.pop(0), plan, report, copies)
+    for w in wrappers:
+        root = _process(root, w, plan, report, copies)
+    plan.arena = None
+    root = _tie_repeated(root)
     _note_dropped(plan, available, _peft.active_adapters(model), report)
     if plan.keep_zeros:
         report.notes.append(
@@ -357,26 +374,29 @@ def _classify(name: str, module: nn.Module) -> _Wrapper | None:
     return _Wrapper(name, module, "adapter", base_path, kind_for(base))
 
 
-# --- copies -------------------------------------------------------------------------------
+# --- copies ---------------------------------------------------------------------------
+
+
+class _Pending(nn.Module):
+    """Stands in the new model for an adapter wrapper until its plain layer replaces it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"internal error: adapter wrapper {self.path!r} was never replaced")
 
 
 class _Copies:
-    """The deepcopy memo of the input model, to restore a wrapper that is kept after all."""
+    """The deepcopy memo of the new model, to copy a wrapper that is kept after all."""
 
-    def __init__(self, memo: dict[int, Any], skipped: set[int]) -> None:
+    def __init__(self, memo: dict[int, Any]) -> None:
         self.memo = memo
-        self.skipped = skipped
 
     def restore(self, root: nn.Module, path: str, original: nn.Module) -> nn.Module:
-        """Put a full copy of `original` at `path` if its copy there was left empty."""
-        if not any(id(t) in self.skipped for t in _tensors(original)):
-            return root
-        shared = {
-            id(t): self.memo[id(t)]
-            for t in _tensors(original)
-            if id(t) in self.memo and id(t) not in self.skipped
-        }
-        return _set(root, path, copy.deepcopy(original, shared))
+        """Put a copy of `original` (sharing or copying tensors like the rest) at `path`."""
+        return _set(root, path, copy.deepcopy(original, self.memo))
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -386,45 +406,168 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     ]
 
 
-def _copy_without_merged_weights(model: nn.Module) -> tuple[nn.Module, _Copies]:
-    """A deep copy of `model` whose adapter wrappers hold empty (meta) tensors.
+def _shared(t: torch.Tensor) -> torch.Tensor | None:
+    """A new tensor object over `t`'s storage (a new Parameter for a Parameter), or None."""
+    if type(t) is nn.Parameter:
+        return nn.Parameter(t.detach(), t.requires_grad)
+    if type(t) is torch.Tensor:
+        return t.detach().requires_grad_(t.requires_grad) if t.is_leaf else None
+    return None  # a tensor subclass: deepcopy knows how to copy it
 
-    Each wrapper is replaced by a new layer built from the *input's* wrapper, so
-    copying its weights first would cost a copy of most of the model for nothing.
-    Only tensors that nothing outside their wrapper refers to are left out (tied
-    weights are copied); a wrapper that ends up kept is copied in full then.
+
+def _tie_repeated(root: nn.Module) -> nn.Module:
+    """A wrapper the model holds at several paths was replaced at its first: tie the rest."""
+    for name, m in list(root.named_modules(remove_duplicate=False)):
+        if isinstance(m, _Pending) and name:
+            root = _set(root, name, root.get_submodule(m.path))
+    return root
+
+
+def _copy_shell(
+    model: nn.Module, wrappers: Sequence[_Wrapper], *, share: bool
+) -> tuple[nn.Module, _Copies]:
+    """The new model: `model` copied, with each adapter wrapper left out.
+
+    Every adapter wrapper stands as a `_Pending` placeholder that its merged layer
+    replaces (copying it first would cost a copy of most of the model for nothing);
+    a wrapper that ends up kept is copied then. With `share`, the tensors merge
+    leaves unchanged are not copied: the new model holds new Parameter objects over
+    the same storage (`merge`'s docstring says what that means for the caller).
     """
-    inner, kept, _ = _peft.unwrap(model)
     memo: dict[int, Any] = {}
-    skipped: set[int] = set()
-    if not kept:
-        refs: dict[int, int] = {}
+    if share:
         for t in _tensors(model):
-            refs[id(t)] = refs.get(id(t), 0) + 1
-        for w in _find(inner):
-            if w.role != "adapter":
-                continue
-            inside: dict[int, int] = {}
-            for t in _tensors(w.module):
-                inside[id(t)] = inside.get(id(t), 0) + 1
-            for t in _tensors(w.module):
-                if inside[id(t)] == refs[id(t)] and id(t) not in memo:
-                    empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
-                    is_param = isinstance(t, nn.Parameter)
-                    memo[id(t)] = nn.Parameter(empty, t.requires_grad) if is_param else empty
-                    skipped.add(id(t))
+            if id(t) not in memo:
+                shared = _shared(t)
+                if shared is not None:
+                    memo[id(t)] = shared
+    placeholders = {id(w.module) for w in wrappers if w.role == "adapter"}
+    for w in wrappers:
+        if w.role == "adapter":
+            memo[id(w.module)] = _Pending(w.path)
     work = copy.deepcopy(model, memo)
-    return work, _Copies(memo, skipped)
+    for i in placeholders:
+        del memo[i]  # a wrapper restored later is copied, not replaced by its placeholder
+    return work, _Copies(memo)
 
 
-def _float64_copy(module: nn.Module) -> nn.Module:
-    """An eval-mode float64 copy of `module` (each floating tensor converted once)."""
+class _Arena:
+    """One float64 buffer that each layer's float64 copy is written into, in turn.
+
+    Layers are merged one after the other and each one's float64 copy is dead once
+    its plain layer is built, so one buffer the size of the largest wrapper serves
+    them all: no fresh pages to fault in per layer, and no freed scratch left as
+    holes between the new layers (which glibc would keep resident).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=_F64)
+
+    def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Float64 tensors shaped like `tensors`, in the buffer (earlier views die)."""
+        need = sum(t.numel() for t in tensors)
+        if need > self._buffer.numel():
+            self._buffer = torch.empty(0, dtype=_F64)  # free the old one first
+            self._buffer = torch.empty(need, dtype=_F64)
+        out, start = [], 0
+        for t in tensors:
+            out.append(self._buffer[start : start + t.numel()].view(t.shape))
+            start += t.numel()
+        return out
+
+
+def _float64_copy(module: nn.Module, arena: _Arena | None = None) -> nn.Module:
+    """An eval-mode float64 copy of `module` (each floating tensor converted once).
+
+    With `arena`, the copies are views into its buffer, valid until its next use.
+    """
     memo: dict[int, Any] = {}
+    floating: list[torch.Tensor] = []
     for t in _tensors(module):
         if t.is_floating_point() and id(t) not in memo:
-            c = t.detach().to(_F64, copy=True)
+            memo[id(t)] = None
+            floating.append(t)
+    on_cpu = all(t.device.type == "cpu" and t.is_contiguous() for t in floating)
+    copies = (
+        arena.views(floating)
+        if arena is not None and on_cpu
+        else [torch.empty(t.shape, dtype=_F64, device=t.device) for t in floating]
+    )
+    with torch.no_grad():
+        for t, c in zip(floating, copies):
+            c.copy_(t)
             memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
-    return copy.deepcopy(module, memo).to(_F64).eval()
+    clone = _clone_structure(module, memo)  # every floating tensor is in memo: float64
+    if clone is None:  # something `_clone_structure` does not copy: deepcopy it all
+        clone = copy.deepcopy(module, memo).to(_F64)
+    return clone.eval()
+
+
+_ATOMS = (str, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+class _NotData(Exception):
+    pass
+
+
+def _data(v: Any) -> Any:
+    """A copy of plain data (numbers, strings, containers of them; functions are shared)."""
+    if isinstance(v, _ATOMS):
+        return v
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return type(v)(_data(x) for x in v)
+    if isinstance(v, dict):
+        return type(v)((k, _data(x)) for k, x in v.items())
+    if isinstance(v, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return v  # hooks, PEFT's variant classes (not a bound method: it holds its object)
+    raise _NotData(type(v).__name__)
+
+
+def _clone_structure(module: nn.Module, memo: dict[int, Any]) -> nn.Module | None:
+    """A copy of `module`'s module tree over the tensors in `memo`, or None.
+
+    What `copy.deepcopy` does for an adapter wrapper, at a fraction of its cost (it
+    runs once per layer): new module objects, new parameter/buffer/child/hook
+    dicts, and one-level copies of the plain containers PEFT keeps its state in
+    (``merged_adapters``, ``scaling``, ...; PEFT's merge appends to them). Returns
+    None when a module holds anything else that may be state (a tensor or a module
+    outside its registries, a container of those), so the caller deepcopies.
+    """
+    clones: dict[int, nn.Module] = {}
+
+    def tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if id(t) not in memo:  # not floating: copied as deepcopy would
+            memo[id(t)] = copy.deepcopy(t)
+        return memo[id(t)]
+
+    def clone(m: nn.Module) -> nn.Module | None:
+        if id(m) in clones:
+            return clones[id(m)]
+        new = object.__new__(type(m))
+        clones[id(m)] = new
+        state: dict[str, Any] = {}
+        for k, v in m.__dict__.items():
+            if k == "_modules":
+                children: dict[str, Any] = {}
+                for name, child in v.items():
+                    children[name] = None if child is None else clone(child)
+                    if child is not None and children[name] is None:
+                        return None
+                state[k] = type(v)(children)
+            elif k in ("_parameters", "_buffers"):
+                state[k] = type(v)((n, tensor(t)) for n, t in v.items())
+            else:
+                try:
+                    state[k] = _data(v)
+                except _NotData as e:
+                    logger.debug("deepcopy: %s.%s holds a %s", type(m).__name__, k, e)
+                    return None
+        new.__dict__.update(state)
+        return new
+
+    return clone(module)
 
 
 # --- merging one wrapper ------------------------------------------------------------------
@@ -440,7 +583,6 @@ def _set(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 def _process(
     root: nn.Module,
-    source: nn.Module,
     w: _Wrapper,
     plan: _Plan,
     report: MergeReport,
@@ -452,31 +594,30 @@ def _process(
     if w.role == "modules_to_save":
         return _swap_saved(root, w, plan, report)
     assert w.kind is not None
-    original = source.get_submodule(w.path)  # the input's wrapper: read, never changed
-    f64 = _float64_copy(original)
-    base64 = f64.get_submodule(w.base_path)
+    original = w.module  # the input's wrapper: read, never changed
     names: list[str] = []
     if w.peft:
-        have = set(_peft.available_adapters(f64))
+        have = set(_peft.available_adapters(original))
         if plan.mode == "active":
-            names = _peft.active_adapters(f64)
+            names = _peft.active_adapters(original)
         else:
             names = [n for n in plan.weights if n in have]
     if w.peft and plan.mode == "combine":
-        result = _read_combination(w.kind, f64, base64, w.base_path, names, plan)
+        result = _read_combination(w.kind, original, w.base_path, names, plan)
     else:
-        if w.peft and plan.mode == "adapter":
-            _peft.select(f64, names)
-        result = _read(w.kind, f64, base64, w.base_path, plan)
+        chosen = names if w.peft and plan.mode == "adapter" else None
+        # the arena's views die with this layer: its weights are built into `final` below
+        result = _read(w.kind, _Float64(original, chosen, plan.arena), w.base_path, plan)
     if isinstance(result, str):
         report.kept.append(KeptRegion(w.path, (w.path,), f"{_peft.type_name(w.module)}: {result}"))
         return copies.restore(root, w.path, original)
     weight, bias, checks, routes = result
-    if plan.keep_zeros:
-        weight, bias = _keep_zeros(w, f64, base64, weight, bias, plan)
     base: Any = original.get_submodule(w.base_path)
+    if plan.keep_zeros:
+        weight, bias = _keep_zeros(w.kind, base, weight, bias, plan)
     dtype = base.weight.dtype
     final = w.kind.build(base, weight, bias, dtype).train(False)
+    del weight, bias, result  # the float64 scratch goes before the next layer's
     report.merged.append(
         MergedLayer(
             path=w.path,
@@ -504,34 +645,76 @@ class _Route:
     fallback: str = ""
 
 
+class _Float64:
+    """Fresh float64 eval-mode copies of one wrapper, with `select` adapters on (None: as is).
+
+    A fast rule may overwrite the copy it is given (PEFT's merge works in place; the
+    LoRA rule adds its product into the base weight), so that one float64 weight is
+    held per layer instead of two: the reference outputs are recorded before any
+    rule runs, and the probe gets a fresh copy when a rule may have written.
+    """
+
+    def __init__(
+        self, original: nn.Module, select: Sequence[str] | None, arena: _Arena | None = None
+    ) -> None:
+        self.original = original
+        self.select = None if select is None else list(select)
+        self.arena = arena
+
+    def __call__(self) -> nn.Module:
+        f = _float64_copy(self.original, self.arena)
+        if self.select is not None:
+            _peft.select(f, self.select)
+        return f
+
+
 _Read = tuple[torch.Tensor, torch.Tensor, list[verify.VerifyResult], list[_Route]]
 
 
 def _read(
-    kind: LayerKind, f: nn.Module, base: nn.Module, base_path: str, plan: _Plan
+    kind: LayerKind, fresh: Callable[[], nn.Module], base_path: str, plan: _Plan
 ) -> _Read | str:
-    """The verified plain layer of `f` (dense weight, bias, checks, route), or why there is none.
+    """The verified plain layer of the wrapper (dense weight, bias, checks, route), or why not.
 
-    The adapter's known algebra (`edgerep.merge._fast`) is tried first when a rule
-    covers `f`; its candidate passes the same verifier as a probed one, and the probe
-    is the fallback when it declines or is rejected.
+    `fresh()` gives a new float64 eval-mode copy of the wrapper each time it is called.
+
+    The adapter's known algebra (`edgerep.merge._fast`) is tried first, most specific
+    rule first (a rule that declines passes to the next); its candidate is compared
+    with the wrapper's own float64 forward on random inputs recorded before the rule
+    ran (the same gate as a probed layer), and the probe is the fallback when every
+    rule declines or a candidate is rejected.
     """
-    fallback = ""
-    rule = _fast.rule_for(f) if plan.fast else None
-    if rule is not None:
-        name, fn = rule
+    f = fresh()
+    rules = _fast.rules_for(f) if plan.fast else []
+    declined: list[str] = []
+    recorded: verify.Recorded | None = None
+    dirty = False
+    for name, fn in rules:
+        base = f.get_submodule(base_path)
+        if recorded is None:
+            recorded = kind.record(f, base, quick=True)
         try:
             weight, bias = fn(f, base_path, kind)
             candidate = kind.function(base, weight, bias)
-        except Exception as e:  # a rule that does not cover this module: probe it
-            fallback = f"fast path {name!r} declined: {type(e).__name__}: {e}"
-        else:
-            check = kind.verify(f, candidate, base, plan.rtol, quick=True)
-            if check.ok:
-                return weight, bias, [check], [_Route(f"fast:{name}")]
-            fallback = f"fast path {name!r} rejected by the verifier: {check.reason}"
+        except _fast.NoFastPath as e:  # declined before writing anything
+            declined.append(f"fast path {name!r} declined: NoFastPath: {e}")
+            continue
+        except Exception as e:  # a rule that does not cover this module
+            declined.append(f"fast path {name!r} declined: {type(e).__name__}: {e}")
+            f, dirty = fresh(), False
+            continue
+        check = kind.compare(recorded, candidate, base, plan.rtol)
+        if check.ok:
+            return weight, bias, [check], [_Route(f"fast:{name}")]
+        declined.append(f"fast path {name!r} rejected by the verifier: {check.reason}")
+        dirty = True
+        break
+    fallback = "; ".join(declined)
+    if fallback:
         logger.info("%s; probing instead", fallback)
-    result = _probe(kind, f, base, plan.rtol)
+    if dirty:
+        f = fresh()
+    result = _probe(kind, f, f.get_submodule(base_path), plan.rtol)
     if isinstance(result, str):
         return result
     return (*result, [_Route("probe", fallback)])
@@ -570,15 +753,13 @@ def _probe(
 
 def _read_combination(
     kind: LayerKind,
-    f: nn.Module,
-    base: nn.Module,
+    original: nn.Module,
     base_path: str,
     names: Sequence[str],
     plan: _Plan,
 ) -> _Read | str:
     """``W0 + combine(W_i - W0)``, each ``W_i`` read off with only adapter ``i`` on."""
-    _peft.select(f, [])
-    r0 = _read(kind, f, base, base_path, plan)
+    r0 = _read(kind, _Float64(original, []), base_path, plan)
     if isinstance(r0, str):
         return f"its base layer: {r0}"
     w0, b0, checks, routes = r0
@@ -588,8 +769,7 @@ def _read_combination(
             dws.append(torch.zeros_like(w0))
             dbs.append(torch.zeros_like(b0))
             continue
-        _peft.select(f, [name])
-        r = _read(kind, f, base, base_path, plan)
+        r = _read(kind, _Float64(original, [name]), base_path, plan)
         if isinstance(r, str):
             return f"with only adapter {name!r} on: {r}"
         dws.append(r[0] - w0)
@@ -598,6 +778,7 @@ def _read_combination(
         routes += r[3]
     weights = list(plan.weights.values())
     assert plan.generator is not None
+    base = original.get_submodule(base_path)
     dw = _combine.combine(plan.method, dws, weights, density=plan.density, generator=plan.generator)
     has_bias = getattr(base, "bias", None) is not None or any(bool(d.any()) for d in dbs)
     db = (
@@ -608,8 +789,11 @@ def _read_combination(
     weight, bias = w0 + dw, b0 + db
     if _combine.is_linear(plan.method):
         # the result must equal f0 + Σ w_i (f_i - f0): verify the combined layer against it
-        candidate = kind.build(base, weight, bias, _F64).eval()
-        check = kind.verify(_weighted_function(f, plan.weights, names), candidate, base, plan.rtol)
+        f = _Float64(original, None)()
+        base64 = f.get_submodule(base_path)
+        candidate = kind.build(base64, weight, bias, _F64).eval()
+        reference = _weighted_function(f, plan.weights, names)
+        check = kind.verify(reference, candidate, base64, plan.rtol)
         if not check.ok:
             return f"the combined {kind.name} was rejected by the verifier: {check.reason}"
         checks.append(check)
@@ -631,19 +815,13 @@ def _weighted_function(f: nn.Module, weights: Mapping[str, float], names: Sequen
 
 
 def _keep_zeros(
-    w: _Wrapper,
-    f64: nn.Module,
-    base64: nn.Module,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    plan: _Plan,
+    kind: LayerKind, base: Any, weight: torch.Tensor, bias: torch.Tensor, plan: _Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    assert w.kind is not None
-    w0, b0 = w.kind.params(base64)
+    w0, b0 = kind.params(base)
     mask_w = w0 == 0
     changed = int((mask_w & (weight != 0)).sum())
     weight = torch.where(mask_w, torch.zeros_like(weight), weight)
-    if getattr(base64, "bias", None) is not None:
+    if getattr(base, "bias", None) is not None:
         mask_b = b0 == 0
         changed += int((mask_b & (bias != 0)).sum())
         bias = torch.where(mask_b, torch.zeros_like(bias), bias)
@@ -654,7 +832,8 @@ def _keep_zeros(
 
 def _swap_saved(root: nn.Module, w: _Wrapper, plan: _Plan, report: MergeReport) -> nn.Module:
     """A ``modules_to_save`` wrapper becomes the copy its forward calls (no arithmetic)."""
-    saved: Any = w.module.modules_to_save
+    wrapper: Any = root.get_submodule(w.path)  # the new model's copy of the wrapper
+    saved: Any = wrapper.modules_to_save
     if plan.mode == "combine":
         have = [n for n in plan.weights if n in saved]
         if have:
@@ -667,18 +846,18 @@ def _swap_saved(root: nn.Module, w: _Wrapper, plan: _Plan, report: MergeReport) 
                 )
             )
             return root
-        chosen, name = _peft.modules_to_save_choice(w.module, [])
+        chosen, name = _peft.modules_to_save_choice(wrapper, [])
     elif plan.mode == "adapter":
-        chosen, name = _peft.modules_to_save_choice(w.module, list(plan.weights))
+        chosen, name = _peft.modules_to_save_choice(wrapper, list(plan.weights))
     else:
-        chosen, name = _peft.modules_to_save_choice(w.module, None)
+        chosen, name = _peft.modules_to_save_choice(wrapper, None)
     what = "the original module" if name is None else f"the trained copy of adapter {name!r}"
     report.merged.append(
         MergedLayer(
             path=w.path,
             adapter="ModulesToSaveWrapper",
             adapters=() if name is None else (name,),
-            base=describe(w.module.original_module),  # type: ignore[arg-type]
+            base=describe(wrapper.original_module),
             became=f"{what}: {describe(chosen)}",
             params_before=count_params(w.module),
             params_after=count_params(chosen),

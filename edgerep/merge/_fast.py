@@ -8,11 +8,23 @@ if `edgerep.fold.verify` finds it equal to the wrapper's own float64 forward on
 random inputs (the same gate as the probe); a rejected candidate falls back to
 the probe, and the report says which route each layer took.
 
+A rule gets a float64 copy of the wrapper made for it and may overwrite it (PEFT's
+merge works in place; ``lora`` adds its product into the base weight), so that a
+layer costs one float64 weight, not two: the engine records the wrapper's outputs
+on the verifier's random inputs *before* calling the rule, and gives the probe a
+fresh copy. A rule that declines must raise `NoFastPath` before writing anything;
+the next rule along the class's MRO is then tried.
+
 Rules (registered by the wrapper class's qualified name, looked up along its MRO):
 
+* ``lora`` for PEFT's LoRA ``Linear`` with plain LoRA adapters (LoRA, rsLoRA,
+  PiSSA/OLoRA/LoRA-GA initializations, ``lora_bias``): ``W' = W₀ + Σ s_i B_i A_i``
+  as one in-place ``addmm`` per adapter on the float64 base weight, with PEFT's own
+  ``scaling``; it declines for LoRA variants (DoRA, ...) and ``fan_in_fan_out``,
+  which ``peft-merge`` then takes.
 * ``peft-merge`` for every PEFT tuner layer (LoRA, rsLoRA, PiSSA/OLoRA/LoRA-GA
   initializations, DoRA, AdaLoRA, LoHa, LoKr, IA³, OFT, BOFT, VeRA, ...): PEFT's
-  own ``merge()`` of the selected adapters, run on a float64 copy of the layer
+  own ``merge()`` of the selected adapters, run on the float64 copy of the layer
   (PEFT's per-type formulas, in float64 instead of the model dtype), then the base
   layer's weight and bias are read. PEFT's formulas are not rewritten here.
 * ``ssf``: ``W' = diag(gamma) W₀, b' = gamma ⊙ b₀ + beta`` (after) or
@@ -21,13 +33,12 @@ Rules (registered by the wrapper class's qualified name, looked up along its MRO
 * ``low-rank``: PiSSA ``W' = W_res + A B``, SORSA ``W' = W_res + U diag(S) Vᵀ``.
 * ``reflection``: ETHER ``W' = W₀ H`` or ``H W₀``, ETHER+ ``W' = H⁺_out W₀ H⁺_in``.
 
-A rule raises `NoFastPath` when its algebra does not cover the module it got (the
-engine then probes); any other exception is treated the same way, with its text.
+Any other exception a rule raises is treated like a decline, with its text (and
+the next rule gets a fresh copy).
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +48,7 @@ from torch import nn
 
 from edgerep.merge._layers import LayerKind, _dense
 
-__all__ = ["FAST_RULES", "NoFastPath", "register_rule", "rule_for"]
+__all__ = ["FAST_RULES", "NoFastPath", "register_rule", "rule_for", "rules_for"]
 
 _F64 = torch.float64
 Rule = Callable[[nn.Module, str, LayerKind], tuple[torch.Tensor, torch.Tensor]]
@@ -62,31 +73,65 @@ def register_rule(qualname: str, name: str) -> Callable[[Rule], Rule]:
     return add
 
 
+def rules_for(module: nn.Module) -> list[tuple[str, Rule]]:
+    """The rules of `module`'s class and its registered base classes, nearest first."""
+    found = []
+    for cls in type(module).__mro__:
+        rule = FAST_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            found.append(rule)
+    return found
+
+
 def rule_for(module: nn.Module) -> tuple[str, Rule] | None:
     """The rule of `module`'s class or of its nearest registered base class."""
-    for cls in type(module).__mro__:
-        found = FAST_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if found is not None:
-            return found
-    return None
+    rules = rules_for(module)
+    return rules[0] if rules else None
 
 
 # --- PEFT: its own merge, in float64 --------------------------------------------------------
 
 
-@register_rule("peft.tuners.tuners_utils.BaseTunerLayer", "peft-merge")
-def _peft_merge(module: nn.Module, base_path: str, kind: LayerKind) -> tuple[Any, Any]:
-    layer: Any = copy.deepcopy(module)  # PEFT merges in place; `module` stays the reference
+def _peft_active(layer: Any) -> list[str]:
+    """The adapters a PEFT tuner layer's forward applies."""
     if layer.merged_adapters:
         raise NoFastPath(f"adapters {layer.merged_adapters} are already merged")
-    if not layer.disable_adapters:
-        have = layer._get_available_adapters()
-        names = [n for n in layer.active_adapters if n in have]
-        if names:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PEFT's notes on merging, not errors
-                layer.merge(adapter_names=names)
+    if layer.disable_adapters:
+        return []
+    have = layer._get_available_adapters()
+    return [n for n in layer.active_adapters if n in have]
+
+
+@register_rule("peft.tuners.tuners_utils.BaseTunerLayer", "peft-merge")
+def _peft_merge(module: nn.Module, base_path: str, kind: LayerKind) -> tuple[Any, Any]:
+    layer: Any = module  # the engine's float64 copy: PEFT merges into it in place
+    names = _peft_active(layer)
+    if names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's notes on merging, not errors
+            layer.merge(adapter_names=names)
     return kind.params(layer.get_submodule(base_path))
+
+
+@register_rule("peft.tuners.lora.layer.Linear", "lora")
+def _lora(module: nn.Module, base_path: str, kind: LayerKind) -> tuple[Any, Any]:
+    layer: Any = module
+    names = _peft_active(layer)
+    if kind.name != "linear" or layer.fan_in_fan_out:
+        raise NoFastPath("fan_in_fan_out or a base layer other than nn.Linear")
+    variants = [n for n in names if n in layer.lora_variant]
+    if variants:
+        raise NoFastPath(f"adapter(s) {variants} are LoRA variants (DoRA, ...)")
+    base = layer.get_submodule(base_path)
+    weight, bias = kind.params(base)  # the copy's float64 tensors themselves
+    with torch.no_grad():
+        for name in names:
+            down, up = layer.lora_A[name], layer.lora_B[name]
+            scale = float(layer.scaling[name])
+            weight.addmm_(up.weight.to(_F64), down.weight.to(_F64), alpha=scale)
+            if layer.lora_bias[name]:
+                bias = bias + scale * up.bias.to(_F64)
+    return weight, bias
 
 
 # --- zoo adapters ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from edgerep.fold.probe import round_to
 __all__ = ["KINDS", "LayerKind", "kind_for", "register_kind", "round_to"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
+Wrap = Callable[[Fn], Fn]
 _F64 = torch.float64
 # Elements of one chunk of embedding rows read at once.
 _ROW_CHUNK_ELEMENTS = 1 << 22
@@ -68,16 +69,32 @@ class LayerKind:
         """The float64 plain layer with these values, as a function (for the verifier)."""
         return self.build(base, weight, bias, _F64).eval()
 
-    def verify(
-        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
-    ) -> verify.VerifyResult:
-        """Compare `f` with `candidate` in float64.
+    def checks(self, base: Any, *, quick: bool = False) -> tuple[list[tuple[int, ...]], Wrap]:
+        """The verifier's input shapes, and how a function sees the random inputs.
 
         `quick`: the candidate comes from a known algebra, not from reading `f` at
         chosen points, so a few random rows suffice (a Linear: 8 random vectors; a
         conv or an embedding is verified in full, it is cheap).
         """
         raise NotImplementedError
+
+    def record(self, f: Fn, base: Any, *, quick: bool = False) -> verify.Recorded:
+        """`f`'s float64 outputs on the verifier's inputs, to compare a candidate with later."""
+        shapes, wrap = self.checks(base, quick=quick)
+        return verify.record(wrap(f), shapes)
+
+    def compare(
+        self, recorded: verify.Recorded, candidate: Fn, base: Any, rtol: float
+    ) -> verify.VerifyResult:
+        """`candidate` against outputs `record` kept."""
+        _, wrap = self.checks(base)
+        return recorded.compare(wrap(candidate), rtol=rtol)
+
+    def verify(
+        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
+    ) -> verify.VerifyResult:
+        """Compare `f` with `candidate` in float64 (see `checks` for `quick`)."""
+        return self.compare(self.record(f, base, quick=quick), candidate, base, rtol)
 
 
 KINDS: dict[str, LayerKind] = {}
@@ -122,12 +139,19 @@ def _fill(layer: Any, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
 
 
 def _assign(param: nn.Parameter, value: torch.Tensor) -> None:
-    """``param ← value`` rounded to its dtype, without a second copy when rounding made one."""
-    rounded = round_to(value, param.dtype)
-    if rounded is value or rounded.shape != param.shape or not rounded.is_contiguous():
+    """``param ← value`` rounded once to its dtype (never an alias of `value`)."""
+    if param.dtype in (torch.float32, torch.float64) or value.dtype != _F64:
+        param.copy_(value)  # one rounding, into the layer's own buffer
+        return
+    rounded = round_to(value, param.dtype)  # bf16/fp16: correctly rounded, not via fp32
+    if rounded.shape != param.shape or not rounded.is_contiguous():
         param.copy_(rounded)
     else:
         param.data = rounded
+
+
+def _same(f: Fn) -> Fn:
+    return f
 
 
 def _device(base: Any) -> torch.device:
@@ -157,15 +181,12 @@ class _Linear(LayerKind):
         self, base: Any, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype
     ) -> nn.Module:
         out_f, in_f = weight.shape
-        # skip_init: a random initialization of a large layer costs more than the merge
-        layer = skip_init(
-            nn.Linear,
-            in_f,
-            out_f,
-            bias=_with_bias(bias, base.bias),
-            dtype=dtype,
-            device=_device(base),
-        )
+        # built on meta: a random initialization of a large layer costs more than the merge
+        layer = nn.Linear(in_f, out_f, bias=_with_bias(bias, base.bias), device="meta")
+        device = _device(base)
+        layer.weight = nn.Parameter(torch.empty((out_f, in_f), dtype=dtype, device=device))
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(torch.empty(out_f, dtype=dtype, device=device))
         return _fill(layer, weight, bias)
 
     def function(self, base: Any, weight: torch.Tensor, bias: torch.Tensor) -> Fn:
@@ -173,13 +194,10 @@ class _Linear(LayerKind):
         b = bias if _with_bias(bias, base.bias) else None
         return lambda x: torch.nn.functional.linear(x, weight, b)
 
-    def verify(
-        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
-    ) -> verify.VerifyResult:
+    def checks(self, base: Any, *, quick: bool = False) -> tuple[list[tuple[int, ...]], Wrap]:
         if quick:
-            return verify.compare(f, candidate, [(2, 4, self.in_features(base))], rtol=rtol)
-        shapes = verify.probe_shapes((1, 3, self.in_features(base)), "linear")
-        return verify.compare(f, candidate, shapes, rtol=rtol)
+            return [(2, 4, self.in_features(base))], _same
+        return verify.probe_shapes((1, 3, self.in_features(base)), "linear"), _same
 
 
 class _GPT2Conv1D(_Linear):
@@ -314,11 +332,8 @@ class _Conv(LayerKind):
         )
         return _fill(conv, kernel, bias)
 
-    def verify(
-        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
-    ) -> verify.VerifyResult:
-        shapes = verify.probe_shapes(self._example(base), "conv", span=self._span(base))
-        return verify.compare(f, candidate, shapes, rtol=rtol)
+    def checks(self, base: Any, *, quick: bool = False) -> tuple[list[tuple[int, ...]], Wrap]:
+        return verify.probe_shapes(self._example(base), "conv", span=self._span(base)), _same
 
 
 _PLAIN_CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -383,19 +398,17 @@ class _Embedding(LayerKind):
             layer.weight.copy_(round_to(weight, dtype))
         return layer
 
-    def verify(
-        self, f: Fn, candidate: Fn, base: Any, rtol: float, *, quick: bool = False
-    ) -> verify.VerifyResult:
+    def checks(self, base: Any, *, quick: bool = False) -> tuple[list[tuple[int, ...]], Wrap]:
         n = int(base.num_embeddings)
 
         def indices(x: torch.Tensor) -> torch.Tensor:
             # the verifier draws normal samples; map them to uniformly spread indices
             return (torch.special.ndtr(x) * n).long().clamp(0, n - 1)
 
-        shapes = [(2, min(n, 7)), (max(1, min(n, 64)),), (1, 2, 5)]
-        return verify.compare(
-            lambda x: f(indices(x)), lambda x: candidate(indices(x)), shapes, rtol=rtol
-        )
+        def wrap(f: Fn) -> Fn:
+            return lambda x: f(indices(x))
+
+        return [(2, min(n, 7)), (max(1, min(n, 64)),), (1, 2, 5)], wrap
 
 
 register_kind("torch.nn.modules.linear.Linear", _Linear())

@@ -7,7 +7,27 @@ from typing import Any
 
 from edgerep.fold.report import KeptRegion
 
-__all__ = ["KeptRegion", "MergeReport", "MergedLayer"]
+__all__ = ["KeptRegion", "MergeReport", "MergedLayer", "RouteSummary"]
+
+
+class RouteSummary:
+    """`routes` and `max_error` of a report whose ``merged`` rows carry ``route`` and
+    ``max_rel_error`` (None counts as 0); shared by in-memory and checkpoint reports."""
+
+    merged: list[Any]
+
+    @property
+    def routes(self) -> dict[str, int]:
+        """How many merged rows took each route ('fast:lora', 'probe', 'swap', ...)."""
+        counts: dict[str, int] = {}
+        for r in self.merged:
+            counts[r.route] = counts.get(r.route, 0) + 1
+        return counts
+
+    @property
+    def max_error(self) -> float:
+        """Largest relative error over all merged rows (float64 verifier)."""
+        return max((r.max_rel_error or 0.0 for r in self.merged), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -52,7 +72,7 @@ class MergedLayer:
 
 
 @dataclass
-class MergeReport:
+class MergeReport(RouteSummary):
     """The report of one `edgerep.merge` call.
 
     Attributes:
@@ -83,19 +103,6 @@ class MergeReport:
     params_before: int = 0
     params_after: int = 0
     seconds: float = 0.0
-
-    @property
-    def routes(self) -> dict[str, int]:
-        """How many merged layers took each route ('fast:peft-merge', 'probe', ...)."""
-        counts: dict[str, int] = {}
-        for r in self.merged:
-            counts[r.route] = counts.get(r.route, 0) + 1
-        return counts
-
-    @property
-    def max_error(self) -> float:
-        """Largest relative error over all merged layers (float64)."""
-        return max((r.max_rel_error for r in self.merged), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dictionary."""

@@ -144,7 +144,8 @@ def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, model, adap
     )
     assert (out / "config.json").read_bytes() == (tmp_path / "base" / "config.json").read_bytes()
     assert json.loads((out / REPORT).read_text())["routes"] == report.routes
-    assert report.routes == {"fast:peft-merge": len(report.merged)} and report.merged
+    assert report.merged and set(report.routes) <= {"fast:lora", "fast:peft-merge"}
+    assert sum(report.routes.values()) == len(report.merged)
     assert report.max_error <= 1e-9
 
     streamed = _load(out, model, torch.bfloat16).state_dict()
@@ -174,6 +175,60 @@ def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, model, adap
             )
         )
     assert changed >= len(report.merged)  # every targeted layer moved
+
+
+@pytest.mark.parametrize("tuner", ["vera", "lora+modules_to_save"])
+def test_shared_projections_and_modules_to_save_stream_bit_for_bit(tmp_path, tuner):
+    """VeRA's projections are shared by every layer (each slices its corner); a
+    modules_to_save copy replaces the checkpoint's tensors. Both equal the in-memory merge."""
+    from peft import VeraConfig
+
+    _save_base(tmp_path / "base", "llama")
+    torch.manual_seed(1)
+    if tuner == "vera":
+        config = VeraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    else:
+        config = LoraConfig(r=4, target_modules=["q_proj", "o_proj"], modules_to_save=["lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_load(tmp_path / "base", "llama", torch.float32), config)
+    randomize_adapters(pm, seed=1, std=0.1)  # the lm_head copy too: it is trainable
+    pm.save_pretrained(tmp_path / "adapter")
+
+    report = merge_adapter_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    if tuner == "vera":
+        assert report.routes == {"fast:peft-merge": 2 * 4}
+    else:
+        assert report.routes == {"fast:lora": 2 * 2, "swap": 1}
+    streamed = _load(tmp_path / "out", "llama", torch.bfloat16).state_dict()
+    in_memory, _ = edgerep.merge(
+        _peft(tmp_path / "base", tmp_path / "adapter", "llama", torch.bfloat16)
+    )
+    in_memory_sd = in_memory.state_dict()
+    base_sd = _load(tmp_path / "base", "llama", torch.bfloat16).state_dict()
+    assert streamed.keys() == in_memory_sd.keys()
+    for k in streamed:
+        assert torch.equal(streamed[k], in_memory_sd[k]), k
+    assert not torch.equal(
+        streamed["model.layers.0.self_attn.q_proj.weight"],
+        base_sd["model.layers.0.self_attn.q_proj.weight"],
+    )
+    if tuner != "vera":
+        assert not torch.equal(streamed["lm_head.weight"], base_sd["lm_head.weight"])
+
+
+def test_vera_without_its_projections_is_refused(tmp_path):
+    from peft import VeraConfig
+
+    _save_base(tmp_path / "base", "llama")
+    config = VeraConfig(r=4, target_modules=["q_proj"], save_projection=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_load(tmp_path / "base", "llama", torch.float32), config)
+        pm.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(edgerep.errors.UnsupportedError, match="save_projection=False"):
+        merge_adapter_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_single_file_checkpoint_and_fp16(tmp_path):
@@ -377,6 +432,26 @@ def test_dare_is_seeded(three, tmp_path):
     assert not torch.equal(outs[0]["w"], outs[2]["w"])
 
 
+def test_della_streams_the_shared_combination(three, tmp_path):
+    """The checkpoint merge draws DELLA's masks from one seeded generator, tensor by tensor
+    in the order it processes them (the report's order), with the adapters' code."""
+    from edgerep.merge import _combine
+
+    (base, *models), deltas = three
+    weights = [0.5, 0.3, 0.2]
+    report = merge_checkpoints(
+        base, models, tmp_path / "della", method="della", density=0.5, weights=weights, seed=5
+    )
+    out = _read(tmp_path / "della")
+    gen = torch.Generator().manual_seed(5)
+    per_key = {"w": deltas, "b": [d[0] for d in deltas]}
+    start = {"w": torch.zeros(2, 3, dtype=F64), "b": torch.ones(3, dtype=F64)}
+    assert [r.key for r in report.merged] in (["w", "b"], ["b", "w"])
+    for row in report.merged:
+        combined = _combine.combine("della", per_key[row.key], weights, density=0.5, generator=gen)
+        assert torch.equal(out[row.key], start[row.key] + combined)
+
+
 def test_mismatched_checkpoints_are_named(three, tmp_path):
     (base, *models), _ = three
     bad = _write(
@@ -411,7 +486,7 @@ def test_cli_merges_an_adapter_into_a_checkpoint(llama, tmp_path, capsys):
     code = main(["merge", str(llama / "base"), "--adapter", str(llama / "adapter"), "-o", str(out)])
     assert code == EXIT_OK, capsys.readouterr().err
     text = capsys.readouterr().out
-    assert "fast:peft-merge 15" in text and f"checkpoint: {out}" in text
+    assert "fast:lora 14" in text and f"checkpoint: {out}" in text
     assert is_checkpoint_dir(out)
     assert (
         main(["merge", str(llama / "base"), "--adapter", str(llama / "adapter"), "-o", str(out)])

@@ -149,7 +149,7 @@ def test_ties(density):
     assert "combine (ties: cat=0.7, dog=-0.4, eel=1.3; density" in report.to_text()
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
 def test_dare_follows_the_documented_random_stream(method):
     """One generator per call; masks drawn per tensor (weight, bias), per adapter, per layer."""
     model = three_adapters()
@@ -161,11 +161,14 @@ def test_dare_follows_the_documented_random_stream(method):
         w0, b0 = base_params(model, layer)
         taus = []
         for d in deltas(model, layer):
-            keep = (torch.rand(d.shape, generator=gen, dtype=F64) < density).numpy()
-            taus.append(np.where(keep, d / density, 0.0))
+            p = np.full(d.shape, density)
+            if method.startswith("della"):  # MAGPRUNE: the probability follows the rank
+                p = _combine.della_keep_probabilities(torch.from_numpy(d), density).numpy()
+            keep = (torch.rand(d.shape, generator=gen, dtype=F64) < torch.from_numpy(p)).numpy()
+            taus.append(np.where(keep, d / p, 0.0))
         for _ in NAMES:  # the bias deltas (zero for LoRA) draw their masks too
             torch.rand(b0.shape, generator=gen, dtype=F64)
-        if method == "dare_linear":
+        if method in ("dare_linear", "della_linear"):
             want = w0 + sum(wi * t for wi, t in zip(w, taus))
         else:
             want = w0 + disjoint_mean(taus, w)
@@ -244,6 +247,67 @@ def test_ties_by_hand():
     assert out.tolist() == [3.0, -4.0, 2.0, 0.0]
 
 
+def test_della_by_hand():
+    """MAGPRUNE on two 2x4 deltas, density 0.5 (epsilon 0.1), seed 0, draws written out."""
+    d1 = torch.tensor([[0.1, -0.4, 0.3, 0.2], [2.0, -1.0, 0.5, 4.0]], dtype=F64)
+    d2 = torch.tensor([[-0.2, 0.8, -0.1, 0.05], [1.0, 3.0, -2.0, 0.5]], dtype=F64)
+    # keep probabilities 0.4 + 0.2 * rank / 3, rank by |entry| within each row
+    p1 = [[0.4, 0.6, 8 / 15, 7 / 15], [8 / 15, 7 / 15, 0.4, 0.6]]
+    p2 = [[8 / 15, 0.6, 7 / 15, 0.4], [7 / 15, 0.6, 8 / 15, 0.4]]
+    for d, p in ((d1, p1), (d2, p2)):
+        got = _combine.della_keep_probabilities(d, 0.5)
+        torch.testing.assert_close(got, torch.tensor(p, dtype=F64), rtol=0, atol=1e-15)
+        assert got.mean().item() == pytest.approx(0.5)  # the mean keep rate is the density
+    # the seed's draws: torch.rand(2, 4) twice (d1's mask, then d2's)
+    gen = torch.Generator().manual_seed(0)
+    u1 = torch.rand((2, 4), generator=gen, dtype=F64)
+    u2 = torch.rand((2, 4), generator=gen, dtype=F64)
+    u1_text = [
+        [0.97005300, 0.70781986, 0.45938294, 0.92074768],
+        [0.64502412, 0.79114789, 0.17860618, 0.35110762],
+    ]
+    u2_text = [
+        [0.58134092, 0.28823589, 0.45286885, 0.17679953],
+        [0.35526676, 0.62190525, 0.48184840, 0.44080050],
+    ]
+    torch.testing.assert_close(u1, torch.tensor(u1_text, dtype=F64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(u2, torch.tensor(u2_text, dtype=F64), rtol=0, atol=1e-8)
+    # kept where u < p: d1 keeps (0,2) (1,2) (1,3); d2 keeps (0,1) (0,2) (0,3) (1,0) (1,2)
+    tau1 = [[0, 0, 0.3 * 15 / 8, 0], [0, 0, 0.5 / 0.4, 4.0 / 0.6]]
+    tau2 = [[0, 0.8 / 0.6, -0.1 * 15 / 7, 0.05 / 0.4], [1.0 * 15 / 7, 0, -2.0 * 15 / 8, 0]]
+    t1, t2 = torch.tensor(tau1, dtype=F64), torch.tensor(tau2, dtype=F64)
+    weights = [1.0, 0.5]
+
+    def run(method: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return _combine.combine(method, [d1, d2], weights, density=0.5, generator=g)
+
+    torch.testing.assert_close(run("della_linear"), t1 + 0.5 * t2, rtol=0, atol=1e-15)
+    # sign election on c = [t1, 0.5 t2], then the mean of the agreeing nonzero entries
+    c1, c2 = t1, 0.5 * t2
+    want = [[0.0, c2[0, 1], c1[0, 2], c2[0, 3]], [c2[1, 0], 0.0, c2[1, 2], c1[1, 3]]]
+    torch.testing.assert_close(run("della"), torch.tensor(want, dtype=F64), rtol=0, atol=1e-15)
+
+
+def test_della_is_unbiased_and_keeps_density():
+    delta = torch.randn(64, 256, dtype=F64, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    runs = torch.stack(
+        [
+            _combine.combine("della_linear", [delta], [1.0], density=0.3, generator=gen)
+            for _ in range(200)
+        ]
+    )
+    assert (runs != 0).double().mean().item() == pytest.approx(0.3, abs=0.01)
+    # larger entries survive more often
+    big = delta.abs() > delta.abs().median(dim=1, keepdim=True).values
+    kept = (runs != 0).double().mean(dim=0)
+    assert kept[big].mean() > kept[~big].mean() + 0.05
+    # E[tau] = delta: the mean over 200 runs is within a few standard errors
+    err = (runs.mean(dim=0) - delta).abs().mean() / delta.abs().mean()
+    assert err < 0.15
+
+
 def test_unknown_method_and_density_errors():
     model = three_adapters()
     with pytest.raises(ConfigError, match="did you mean 'ties'"):
@@ -269,6 +333,8 @@ def test_unknown_method_and_density_errors():
         "dare_linear",
         "dare_ties",
         "breadcrumbs",
+        "della",
+        "della_linear",
     }
 
 

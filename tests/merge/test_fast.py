@@ -31,6 +31,7 @@ from tests.merge.test_merge_peft import NOT_ONE_LAYER, SUPPORTED, build, example
 F64 = torch.float64
 SAME = 1e-12
 PEFT_RULE = "peft.tuners.tuners_utils.BaseTunerLayer"
+LORA_RULE = "peft.tuners.lora.layer.Linear"
 # zoo adapters with a rule, and the rule's name
 ZOO_RULES = {
     "ssf": "ssf",
@@ -64,7 +65,8 @@ def test_peft_fast_path_equals_the_probe(tuner, base):
     probed, probe_report = edgerep.merge(model, fast=False)
 
     assert same_state(model, snapshot)
-    assert report.routes == {"fast:peft-merge": len(report.merged)}
+    plain_lora = tuner in ("lora", "rslora") and base == "linear"
+    assert report.routes == {"fast:lora" if plain_lora else "fast:peft-merge": len(report.merged)}
     assert all(r.fallback == "" for r in report.merged)
     assert probe_report.routes == {"probe": len(probe_report.merged)}
     assert _max_rel_diff(fast, probed) <= SAME
@@ -125,7 +127,10 @@ def _corrupt(monkeypatch, qualname: str, how: str) -> None:
     ("tuner", "base"), [("lora", "linear"), ("dora", "conv"), ("ia3", "linear")]
 )
 def test_a_corrupted_peft_rule_is_caught_and_falls_back(monkeypatch, tuner, base, how):
+    """Both PEFT rules corrupted. The LoRA rule writes into its float64 copy before it is
+    rejected: the probe must read a fresh copy, or the merged layer would hold B·A twice."""
     model = build(tuner, base)
+    _corrupt(monkeypatch, LORA_RULE, how)
     _corrupt(monkeypatch, PEFT_RULE, how)
     merged, report = edgerep.merge(model)
     assert report.routes == {"probe": len(report.merged)}
@@ -136,6 +141,46 @@ def test_a_corrupted_peft_rule_is_caught_and_falls_back(monkeypatch, tuner, base
     x = example(base)
     with torch.no_grad():
         assert rel_error(model(x), merged(x)) <= 1e-9
+
+
+def test_a_declining_rule_passes_to_the_next_one(monkeypatch):
+    model = build("lora", "linear")
+    _corrupt(monkeypatch, LORA_RULE, "raise")
+    merged, report = edgerep.merge(model)
+    assert report.routes == {"fast:peft-merge": 2}
+    assert all(r.fallback == "" for r in report.merged)
+    x = example("linear")
+    with torch.no_grad():
+        assert rel_error(model(x), merged(x)) <= 1e-9
+
+
+@pytest.mark.parametrize("variant", ["two-adapters", "lora-bias", "disabled", "pissa"])
+def test_the_lora_rule_equals_the_probe(variant):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8, bias=False))
+    init = "pissa" if variant == "pissa" else True
+    bias = variant == "lora-bias"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(
+            net,
+            LoraConfig(r=3, target_modules=["0", "2"], lora_bias=bias, init_lora_weights=init),
+            adapter_name="a",
+        )
+        if variant == "two-adapters":
+            model.add_adapter("b", LoraConfig(r=2, lora_alpha=5, target_modules=["0"]))
+            model.base_model.set_adapter(["a", "b"])
+    randomize_adapters(model)
+    model = model.to(F64).eval()
+    if variant == "disabled":
+        model.base_model.disable_adapter_layers()
+    fast, report = edgerep.merge(model)
+    probed, _ = edgerep.merge(model, fast=False)
+    assert report.routes == {"fast:lora": 2}
+    assert _max_rel_diff(fast, probed) <= SAME
+    x = torch.randn(3, 5, 12, dtype=F64)
+    with torch.no_grad():
+        assert rel_error(model(x), fast(x)) <= 1e-9
 
 
 def test_a_corrupted_zoo_rule_is_caught_and_falls_back(monkeypatch):
@@ -164,7 +209,8 @@ def test_combinations_take_the_fast_path_per_adapter():
         probed, _ = edgerep.merge(
             model, combine=combine, method=method, density=density, fast=False
         )
-        assert report.routes == {"fast:peft-merge": 2}
+        # layer "0": base and "a" by the LoRA rule, DoRA "b" by PEFT's merge
+        assert report.routes == {"mixed": 1, "fast:lora": 1}
         assert _max_rel_diff(fast, probed) <= SAME
 
 
@@ -188,3 +234,50 @@ def test_tied_weights_are_copied_not_skipped():
         assert rel_error(ref, merged(input_ids=ids).logits) <= 1e-9
         again = copy.deepcopy(merged)(input_ids=ids).logits
     assert torch.equal(again, merged(input_ids=ids).logits)
+
+
+def test_unchanged_tensors_share_storage_and_merged_ones_do_not():
+    """share_unchanged (the default): no second copy of what merge leaves as it is."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(30, 12), nn.LayerNorm(12), nn.Linear(12, 8))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["2"]))
+    model = randomize_adapters(model).to(F64).eval()
+    snapshot = state_snapshot(model)
+    inner = model.base_model.model
+    merged, _ = edgerep.merge(model)
+    independent, _ = edgerep.merge(model, share_unchanged=False)
+    assert merged[0].weight.data_ptr() == inner[0].weight.data_ptr()
+    assert merged[0].weight is not inner[0].weight  # a new Parameter over the same storage
+    assert independent[0].weight.data_ptr() != inner[0].weight.data_ptr()
+    for m in (merged, independent):
+        assert m[2].weight.data_ptr() != inner[2].base_layer.weight.data_ptr()
+    merged.to(torch.float32)  # casting the result rebinds its own tensors only
+    assert same_state(model, snapshot)
+    assert merged[0].weight.dtype == torch.float32 and inner[0].weight.dtype == F64
+    ids = torch.randint(0, 30, (2, 5))
+    with torch.no_grad():
+        assert rel_error(model(ids), independent(ids)) <= 1e-9
+
+
+class _Scaled(nn.Module):
+    """A custom adapter: a per-output scale after a base Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(6, 6)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) * self.scale
+
+
+def test_a_wrapper_held_at_two_paths_stays_tied():
+    torch.manual_seed(0)
+    wrapper = _Scaled()
+    model = nn.Sequential(wrapper, nn.ReLU(), wrapper).to(F64).eval()
+    merged, report = edgerep.merge(model)
+    assert len(report.merged) == 1 and type(merged[0]) is nn.Linear
+    assert merged[2] is merged[0]  # one module at both paths, like the input
+    x = torch.randn(4, 6, dtype=F64)
+    with torch.no_grad():
+        assert rel_error(model(x), merged(x)) <= 1e-9
