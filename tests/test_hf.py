@@ -160,3 +160,8 @@ def test_prune_takes_a_hugging_face_directory_with_its_task(tmp_path, capsys):
     assert "inputs (declared by the source): pixel_values:1x3x32x32" in text
     report = (out / "prune_report.json").read_text()
     assert "16 -> 8" in text or '"after": 8' in report
+    # folded first (the default): the folded graph's bare parameters stay whole, the
+    # rest prunes and the bundle verifies
+    code = main([*argv, "--calib", str(calib), "-o", str(tmp_path / "folded")])
+    assert code == EXIT_OK, capsys.readouterr().err
+    assert "verified" in capsys.readouterr().out

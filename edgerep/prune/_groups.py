@@ -210,12 +210,21 @@ def build_groups(
             if (name, dim) not in seen:
                 seen.add((name, dim))
                 members.append(GroupMember(name, dim, type(module).__name__))
-        producers = {m.name for m in members if m.dim == "out"}
         modules = dict(model.named_modules())
+        # a bare parameter used by a functional op (e.g. a folded graph's constant) is
+        # a pseudo-module in Torch-Pruning's graph, not one of the model's modules
+        bare = sorted(m.name for m in members if m.name not in modules)
+        members = [m for m in members if m.name in modules]
+        producers = {m.name for m in members if m.dim == "out"}
         grouped = sorted(m.name for m in members if _grouped_not_depthwise(modules[m.name]))
         heads = _attention(tp, graph, tp_group, modules, members)
         reason = ""
-        if heads:
+        if bare:
+            reason = (
+                f"parameter(s) used outside a layer ({', '.join(bare)}): their channels stay "
+                "whole"
+            )
+        elif heads:
             # Torch-Pruning slices these channels without knowing the head layout (its
             # head pruning lives in its MetaPruner, not in group pruning): the head
             # reshape then fails or mixes heads, so such groups stay whole
