@@ -221,8 +221,7 @@ def build_groups(
         reason = ""
         if bare:
             reason = (
-                f"parameter(s) used outside a layer ({', '.join(bare)}): their channels stay "
-                "whole"
+                f"parameter(s) used outside a layer ({', '.join(bare)}): their channels stay whole"
             )
         elif heads:
             # Torch-Pruning slices these channels without knowing the head layout (its
