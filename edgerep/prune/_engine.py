@@ -254,7 +254,8 @@ def prune(
         rank_error: the largest relative output error of a factorized layer.
         layer_cost: layer shapes -> cost each, replacing the measured per-layer
             latency of depth and rank decisions (tests inject a table here).
-        importance: ``l1``, ``l2`` or ``taylor`` (needs `calib` and `labels`).
+        importance: ``l1``, ``l2``, ``taylor`` (needs `calib` and `labels`) or
+            ``reconstruction`` (needs `calib`).
         calib: calibration inputs, batched (a tensor or one tensor per input); needed
             by recovery and by ``taylor``.
         labels: labels of `calib` (``taylor``).
@@ -486,7 +487,9 @@ def _channels(
             "no channel group of this model can be pruned: "
             + "; ".join(f"{g.name}: {g.reason}" for g in groups)
         )
-    scores = channel_importance(importance, src, prunable, calib=calib_t, labels=labels)
+    scores = channel_importance(
+        importance, src, prunable, calib=calib_t, labels=labels, notes=report.notes
+    )
     sizes = {g.name: g.size for g in prunable}
     shapes = layer_shapes(src, inputs)
     tables: dict[str, dict[int, float]] = {}

@@ -63,7 +63,8 @@ class PruneOptions:
         depth_error: the largest relative output error of a replaced block.
         rank_error: the largest relative output error of a factorized layer.
         backend: where a latency target is measured (``onnxruntime``, ``openvino``).
-        importance: ``l2``, ``l1`` or ``taylor`` (needs labelled `data`).
+        importance: ``l2``, ``l1``, ``taylor`` (needs labelled `data`) or
+            ``reconstruction`` (needs `data`).
         recovery: ``ls``, ``mean`` or ``none``; None: ``ls`` with `data`, else ``none``.
         keep: module names never pruned.
         data: calibration (recovery, fine-tune) and evaluation (accuracy) samples.
@@ -134,6 +135,7 @@ class PruneOptions:
             for what, needed in (
                 (f"recovery {self.recovery}", self.recovery in ("ls", "mean")),
                 ("taylor importance", self.importance == "taylor"),
+                ("reconstruction importance", self.importance == "reconstruction"),
                 ("--finetune", self.finetune is not None),
                 ("depth pruning (fits each replaced block)", "depth" in methods),
             )
