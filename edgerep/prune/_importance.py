@@ -18,11 +18,18 @@ nothing downstream whatever its consumers hold.
   calibration samples is the relative output error removing that channel alone
   causes there. Computed in closed form in float64 from each consumer's input
   Gram per channel; summed over the group's consumers.
+- ``bn``: network slimming's BatchNorm scale ``|gamma|`` of each channel (Liu et al.
+  2017), read on the train-time model. A folded model has no BN left: its
+  scales come in `bn_scales` (layer name -> per-channel ``|gamma|``), built from the
+  unfolded model and the fold report by `bn_scales_for_folded`; an unfolded
+  model's BN members are read directly. A group with neither is scored ``l2``
+  and the report's notes name it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +39,7 @@ from torch import nn
 from edgerep.errors import ConfigError, did_you_mean
 from edgerep.prune._groups import Group
 
-__all__ = ["IMPORTANCE", "channel_importance", "importance_names"]
+__all__ = ["IMPORTANCE", "bn_scales_for_folded", "channel_importance", "importance_names"]
 
 ImportanceFn = Callable[..., dict[str, np.ndarray]]
 IMPORTANCE: dict[str, ImportanceFn] = {}
@@ -300,6 +307,134 @@ def _flatten_block_energy(
     finally:
         h.remove()
     return acc
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _gamma(bn: Any) -> np.ndarray:
+    if getattr(bn, "weight", None) is None:  # affine=False: every channel scaled alike
+        return np.ones(int(getattr(bn, "num_features", 0)), dtype=np.float64)
+    return bn.weight.detach().double().abs().numpy()
+
+
+@_register("bn")
+def _bn(
+    model: nn.Module,
+    groups: Sequence[Group],
+    *,
+    bn_scales: Mapping[str, np.ndarray] | None = None,
+    notes: list[str] | None = None,
+    **_: Any,
+) -> dict[str, np.ndarray]:
+    modules = dict(model.named_modules())
+    scales = {n: _gamma(m) for n, m in modules.items() if isinstance(m, _BN)}
+    scales.update({n: np.asarray(v, dtype=np.float64) for n, v in (bn_scales or {}).items()})
+    if not scales:
+        raise ConfigError(
+            "importance='bn' reads BatchNorm scales, and this model has none (a folded model "
+            "has merged them into its convs): pass bn_scales=bn_scales_for_folded(unfolded, "
+            "folded, fold_report), prune the unfolded model (CLI: edgerep prune/convert read "
+            "them before folding; --no-fold keeps the BNs), or use importance='l2'"
+        )
+    out: dict[str, np.ndarray] = {}
+    for g in groups:
+        score = np.zeros(g.size, dtype=np.float64)
+        used = [m.name for m in g.producers if m.name in scales and len(scales[m.name]) == g.size]
+        for name in used:
+            score += scales[name]
+        if not used:
+            if notes is not None:
+                notes.append(
+                    f"{g.name}: no BatchNorm scaled this group's channels; bn importance fell "
+                    "back to l2 for it"
+                )
+            score = _l2(model, [g])[g.name]
+        out[g.name] = score
+    return out
+
+
+def bn_scales_for_folded(
+    unfolded: nn.Module, folded: nn.Module, fold_report: Any
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per-channel ``|gamma|`` of the unfolded model's BNs, keyed by the folded layer they scale.
+
+    Each folded region of `fold_report` lists the original module paths it covered;
+    the BNs among (or under) them with as many channels as the region's folded layer
+    has outputs scaled that layer's output channels (several, e.g. the branches of a
+    RepVGG block, are summed). The folded layer is the module at the region's path
+    (a module-level fold) or the ``fold_<path>`` module a graph-level fold added;
+    a region whose layer cannot be identified uniquely is left out and named.
+
+    Returns:
+        ``(scales, skipped)``: folded layer name -> ``|gamma|`` per output channel, and one
+        line per region left out (why).
+    """
+    bns = {n: m for n, m in unfolded.named_modules() if isinstance(m, _BN)}
+    fmods = dict(folded.named_modules())
+    scales: dict[str, np.ndarray] = {}
+    skipped: list[str] = []
+    by_base: dict[str, list[Any]] = {}
+    for r in fold_report.folded:
+        if r.level == "graph":
+            by_base.setdefault("fold_" + (r.path or "root").replace(".", "_"), []).append(r)
+    for r in fold_report.folded:
+        covered = [
+            n for n in bns if any(m == "" or n == m or n.startswith(m + ".") for m in r.modules)
+        ]
+        if not covered:
+            continue
+        where = f"{r.path or '<root>'} ({' + '.join(r.modules)})"
+        if r.level == "graph":
+            base = "fold_" + (r.path or "root").replace(".", "_")
+            pat = re.compile(re.escape(base) + r"\d*")
+            names = [n for n in fmods if pat.fullmatch(n) and isinstance(fmods[n], _LAYERS)]
+            if len(by_base[base]) > 1:
+                # several regions under one path: tell their layers apart by width alone
+                width_of = {n: int(fmods[n].weight.shape[0]) for n in names}
+                mine = {len(_gamma(bns[n])) for n in covered}
+                names = [n for n in names if width_of[n] in mine]
+                rivals = [
+                    o
+                    for o in by_base[base]
+                    if o is not r
+                    and any(
+                        len(_gamma(b)) in mine
+                        for n, b in bns.items()
+                        if any(n == m or n.startswith(m + ".") for m in o.modules)
+                    )
+                ]
+                if rivals:
+                    names = []
+            if len(names) != 1:
+                skipped.append(
+                    f"{where}: {len(by_base[base])} folded region(s) under {base}* and "
+                    f"{len(names)} candidate layer(s): which layer its BNs scaled is ambiguous"
+                )
+                continue
+            layer_name = names[0]
+        else:
+            inside = [
+                n
+                for n, m in fmods.items()
+                if isinstance(m, _LAYERS)
+                and (not r.path or n == r.path or n.startswith(r.path + "."))
+            ]
+            if len(inside) != 1:
+                skipped.append(
+                    f"{where}: the folded module holds {len(inside)} layers; which one its "
+                    "BNs scaled is ambiguous"
+                )
+                continue
+            layer_name = inside[0]
+        width = int(fmods[layer_name].weight.shape[0])
+        match = [n for n in covered if len(_gamma(bns[n])) == width]
+        if not match:
+            skipped.append(f"{where}: no BN with {width} channels among {', '.join(covered)}")
+            continue
+        scales[layer_name] = sum((_gamma(bns[n]) for n in match), np.zeros(width))
+    return scales, skipped
 
 
 def channel_importance(

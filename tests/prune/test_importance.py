@@ -118,3 +118,76 @@ def test_reconstruction_through_a_flatten_scores_each_channels_feature_block() -
             z[:, c * 16 : (c + 1) * 16] = 0.0
             ref[c] = (model[5](z) - y).pow(2).sum() / y.pow(2).sum()
     assert torch.allclose(got, ref, rtol=1e-9)
+
+
+class _BNNet(nn.Module):
+    """Conv-BN stem, a RepVGG-like two-branch conv-BN block, a conv-BN, a conv without BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.c1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c1x = nn.Conv2d(8, 16, 1)
+        self.b1x = nn.BatchNorm2d(16)
+        self.c2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.plain = nn.Conv2d(16, 12, 1)  # no BN: scored l2, and named
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.b1(self.c1(x)) + self.b1x(self.c1x(x)))
+        x = torch.relu(self.plain(self.c2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+SMALL = [1, 4, 9, 12]
+
+
+def _bn_net() -> _BNNet:
+    torch.manual_seed(0)
+    model = _BNNet()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        for bn in (model.b1, model.b1x):
+            bn.weight[SMALL] = 0.01
+            # tiny variance: the folded filters of these channels are the largest, so a
+            # magnitude criterion on the folded model keeps exactly the channels BN drops
+            bn.running_var[SMALL] = 1e-6
+    return model.eval()
+
+
+def test_bn_importance_read_before_folding_drops_the_small_gamma_channels() -> None:
+    from edgerep.fold import fold
+    from edgerep.prune import bn_scales_for_folded
+
+    model = _bn_net()
+    x = torch.randn(2, 3, 8, 8)
+    folded, fold_report = fold(model, x[:1])
+    scales, skipped = bn_scales_for_folded(model, folded, fold_report)
+    assert skipped == []
+    (layer,) = [n for n, v in scales.items() if len(v) == 16 and v[SMALL].max() < 0.1]
+    expected = (model.b1.weight + model.b1x.weight).detach().double().abs().numpy()
+    assert torch.allclose(torch.as_tensor(scales[layer]), torch.as_tensor(expected))
+    target = f"widths={layer}:12"
+    _, rep = prune(folded, x[:1], target=target, importance="bn", bn_scales=scales)
+    assert sorted(set(range(16)) - set(rep.plan.kept[layer])) == SMALL
+    # the check can fail: the folded weights rank those channels highest
+    _, rep_l2 = prune(folded, x[:1], target=target, importance="l2")
+    assert not set(SMALL) - set(rep_l2.plan.kept[layer])
+    # the conv with no BN is scored l2, and the report says so
+    assert any("plain" in n and "fell back to l2" in n for n in rep.notes)
+
+
+def test_bn_importance_on_the_unfolded_model_and_without_any_bn() -> None:
+    model = _bn_net()
+    x = torch.randn(2, 3, 8, 8)
+    _, rep = prune(model, x[:1], target="widths=c1x:12", importance="bn")
+    assert sorted(set(range(16)) - set(rep.plan.kept["c1x"])) == SMALL
+    with pytest.raises(ConfigError, match=r"importance='bn'.*none.*bn_scales"):
+        prune(chain(), x[:1], target="macs=0.6", importance="bn")
