@@ -3,7 +3,7 @@
     edgerep prune SRC --target latency=0.5 --calib DATA -o OUT [--backend onnxruntime]
                   [--method channels,depth,rank] [--depth-blocks N] [--depth-error E]
                   [--rank-error E]
-                  [--importance l2|l1|taylor|reconstruction] [--recovery ls|mean|none]
+                  [--importance l2|l1|taylor|reconstruction|bn] [--recovery ls|mean|none]
                   [--keep NAME ...]
                   [--plan prune_plan.json] [--latency-input SPEC ...] [--to onnx,...]
                   [--no-fold] [--weights W] [--input SPEC ...] [--force] [--json]
@@ -75,7 +75,8 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--importance",
         default="l2",
         help="l2 (default), l1, taylor (needs labels in --calib), reconstruction (needs --calib: "
-        "each channel's share of its consumers' output energy)",
+        "each channel's share of its consumers' output energy), bn (BatchNorm |gamma|, read "
+        "before folding; groups without a BN fall back to l2, named in the report)",
     )
     p.add_argument(
         "--recovery", help="ls (default with --calib), mean or none (default without --calib)"
@@ -155,7 +156,7 @@ def add_convert_prune_args(p: argparse.ArgumentParser) -> None:
         "--prune-importance",
         default="l2",
         metavar="I",
-        help="l2, l1, taylor or reconstruction (both need --calib); see `edgerep prune`",
+        help="l2, l1, taylor or reconstruction (both need --calib), bn; see `edgerep prune`",
     )
     p.add_argument(
         "--prune-method",
