@@ -705,7 +705,14 @@ def convert(
     if prune is not None:
         from edgerep.prune._stage import prune_stage
 
-        pruned = prune_stage(subject, prepared.inputs, [s.name for s in prepared.specs], prune)
+        pruned = prune_stage(
+            subject,
+            prepared.inputs,
+            [s.name for s in prepared.specs],
+            prune,
+            unfolded=merged if fold else None,
+            fold_report=report,
+        )
         ledger += pruned.rows
         subject = pruned.export_model
         prepared = _prepare(

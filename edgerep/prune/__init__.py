@@ -20,6 +20,7 @@ __all__ = [
     "PruneReport",
     "PruneTarget",
     "apply_plan",
+    "bn_scales_for_folded",
     "load_pruned",
     "parse_target",
     "prune",
@@ -31,6 +32,7 @@ from edgerep.prune._report import PruneReport
 
 if TYPE_CHECKING:
     from edgerep.prune._engine import PruneRefusedError
+    from edgerep.prune._importance import bn_scales_for_folded
     from edgerep.prune._plan import PrunePlan, load_pruned, save_pruned
 
 PLAN_FILE = "prune_plan.json"
@@ -39,6 +41,7 @@ WEIGHTS_FILE = "pruned_state_dict.pt"
 # torch and torch_pruning load on first use only
 _LAZY = {
     "PruneRefusedError": "edgerep.prune._engine",
+    "bn_scales_for_folded": "edgerep.prune._importance",
     "PrunePlan": "edgerep.prune._plan",
     "load_pruned": "edgerep.prune._plan",
     "save_pruned": "edgerep.prune._plan",

@@ -3,7 +3,8 @@
     edgerep prune SRC --target latency=0.5 --calib DATA -o OUT [--backend onnxruntime]
                   [--method channels,depth,rank] [--depth-blocks N] [--depth-error E]
                   [--rank-error E]
-                  [--importance l2|l1|taylor] [--recovery ls|mean|none] [--keep NAME ...]
+                  [--importance l2|l1|taylor|reconstruction|bn] [--recovery ls|mean|none]
+                  [--keep NAME ...]
                   [--plan prune_plan.json] [--latency-input SPEC ...] [--to onnx,...]
                   [--no-fold] [--weights W] [--input SPEC ...] [--force] [--json]
 
@@ -70,7 +71,13 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--backend", default="onnxruntime", help="where latency is measured: onnxruntime, openvino"
     )
-    p.add_argument("--importance", default="l2", help="l2 (default), l1 or taylor (needs labels)")
+    p.add_argument(
+        "--importance",
+        default="l2",
+        help="l2 (default), l1, taylor (needs labels in --calib), reconstruction (needs --calib: "
+        "each channel's share of its consumers' output energy), bn (BatchNorm |gamma|, read "
+        "before folding; groups without a BN fall back to l2, named in the report)",
+    )
     p.add_argument(
         "--recovery", help="ls (default with --calib), mean or none (default without --calib)"
     )
@@ -145,7 +152,12 @@ def add_convert_prune_args(p: argparse.ArgumentParser) -> None:
         help="where a latency target is measured: onnxruntime (default when --to has onnx) "
         "or openvino (default for an openvino-only --to)",
     )
-    p.add_argument("--prune-importance", default="l2", metavar="I", help="l2, l1 or taylor")
+    p.add_argument(
+        "--prune-importance",
+        default="l2",
+        metavar="I",
+        help="l2, l1, taylor or reconstruction (both need --calib), bn; see `edgerep prune`",
+    )
     p.add_argument(
         "--prune-method",
         default="channels",

@@ -225,6 +225,7 @@ def prune(
     importance: str = "l2",
     calib: Any = None,
     labels: torch.Tensor | None = None,
+    bn_scales: Mapping[str, Any] | None = None,
     backend: str = "onnxruntime",
     keep: Sequence[str] = (),
     recovery: str | None = None,
@@ -254,10 +255,14 @@ def prune(
         rank_error: the largest relative output error of a factorized layer.
         layer_cost: layer shapes -> cost each, replacing the measured per-layer
             latency of depth and rank decisions (tests inject a table here).
-        importance: ``l1``, ``l2`` or ``taylor`` (needs `calib` and `labels`).
+        importance: ``l1``, ``l2``, ``taylor`` (needs `calib` and `labels`) or
+            ``reconstruction`` (needs `calib`) or ``bn`` (the model's BatchNorm
+            ``|gamma|``, or `bn_scales` for a folded model).
         calib: calibration inputs, batched (a tensor or one tensor per input); needed
             by recovery and by ``taylor``.
         labels: labels of `calib` (``taylor``).
+        bn_scales: layer name -> per-channel BN scale of the layer's outputs, read
+            before folding (``bn``; see `bn_scales_for_folded`).
         backend: where a latency target is measured: ``onnxruntime`` or ``openvino``.
         keep: module names whose output channels must not be pruned.
         recovery: ``ls`` (default with `calib`), ``mean`` or ``none`` (default without).
@@ -382,6 +387,7 @@ def prune(
                 calib_t,
                 labels,
                 importance,
+                bn_scales,
                 backend,
                 keep,
                 recovery,
@@ -466,6 +472,7 @@ def _channels(
     calib_t: Sequence[torch.Tensor] | None,
     labels: torch.Tensor | None,
     importance: str,
+    bn_scales: Mapping[str, Any] | None,
     backend: str,
     keep: Sequence[str],
     recovery: str,
@@ -486,7 +493,15 @@ def _channels(
             "no channel group of this model can be pruned: "
             + "; ".join(f"{g.name}: {g.reason}" for g in groups)
         )
-    scores = channel_importance(importance, src, prunable, calib=calib_t, labels=labels)
+    scores = channel_importance(
+        importance,
+        src,
+        prunable,
+        calib=calib_t,
+        labels=labels,
+        bn_scales=bn_scales,
+        notes=report.notes,
+    )
     sizes = {g.name: g.size for g in prunable}
     shapes = layer_shapes(src, inputs)
     tables: dict[str, dict[int, float]] = {}

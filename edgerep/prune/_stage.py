@@ -63,7 +63,9 @@ class PruneOptions:
         depth_error: the largest relative output error of a replaced block.
         rank_error: the largest relative output error of a factorized layer.
         backend: where a latency target is measured (``onnxruntime``, ``openvino``).
-        importance: ``l2``, ``l1`` or ``taylor`` (needs labelled `data`).
+        importance: ``l2``, ``l1``, ``taylor`` (needs labelled `data`),
+            ``reconstruction`` (needs `data`) or ``bn`` (BatchNorm scales, read
+            before folding).
         recovery: ``ls``, ``mean`` or ``none``; None: ``ls`` with `data`, else ``none``.
         keep: module names never pruned.
         data: calibration (recovery, fine-tune) and evaluation (accuracy) samples.
@@ -134,6 +136,7 @@ class PruneOptions:
             for what, needed in (
                 (f"recovery {self.recovery}", self.recovery in ("ls", "mean")),
                 ("taylor importance", self.importance == "taylor"),
+                ("reconstruction importance", self.importance == "reconstruction"),
                 ("--finetune", self.finetune is not None),
                 ("depth pruning (fits each replaced block)", "depth" in methods),
             )
@@ -249,6 +252,9 @@ def prune_stage(
     parity_inputs: Sequence[Sequence[torch.Tensor]],
     names: Sequence[str],
     options: PruneOptions,
+    *,
+    unfolded: nn.Module | None = None,
+    fold_report: Any = None,
 ) -> PruneStageResult:
     """Prune the (folded) `model`, fine-tune if asked, and measure the error it introduced.
 
@@ -258,6 +264,9 @@ def prune_stage(
             the example pruning traces with.
         names: the model's input names, in order (the calibration data's keys).
         options: `PruneOptions`.
+        unfolded: the model before folding, with `fold_report` (``bn`` importance
+            reads its BatchNorm scales there); None when `model` was not folded.
+        fold_report: the fold's report (maps each BN to the folded layer it scaled).
 
     Raises:
         ConfigError: a bad target or a target the model cannot reach (`edgerep.prune`).
@@ -274,6 +283,12 @@ def prune_stage(
         calib, evals = _batched(options.data, names)
     labels_t = torch.from_numpy(np.asarray(labels_np)) if labels_np is not None else None
     taylor = options.importance == "taylor"
+    bn_scales: dict[str, np.ndarray] | None = None
+    bn_skipped: list[str] = []
+    if options.importance == "bn" and unfolded is not None and fold_report is not None:
+        from edgerep.prune._importance import bn_scales_for_folded
+
+        bn_scales, bn_skipped = bn_scales_for_folded(unfolded, model, fold_report)
     start = time.perf_counter()
     pruned, report = prune(
         model,
@@ -286,6 +301,7 @@ def prune_stage(
         importance=options.importance,
         calib=evals if taylor else calib,
         labels=labels_t if taylor else None,
+        bn_scales=bn_scales,
         backend=options.backend,
         keep=options.keep,
         recovery=options.recovery,
@@ -296,6 +312,7 @@ def prune_stage(
         latency_config=options.latency_config,
     )
     prune_seconds = time.perf_counter() - start
+    report.notes.extend(f"bn importance: region {line}" for line in bn_skipped)
     summary: dict[str, Any] = {"seconds": prune_seconds}
     ref_eval = _outputs(model, evals) if evals is not None else None
     accuracy: dict[str, Any] = {}

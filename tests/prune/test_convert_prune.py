@@ -300,3 +300,45 @@ def test_convert_prune_method_needs_data_or_target(files, tmp_path, capsys) -> N
     assert code == EXIT_USAGE and "need --calib" in capsys.readouterr().err
     code = main(["convert", files["src"], "--to", "onnx", "--prune-importance", "l1", "-o", out])
     assert code == EXIT_USAGE and "add --prune TARGET" in capsys.readouterr().err
+
+
+BN_MODEL = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    EDGEREP_INPUTS = ["x:1x3x12x12"]
+
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )
+        with torch.no_grad():  # small gammas on the 32-channel BN, large folded filters
+            net[4].weight[[3, 7, 20, 31]] = 0.01
+            net[4].running_var[[3, 7, 20, 31]] = 1e-6
+        return net.eval()
+    """
+)
+
+
+def test_convert_prune_importance_bn_reads_the_bns_before_folding(files, tmp_path, capsys) -> None:
+    src = tmp_path / "bn_net.py"
+    src.write_text(BN_MODEL)
+    folded, _x = _folded(f"{src}:build")
+    (layer,) = [
+        n
+        for n, m in folded.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and m.out_channels == 32 and m.in_channels == 16
+    ]
+    out = tmp_path / "out"
+    argv = ["convert", f"{src}:build", "--to", "onnx", "--prune", f"widths={layer}:28"]
+    argv += ["--prune-importance", "bn", "-o", str(out)]
+    code = main(argv)
+    assert code == EXIT_OK, capsys.readouterr().err
+    plan = json.loads((out / "prune_plan.json").read_text())
+    (group,) = [g for g in plan["groups"] if g["name"] == layer]
+    assert sorted(set(range(32)) - set(group["kept"])) == [3, 7, 20, 31]
