@@ -6,7 +6,8 @@ predicting, so nothing numeric is checked. This script substitutes a
 ``compare_backend`` that evaluates the converted ML Program with the
 ``coreml-reference`` evaluator (``float32`` for fp32 programs, ``declared`` for fp16
 ones) and compares with coremltools' own tolerances (fp16: ``atol=max(100·atol, 0.5)``,
-``rtol=max(100·rtol, 0.05)``, as on macOS). NeuralNetwork-backend cases are deselected
+``rtol=max(100·rtol, 0.05)``, as on macOS). A test that calls ``MLModel.predict`` itself gets the evaluator's outputs too
+(``declared`` precision). NeuralNetwork-backend cases are deselected
 (``PYMIL_TEST_TARGETS=mlprogram``). A case whose program has an op without a kernel is
 counted as "unsupported" (skipped with the op named), never as passed.
 
@@ -123,6 +124,13 @@ def _make_state(self: Any) -> _ReferenceState:
     return _ReferenceState()
 
 
+def _reference_predict(self: Any, data: Any, state: Any = None) -> dict:
+    """What a test's direct ``MLModel.predict`` call returns off macOS: the reference
+    evaluator's outputs ("declared" precision: fp16 programs keep fp16 storage, an fp32
+    program evaluates in float32), or the same skip/raise as `reference_compare_backend`."""
+    return reference_compare_backend(self, dict(data), None, dtype="fp16", state=state)
+
+
 class _Plugin:
     """Patches compare_backend and tallies outcomes per module."""
 
@@ -139,6 +147,8 @@ class _Plugin:
         import coremltools as ct
 
         ct.models.MLModel.make_state = _make_state  # the framework's needs macOS 15
+        # tests that call predict themselves (e.g. compare two programs' outputs)
+        ct.models.MLModel.predict = _reference_predict
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
@@ -194,15 +204,38 @@ def _merge_and_write(
     unsupported = dict(old.get("unsupported_ops", {}))
     failures = dict(old.get("failures", {}))
     runs = dict(old.get("module_runs", {}))
-    for m in done:  # a module run now replaces its earlier record
-        modules[m] = dict(plugin.counts.get(m, Counter()))
+    parts_of = dict(old.get("module_parts", {}))
+    for m in done:
+        record = {
+            "counts": dict(plugin.counts.get(m, Counter())),
+            "unsupported": dict(plugin.unsupported[m].most_common()),
+            "failures": plugin.failures.get(m, [])[:20],
+            "run": {**run, "seconds": plugin.seconds.get(m)},
+        }
+        # a run without -k replaces the module's record; a -k run replaces its part, and
+        # the module's record is the sum of its parts (disjoint -k expressions that
+        # together select the whole module, see --help)
+        parts = {} if run["k"] is None else dict(parts_of.get(m, {}))
+        parts[str(run["k"])] = record
+        if run["k"] is None:
+            parts_of.pop(m, None)
+        else:
+            parts_of[m] = parts
+        counts: Counter = Counter()
+        why: Counter = Counter()
+        failed: list[str] = []
+        for part in parts.values():
+            counts.update(part["counts"])
+            why.update(part["unsupported"])
+            failed += part["failures"]
+        modules[m] = dict(counts)
         unsupported.pop(m, None)
         failures.pop(m, None)
-        if plugin.unsupported.get(m):
-            unsupported[m] = dict(plugin.unsupported[m].most_common())
-        if plugin.failures.get(m):
-            failures[m] = plugin.failures[m][:20]
-        runs[m] = {**run, "seconds": plugin.seconds.get(m)}
+        if why:
+            unsupported[m] = dict(why.most_common())
+        if failed:
+            failures[m] = failed[:20]
+        runs[m] = record["run"] if run["k"] is None else [p["run"] for p in parts.values()]
     totals: Counter = Counter()
     for c in modules.values():
         totals.update(c)
@@ -217,6 +250,7 @@ def _merge_and_write(
         ),
         "modules": dict(sorted(modules.items())),
         "module_runs": dict(sorted(runs.items())),
+        "module_parts": dict(sorted(parts_of.items())),
         "unsupported_ops": dict(sorted(unsupported.items())),
         "failures": dict(sorted(failures.items())),
     }
@@ -248,7 +282,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*")
-    parser.add_argument("-k", default=None)
+    parser.add_argument(
+        "-k",
+        default=None,
+        help="pytest -k expression; with --update the run is recorded as one part of each "
+        "module, the module's counts being the sum of its parts: run disjoint expressions "
+        "that together cover the module (e.g. 'A', 'not A'); a run without -k replaces them",
+    )
     parser.add_argument("--out", default="bench/results/coreml_optests.json")
     parser.add_argument(
         "--budget-s", type=float, default=1200.0, help="start no module after this many seconds"

@@ -8,6 +8,7 @@ function per MIL op type, see `kernel`), in float64, float32 or "declared" preci
 from __future__ import annotations
 
 from edgerep.runtimes._mil import (  # noqa: F401  (registration)
+    ops_constexpr,
     ops_control,
     ops_elementwise,
     ops_nn,

@@ -16,8 +16,9 @@ Precision modes:
   approximations) is not modelled.
 
 ``const`` and ``constexpr_*`` ops (compressed weights: affine int8, palettized, sparse,
-blockwise) are materialized once at load time; ``constexpr_*`` values come from
-coremltools' own numpy decompression (``materialized_val_inference``).
+blockwise) are materialized once at load time; ``constexpr_*`` ops by edgerep's kernels
+(`ops_constexpr`) on the exact stored values, so one constexpr may read another's output
+(joint compression: quantized palettes, sparse palettized or quantized weights).
 
 Control flow: ``cond`` and ``while_loop`` run their nested blocks (compiled once, like
 the function body; a block reads the values of the blocks around it by name, and its
@@ -102,7 +103,7 @@ def unsupported_ops(function: Any) -> dict[str, int]:
     opset = int(function.opset_version)
     missing: dict[str, int] = {}
     for op in _walk(function):
-        if not _is_load_time(op.op_type) and lookup(op.op_type, opset) is None:
+        if op.op_type not in _LOAD_TIME and lookup(op.op_type, opset) is None:
             missing[op.op_type] = missing.get(op.op_type, 0) + 1
     return dict(sorted(missing.items()))
 
@@ -203,6 +204,7 @@ class Evaluator:
             )
         self.output_names = [v.name for v in fn.outputs]
         self._consts: dict[str, Any] = {}
+        self._exact: dict[str, Any] = {}  # constexpr outputs in their declared dtype
         self._names = set(self.input_names) | set(self.state_names)
         self._plan = self._compile(fn, inputs=())
 
@@ -223,10 +225,38 @@ class Evaluator:
         if op.op_type == "const":
             values = [op.outputs[0].val]
         else:
-            v = op.materialized_val_inference()
-            values = list(v) if isinstance(v, tuple) else [v]
+            values = self._decompress(op)
         for var, value in zip(op.outputs, values):
             self._consts[var.name] = self._store(value, _np_dtype(var))
+
+    def _decompress(self, op: Any) -> list[Any]:
+        """A ``constexpr_*`` op's outputs, each in its declared dtype; inputs made by
+        other constexprs are read in theirs."""
+        kernel = lookup(op.op_type, self.opset)
+        if kernel is None:  # unsupported_ops ran first
+            raise UnsupportedError(f"no reference kernel for MIL op {op.op_type!r}")
+        values: dict[str, Any] = {}
+        for key, var in op.inputs.items():
+            values[key] = self._exact.get(var.name, var.val)
+        name = op.outputs[0].name
+        ctx = OpContext(op.op_type, name, self.opset, np.float64, values)
+        try:
+            result = kernel(ctx)
+        except (UnsupportedError, ConfigError):
+            raise
+        except Exception as e:
+            raise UnsupportedError(
+                f"the reference kernel for {op.op_type} {name!r} failed: {type(e).__name__}: {e}"
+            ) from e
+        results = list(result) if isinstance(result, (tuple, list)) else [result]
+        out = []
+        for var, value in zip(op.outputs, results):
+            declared = _np_dtype(var)
+            a = np.asarray(value)
+            exact = a.astype(declared) if declared is not None and a.dtype != declared else a
+            self._exact[var.name] = exact
+            out.append(exact)
+        return out
 
     def _step(self, op: Any) -> _Step:
         kernel = lookup(op.op_type, self.opset)
