@@ -11,24 +11,7 @@ import torch
 
 from edgerep.cli import EXIT_OK, EXIT_SOURCE, EXIT_USAGE, main
 from edgerep.prune._stage import default_prune_backend
-
-MODEL = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    EDGEREP_INPUTS = ["x:1x3x12x12"]
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-        ).eval()
-    """
-)
+from tests.prune.test_cli_prune import MODEL, RESNET
 
 FINETUNE = textwrap.dedent(
     """
@@ -271,8 +254,6 @@ def test_convert_sweep_one_ratio(files, tmp_path, capsys) -> None:
 def test_convert_prune_method_depth_refolds_and_verifies(tmp_path, files) -> None:
     """`convert --prune-method depth`: blocks replaced by fitted maps, the pruned model
     folded again before export (a ledger row), the artifact verified against it."""
-    from tests.prune.test_cli_prune import RESNET
-
     src = tmp_path / "resnet.py"
     src.write_text(RESNET)
     out = tmp_path / "out"
