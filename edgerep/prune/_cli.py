@@ -223,7 +223,15 @@ def check_convert_prune(args: argparse.Namespace, formats: list[str]) -> None:
                 "depth / rank)"
             )
         return
-    _options(args, formats, specs=None, data=None).check(has_data=bool(args.calib))
+    problems = []
+    if args.sweep and args.prune is None:
+        problems.append("--sweep gives ratios of --prune's kind; give --prune TARGET too")
+    try:
+        _options(args, formats, specs=None, data=None).check(has_data=bool(args.calib))
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _folder(args: argparse.Namespace) -> dict[str, Any]:

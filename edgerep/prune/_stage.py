@@ -111,17 +111,18 @@ class PruneOptions:
         from edgerep.prune._engine import parse_methods
 
         problems = []
-        methods: tuple[str, ...] = ("channels",)
+        methods: tuple[str, ...] = ()
         try:
             methods = parse_methods(self.method)
         except ConfigError as e:
             problems.append(str(e))
+        # with an unreadable method list the method error says it all
         if "channels" in methods:
             try:
                 parse_target(self.target)
             except ConfigError as e:
                 problems.append(str(e))
-        elif self.target:
+        elif methods and self.target:
             problems.append(
                 f"target {self.target!r} sets how many channels go but method "
                 f"{','.join(methods)} prunes no channels; add channels to the methods or drop "

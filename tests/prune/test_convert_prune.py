@@ -323,3 +323,17 @@ def test_convert_prune_importance_bn_reads_the_bns_before_folding(files, tmp_pat
     plan = json.loads((out / "prune_plan.json").read_text())
     (group,) = [g for g in plan["groups"] if g["name"] == layer]
     assert sorted(set(range(32)) - set(group["kept"])) == [3, 7, 20, 31]
+
+
+def test_convert_prune_method_errors_are_named_before_loading(files, tmp_path, capsys) -> None:
+    out = str(tmp_path / "o")
+    base = ["convert", files["src"], "--to", "onnx", "--calib", files["data"], "-o", out]
+    code = main([*base, "--prune-method", "depth,bogus"])
+    err = capsys.readouterr().err
+    # the unknown method is named, with no second error about a missing target
+    assert code == EXIT_USAGE and "bogus" in err and "pruning target" not in err
+    code = main([*base, "--prune-method", "depth", "--sweep", "0.5"])
+    captured = capsys.readouterr()
+    assert code == EXIT_USAGE and "give --prune TARGET too" in captured.err
+    assert "inputs (declared" not in captured.out  # refused before the model loads
+    assert not (tmp_path / "o").exists()
