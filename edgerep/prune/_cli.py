@@ -504,12 +504,11 @@ def _reapply(
     options: dict[str, Any],
 ) -> int:
     """``--plan``: the saved plan applied to the (folded) model, exported and verified."""
-    import numpy as np
-    import torch
 
     from edgerep.cli import EXIT_OK
     from edgerep.pipeline import convert
     from edgerep.prune import PrunePlan, apply_plan, save_pruned
+    from edgerep.prune._stage import _batched
     from edgerep.spec import example_inputs
 
     inputs = example_inputs(specs, seed=args.seed)
@@ -518,11 +517,7 @@ def _reapply(
 
         model, _ = fold(model, inputs)
     data = _load_data(args, specs)
-    calib = (
-        [torch.from_numpy(np.concatenate([f[s.name] for f in data.calib])) for s in specs]
-        if data is not None
-        else None
-    )
+    calib = _batched(data, [s.name for s in specs])[0] if data is not None else None
     plan = PrunePlan.load(args.plan)
     pruned = apply_plan(model, inputs, plan, calib=calib)
     _, result = convert(

@@ -464,6 +464,7 @@ def depth_prune(
             scored.append((saved / max(err, 1e-12), block))
     chosen: list[Block] = []
     used: set[str] = set()
+    by_out = {b.output: b for b in blocks}
     for _, block in sorted(scored, key=lambda s: -s[0]):
         if max_blocks is not None and len(chosen) >= max_blocks:
             break
@@ -483,7 +484,7 @@ def depth_prune(
                 **{**r.to_dict(), "replaced": True, "final_rel_error": final[r.block][0]}
             )
         elif not r.reason:
-            why = "overlaps a replaced block" if any(r.block in b.nodes for b in chosen) else ""
+            why = "overlaps a replaced block" if used & set(by_out[r.block].nodes) else ""
             r = DepthResult(**{**r.to_dict(), "reason": why or f"beyond max_blocks={max_blocks}"})
         out_rows.append(r)
     return fitted, chosen, out_rows

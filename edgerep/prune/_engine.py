@@ -376,6 +376,7 @@ def prune(
             if t.ratio is not None and t.ratio / (pd / p0) < 1:
                 t = replace(t, ratio=t.ratio / (pd / p0))
             else:
+                report.notes.append(f"{t.to_text()} was met before any channel was pruned")
                 t = None
         if t is not None:
             pruned, kept = _channels(
@@ -401,8 +402,6 @@ def prune(
                 latency_config,
             )
     ranks: dict[str, int] = {}
-    if t is not None and depth_entries and not kept:
-        report.notes.append(f"{t.to_text()} was met before any channel was pruned")
     if "rank" in methods:
         from edgerep.prune._rank import lowrank
 

@@ -143,6 +143,14 @@ class PruneOptions:
             )
             if needed
         ]
+        if self.depth_blocks is not None and self.depth_blocks < 1:
+            problems.append(f"depth blocks must be >= 1; got {self.depth_blocks}")
+        if not self.depth_error > 0:
+            problems.append(f"depth error must be > 0; got {self.depth_error}")
+        if not 0 < self.rank_error < 1:
+            problems.append(f"rank error must be in (0, 1); got {self.rank_error}")
+        if not 0 < self.min_ratio <= 1:
+            problems.append(f"min ratio must be in (0, 1]; got {self.min_ratio}")
         has = self.data is not None if has_data is None else has_data
         if needs and not has:
             problems.append(

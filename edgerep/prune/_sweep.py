@@ -47,9 +47,10 @@ def parse_sweep(text: str, kind: str) -> list[str]:
         ) from e
     if not ratios:
         raise ConfigError("--sweep names no ratio; e.g. --sweep 0.3,0.5,0.7")
-    if len(set(ratios)) != len(ratios):
+    targets = [parse_target(f"{kind}={r:g}").to_text() for r in ratios]
+    if len(set(targets)) != len(targets):  # compared as written: 0.3 and 0.30000001 are one
         raise ConfigError(f"--sweep {text!r} repeats a ratio")
-    return [parse_target(f"{kind}={r:g}").to_text() for r in ratios]
+    return targets
 
 
 def _variant(target: str) -> str:

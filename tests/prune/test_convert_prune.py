@@ -337,3 +337,26 @@ def test_convert_prune_method_errors_are_named_before_loading(files, tmp_path, c
     assert code == EXIT_USAGE and "give --prune TARGET too" in captured.err
     assert "inputs (declared" not in captured.out  # refused before the model loads
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_depth_and_rank_bounds_are_refused_before_loading(files, tmp_path, capsys) -> None:
+    base = ["convert", files["src"], "--to", "onnx", "--calib", files["data"]]
+    code = main([*base, "--prune-method", "depth,rank", "--prune-depth-blocks", "0",
+                 "--prune-rank-error", "2", "-o", str(tmp_path / "o")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == EXIT_USAGE
+    assert (
+        "depth blocks must be >= 1" in captured.err
+        and "rank error must be in (0, 1)" in captured.err
+    )
+    assert "inputs (declared" not in captured.out
+
+
+def test_sweep_ratios_that_name_the_same_variant_are_refused() -> None:
+    from edgerep.errors import ConfigError
+    from edgerep.prune._sweep import parse_sweep
+
+    assert parse_sweep("0.3,0.5", "macs") == ["macs=0.3", "macs=0.5"]
+    for text in ("0.3,0.3", "0.3,0.30000001"):  # both would write OUT/macs-0.3/
+        with pytest.raises(ConfigError, match="repeats a ratio"):
+            parse_sweep(text, "macs")

@@ -294,6 +294,7 @@ def test_a_latency_target_counts_from_the_unpruned_model_after_depth(monkeypatch
     assert report.status == "met" and report.achieved == pytest.approx(0.4)
     assert report.plan.depth and not report.plan.kept
     assert any("0.400" in n for n in report.notes)
+    assert any("met before any channel was pruned" in n for n in report.notes)
     assert pruned.stem.out_channels == 16
 
 
