@@ -26,7 +26,7 @@ from edgerep.bench.roofline import measure_peak_gflops
 from edgerep.devices.local import describe_local
 from edgerep.errors import UnsupportedError
 
-PRECISIONS = ("fp32", "bf16", "f16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def main(argv: list[str] | None = None) -> int:

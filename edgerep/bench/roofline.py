@@ -39,8 +39,11 @@ __all__ = [
     "roofline",
 ]
 
-#: precisions with a measured low-precision peak (OpenVINO's names for its hint)
-LOW_PRECISION_PEAKS = ("bf16", "f16")
+#: precisions with a measured low-precision peak, in edgerep's names (those a session
+#: reports through `edgerep.runtimes.openvino.precision_name`)
+LOW_PRECISION_PEAKS = ("bf16", "fp16")
+#: OpenVINO's name for each as an inference precision hint
+_OV_HINT = {"bf16": "bf16", "fp16": "f16"}
 
 
 def count_flops(model: Any, inputs: tuple[Any, ...]) -> int:
@@ -136,12 +139,13 @@ def _openvino_gemm_s(
         import openvino.opset13 as ops
     except ImportError as e:
         raise UnsupportedError(f"no {precision} GEMM peak: OpenVINO is not installed") from e
-    wanted = {"bf16": ov.Type.bf16, "f16": ov.Type.f16}[precision]
+    hint = _OV_HINT[precision]
+    wanted = {"bf16": ov.Type.bf16, "f16": ov.Type.f16}[hint]
     rng = np.random.default_rng(0)
     x = ops.parameter([size, size], ov.Type.f32, name="x")
     w = ops.constant(rng.standard_normal((size, size)).astype(np.float32))
     model = ov.Model([ops.matmul(x, w, False, False)], [x])
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:

@@ -140,12 +140,12 @@ class AgentConfig:
             )
         if (
             self.max_failed_logins < 1
-            or not self.failed_login_window_s > 0
+            or not 0 < self.failed_login_window_s <= 86400
             or self.max_tracked_addresses < 1
         ):
             raise ConfigError(
-                "failed-login limits must be positive: --max-failed-logins and "
-                f"--failed-login-window; got {self.max_failed_logins}, "
+                "failed-login limits must be positive and the window at most a day (86400 s): "
+                f"--max-failed-logins and --failed-login-window; got {self.max_failed_logins}, "
                 f"{self.failed_login_window_s}"
             )
         if (self.tls_cert is None) != (self.tls_key is None):

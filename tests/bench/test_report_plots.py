@@ -173,3 +173,15 @@ def test_load_ms_excludes_importing_the_runtime(tmp_path):
 
     session, load_ms = _timed_load(SlowImport(), tmp_path / "m", device="cpu", options={})
     assert session == "session" and load_ms < 150
+
+
+def test_an_f16_session_is_divided_by_the_f16_peak():
+    # OpenVINO sessions report edgerep's names (runtimes.openvino.precision_name): an
+    # f16 hint comes back as "fp16", which must select the fp16 peak, not fp32's
+    from edgerep.bench.suite import _compute_precision
+    from edgerep.runtimes.openvino import precision_name
+
+    for ov_name in ("f16", "bf16"):
+        name = precision_name(ov_name)
+        assert _compute_precision("fp32", {"inference_precision": name}) == name
+    assert _compute_precision("fp32", {"inference_precision": "fp32"}) == "fp32"

@@ -57,6 +57,10 @@ def test_table_is_bounded():
 def test_limits_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="failed-login"):
         AgentConfig(token=TOKEN.encode(), workdir=tmp_path, max_failed_logins=0)
+    # an endless window would block an address forever (and Retry-After cannot be inf)
+    for window in (float("inf"), float("nan"), 0.0, 86401.0):
+        with pytest.raises(ConfigError, match="failed-login"):
+            AgentConfig(token=TOKEN.encode(), workdir=tmp_path, failed_login_window_s=window)
 
 
 def _get(server, token):
