@@ -172,8 +172,9 @@ class Recorded:
 def record(reference: Fn, shapes: Sequence[tuple[int, ...]], *, seed: int = 0) -> Recorded:
     """Run `reference` in float64 on the verifier's random inputs of each shape.
 
-    Stops at the first shape the reference cannot run (that shape fails the
-    comparison if it is the first, else it is skipped, as in `compare`).
+    A shape the reference cannot run is recorded with the error text and the
+    remaining shapes still run (`Recorded.compare` fails it if it is the first
+    shape, else skips it, as `compare` does).
     """
     gen = torch.Generator().manual_seed(seed)
     inputs: list[torch.Tensor] = []

@@ -35,6 +35,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -485,13 +486,44 @@ def _is_saved_module(config: Any, name: str) -> bool:
     )
 
 
+#: tensors that `tie_word_embeddings` ties: input embeddings and output heads
+_EMBEDDING_OR_HEAD = re.compile(
+    r"(^|\.)(embed_tokens|word_embeddings|wte|embed_in|lm_head|embed_out)\.weight$"
+)
+
+
+def _ties_embeddings(root: Path) -> bool:
+    """Whether the checkpoint's config ties input embeddings and output head (a config
+    without the key takes transformers' default, True)."""
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("tie_word_embeddings", True)) if isinstance(config, dict) else False
+
+
 def _saved_modules(
     config: Any, tensors: Mapping[str, torch.Tensor], keys: list[str], reader: _Reader
 ) -> dict[str, str]:
-    """Checkpoint key -> adapter key of the trained copies of ``modules_to_save``, checked."""
+    """Checkpoint key -> adapter key of the trained copies of ``modules_to_save``, checked.
+
+    Raises:
+        UnsupportedError: a trained copy of the input embeddings or the output head of a
+            checkpoint that ties the two (``tie_word_embeddings``): replacing the one
+            stored tensor would change both, where PEFT trains only one.
+        ConfigError: a copy the checkpoint has no tensor for, or of another shape/kind.
+    """
     out: dict[str, str] = {}
+    tied = _ties_embeddings(reader.ckpt.path)
     for key in keys:
         own = key.removeprefix(_SAVED_PREFIX)
+        if tied and _EMBEDDING_OR_HEAD.search(own):
+            raise UnsupportedError(
+                f"the adapter trains its own copy of {own!r} (modules_to_save), but the "
+                "checkpoint ties its input embeddings and output head (tie_word_embeddings "
+                "in config.json): a streamed swap would change both. Merge in memory instead "
+                "(edgerep merge SRC --task ... with the adapter), which keeps them apart"
+            )
         if own not in reader.ckpt.weight_map:
             raise ConfigError(
                 f"the adapter's trained copy {key!r} (modules_to_save) has no tensor {own!r} in "

@@ -688,7 +688,6 @@ def _read(
     rules = _fast.rules_for(f) if plan.fast else []
     declined: list[str] = []
     recorded: verify.Recorded | None = None
-    dirty = False
     for name, fn in rules:
         base = f.get_submodule(base_path)
         if recorded is None:
@@ -701,18 +700,19 @@ def _read(
             continue
         except Exception as e:  # a rule that does not cover this module
             declined.append(f"fast path {name!r} declined: {type(e).__name__}: {e}")
-            f, dirty = fresh(), False
+            f = fresh()
             continue
         check = kind.compare(recorded, candidate, base, plan.rtol)
         if check.ok:
             return weight, bias, [check], [_Route(f"fast:{name}")]
         declined.append(f"fast path {name!r} rejected by the verifier: {check.reason}")
-        dirty = True
         break
     fallback = "; ".join(declined)
     if fallback:
         logger.info("%s; probing instead", fallback)
-    if dirty:
+    if rules:
+        # the probe verifies against the copy's own forward: it gets a copy no rule has
+        # touched (a rule that declined is not trusted to have written nothing)
         f = fresh()
     result = _probe(kind, f, f.get_submodule(base_path), plan.rtol)
     if isinstance(result, str):

@@ -48,7 +48,7 @@ from torch import nn
 
 from edgerep.merge._layers import LayerKind, _dense
 
-__all__ = ["FAST_RULES", "NoFastPath", "register_rule", "rule_for", "rules_for"]
+__all__ = ["FAST_RULES", "NoFastPath", "register_rule", "rules_for"]
 
 _F64 = torch.float64
 Rule = Callable[[nn.Module, str, LayerKind], tuple[torch.Tensor, torch.Tensor]]
@@ -81,12 +81,6 @@ def rules_for(module: nn.Module) -> list[tuple[str, Rule]]:
         if rule is not None:
             found.append(rule)
     return found
-
-
-def rule_for(module: nn.Module) -> tuple[str, Rule] | None:
-    """The rule of `module`'s class or of its nearest registered base class."""
-    rules = rules_for(module)
-    return rules[0] if rules else None
 
 
 # --- PEFT: its own merge, in float64 --------------------------------------------------------

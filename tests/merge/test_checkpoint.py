@@ -555,3 +555,22 @@ def test_adapter_into_a_non_floating_tensor(tmp_path):
     with pytest.raises(ConfigError, match=r"'lin\.weight' is stored as I8, not a floating type"):
         merge_adapter_checkpoint(tmp_path / "base", adapter, tmp_path / "out")
     assert _nothing_written(tmp_path)
+
+
+def test_a_trained_copy_of_tied_embeddings_is_refused_and_nothing_written(tmp_path):
+    """GPT-2 ties wte and lm_head: PEFT trains a copy of wte only, a streamed swap of the
+    one stored tensor would change the head too; refused, named, OUT not created."""
+    from edgerep.errors import UnsupportedError
+
+    _save_base(tmp_path / "base", "gpt2")
+    config = LoraConfig(
+        r=4, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["wte"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_load(tmp_path / "base", "gpt2", torch.float32), config)
+    randomize_adapters(pm, seed=1, std=0.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="tie_word_embeddings"):
+        merge_adapter_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

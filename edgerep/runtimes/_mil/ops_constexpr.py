@@ -204,8 +204,3 @@ def _sparse_blockwise_shift_scale(ctx: OpContext) -> tuple[np.ndarray, np.ndarra
     data = sparse_to_dense(_a(ctx, "nonzero_data"), mask)
     dense = blockwise_shift_scale(data, _a(ctx, "scale"), _opt(ctx, "offset"))
     return mask, dense[mask != 0]
-
-
-@kernel("constexpr_cast", since=IOS18)
-def _cast_18(ctx: OpContext) -> np.ndarray:
-    return _cast(ctx)
