@@ -1,7 +1,8 @@
 """SIGINT/SIGTERM/crashes never lose an earlier output nor leave temporary directories.
 
-The subprocess cases send the signal once the run's temporary bundle exists (so the
-signal lands inside export/verification, not during start-up); the 30-interrupts-at-
+The subprocess cases freeze the worker once the run's temporary bundle holds a given
+file and send the signal then (so it lands inside export/verification, not during
+start-up, however fast the machine); the 30-interrupts-at-
 random-moments target is in bench/interrupt_bench.py (too slow for the suite).
 """
 
@@ -172,27 +173,67 @@ def _child_of(pid: int) -> int:
     raise AssertionError(f"process {pid} has no child: the command did not run supervised")
 
 
-def _wait_for_tmp(proc: subprocess.Popen[bytes], parent: Path, name: str) -> None:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(p.startswith(f".{name}.tmp-") for p in _leftovers(parent, name)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run never created its temporary bundle (rc {proc.poll()})")
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "tT"
+    except OSError:
+        return False
+
+
+def _frozen_mid_run(model: Path, bundle: Path, marker: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a convert and freeze (SIGSTOP) its worker once `marker` is in the temp bundle.
+
+    The temporary bundle lives for well under a second on an idle machine, so a fixed
+    sleep before the signal races the end of the run (CI saw exit 0 instead of 143).
+    Freezing the worker pins the moment: the signal sent next is handled when it is
+    resumed, inside the export. A run that got past the swap before the freeze took
+    hold is rerun (bounded), never taken for a pass.
+    """
+    parent, name = bundle.parent, bundle.name
+    seen = ""
+    for _ in range(5):
+        proc = _start(model, bundle)
+        deadline = time.monotonic() + 240
+        tmp: list[str] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            tmp = [p for p in _leftovers(parent, name) if p.startswith(f".{name}.tmp-")]
+            if tmp and (parent / tmp[0] / marker).exists():
+                break
+            time.sleep(0.01)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the run never wrote {marker!r} in its temporary bundle")
+        try:
+            if not tmp:
+                raise ProcessLookupError
+            child = _child_of(proc.pid)
+            os.kill(child, signal.SIGSTOP)
+        except (AssertionError, ProcessLookupError):
+            _, err = proc.communicate(timeout=120)  # ended before the freeze: run again
+            seen = f"rc {proc.returncode}: {err.decode()[-1500:]}"
+            continue
+        while not _stopped(child) and proc.poll() is None:
+            time.sleep(0.005)
+        if (parent / tmp[0]).exists():
+            return proc, child
+        os.kill(child, signal.SIGCONT)  # frozen after its swap: too late, run again
+        proc.communicate(timeout=120)
+    raise AssertionError(f"five runs in a row ended before they could be frozen ({seen})")
 
 
 @pytest.mark.parametrize(
-    ("signum", "code", "delay_s"),
-    [(signal.SIGINT, 130, 0.0), (signal.SIGTERM, 143, 1.0)],
+    ("signum", "code", "marker"),
+    [(signal.SIGINT, 130, ""), (signal.SIGTERM, 143, "onnx/model.onnx")],
     ids=["sigint", "sigterm"],
 )
-def test_signal_during_export(previous, tmp_path, signum, code, delay_s):
+def test_signal_during_export(previous, tmp_path, signum, code, marker):
+    """SIGINT lands as soon as the temporary bundle exists, SIGTERM once the ONNX file is
+    written (during the OpenVINO conversion or the parity checks)."""
     bundle = _copy_previous(previous, tmp_path)
     before = _digest(bundle)
-    proc = _start(tmp_path / "model.py", bundle)
-    _wait_for_tmp(proc, tmp_path, "b")
-    time.sleep(delay_s)
-    proc.send_signal(signum)
+    proc, child = _frozen_mid_run(tmp_path / "model.py", bundle, marker)
+    proc.send_signal(signum)  # forwarded by the parent; pending in the frozen worker
+    time.sleep(0.2)
+    os.kill(child, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err.decode()[-2000:]
     assert _digest(bundle) == before
@@ -203,9 +244,9 @@ def test_backend_abort_is_cleaned_up_by_the_parent(previous, tmp_path):
     """A backend that aborts (SIGABRT from std::terminate) kills only the child."""
     bundle = _copy_previous(previous, tmp_path)
     before = _digest(bundle)
-    proc = _start(tmp_path / "model.py", bundle)
-    _wait_for_tmp(proc, tmp_path, "b")
-    os.kill(_child_of(proc.pid), signal.SIGABRT)
+    proc, child = _frozen_mid_run(tmp_path / "model.py", bundle, "")
+    os.kill(child, signal.SIGABRT)  # pending until it is resumed
+    os.kill(child, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGABRT
     assert b"SIGABRT" in err
