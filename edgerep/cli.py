@@ -675,9 +675,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"\r[{done}/{total}] {label:<60}", end="" if done < total else "\n", file=sys.stderr
             )
 
-    from edgerep.devices._cli import bench_devices, split_device_args
+    from edgerep.devices._cli import bench_devices, check_device_flags, split_device_args
 
     runtime_device, device_targets = split_device_args(args.device, args.devices_file)
+    if not device_targets:  # device flags with nothing to apply them to are refused, not ignored
+        check_device_flags(args, [])
     if device_targets:
         settings = {
             "runtimes": runtimes or None,

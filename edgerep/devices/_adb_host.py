@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Sequence
 
 from edgerep.errors import EdgerepError
@@ -23,6 +24,7 @@ __all__ = [
     "adb_server",
     "adb_server_address",
     "adb_unavailable_reason",
+    "forget_adb_server",
 ]
 
 ADB_ENV = "EDGEREP_ADB"
@@ -41,21 +43,54 @@ def adb_server_address() -> tuple[str, int]:
     """Where the adb server listens: ``$ANDROID_ADB_SERVER_HOST:$ANDROID_ADB_SERVER_PORT``
     (adb's own variables; default 127.0.0.1:5037)."""
     host = os.environ.get("ANDROID_ADB_SERVER_HOST") or "127.0.0.1"
-    try:
-        port = int(os.environ.get("ANDROID_ADB_SERVER_PORT") or 5037)
-    except ValueError as e:
+    text = os.environ.get("ANDROID_ADB_SERVER_PORT") or "5037"
+    port = int(text) if text.strip().isdigit() else 0
+    if not 0 < port < 65536:
         raise AdbError(
-            f"$ANDROID_ADB_SERVER_PORT={os.environ['ANDROID_ADB_SERVER_PORT']!r} is not a port"
-        ) from e
+            f"$ANDROID_ADB_SERVER_PORT={text!r} is not a port (1 to 65535); unset it for 5037"
+        )
     return host, port
+
+
+#: the server decision and what it was decided for (see `adb_server`)
+_choice_lock = threading.Lock()
+_choice: tuple[tuple[str, str, int], tuple[str, int] | None] | None = None
+
+
+def _choice_key() -> tuple[str, str, int]:
+    return (os.environ.get(ADB_ENV) or "", *adb_server_address())
 
 
 def adb_server() -> tuple[str, int] | None:
     """The adb server to use through adbutils: None when ``$EDGEREP_ADB`` asks for the
-    command line, adbutils is not installed, or no server answers within 0.5 s."""
-    if os.environ.get(ADB_ENV) or importlib.util.find_spec("adbutils") is None:
+    command line, adbutils is not installed, or no server answers within 0.5 s.
+
+    Decided once and kept, so that an operation over several devices (and each of its
+    many adb calls) probes the server once. The decision is dropped, and the next call
+    probes again, when `forget_adb_server` is called: at the start of every discovery
+    (`edgerep.devices.adb.AdbTransport.discover`), after a call through the server
+    fails (it may have gone), and when no way to adb was found; and when
+    ``$EDGEREP_ADB`` or ``$ANDROID_ADB_SERVER_HOST``/``_PORT`` change.
+    """
+    global _choice
+    key = _choice_key()
+    with _choice_lock:  # devices run in threads: one probe, the others wait for it
+        if _choice is None or _choice[0] != key:
+            _choice = (key, _probe_server(key))
+        return _choice[1]
+
+
+def forget_adb_server() -> None:
+    """Drop the decision `adb_server` keeps: the next adb call probes the server again."""
+    global _choice
+    with _choice_lock:
+        _choice = None
+
+
+def _probe_server(key: tuple[str, str, int]) -> tuple[str, int] | None:
+    explicit_exe, host, port = key
+    if explicit_exe or importlib.util.find_spec("adbutils") is None:
         return None
-    host, port = adb_server_address()
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return host, port
@@ -82,7 +117,9 @@ def _adb(args: Sequence[str], *, serial: str | None = None, timeout_s: float = 1
         return _via_server(server, args, serial=serial, timeout_s=timeout_s)
     exe = adb_executable()
     if exe is None:
-        raise AdbError(adb_unavailable_reason() or "adb is not available")
+        reason = adb_unavailable_reason() or "adb is not available"
+        forget_adb_server()  # nothing to keep: look again next time
+        raise AdbError(reason)
     cmd = [exe, *(["-s", serial] if serial else []), *args]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -128,10 +165,12 @@ def _via_server(
             device.sync.push(str(args[1]), str(args[2]), mode=0o644)
             return ""
     except adbutils.AdbTimeout as e:
+        forget_adb_server()
         raise AdbError(
             f"`{shown}` took over {timeout_s:g} s (adb server {server[0]}:{server[1]})"
         ) from e
     except (adbutils.AdbError, OSError) as e:
+        forget_adb_server()
         raise AdbError(
             f"`{shown}` failed through the adb server {server[0]}:{server[1]}: {e}"
         ) from e

@@ -15,7 +15,13 @@ from typing import Any
 
 from edgerep.errors import ConfigError
 
-__all__ = ["add_bench_device_args", "add_commands", "bench_devices", "split_device_args"]
+__all__ = [
+    "add_bench_device_args",
+    "add_commands",
+    "bench_devices",
+    "check_device_flags",
+    "split_device_args",
+]
 
 #: what a runtime device string starts with (OpenVINO's AUTO/HETERO/MULTI included)
 _RUNTIME_DEVICE_KINDS = {
@@ -39,6 +45,8 @@ _RUNTIME_DEVICE_KINDS = {
     "xnnpack",
 }
 _TARGET_PREFIXES = ("agent://", "agents://", "http://", "https://", "adb:")
+DEFAULT_DEVICE_TIMEOUT_S = 600.0
+MAX_DEVICE_TIMEOUT_S = 86400.0
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -136,51 +144,98 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def add_bench_device_args(p: argparse.ArgumentParser) -> None:
     """``bench``'s device options (``--device`` itself is declared by the caller)."""
-    p.add_argument("--token-file", metavar="FILE", help="agent token (else $EDGEREP_AGENT_TOKEN)")
+    from edgerep.devices.config import PIN_CHOICES
+
+    p.add_argument(
+        "--token-file", metavar="FILE", help="agents: token file (else $EDGEREP_AGENT_TOKEN)"
+    )
     p.add_argument(
         "--devices-file",
         metavar="TOML",
         help="devices file (default ~/.config/edgerep/devices.toml)",
     )
     p.add_argument(
-        "--device-timeout", type=float, default=600, metavar="S", help="per device job limit"
+        "--device-timeout",
+        type=float,
+        metavar="S",
+        help=f"agent and adb devices: per job limit (default {DEFAULT_DEVICE_TIMEOUT_S:g} s)",
     )
     p.add_argument("--runner", metavar="PATH", help="adb devices: the Android runner binary")
     p.add_argument(
         "--pin",
         metavar="big|MASK",
-        help="adb devices: run pinned to the big cores, or to a taskset hex mask",
+        help="adb devices: run under taskset, pinned to " + PIN_CHOICES,
     )
     p.add_argument(
         "--cooldown", type=float, metavar="S", help="adb devices: pause between runs (default 2)"
     )
 
 
+#: ``bench`` flags only some transports use: (flag, args attribute, the transports)
+_TRANSPORT_FLAGS = (
+    ("--runner", "runner", ("adb",)),
+    ("--pin", "pin", ("adb",)),
+    ("--cooldown", "cooldown", ("adb",)),
+    ("--token-file", "token_file", ("agent",)),
+    ("--device-timeout", "device_timeout", ("agent", "adb")),
+)
+_TRANSPORT_WORDS = {
+    "adb": "adb devices (--device adb:SERIAL, an adb entry of devices.toml, or all while "
+    "adb lists a device)",
+    "agent": "agents (--device agent://HOST:PORT, https://HOST:PORT or an agent entry of "
+    "devices.toml)",
+}
+
+
+def check_device_flags(args: argparse.Namespace, transports: Sequence[str]) -> None:
+    """Refuse the device flags of ``bench`` that none of the targets would use.
+
+    Args:
+        args: the parsed ``bench`` arguments.
+        transports: the transports of the resolved targets (empty: no ``--device``
+            target, the local harness runs in this process).
+
+    Raises:
+        ConfigError: every flag given that applies to none of `transports` (named, with
+            the devices it applies to), instead of ignoring it silently.
+    """
+    present = set(transports)
+    unused: dict[tuple[str, ...], list[str]] = {}
+    for flag, attr, applies in _TRANSPORT_FLAGS:
+        if getattr(args, attr, None) is not None and not present & set(applies):
+            unused.setdefault(applies, []).append(flag)
+    problems = [
+        f"{' and '.join(flags)} appl{'y' if len(flags) > 1 else 'ies'} only to "
+        + " and ".join(_TRANSPORT_WORDS[t] for t in applies)
+        for applies, flags in unused.items()
+    ]
+    if not transports and getattr(args, "devices_file", None) is not None:
+        problems.append("--devices-file names devices for --device NAME")
+    if problems:
+        here = (
+            f"the targets here are {', '.join(sorted(present))} devices"
+            if present
+            else "no --device target here (the bench runs on this machine, in this process)"
+        )
+        raise ConfigError("; ".join(problems) + f"; {here}: drop the flag or add such a --device")
+
+
 def adb_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``--runner``, ``--pin`` and ``--cooldown`` as adb device options (over devices.toml's).
 
     Raises:
-        ConfigError: a pin that is neither ``big`` nor a hex mask, or a cool-down outside
-            0..600 s.
+        ConfigError: a pin or cool-down `edgerep.devices.config.check_pin` /
+            `check_cooldown` refuse (the same messages as for devices.toml).
     """
-    import re
+    from edgerep.devices.config import check_cooldown, check_pin
 
     out: dict[str, Any] = {}
-    if getattr(args, "runner", None):
+    if getattr(args, "runner", None) is not None:
         out["runner"] = args.runner
-    pin = getattr(args, "pin", None)
-    if pin is not None:
-        if pin != "big" and not re.fullmatch(r"(0x)?[0-9a-fA-F]+", pin):
-            raise ConfigError(
-                f"--pin {pin!r}: give 'big' (the cores faster than the slowest cluster) or a "
-                "taskset hex mask such as f0"
-            )
-        out["pin"] = pin
-    cooldown = getattr(args, "cooldown", None)
-    if cooldown is not None:
-        if not 0 <= cooldown <= 600:
-            raise ConfigError(f"--cooldown {cooldown:g}: give seconds between 0 and 600")
-        out["cooldown_s"] = cooldown
+    if getattr(args, "pin", None) is not None:
+        out["pin"] = check_pin(args.pin, "--pin")
+    if getattr(args, "cooldown", None) is not None:
+        out["cooldown_s"] = check_cooldown(args.cooldown, "--cooldown")
     return out
 
 
@@ -238,8 +293,10 @@ def bench_devices(
             f"--device runs bundles only; {sources} are model sources: make a bundle with "
             "`edgerep convert` first"
         )
+    overrides = adb_overrides(args)  # bad values first: they need no device
+    timeout_s = _device_timeout(args)
     devices = resolve_devices(targets, config_file=args.devices_file, token_file=args.token_file)
-    overrides = adb_overrides(args)
+    check_device_flags(args, [d.transport for d in devices])
     if overrides:
         devices = [
             Device(
@@ -256,7 +313,19 @@ def bench_devices(
             for d in devices
         ]
     requests = [BenchRequest(b.path, b.name, settings, args.data) for b in bundles]
-    return bench_on_devices(devices, requests, timeout_s=args.device_timeout)
+    return bench_on_devices(devices, requests, timeout_s=timeout_s)
+
+
+def _device_timeout(args: argparse.Namespace) -> float:
+    value = getattr(args, "device_timeout", None)
+    if value is None:
+        return DEFAULT_DEVICE_TIMEOUT_S
+    if not 0 < value <= MAX_DEVICE_TIMEOUT_S:  # NaN fails too
+        raise ConfigError(
+            f"--device-timeout {value:g}: give seconds above 0 and at most "
+            f"{MAX_DEVICE_TIMEOUT_S:g} (a day)"
+        )
+    return float(value)
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:

@@ -54,6 +54,7 @@ from edgerep.devices._adb_host import (
     adb_server,
     adb_server_address,
     adb_unavailable_reason,
+    forget_adb_server,
 )
 from edgerep.devices._base import BenchRequest, Device
 from edgerep.errors import ConfigError, EdgerepError, UnsupportedError
@@ -68,6 +69,7 @@ __all__ = [
     "adb_server_address",
     "adb_unavailable_reason",
     "big_core_mask",
+    "forget_adb_server",
     "parse_devices",
     "parse_getprop",
     "parse_thermal",
@@ -289,16 +291,26 @@ class AdbTransport:
     name = "adb"
 
     def device(self, spec: Mapping[str, Any]) -> Device:
+        from edgerep.devices.config import check_cooldown, check_pin
+
         serial = str(spec["serial"])
+        name = str(spec.get("name", f"adb:{serial}"))
         options = {
             k: spec[k]
             for k in ("runner_dir", "runner", "cooldown_s", "pin")
             if spec.get(k) is not None
         }
-        return Device("adb", str(spec.get("name", f"adb:{serial}")), serial, {}, True, "", options)
+        if "pin" in options:  # the checks devices.toml and --pin go through, for library callers
+            options["pin"] = check_pin(options["pin"], f"device {name}: pin")
+        if "cooldown_s" in options:
+            options["cooldown_s"] = check_cooldown(
+                options["cooldown_s"], f"device {name}: cooldown_s"
+            )
+        return Device("adb", name, serial, {}, True, "", options)
 
     def discover(self, specs: Sequence[Mapping[str, Any]], *, timeout_s: float) -> list[Device]:
         wanted = [self.device(s) for s in specs if not s.get("all")]
+        forget_adb_server()  # a discovery looks again; the bench after it reuses the answer
         unavailable = adb_unavailable_reason()
         if unavailable is not None:
             return [

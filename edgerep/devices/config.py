@@ -11,6 +11,7 @@ The file maps names to how to reach each device::
     adb = "R58M1234ABC"                    # adb serial
     runner_dir = "~/android-runners"       # optional: onnxruntime_perf_test, executor_runner
     pin = "big"                            # optional: taskset to the fast cores, or a hex mask
+                                           # (see PIN_CHOICES)
     cooldown_s = 5                         # optional: pause between runs (default 2)
 
 A ``--device`` spec is ``local``, ``all`` (every configured device plus local and
@@ -30,7 +31,15 @@ from typing import Any
 
 from edgerep.errors import ConfigError, MissingDependencyError, did_you_mean
 
-__all__ = ["DEFAULT_CONFIG", "config_path", "load_devices_config", "parse_device_spec"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "PIN_CHOICES",
+    "check_cooldown",
+    "check_pin",
+    "config_path",
+    "load_devices_config",
+    "parse_device_spec",
+]
 
 DEFAULT_CONFIG = "~/.config/edgerep/devices.toml"
 _URL_SCHEMES = ("agent://", "agents://", "http://", "https://")
@@ -99,29 +108,61 @@ def load_devices_config(path: str | os.PathLike[str] | None = None) -> dict[str,
                 f"{str(p)!r}: [devices.{name}] is an agent; {sorted(set(entry) & _ADB_KEYS)} "
                 "apply to adb devices only"
             )
-        _check_adb_options(str(p), name, entry)
         if name in ("local", "all"):
             raise ConfigError(f"{str(p)!r}: {name!r} is reserved; rename [devices.{name}]")
         out[name] = dict(entry)
+        _check_adb_options(str(p), name, out[name])
     return out
 
 
-def _check_adb_options(path: str, name: str, entry: Mapping[str, Any]) -> None:
-    pin = entry.get("pin")
-    if pin is not None and not (
-        pin == "big" or (isinstance(pin, str) and re.fullmatch(r"(0x)?[0-9a-fA-F]+", pin))
-    ):
-        raise ConfigError(
-            f"{path!r}: [devices.{name}] pin = {pin!r}: give 'big' (the cores with the highest "
-            "maximum frequency) or a taskset hex mask such as 'f0'"
-        )
-    cool = entry.get("cooldown_s")
-    if cool is not None and (
-        isinstance(cool, bool) or not isinstance(cool, int | float) or not 0 <= cool <= 600
-    ):
-        raise ConfigError(
-            f"{path!r}: [devices.{name}] cooldown_s = {cool!r}: give seconds between 0 and 600"
-        )
+#: what ``--pin`` / ``pin =`` take: the one text both entry points show
+PIN_CHOICES = (
+    "'big' (the cores whose maximum frequency, cpufreq/cpuinfo_max_freq, is above the "
+    "slowest cluster's; every core when all are equal) or a nonzero taskset hex mask such as f0"
+)
+#: the longest pause between runs on a device
+MAX_COOLDOWN_S = 600.0
+
+
+def check_pin(value: object, label: str) -> str:
+    """`value` as an adb ``pin``: ``"big"`` or a hex mask, returned as lowercase hex
+    without ``0x`` (what both util-linux's and toybox's ``taskset`` read).
+
+    Args:
+        value: what the user gave (``--pin`` or devices.toml's ``pin``).
+        label: how the error names where it came from, e.g. ``"--pin"``.
+
+    Raises:
+        ConfigError: anything else (the message ends with `PIN_CHOICES`).
+    """
+    if value == "big":
+        return "big"
+    if isinstance(value, str):
+        m = re.fullmatch(r"(?:0[xX])?([0-9a-fA-F]+)", value)
+        if m and int(m[1], 16):
+            return format(int(m[1], 16), "x")
+    raise ConfigError(f"{label} {value!r}: give {PIN_CHOICES}")
+
+
+def check_cooldown(value: object, label: str) -> float:
+    """`value` as an adb cool-down in seconds, 0 to `MAX_COOLDOWN_S`.
+
+    Raises:
+        ConfigError: not a number (booleans and strings included), NaN, or out of range.
+    """
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not 0 <= value <= MAX_COOLDOWN_S:  # type: ignore[operator]
+        shown = f"{value:g}" if number else repr(value)  # 5 and 5.0 read the same
+        raise ConfigError(f"{label} {shown}: give seconds between 0 and {MAX_COOLDOWN_S:g}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _check_adb_options(path: str, name: str, entry: dict[str, Any]) -> None:
+    where = f"{path!r}: [devices.{name}]"
+    if entry.get("pin") is not None:
+        entry["pin"] = check_pin(entry["pin"], f"{where} pin =")
+    if entry.get("cooldown_s") is not None:
+        entry["cooldown_s"] = check_cooldown(entry["cooldown_s"], f"{where} cooldown_s =")
 
 
 def _entry_spec(name: str, entry: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

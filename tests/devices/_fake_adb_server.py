@@ -12,7 +12,8 @@ server answers ``OKAY`` or ``FAIL`` + a length-prefixed message. Served here:
   - ``sync:``: ``STAT`` (a regular file or nothing) and ``SEND path,mode`` with
     ``DATA``/``DONE`` chunks, the pushed bytes kept in `files`; ``QUIT``.
 
-Serves at most `max_connections` connections (each in its own thread, 5 s socket
+Connections closed before any request are counted in `bare_connections` (that is
+how edgerep probes for a server). Serves at most `max_connections` connections (each in its own thread, 5 s socket
 timeout) for at most `max_seconds`.
 """
 
@@ -40,6 +41,9 @@ class FakeAdbServer:
         self.shell = shell  # (serial, command) -> (output, exit status)
         self.files: dict[str, tuple[bytes, int]] = {}
         self.services: list[str] = []
+        #: connections closed before any request (how edgerep probes for a server)
+        self.bare_connections = 0
+        self._count_lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(16)
@@ -76,7 +80,13 @@ class FakeAdbServer:
     def _connection(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError, ValueError):
             conn.settimeout(5)
-            self._handle(conn)
+            try:
+                head = self._read(conn, 4)
+            except ValueError:  # connected and closed without a request: a probe
+                with self._count_lock:
+                    self.bare_connections += 1
+                return
+            self._handle(conn, head)
 
     @staticmethod
     def _read(conn: socket.socket, n: int) -> bytes:
@@ -88,8 +98,8 @@ class FakeAdbServer:
             data += chunk
         return data
 
-    def _request(self, conn: socket.socket) -> str:
-        return self._read(conn, int(self._read(conn, 4), 16)).decode()
+    def _request(self, conn: socket.socket, head: bytes | None = None) -> str:
+        return self._read(conn, int(head or self._read(conn, 4), 16)).decode()
 
     @staticmethod
     def _block(text: str) -> bytes:
@@ -99,8 +109,8 @@ class FakeAdbServer:
     def _fail(self, conn: socket.socket, message: str) -> None:
         conn.sendall(b"FAIL" + self._block(message))
 
-    def _handle(self, conn: socket.socket) -> None:
-        service = self._request(conn)
+    def _handle(self, conn: socket.socket, head: bytes) -> None:
+        service = self._request(conn, head)
         self.services.append(service)
         if service == "host:version":
             conn.sendall(b"OKAY" + self._block(f"{41:04x}"))

@@ -92,3 +92,50 @@ def test_edgerep_adb_chooses_the_command_line(server, monkeypatch):
     assert adb_server() is None  # the explicit executable wins over a running server
     with pytest.raises(AdbError, match="cannot run"):
         _adb(["devices", "-l"])
+
+
+TWO_PHONES = """List of devices attached
+R58M1234ABC            device usb:1-1 model:SM_G973F transport_id:2
+RF8N90XYZ              device usb:1-2 model:SM_S911B transport_id:4
+
+"""
+
+
+def test_a_multi_device_bench_probes_the_server_once(tmp_path, monkeypatch, capsys):
+    """Two phones, two runs each: every adb call (getprop, pushes, runs, clean-up) goes to
+    the server, and the server is looked for once; a discovery looks again."""
+    import json
+
+    from edgerep.cli import EXIT_OK, main
+
+    empty = tmp_path / "no-adb-here"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("EDGEREP_ADB", raising=False)
+    monkeypatch.delenv("ANDROID_ADB_SERVER_HOST", raising=False)
+    monkeypatch.setenv("EDGEREP_DEVICES", str(tmp_path / "no-devices.toml"))
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    runner = tmp_path / "onnxruntime_perf_test"
+    runner.write_bytes(b"\x7fELF fake runner")
+    runs: list[str] = []
+    with FakeAdbServer(TWO_PHONES, canned_shell(canned_answers(), runs)) as fake:
+        monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", str(fake.port))
+        argv = ["bench", str(bundle), "--device", "adb:R58M1234ABC", "--device", "adb:RF8N90XYZ"]
+        argv += ["--runner", str(runner), "--cooldown", "0", "--json", "--no-progress"]
+        argv += ["--min-iters", "3", "--seconds", "0", "--warmup", "1", "--repeats", "2"]
+        assert main(argv) == EXIT_OK
+        report = json.loads(capsys.readouterr().out)
+        assert sorted(r["target"] for r in report["rows"]) == ["adb:R58M1234ABC", "adb:RF8N90XYZ"]
+        device_calls = [s for s in fake.services if ":shell:" in s or s.endswith(":sync:")]
+        assert len(runs) == 4 and len(device_calls) > 20  # many adb calls ...
+        assert fake.bare_connections == 1  # ... one probe
+        # a discovery decides again (once), and the bench after it reuses that answer
+        AdbTransport().discover([], timeout_s=5)
+        assert fake.bare_connections == 2
+        _adb(["shell", "getprop"], serial="RF8N90XYZ")
+        assert fake.bare_connections == 2
+        # a failed call through the server drops the decision: the next call looks again
+        with pytest.raises(AdbError, match="not found"):
+            _adb(["shell", "getprop"], serial="GONE")
+        _adb(["shell", "getprop"], serial="RF8N90XYZ")
+        assert fake.bare_connections == 3

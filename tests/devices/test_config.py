@@ -102,4 +102,4 @@ def test_adb_pin_and_cooldown_reach_the_device(tmp_path):
     assert device.options == {"pin": "big", "cooldown_s": 0}
     f.write_text('[devices.phone]\nadb = "S"\npin = "0xf0"\n')
     (pair,) = parse_device_spec("phone", load_devices_config(f))
-    assert get_transport(pair[0]).device(pair[1]).options == {"pin": "0xf0"}
+    assert get_transport(pair[0]).device(pair[1]).options == {"pin": "f0"}

@@ -1,0 +1,144 @@
+"""Device options of ``edgerep bench`` / ``devices`` / ``agent serve`` are used or refused,
+never silently ignored; ``--pin``/``--cooldown`` and devices.toml share one check."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import pytest
+
+from edgerep.cli import EXIT_USAGE, main
+from edgerep.devices._cli import check_device_flags
+from edgerep.devices.adb import AdbTransport
+from edgerep.devices.config import PIN_CHOICES, check_cooldown, check_pin, load_devices_config
+from edgerep.errors import ConfigError
+from tests._tiny_bundle import make_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("b") / "tiny", openvino=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_user_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEREP_DEVICES", str(tmp_path / "no-devices.toml"))
+    monkeypatch.delenv("EDGEREP_AGENT_TOKEN", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent-no-adb" + os.pathsep + "/usr/bin:/bin")
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("edgerep: error (ConfigError): "), err
+    return err.strip().removeprefix("edgerep: error (ConfigError): ")
+
+
+def _file_error(tmp_path, line: str) -> str:
+    f = tmp_path / "devices.toml"
+    f.write_text(f'[devices.phone]\nadb = "S"\n{line}\n')
+    with pytest.raises(ConfigError) as e:
+        load_devices_config(f)
+    return str(e.value)
+
+
+# --- one check for --pin/--cooldown and devices.toml -----------------------------------
+
+
+@pytest.mark.parametrize("pin", ["fast", "0", "0x0", "0x", "f0g", "BIG", "big "])
+def test_pin_flag_and_file_give_the_same_error(tmp_path, capsys, bundle, pin):
+    flag = _cli_error(capsys, ["bench", str(bundle), "--device", "adb:S", "--pin", pin])
+    in_file = _file_error(tmp_path, f'pin = "{pin}"')
+    tail = f" {pin!r}: give {PIN_CHOICES}"
+    assert flag == f"--pin{tail}"
+    assert in_file.endswith(f"[devices.phone] pin ={tail}")
+    # the library entry (a spec built in Python) says the same
+    with pytest.raises(ConfigError) as lib:
+        AdbTransport().device({"serial": "S", "pin": pin})
+    assert str(lib.value) == f"device adb:S: pin{tail}"
+
+
+@pytest.mark.parametrize(("flag", "toml"), [("-1", "-1"), ("600.5", "600.5"), ("nan", "nan")])
+def test_cooldown_flag_and_file_give_the_same_error(tmp_path, capsys, bundle, flag, toml):
+    cli = _cli_error(capsys, ["bench", str(bundle), "--device", "adb:S", "--cooldown", flag])
+    in_file = _file_error(tmp_path, f"cooldown_s = {toml}")
+    tail = f" {float(flag):g}: give seconds between 0 and 600"
+    assert cli == f"--cooldown{tail}"
+    assert in_file.endswith(f"[devices.phone] cooldown_s ={tail}")
+
+
+def test_checks_accept_and_normalize():
+    assert check_pin("big", "--pin") == "big"
+    assert [check_pin(m, "--pin") for m in ("f0", "0xF0", "0XF0", "00f0")] == ["f0"] * 4
+    assert check_cooldown(0, "x") == 0.0 and check_cooldown(600, "x") == 600.0
+    for bad in (True, "5", math.inf, None):
+        with pytest.raises(ConfigError, match="between 0 and 600"):
+            check_cooldown(bad, "x")
+    # what --help says --pin takes is the same text
+    parser_help = _bench_help()
+    assert "cpuinfo_max_freq" in parser_help and "slowest cluster" in parser_help
+
+
+def _bench_help() -> str:
+    from edgerep.devices._cli import add_bench_device_args
+
+    p = argparse.ArgumentParser(prog="x")
+    add_bench_device_args(p)
+    return " ".join(p.format_help().split())
+
+
+# --- flags with no target that uses them are refused ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--pin", "big"], "--pin applies only to adb devices"),
+        (["--cooldown", "1"], "--cooldown applies only to adb devices"),
+        (["--pin", "f0", "--cooldown", "1"], "--pin and --cooldown apply only to adb devices"),
+        (["--runner", "/x/onnxruntime_perf_test"], "--runner applies only to adb devices"),
+        (["--token-file", "/x/token"], "--token-file applies only to agents"),
+        (["--device-timeout", "5"], "--device-timeout applies only to agents"),
+        (["--devices-file", "/x/d.toml"], "--devices-file names devices for --device NAME"),
+    ],
+)
+def test_device_flags_without_a_device_target_are_refused(capsys, bundle, extra, fragment):
+    err = _cli_error(capsys, ["bench", str(bundle), *extra])
+    assert fragment in err and "no --device target here" in err
+
+
+def test_adb_flags_with_only_local_or_agent_targets_are_refused(capsys, bundle):
+    err = _cli_error(capsys, ["bench", str(bundle), "--device", "local", "--pin", "big"])
+    assert "--pin applies only to adb devices" in err and "targets here are local devices" in err
+    err = _cli_error(
+        capsys,
+        ["bench", str(bundle), "--device", "agent://127.0.0.1:9", "--cooldown", "0"],
+    )
+    assert "--cooldown applies only to adb devices" in err and "agent devices" in err
+
+
+def test_device_flags_pass_when_a_target_uses_them():
+    args = argparse.Namespace(
+        pin="big", cooldown=1.0, runner="r", token_file="t", device_timeout=5.0, devices_file="d"
+    )
+    check_device_flags(args, ["local", "adb", "agent"])  # every flag has its device
+    with pytest.raises(ConfigError, match="--token-file applies only to agents") as e:
+        check_device_flags(args, ["local", "adb"])
+    assert "--pin" not in str(e.value) and "--device-timeout" not in str(e.value)
+    unused = argparse.Namespace(
+        pin=None,
+        cooldown=None,
+        runner=None,
+        token_file=None,
+        device_timeout=None,
+        devices_file=None,
+    )
+    check_device_flags(unused, [])
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "86401"])
+def test_device_timeout_is_checked(capsys, bundle, value):
+    err = _cli_error(capsys, ["bench", str(bundle), "--device", "adb:S", "--device-timeout", value])
+    assert err.startswith(f"--device-timeout {float(value):g}: give seconds above 0")
