@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _args import positive_int
 from _merge_common import bert_base, busy_note, machine, run_worker
 from _rss import PeakRss as _PeakRss
 
@@ -297,8 +298,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/checkpoint_merge_bench.json")
     parser.add_argument("--work", default="/tmp/edgerep-checkpoint-bench")
     parser.add_argument("--small", action="store_true", help="a ~100M-parameter Llama")
-    parser.add_argument("--shard-mb", type=int, default=1000)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--shard-mb", type=positive_int, default=1000)
+    parser.add_argument("--rank", type=positive_int, default=16)
     parser.add_argument("--prepare", action="store_true", help="only generate the checkpoints")
     parser.add_argument(
         "--worker", choices=["adapter", "ties", "dare_ties"], help=argparse.SUPPRESS

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _args import positive_int
 from torch import nn
 
 
@@ -71,7 +72,7 @@ def _loadavg() -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", default="bench/results/coreml_reference_speed.json")
     args = parser.parse_args(argv)
 

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _args import positive_float, positive_int
 from torch import nn
 
 import edgerep
@@ -690,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON to write")
     p.add_argument("--size", type=int, default=224, help="input size of the RepVGG nets")
     p.add_argument("--mobileone-size", type=int, default=224, help="input size of mobileone_net")
-    p.add_argument("--repeats", type=int, default=3, help="timed folds per net (median)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed folds per net (median)")
     p.add_argument(
         "--threads",
         default="2,1",
@@ -698,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         "is the headline and is used for fold timings (default 2,1)",
     )
     p.add_argument(
-        "--latency-seconds", type=float, default=1.5, help="timed seconds per latency run"
+        "--latency-seconds", type=positive_float, default=1.5, help="timed seconds per latency run"
     )
     args = p.parse_args(argv)
     thread_settings = [int(t) for t in args.threads.split(",") if t.strip()]

@@ -31,6 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _args import positive_float, positive_int
 from fold_bench import (
     CpuMeter,
     _export,
@@ -155,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--latency-seconds", type=float, default=1.0)
+    p.add_argument("--latency-seconds", type=positive_float, default=1.0)
     p.add_argument("--nets", default=",".join(NETS), help="comma-separated subset")
-    p.add_argument("--a0-repeats", type=int, default=5, help="RepVGG-A0 timed folds")
+    p.add_argument("--a0-repeats", type=positive_int, default=5, help="RepVGG-A0 timed folds")
     args = p.parse_args(argv)
     names = [n for n in args.nets.split(",") if n]
     unknown = sorted(set(names) - set(NETS))

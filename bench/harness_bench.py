@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _args import positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,9 +132,11 @@ def _benchmark_app(xml: Path, args: list[str], seconds: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per method and round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument(
+        "--seconds", type=positive_float, default=1.0, help="timed seconds per method and round"
+    )
+    p.add_argument("--rounds", type=positive_int, default=5)
     p.add_argument("--concurrency", default="1,2", help="throughput at these concurrencies")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "harness_bench.json"))
     args = p.parse_args()

@@ -27,6 +27,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from _args import positive_int
+
 MODEL = """
 import torch
 from torch import nn
@@ -78,7 +80,7 @@ def leftovers(out: Path) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--runs", type=positive_int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "interrupt_bench.json")

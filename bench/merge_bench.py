@@ -48,6 +48,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from _args import positive_int
 from _merge_common import bert_base, busy_note, machine, run_worker
 from _rss import PeakRss as _PeakRss
 
@@ -137,8 +138,8 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/merge_bench.json")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

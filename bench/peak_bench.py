@@ -8,7 +8,10 @@ does not compute natively is recorded with the reason instead of a figure.
 
 Run alone (nothing else using the cores):
 
-    python bench/peak_bench.py [--threads 1] [--rounds 5] [--out bench/results/peak_bench.json]
+    python bench/peak_bench.py [--threads 1] [--rounds 5] [--seconds 0.5] [--out FILE]
+
+Like every script here, it writes its recorded result, ``bench/results/peak_bench.json``
+next to this file, unless ``--out`` names another file (use one for trial runs).
 """
 
 from __future__ import annotations
@@ -21,20 +24,23 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _args import positive_float, positive_int
+
 from edgerep.bench.env import isa_flags
 from edgerep.bench.roofline import measure_peak_gflops
 from edgerep.devices.local import describe_local
 from edgerep.errors import UnsupportedError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "peak_bench.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=0.5, help="per measurement")
-    p.add_argument("--out", default="bench/results/peak_bench.json")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--seconds", type=positive_float, default=0.5, help="per measurement")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON to write")
     args = p.parse_args(argv)
     load_before = os.getloadavg()
     rounds = []
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "with that INFERENCE_PRECISION_HINT (refused when the plugin computes it in another "
         "precision); best call of each measurement, median over rounds",
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("median_gflops", "ratio_to_fp32", "not_measured")}))
     return 0
 

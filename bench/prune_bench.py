@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _args import positive_float
 from torch import nn
 
 from edgerep.bench.latency import LatencyConfig, benchmark_latency
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--train-only", action="store_true", help="train (and cache), then stop")
     parser.add_argument("--finetune-epochs", type=int, default=8)
-    parser.add_argument("--finetune-max-seconds", type=float, default=60.0)
+    parser.add_argument("--finetune-max-seconds", type=positive_float, default=60.0)
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO target")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _args import positive_float
 from torch import nn
 
 from edgerep.bench.latency import LatencyConfig, benchmark_latency
@@ -287,7 +288,7 @@ def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "quant_bench.json")
-    parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--train-seconds", type=positive_float, default=60.0)
     parser.add_argument("--skip-a0", action="store_true", help="skip the RepVGG-A0 net")
     parser.add_argument("--a0-epochs", type=int, default=6, help="RepVGG-A0 training epochs")
     args = parser.parse_args(argv)

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _args import positive_float
 from torch import nn
 
 from edgerep.fold import fold
@@ -208,7 +209,7 @@ def _stage(fn: Callable[[], tuple[nn.Module, Any]]) -> tuple[nn.Module, dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "transform_bench.json")
-    parser.add_argument("--train-seconds", type=float, default=35.0)
+    parser.add_argument("--train-seconds", type=positive_float, default=35.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # onnxruntime warns on the root logger
     torch.set_num_threads(1)
