@@ -47,6 +47,7 @@ _RUNTIME_DEVICE_KINDS = {
 _TARGET_PREFIXES = ("agent://", "agents://", "http://", "https://", "adb:")
 DEFAULT_DEVICE_TIMEOUT_S = 600.0
 MAX_DEVICE_TIMEOUT_S = 86400.0
+MAX_PROBE_TIMEOUT_S = 60.0
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -331,6 +332,11 @@ def _device_timeout(args: argparse.Namespace) -> float:
 def _cmd_devices(args: argparse.Namespace) -> int:
     from edgerep.devices.fleet import discover_devices
 
+    if not 0 < args.timeout <= MAX_PROBE_TIMEOUT_S:  # NaN fails too
+        raise ConfigError(
+            f"--timeout {args.timeout:g}: give seconds above 0 and at most "
+            f"{MAX_PROBE_TIMEOUT_S:g} (each device is probed with it; default 2)"
+        )
     devices = discover_devices(
         args.device,
         config_file=args.devices_file,
@@ -379,12 +385,17 @@ def _summary(desc: Mapping[str, Any]) -> str:
 
 
 def _cmd_agent_serve(args: argparse.Namespace) -> int:
+    import math
     from pathlib import Path
 
     from edgerep.bundle import read_key_file
     from edgerep.devices._server import AGENT_RUNTIMES, AgentConfig, make_server, read_token
 
     runtimes = tuple(r.strip() for item in args.runtime for r in item.split(",") if r.strip())
+    if not 0 < args.max_upload_mib < math.inf:  # NaN fails too
+        raise ConfigError(
+            f"--max-upload-mib {args.max_upload_mib:g}: give a size in MiB above 0 (default 512)"
+        )
     config = AgentConfig(
         token=read_token(args.token_file),
         workdir=Path(args.workdir).expanduser(),

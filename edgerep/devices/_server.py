@@ -133,10 +133,21 @@ class AgentConfig:
     max_tracked_addresses: int = 4096
 
     def __post_init__(self) -> None:
-        if self.max_upload_bytes < 1 or self.job_timeout_s <= 0 or self.max_queue < 1:
+        if not self.host.strip():
             raise ConfigError(
-                "agent limits must be positive: max upload, job timeout and queue length; got "
-                f"{self.max_upload_bytes}, {self.job_timeout_s}, {self.max_queue}"
+                "--host is empty (that would listen on every interface); give an address: "
+                "127.0.0.1 (the default), ::1, or 0.0.0.0 to listen on every interface on purpose"
+            )
+        if isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port}: give 1 to 65535, or 0 for any free port")
+        if (
+            self.max_upload_bytes < 1
+            or not 0 < self.job_timeout_s < math.inf  # NaN fails too
+            or self.max_queue < 1
+        ):
+            raise ConfigError(
+                "agent limits must be positive and finite: max upload, job timeout and queue "
+                f"length; got {self.max_upload_bytes}, {self.job_timeout_s}, {self.max_queue}"
             )
         if (
             self.max_failed_logins < 1
@@ -158,6 +169,26 @@ class AgentConfig:
             )
 
 
+def _tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    """The server's TLS context (None without ``--tls-cert``).
+
+    Raises:
+        ConfigError: the certificate or key cannot be read or do not belong together.
+    """
+    if not config.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(
+            f"cannot load --tls-cert {config.tls_cert!r} / --tls-key {config.tls_key!r}: {e}; "
+            "give a PEM certificate and its unencrypted PEM private key"
+        ) from e
+    return context
+
+
 class _HttpError(Exception):
     def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -175,20 +206,25 @@ class AgentServer(http.server.ThreadingHTTPServer):
         self.config = config
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
+        # what can be wrong with the files is said before the port is taken
+        context = _tls_context(config)
+        self.workdir = Path(config.workdir).expanduser().resolve()
+        try:
+            self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot use --workdir {str(self.workdir)!r}: {e}; give a directory this user "
+                "may create and write"
+            ) from e
         # the per-connection socket timeout bounds slow or stalled clients
         handler = type("_TimedHandler", (_Handler,), {"timeout": config.request_timeout_s})
         super().__init__((config.host, config.port), handler)
-        if config.tls_cert:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(config.tls_cert, config.tls_key)
+        if context is not None:
             # the handshake happens in the connection's thread, not in the accept loop, so a
             # client that never completes it cannot stall the agent
             self.socket = context.wrap_socket(
                 self.socket, server_side=True, do_handshake_on_connect=False
             )
-        self.workdir = Path(config.workdir).expanduser().resolve()
-        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.jobs = JobQueue(
             max_queue=config.max_queue, job_timeout_s=config.job_timeout_s, python=config.python
         )

@@ -32,6 +32,12 @@ every run to the cores whose maximum frequency is above the slowest cluster's
 (``cpuinfo_max_freq``; all cores when they are all equal), or ``pin`` is a taskset
 hex mask. The statistics over runs (median p50, spread, flag) are those of
 `edgerep.bench.latency`; no p50 interval is claimed without per-call samples.
+
+What an adb device cannot do is said, not dropped: ``--runtime`` selects runners
+by the runtime they stand for (a runtime with no runner is an error entry), and
+accuracy (``--data``) and throughput (``--concurrency``) are "not measured" entries
+of the report; warm-up calls and ``min_seconds``, which a runner cannot take, are
+listed in each row's ``session.not_applied``.
 """
 
 from __future__ import annotations
@@ -204,11 +210,13 @@ class Runner:
         binary: the file name looked up in the runner directory.
         command: ``(remote_binary, remote_model, iterations, threads) -> argv``.
         parse: runner output → ``{"p50_ms", "p99_ms" (or None), "n"}`` for one run.
+        runtime: the edgerep runtime it stands for (what ``--runtime`` selects).
     """
 
     binary: str
     command: Callable[[str, str, int, int | None], list[str]]
     parse: Callable[[str], dict[str, Any]]
+    runtime: str
 
 
 def _ort_command(binary: str, model: str, iterations: int, threads: int | None) -> list[str]:
@@ -260,8 +268,8 @@ def _et_parse(text: str) -> dict[str, Any]:
 
 #: artifact format -> its runner
 RUNNERS: dict[str, Runner] = {
-    "onnx": Runner("onnxruntime_perf_test", _ort_command, _ort_parse),
-    "executorch": Runner("executor_runner", _et_command, _et_parse),
+    "onnx": Runner("onnxruntime_perf_test", _ort_command, _ort_parse, "onnxruntime"),
+    "executorch": Runner("executor_runner", _et_command, _et_parse, "executorch"),
 }
 
 
@@ -283,6 +291,45 @@ def _latency_from_runs(runs: Sequence[Mapping[str, Any]], spread_threshold: floa
         "runs": [dict(r) for r in runs],
         "samples": "runner percentiles per run (no per-call times)",
     }
+
+
+def _unmeasured(
+    request: BenchRequest, settings: Mapping[str, Any], wanted: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """What the request asks that an adb device cannot measure, as report error entries
+    (shown as "not measured" with the reason), instead of leaving it out silently."""
+    out = []
+
+    def note(runtime: str, text: str) -> None:
+        out.append({"variant": request.variant, "runtime": runtime, "error": text})
+
+    runners = ", ".join(f"{r.runtime} ({r.binary})" for r in RUNNERS.values())
+    for name in wanted or []:
+        if name not in {r.runtime for r in RUNNERS.values()}:
+            note(name, f"--runtime {name} does not run on adb devices; runners exist for {runners}")
+    if request.data is not None:
+        note("-", "accuracy (--data): the Android runners print timings, not outputs")
+    if settings.get("concurrency"):
+        note(
+            "-",
+            f"throughput at concurrency {settings['concurrency']}: the Android runners time one "
+            "call at a time",
+        )
+    return out
+
+
+def _not_applied(config: Any) -> dict[str, Any]:
+    """Latency settings a runner cannot take (it times the iterations it runs itself, one
+    process per run), recorded in the row rather than dropped unsaid."""
+    out: dict[str, Any] = {
+        k: getattr(config, k) for k in ("warmup_iters", "min_seconds") if getattr(config, k)
+    }
+    if out:
+        out["why"] = (
+            "the runner is one process per run that times its own iterations: edgerep's "
+            "warm-up calls and time floor cannot be passed to it (min_iters and repeats are)"
+        )
+    return out
 
 
 class AdbTransport:
@@ -403,6 +450,8 @@ class AdbTransport:
         )
         threads = settings.get("threads")
         cooldown_s = float(device.options.get("cooldown_s", 2.0))
+        wanted = settings.get("runtimes")  # None: every artifact an adb runner takes
+        unmeasured = _unmeasured(request, settings, wanted)
         before = describe_device(serial, timeout_s=min(timeout_s, 10.0))
         abis = list(before.get("abilist") or []) or ([before["abi"]] if before.get("abi") else [])
         rows: list[dict[str, Any]] = []
@@ -413,7 +462,7 @@ class AdbTransport:
             pin = self._pin_mask(device)
             for art in manifest["artifacts"]:
                 runner = RUNNERS.get(art["format"])
-                if runner is None:
+                if runner is None or (wanted is not None and runner.runtime not in wanted):
                     continue
                 if rows:  # the previous artifact's runs warmed the device
                     time.sleep(cooldown_s)
@@ -444,8 +493,15 @@ class AdbTransport:
                 errors.append(
                     {"variant": request.variant, "runtime": "-", "error": f"clean-up: {e}"}
                 )
+        errors += unmeasured
         if not rows and not errors:
             formats = ", ".join(a["format"] for a in manifest["artifacts"])
+            if wanted is not None:
+                raise UnsupportedError(
+                    f"nothing to run on {device.name}: --runtime {','.join(wanted)} has no "
+                    f"artifact in this bundle (formats: {formats}); adb runners: "
+                    + ", ".join(f"{r.runtime} for {f}" for f, r in RUNNERS.items())
+                )
             raise UnsupportedError(
                 f"no adb runner for this bundle's formats ({formats}); runners exist for "
                 f"{', '.join(RUNNERS)}"
@@ -512,6 +568,7 @@ class AdbTransport:
             "session": {
                 "command": argv,
                 "runner": str(local_runner),
+                "not_applied": _not_applied(config),
                 "pinned_cores": cores,
                 "cooldown_s": cooldown_s,
                 "thermal_before": thermal_before,

@@ -111,16 +111,30 @@ def discover_devices(
     timeout_s: float = 2.0,
 ) -> list[Device]:
     """Every device: local, adb-attached, the agents of the devices file and `texts`
-    (``--device`` values), probed concurrently with at most `timeout_s` each."""
+    (``--device`` values), probed concurrently with at most `timeout_s` each.
+
+    Raises:
+        ConfigError: an unknown ``--device`` value, a bad devices file, or `token_file`
+            with no agent to use it.
+    """
     config = load_devices_config(config_file)
     specs: dict[str, list[dict[str, Any]]] = {"local": [{"name": "local"}], "adb": [], "agent": []}
     for name, entry in config.items():
         transport, spec = parse_device_spec(name, {name: entry})[0]
         specs[transport].append(spec)
-    for transport, spec in _specs(texts, {}, token_file) if texts else []:
-        if transport in ("agent", "adb"):
+    listed = {spec["name"] for group in specs.values() for spec in group}
+    # devices-file names are accepted (and listed once); local and all add nothing: every
+    # device is listed anyway
+    for transport, spec in _specs(texts, config, token_file) if texts else []:
+        if transport in ("agent", "adb") and spec["name"] not in listed and not spec.get("all"):
+            listed.add(spec["name"])
             specs[transport].append(spec)
     if token_file:
+        if not specs["agent"]:
+            raise ConfigError(
+                "--token-file is for agents, and none is configured or named: add an agent "
+                "with --device agent://HOST:PORT (or url = ... in the devices file) or drop it"
+            )
         for spec in specs["agent"]:
             spec.setdefault("token_file", token_file)
 

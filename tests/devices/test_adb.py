@@ -24,7 +24,7 @@ from edgerep.devices.adb import (
     parse_getprop,
     parse_thermal,
 )
-from edgerep.errors import ConfigError
+from edgerep.errors import ConfigError, UnsupportedError
 from tests._tiny_bundle import make_bundle
 
 DEVICES = """List of devices attached
@@ -383,3 +383,34 @@ def test_cli_bench_on_an_adb_device(fake_adb, tmp_path, capsys):
     assert row["target"] == "adb:R58M1234ABC" and row["session"]["pinned_cores"] == [2, 3, 4, 5]
     assert row["session"]["cooldown_s"] == 0
     assert all(c[2:5] == ["shell", "taskset", "3c"] for c in fake_adb() if "-m" in c)
+
+
+def test_what_adb_cannot_do_is_said_not_dropped(fake_adb, tmp_path):
+    """--runtime selects runners; --data and --concurrency are "not measured" entries;
+    warm-up and min_seconds are listed as not applied in the row."""
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    runner = tmp_path / "onnxruntime_perf_test"
+    runner.write_bytes(b"\x7fELF fake")
+    transport = AdbTransport()
+    device = transport.device({"serial": "R58M1234ABC", "runner": str(runner), "cooldown_s": 0})
+    latency = {"min_iters": 3, "min_seconds": 0.5, "warmup_iters": 2, "repeats": 1}
+
+    def bench(settings, data=None):
+        request = BenchRequest(str(bundle), "tiny", {"latency": latency, **settings}, data)
+        return transport.bench(device, request, timeout_s=30)
+
+    report = bench({"runtimes": ["onnxruntime", "openvino"], "concurrency": [2]}, "d.npz")
+    (row,) = report["rows"]
+    assert row["session"]["not_applied"]["warmup_iters"] == 2
+    assert row["session"]["not_applied"]["min_seconds"] == 0.5
+    errors = {e["runtime"] + ": " + e["error"] for e in report["errors"]}
+    assert any(e.startswith("openvino: --runtime openvino does not run on adb") for e in errors)
+    assert any("accuracy (--data)" in e for e in errors)
+    assert any("throughput at concurrency [2]" in e for e in errors)
+    before = len([c for c in fake_adb() if "-m" in c])
+    with pytest.raises(UnsupportedError, match="--runtime executorch has no artifact"):
+        bench({"runtimes": ["executorch"]})  # the bundle has no .pte: nothing runs
+    assert len([c for c in fake_adb() if "-m" in c]) == before  # the ONNX runner did not run
+    latency.update(min_seconds=0.0, warmup_iters=0)
+    (plain,) = bench({})["rows"]
+    assert plain["session"]["not_applied"] == {}

@@ -142,3 +142,77 @@ def test_device_flags_pass_when_a_target_uses_them():
 def test_device_timeout_is_checked(capsys, bundle, value):
     err = _cli_error(capsys, ["bench", str(bundle), "--device", "adb:S", "--device-timeout", value])
     assert err.startswith(f"--device-timeout {float(value):g}: give seconds above 0")
+
+
+# --- edgerep agent serve: bad values are named before anything binds -------------------
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    from tests.devices._agent import TOKEN
+
+    f = tmp_path / "token"
+    f.write_text(TOKEN + "\n")
+    os.chmod(f, 0o600)
+    return f
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--port", "70000"], "--port 70000: give 1 to 65535, or 0 for any free port"),
+        (["--port", "-1"], "--port -1: give 1 to 65535"),
+        (["--max-upload-mib", "nan"], "--max-upload-mib nan: give a size in MiB above 0"),
+        (["--max-upload-mib", "inf"], "--max-upload-mib inf"),
+        (["--max-upload-mib", "0"], "--max-upload-mib 0"),
+        (["--job-timeout", "inf"], "must be positive and finite"),
+        (["--job-timeout", "nan"], "must be positive and finite"),
+        (["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"], "cannot load"),
+    ],
+)
+def test_agent_serve_refuses_bad_values(capsys, tmp_path, token_file, extra, fragment):
+    argv = ["agent", "serve", "--token-file", str(token_file), "--workdir", str(tmp_path / "w")]
+    err = _cli_error(capsys, [*argv, "--port", "0", "--max-seconds", "0.1", *extra])
+    assert fragment in err
+    assert "cannot listen" not in err  # not mistaken for a busy port
+
+
+def test_agent_serve_names_a_bad_workdir(capsys, tmp_path, token_file):
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    argv = ["agent", "serve", "--token-file", str(token_file), "--port", "0"]
+    err = _cli_error(capsys, [*argv, "--max-seconds", "0.1", "--workdir", str(afile)])
+    assert err.startswith(f"cannot use --workdir {str(afile)!r}") and "cannot listen" not in err
+
+
+def test_agent_refuses_an_empty_host(tmp_path):
+    """An empty --host would listen on every interface (checked without binding)."""
+    from edgerep.devices._server import AgentConfig
+
+    with pytest.raises(ConfigError, match="--host is empty"):
+        AgentConfig(token=b"x" * 32, workdir=tmp_path, host="")
+
+
+# --- edgerep devices ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "61"])
+def test_devices_timeout_is_checked(capsys, value):
+    err = _cli_error(capsys, ["devices", "--timeout", value])
+    assert err.startswith(f"--timeout {float(value):g}: give seconds above 0 and at most 60")
+
+
+def test_devices_takes_names_from_the_devices_file_and_needs_an_agent_for_a_token(
+    tmp_path, capsys, token_file
+):
+    import json
+
+    toml = tmp_path / "devices.toml"
+    toml.write_text(f'[devices.gone]\nurl = "agent://127.0.0.1:9"\ntoken_file = "{token_file}"\n')
+    argv = ["devices", "--json", "--devices-file", str(toml), "--timeout", "1"]
+    assert main([*argv, "--device", "gone", "--device", "local", "--device", "all"]) == 0
+    names = [d["name"] for d in json.loads(capsys.readouterr().out)]
+    assert names.count("gone") == 1 and names.count("local") == 1
+    toml.write_text('[devices.phone]\nadb = "S"\n')
+    err = _cli_error(capsys, [*argv, "--token-file", str(token_file)])
+    assert err.startswith("--token-file is for agents, and none is configured or named")
