@@ -46,7 +46,6 @@ _RUNTIME_DEVICE_KINDS = {
 }
 _TARGET_PREFIXES = ("agent://", "agents://", "http://", "https://", "adb:")
 DEFAULT_DEVICE_TIMEOUT_S = 600.0
-MAX_DEVICE_TIMEOUT_S = 86400.0
 MAX_PROBE_TIMEOUT_S = 60.0
 
 
@@ -298,35 +297,28 @@ def bench_devices(
     timeout_s = _device_timeout(args)
     devices = resolve_devices(targets, config_file=args.devices_file, token_file=args.token_file)
     check_device_flags(args, [d.transport for d in devices])
-    if overrides:
-        devices = [
-            Device(
-                d.transport,
-                d.name,
-                d.address,
-                d.description,
-                d.reachable,
-                d.error,
-                {**d.options, **overrides},
-            )
-            if d.transport == "adb"
-            else d
-            for d in devices
-        ]
+
+    def options(d: Device) -> dict[str, Any]:
+        """The flags over devices.toml: --runner/--pin/--cooldown (adb), --device-timeout."""
+        out = {**d.options, **(overrides if d.transport == "adb" else {})}
+        if timeout_s is not None and d.transport in ("adb", "agent"):
+            out["timeout_s"] = timeout_s
+        return out
+
+    devices = [
+        Device(d.transport, d.name, d.address, d.description, d.reachable, d.error, options(d))
+        for d in devices
+    ]
     requests = [BenchRequest(b.path, b.name, settings, args.data) for b in bundles]
-    return bench_on_devices(devices, requests, timeout_s=timeout_s)
+    return bench_on_devices(devices, requests, timeout_s=DEFAULT_DEVICE_TIMEOUT_S)
 
 
-def _device_timeout(args: argparse.Namespace) -> float:
+def _device_timeout(args: argparse.Namespace) -> float | None:
+    """``--device-timeout`` checked, or None when not given."""
+    from edgerep.devices.config import check_device_timeout
+
     value = getattr(args, "device_timeout", None)
-    if value is None:
-        return DEFAULT_DEVICE_TIMEOUT_S
-    if not 0 < value <= MAX_DEVICE_TIMEOUT_S:  # NaN fails too
-        raise ConfigError(
-            f"--device-timeout {value:g}: give seconds above 0 and at most "
-            f"{MAX_DEVICE_TIMEOUT_S:g} (a day)"
-        )
-    return float(value)
+    return None if value is None else check_device_timeout(value, "--device-timeout")
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
@@ -392,6 +384,11 @@ def _cmd_agent_serve(args: argparse.Namespace) -> int:
     from edgerep.devices._server import AGENT_RUNTIMES, AgentConfig, make_server, read_token
 
     runtimes = tuple(r.strip() for item in args.runtime for r in item.split(",") if r.strip())
+    if args.runtime and not runtimes:  # `--runtime ""` must not mean "every runtime"
+        raise ConfigError(
+            f"--runtime {args.runtime[0]!r} names no runtime; give some of "
+            f"{', '.join(AGENT_RUNTIMES)}, or leave --runtime out for all of them"
+        )
     if not 0 < args.max_upload_mib < math.inf:  # NaN fails too
         raise ConfigError(
             f"--max-upload-mib {args.max_upload_mib:g}: give a size in MiB above 0 (default 512)"

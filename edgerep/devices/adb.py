@@ -35,7 +35,8 @@ hex mask. The statistics over runs (median p50, spread, flag) are those of
 
 What an adb device cannot do is said, not dropped: ``--runtime`` selects runners
 by the runtime they stand for (a runtime with no runner is an error entry), and
-accuracy (``--data``) and throughput (``--concurrency``) are "not measured" entries
+accuracy (``--data``), throughput (``--concurrency``) and OpenVINO's
+``--precision`` hint are "not measured" entries
 of the report; warm-up calls and ``min_seconds``, which a runner cannot take, are
 listed in each row's ``session.not_applied``.
 """
@@ -309,6 +310,8 @@ def _unmeasured(
             note(name, f"--runtime {name} does not run on adb devices; runners exist for {runners}")
     if request.data is not None:
         note("-", "accuracy (--data): the Android runners print timings, not outputs")
+    if settings.get("precision"):
+        note("-", f"--precision {settings['precision']}: an OpenVINO hint; no adb runner takes it")
     if settings.get("concurrency"):
         note(
             "-",
@@ -344,7 +347,7 @@ class AdbTransport:
         name = str(spec.get("name", f"adb:{serial}"))
         options = {
             k: spec[k]
-            for k in ("runner_dir", "runner", "cooldown_s", "pin")
+            for k in ("runner_dir", "runner", "cooldown_s", "pin", "timeout_s")
             if spec.get(k) is not None
         }
         if "pin" in options:  # the checks devices.toml and --pin go through, for library callers

@@ -201,7 +201,9 @@ class AgentTransport:
         """The (unprobed) device of a devices.toml entry or ``--device URL``."""
         url = str(spec["url"])
         parse_agent_url(url)
-        options = {k: spec[k] for k in ("token_file", "ca_file", "_token") if spec.get(k)}
+        options = {
+            k: spec[k] for k in ("token_file", "ca_file", "_token", "timeout_s") if spec.get(k)
+        }
         return Device("agent", str(spec.get("name", url)), url, {}, True, "", options)
 
     def probe(self, device: Device, timeout_s: float) -> Device:

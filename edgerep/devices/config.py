@@ -5,7 +5,9 @@ The file maps names to how to reach each device::
     [devices.jetson]
     url = "https://jetson.lan:8765"        # agent; https:// or agents:// use TLS
     token_file = "~/.config/edgerep/jetson.token"
-    ca_file = "~/.config/edgerep/jetson-ca.pem"   # optional: a self-signed agent
+    ca_file = "~/.config/edgerep/jetson-ca.pem"   # optional: a self-signed TLS agent
+    timeout_s = 1800                       # optional: per-job limit here (agent or adb;
+                                           # default 600; bench --device-timeout overrides)
 
     [devices.pixel]
     adb = "R58M1234ABC"                    # adb serial
@@ -35,6 +37,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "PIN_CHOICES",
     "check_cooldown",
+    "check_device_timeout",
     "check_pin",
     "config_path",
     "load_devices_config",
@@ -110,8 +113,17 @@ def load_devices_config(path: str | os.PathLike[str] | None = None) -> dict[str,
             )
         if name in ("local", "all"):
             raise ConfigError(f"{str(p)!r}: {name!r} is reserved; rename [devices.{name}]")
+        if "ca_file" in entry and not str(entry["url"]).startswith(("agents://", "https://")):
+            raise ConfigError(
+                f"{str(p)!r}: [devices.{name}] ca_file verifies a TLS agent, and url = "
+                f"{entry['url']!r} is plaintext; use agents:// or https://, or drop ca_file"
+            )
         out[name] = dict(entry)
         _check_adb_options(str(p), name, out[name])
+        if entry.get("timeout_s") is not None:
+            out[name]["timeout_s"] = check_device_timeout(
+                entry["timeout_s"], f"{str(p)!r}: [devices.{name}] timeout_s ="
+            )
     return out
 
 
@@ -154,6 +166,25 @@ def check_cooldown(value: object, label: str) -> float:
     if not number or not 0 <= value <= MAX_COOLDOWN_S:  # type: ignore[operator]
         shown = f"{value:g}" if number else repr(value)  # 5 and 5.0 read the same
         raise ConfigError(f"{label} {shown}: give seconds between 0 and {MAX_COOLDOWN_S:g}")
+    return float(value)  # type: ignore[arg-type]
+
+
+#: the longest per-job limit on a device (a day)
+MAX_DEVICE_TIMEOUT_S = 86400.0
+
+
+def check_device_timeout(value: object, label: str) -> float:
+    """`value` as a device's per-job limit in seconds: above 0, at most a day.
+
+    Raises:
+        ConfigError: not a number, NaN, or out of range.
+    """
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not 0 < value <= MAX_DEVICE_TIMEOUT_S:  # type: ignore[operator]
+        shown = f"{value:g}" if number else repr(value)
+        raise ConfigError(
+            f"{label} {shown}: give seconds above 0 and at most {MAX_DEVICE_TIMEOUT_S:g} (a day)"
+        )
     return float(value)  # type: ignore[arg-type]
 
 

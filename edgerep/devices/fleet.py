@@ -153,6 +153,7 @@ def _run_device(
     device: Device, requests: Sequence[BenchRequest], timeout_s: float
 ) -> list[dict[str, Any] | EdgerepError]:
     transport = get_transport(device.transport)
+    timeout_s = float(device.options.get("timeout_s", timeout_s))  # devices.toml / flag
     results: list[dict[str, Any] | EdgerepError] = []
     for request in requests:
         try:
@@ -166,7 +167,11 @@ def _run_device(
 def bench_on_devices(
     devices: Sequence[Device], requests: Sequence[BenchRequest], *, timeout_s: float = 600.0
 ) -> dict[str, Any]:
-    """Run every request on every device (devices concurrently) and merge the reports."""
+    """Run every request on every device (devices concurrently) and merge the reports.
+
+    Each job may take the device's own ``timeout_s`` option (devices.toml, or
+    ``--device-timeout``), else `timeout_s`.
+    """
     with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
         futures = [pool.submit(_run_device, d, requests, timeout_s) for d in devices]
         results = [f.result() for f in futures]

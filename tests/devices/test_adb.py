@@ -399,7 +399,8 @@ def test_what_adb_cannot_do_is_said_not_dropped(fake_adb, tmp_path):
         request = BenchRequest(str(bundle), "tiny", {"latency": latency, **settings}, data)
         return transport.bench(device, request, timeout_s=30)
 
-    report = bench({"runtimes": ["onnxruntime", "openvino"], "concurrency": [2]}, "d.npz")
+    settings = {"runtimes": ["onnxruntime", "openvino"], "concurrency": [2], "precision": "f16"}
+    report = bench(settings, "d.npz")
     (row,) = report["rows"]
     assert row["session"]["not_applied"]["warmup_iters"] == 2
     assert row["session"]["not_applied"]["min_seconds"] == 0.5
@@ -407,6 +408,7 @@ def test_what_adb_cannot_do_is_said_not_dropped(fake_adb, tmp_path):
     assert any(e.startswith("openvino: --runtime openvino does not run on adb") for e in errors)
     assert any("accuracy (--data)" in e for e in errors)
     assert any("throughput at concurrency [2]" in e for e in errors)
+    assert any("--precision f16: an OpenVINO hint" in e for e in errors)
     before = len([c for c in fake_adb() if "-m" in c])
     with pytest.raises(UnsupportedError, match="--runtime executorch has no artifact"):
         bench({"runtimes": ["executorch"]})  # the bundle has no .pte: nothing runs

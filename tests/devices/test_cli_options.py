@@ -216,3 +216,62 @@ def test_devices_takes_names_from_the_devices_file_and_needs_an_agent_for_a_toke
     toml.write_text('[devices.phone]\nadb = "S"\n')
     err = _cli_error(capsys, [*argv, "--token-file", str(token_file)])
     assert err.startswith("--token-file is for agents, and none is configured or named")
+
+
+def test_agent_serve_refuses_an_empty_runtime_list(capsys, tmp_path, token_file):
+    argv = ["agent", "serve", "--token-file", str(token_file), "--workdir", str(tmp_path / "w")]
+    err = _cli_error(capsys, [*argv, "--port", "0", "--max-seconds", "0.1", "--runtime", ","])
+    assert err.startswith("--runtime ',' names no runtime")
+
+
+# --- devices.toml timeout_s and ca_file are used or refused ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ('adb = "S"\ntimeout_s = 0', "timeout_s = 0: give seconds above 0"),
+        ('adb = "S"\ntimeout_s = "5"', "timeout_s = '5': give seconds above 0"),
+        ('url = "agent://h:1"\ntimeout_s = 90000', "timeout_s = 90000: give"),
+        ('url = "agent://h:1"\nca_file = "/ca.pem"', "ca_file verifies a TLS agent"),
+        ('url = "http://h:1"\nca_file = "/ca.pem"', "is plaintext; use agents://"),
+    ],
+)
+def test_devices_file_timeout_and_ca_file_checked(tmp_path, entry, fragment):
+    f = tmp_path / "devices.toml"
+    f.write_text(f"[devices.d]\n{entry}\n")
+    with pytest.raises(ConfigError, match=fragment):
+        load_devices_config(f)
+
+
+def test_device_timeout_from_the_file_and_the_flag_reach_the_jobs(tmp_path, monkeypatch, bundle):
+    """devices.toml's timeout_s is each job's limit on that device; --device-timeout wins."""
+    from edgerep.devices import fleet
+    from edgerep.devices._base import Device
+
+    toml = tmp_path / "devices.toml"
+    toml.write_text(
+        '[devices.phone]\nadb = "S"\ntimeout_s = 42\n'
+        '[devices.board]\nurl = "agent://127.0.0.1:9"\ntimeout_s = 7\n'
+    )
+    seen: dict[str, float] = {}
+
+    real = fleet.get_transport
+
+    class Recorder:
+        def __init__(self, name):
+            self.device = real(name).device  # resolving is the real transport's
+
+        def bench(self, device, request, *, timeout_s):
+            seen[device.name] = timeout_s
+            raise fleet.EdgerepError("recorded")
+
+    monkeypatch.setattr(fleet, "get_transport", Recorder)
+    argv = ["bench", str(bundle), "--device", "phone", "--device", "board", "--no-progress"]
+    main([*argv, "--devices-file", str(toml)])
+    assert seen == {"phone": 42.0, "board": 7.0}
+    main([*argv, "--devices-file", str(toml), "--device-timeout", "30"])
+    assert seen == {"phone": 30.0, "board": 30.0}
+    # a device without its own limit gets the run's
+    fleet._run_device(Device("adb", "x", "S"), [object()], 600.0)  # type: ignore[list-item]
+    assert seen["x"] == 600.0
