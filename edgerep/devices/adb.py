@@ -36,9 +36,9 @@ hex mask. The statistics over runs (median p50, spread, flag) are those of
 What an adb device cannot do is said, not dropped: ``--runtime`` selects runners
 by the runtime they stand for (a runtime with no runner is an error entry), and
 accuracy (``--data``), throughput (``--concurrency``) and OpenVINO's
-``--precision`` hint are "not measured" entries
-of the report; warm-up calls and ``min_seconds``, which a runner cannot take, are
-listed in each row's ``session.not_applied``.
+``--precision`` hint are "not measured" entries of the report; warm-up calls and
+``min_seconds``, which a runner cannot take, are listed in each row's
+``session.not_applied``.
 """
 
 from __future__ import annotations

@@ -47,8 +47,9 @@ __all__ = [
 DEFAULT_CONFIG = "~/.config/edgerep/devices.toml"
 _URL_SCHEMES = ("agent://", "agents://", "http://", "https://")
 _KEYS = {"url", "token_file", "ca_file", "adb", "runner_dir", "timeout_s", "pin", "cooldown_s"}
-#: keys only an adb device takes
+#: keys only an adb device takes, and only an agent
 _ADB_KEYS = {"runner_dir", "pin", "cooldown_s"}
+_AGENT_KEYS = {"token_file", "ca_file"}
 
 
 def config_path(path: str | os.PathLike[str] | None = None) -> Path:
@@ -113,6 +114,11 @@ def load_devices_config(path: str | os.PathLike[str] | None = None) -> dict[str,
             )
         if name in ("local", "all"):
             raise ConfigError(f"{str(p)!r}: {name!r} is reserved; rename [devices.{name}]")
+        if "adb" in entry and set(entry) & _AGENT_KEYS:
+            raise ConfigError(
+                f"{str(p)!r}: [devices.{name}] is an adb device; "
+                f"{sorted(set(entry) & _AGENT_KEYS)} apply to agents only"
+            )
         if "ca_file" in entry and not str(entry["url"]).startswith(("agents://", "https://")):
             raise ConfigError(
                 f"{str(p)!r}: [devices.{name}] ca_file verifies a TLS agent, and url = "

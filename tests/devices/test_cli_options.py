@@ -235,6 +235,8 @@ def test_agent_serve_refuses_an_empty_runtime_list(capsys, tmp_path, token_file)
         ('url = "agent://h:1"\ntimeout_s = 90000', "timeout_s = 90000: give"),
         ('url = "agent://h:1"\nca_file = "/ca.pem"', "ca_file verifies a TLS agent"),
         ('url = "http://h:1"\nca_file = "/ca.pem"', "is plaintext; use agents://"),
+        ('adb = "S"\nca_file = "/ca.pem"', r"adb device; \['ca_file'\] apply to agents only"),
+        ('adb = "S"\ntoken_file = "/t"', r"\['token_file'\] apply to agents only"),
     ],
 )
 def test_devices_file_timeout_and_ca_file_checked(tmp_path, entry, fragment):
