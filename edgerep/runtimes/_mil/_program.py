@@ -346,7 +346,7 @@ class Evaluator:
             env[name] = self._store(np.asarray(feeds[name]), self.input_dtypes[name])
         # writes go to a scratch copy, committed to `state` only once the whole run has
         # succeeded: a failed prediction (a kernel that raises, an interrupt) leaves the
-        # state as it was, as Core ML's predict does
+        # state as it was (a failed prediction must not change the state)
         scratch: dict[str, np.ndarray] = {}
         if self.state_names:
             self._check_state(state)
