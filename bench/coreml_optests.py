@@ -244,6 +244,8 @@ def _merge_and_write(
         "what": "coremltools' MIL op unit tests, expected outputs compared through the "
         "coreml-reference evaluator (mlprogram backend only)",
         "coremltools": coremltools.__version__,
+        # free-text notes on the runs (which modules were rerun when, and why), kept
+        "notes": list(old.get("notes", [])),
         "totals": dict(totals),
         "modules_not_run": sorted(
             (set(old.get("modules_not_run", [])) | set(asked)) - set(modules)

@@ -18,8 +18,9 @@ Devices: ``cpu``. Options:
 
 Stateful programs (iOS18 ``ct.StateType``): the session holds one state, zero-filled
 at load (as ``MLModel.make_state``), and every `run` reads and updates it, as
-``predict(..., state=)`` with one state object does; `reset_state` starts again from
-zeros and `state` returns a copy of the current values. State inputs are not fed.
+``predict(..., state=)`` with one state object does; a run that fails part-way leaves
+the state as it was. `reset_state` starts again from zeros and `state` returns a copy
+of the current values. State inputs are not fed.
 
 An op with no kernel makes `load` raise `UnsupportedError` naming every such op type
 at once, before anything runs.

@@ -18,7 +18,7 @@ from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
 from edgerep.errors import ConfigError, UnsupportedError  # noqa: E402
-from edgerep.runtimes._mil import Evaluator, load_program, ops_control  # noqa: E402
+from edgerep.runtimes._mil import Evaluator, _registry, load_program, ops_control  # noqa: E402
 from edgerep.runtimes.coreml_reference import CoreMLReferenceRuntime  # noqa: E402
 
 RNG = np.random.default_rng(7)
@@ -256,6 +256,76 @@ def test_runtime_session_holds_one_state_and_resets_it(tmp_path):
     np.testing.assert_array_equal(session.state["acc"], np.full((2, 3), 1.5))
     session.reset_state()
     np.testing.assert_array_equal(session.run({"x": x})[0], np.full((2, 3), 1.0))
+
+
+class _Accumulator(torch.nn.Module):
+    """A registered buffer updated in forward (an iOS18 state after conversion), then a
+    row gather whose index is an input: an index out of range fails *after* the update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("acc", torch.zeros(2, 3, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        self.acc.add_(x.half())
+        return torch.index_select(self.acc * 2.0, 0, row).float()
+
+
+def _stateful_torch_package(path):
+    model = _Accumulator().eval()
+    traced = torch.jit.trace(model, (torch.zeros(2, 3), torch.zeros(1, dtype=torch.int32)))
+    _shipped(
+        traced,
+        path,
+        target=ct.target.iOS18,
+        precision=ct.precision.FLOAT16,
+        inputs=[
+            ct.TensorType(name="x", shape=(2, 3), dtype=np.float32),
+            ct.TensorType(name="row", shape=(1,), dtype=np.int32),
+        ],
+        outputs=[ct.TensorType(name="y", dtype=np.float32)],
+        states=[
+            ct.StateType(wrapped_type=ct.TensorType(shape=(2, 3), dtype=np.float16), name="acc")
+        ],
+    )
+
+
+def test_a_failed_run_leaves_the_state_as_it_was(tmp_path, monkeypatch):
+    """Core ML semantics: a prediction that fails does not change the state. The update
+    op runs before the failing one, so a state written in place would be half-advanced."""
+    path = tmp_path / "acc.mlpackage"
+    _stateful_torch_package(path)
+    program, _ = load_program(path)
+    fn_ops = [op.op_type for op in program.functions["main"].operations]
+    assert fn_ops.index("coreml_update_state") < fn_ops.index("gather")  # update first
+    session = CoreMLReferenceRuntime().load(path, options={"precision": "declared"})
+    x = RNG.uniform(0.5, 1.5, (2, 3)).astype(np.float32)
+    good = session.run({"x": x, "row": np.array([1], np.int32)})[0]
+    np.testing.assert_allclose(good, 2 * x.astype(np.float16)[1:].astype(np.float32), rtol=1e-3)
+    before = session.state
+    assert before["acc"].any()
+    # an op after the update fails on this input (gather index out of range)
+    with pytest.raises(UnsupportedError, match="gather index out of range"):
+        session.run({"x": x, "row": np.array([5], np.int32)})
+    np.testing.assert_array_equal(session.state["acc"], before["acc"])
+    # an interrupt inside a later kernel (Ctrl-C mid-run) leaves it unchanged too
+    ev = Evaluator(program, precision="float64")
+    state = ev.make_state()
+    ev.run({"x": x, "row": np.array([0], np.int32)}, state=state)
+    saved = {k: v.copy() for k, v in state.items()}
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(_registry.KERNELS, "gather", [(0, interrupted)])
+    interrupted_ev = Evaluator(program, precision="float64")
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_ev.run({"x": x, "row": np.array([0], np.int32)}, state=state)
+    np.testing.assert_array_equal(state["acc"], saved["acc"])
+    # and the next successful run continues from the state before the failures
+    out = ev.run({"x": x, "row": np.array([0], np.int32)}, state=state)["y"]
+    np.testing.assert_allclose(out, 2 * (saved["acc"][:1] + x[:1].astype(np.float64)), rtol=1e-12)
+    assert not np.array_equal(state["acc"], saved["acc"])
 
 
 # --- multi-function programs -----------------------------------------------------------

@@ -471,6 +471,42 @@ def test_sdpa_matches_torch():
     np.testing.assert_allclose(_run(prog)[out.name], ref.numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_random_ops_sample_their_distributions():
+    # no reference value exists for a random draw: the degenerate cases are exact, the
+    # others are checked by their statistics over 20,000 draws (bounds >= 6 sigma)
+    n = 20_000
+
+    def draw(op_type, seed=5, **kw):
+        prog, _ = _build(op_type, seed=seed, **kw)
+        return next(iter(_run(prog).values()))
+
+    shape = np.array([4, n // 4], np.int32)
+    b = draw("random_bernoulli", shape=shape, prob=0.3)
+    assert b.shape == (4, n // 4) and set(np.unique(b)) == {0.0, 1.0}
+    assert abs(b.mean() - 0.3) < 0.02
+    np.testing.assert_array_equal(draw("random_bernoulli", shape=shape, prob=1.0), 1.0)
+    g = draw("random_normal", shape=shape, mean=1.5, stddev=2.0)
+    assert abs(g.mean() - 1.5) < 0.1 and abs(g.std() - 2.0) < 0.1
+    np.testing.assert_array_equal(draw("random_normal", shape=shape, mean=-3.0, stddev=0.0), -3)
+    u = draw("random_uniform", shape=shape, low=-2.0, high=3.0)
+    assert u.min() >= -2.0 and u.max() < 3.0 and abs(u.mean() - 0.5) < 0.1
+    assert abs(np.mean(u < 0) - 0.4) < 0.02
+    probs = np.array([[0.1, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0]], np.float32)
+    for mode, x in (("probs", probs), ("logits", np.log(np.maximum(probs, 1e-30)))):
+        c = draw("random_categorical", x=x.astype(np.float32), mode=mode, size=n)
+        assert c.shape == (2, n)
+        freq = np.bincount(c[0].astype(np.int64), minlength=4) / n
+        np.testing.assert_allclose(freq, probs[0], atol=0.02)
+        assert freq[3] == 0 and (c[1] == 3).all()
+    # a seed repeats the draw; the default (-1) does not
+    a, a2 = draw("random_uniform", shape=shape), draw("random_uniform", shape=shape)
+    np.testing.assert_array_equal(a, a2)
+    f1 = draw("random_uniform", seed=-1, shape=shape)
+    assert not np.array_equal(f1, draw("random_uniform", seed=-1, shape=shape))
+    with pytest.raises(UnsupportedError, match="prob"):
+        draw("random_bernoulli", shape=shape, prob=1.5)
+
+
 # --- (c) registry, opsets and precision ------------------------------------------------
 
 

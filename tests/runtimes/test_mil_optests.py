@@ -1,7 +1,7 @@
 """A fast subset of coremltools' own MIL op unit tests through the reference evaluator.
 
 `bench/coreml_optests.py` runs them all (its JSON is committed); here a few classes
-of activation, control-flow and iOS18 state tests run in a subprocess, so a kernel or
+of activation, control-flow, iOS18 state and ``affine`` tests run in a subprocess, so a kernel or
 evaluator regression against coremltools' hand-computed expected outputs fails CI.
 """
 
@@ -31,9 +31,11 @@ def test_coremltools_op_tests_pass_through_the_evaluator(tmp_path):
             "iOS14.test_activation",
             "iOS14.test_control_flow",
             "iOS18.test_states",
+            "iOS15.test_image_resizing",
             "-k",
             "TestGeLU or TestSoftmax or TestReLU6 or TestSiLU or TestELU or TestCond or "
-            "TestWhileLoop or TestList or TestReadState or TestCoreMLUpdateState",
+            "TestWhileLoop or TestList or TestReadState or TestCoreMLUpdateState or "
+            "TestAffine",
             "--out",
             str(out),
         ],
@@ -52,3 +54,5 @@ def test_coremltools_op_tests_pass_through_the_evaluator(tmp_path):
     assert modules["iOS14/test_control_flow.py"].get("passed", 0) >= 5, modules
     assert modules["iOS18/test_states.py"].get("passed", 0) >= 4, modules
     assert "unsupported" not in modules["iOS14/test_control_flow.py"], result["unsupported_ops"]
+    # affine is evaluated against coremltools' hand-computed values
+    assert modules["iOS15/test_image_resizing.py"] == {"passed": 1}, modules

@@ -366,6 +366,76 @@ def test_resample_matches_torch_grid_sample(align_corners, padding_mode):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
 
 
+class _AffineWarp(torch.nn.Module):
+    """``grid_sample(x, affine_grid(theta))``: the torch frontend converts it to MIL
+    ``affine``. Output size differs from the input's; part of the image maps outside."""
+
+    def __init__(self, theta: np.ndarray, align_corners: bool) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(theta))
+        self.align_corners = align_corners
+        self.size = (len(theta), 3, 5, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = torch.nn.functional.affine_grid(self.theta, self.size, self.align_corners)
+        return torch.nn.functional.grid_sample(
+            x, grid, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners
+        )
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("per_image", [True, False])
+def test_affine_matches_torch_affine_grid_sample(tmp_path, align_corners, per_image):
+    from edgerep.runtimes._mil import load_program
+
+    theta = RNG.uniform(-0.4, 0.4, (2 if per_image else 1, 2, 3)).astype(np.float32)
+    theta[:, 0, 0] += 1.0
+    theta[:, 1, 1] += 0.9
+    theta[:, 0, 2] += 1.2  # shifted: the right part samples outside the image
+    model = _AffineWarp(theta, align_corners).eval()
+    img = RNG.standard_normal((len(theta), 3, 6, 4)).astype(np.float32)
+    traced = torch.jit.trace(model, torch.zeros(img.shape))
+    ml = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name="x", shape=img.shape)],
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT32,
+        minimum_deployment_target=ct.target.iOS17,
+    )
+    path = tmp_path / "affine.mlpackage"
+    ml.save(str(path))
+    program, _ = load_program(path)
+    assert "affine" in [op.op_type for op in program.functions["main"].operations]
+    (got,) = Evaluator(program, precision="float64").run({"x": img}).values()
+    want = model.double()(torch.tensor(img, dtype=torch.float64)).detach().numpy()
+    assert np.abs(want).max() > 0.5 and (want == 0).any()  # samples inside and outside
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_affine_matches_coremltools_hand_computed_case():
+    # coremltools' own smoke case (iOS15 TestAffine), values computed by hand upstream
+    img = np.array([11.0, 22.0, 33.0, 44.0], np.float32).reshape(1, 1, 2, 2)
+    matrix = np.array([[-1.0, -2.0, -3.7, -1.0, 3.5, 1.2]], np.float32)
+    (got,) = _one_op(
+        lambda x, m: mb.affine(
+            x=x,
+            transform_matrix=m,
+            output_height=2,
+            output_width=5,
+            sampling_mode="bilinear",
+            padding_mode="constant",
+            padding_value=0.0,
+            coordinates_mode="normalized_minus_one_to_one",
+            align_corners=True,
+        ),
+        ct.target.iOS17,
+        x=img,
+        m=matrix,
+    ).values()
+    want = [10.752501, 5.94, 2.5025, 0.44000006, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(got.reshape(-1), want, rtol=1e-6, atol=1e-6)
+
+
 def test_crop_resize_aligned_boxes_and_pad_value():
     img = np.arange(1, 17, dtype=np.float32).reshape(1, 1, 4, 4)
     boxes = np.array([[1, 1, 2, 2], [0.5, 2.5, 3.0, 4.5]], np.float32)  # the 2nd leaves the image

@@ -28,8 +28,11 @@ immutable `TensorList` values.
 States (iOS18, ``ct.StateType``): a state input is not fed; `Evaluator.make_state`
 returns a fresh state mapping (name -> zero-filled array of the state's shape and
 dtype, as Core ML's ``MLModel.make_state`` zero-fills), and ``run(feeds, state=...)``
-reads and updates it in place, so passing the same mapping again continues where the
-previous run left off (Core ML's ``predict(..., state=)``).
+reads it and, once the whole run has succeeded, stores the updated values in it, so
+passing the same mapping again continues where the previous run left off (Core ML's
+``predict(..., state=)``). A run that fails part-way (a kernel raises, an interrupt)
+leaves the mapping unchanged: ``coreml_update_state`` writes to a scratch copy that is
+committed only at the end.
 
 Multi-function programs (``save_multifunction``): one `Evaluator` per function
 (``function=`` name); each is compiled and evaluated on its own.
@@ -328,7 +331,8 @@ class Evaluator:
     ) -> dict[str, np.ndarray]:
         """Evaluate the function on `feeds`; the outputs by name (every value if `keep`).
 
-        `state` (stateful programs only) is read and updated in place.
+        `state` (stateful programs only) is read, and updated in place only when the
+        whole run succeeds: a run that raises leaves it unchanged.
 
         Raises:
             ConfigError: feeds do not match the inputs; a stateful program without a
@@ -340,19 +344,25 @@ class Evaluator:
             if name not in feeds:
                 raise ConfigError(f"missing input {name!r}; the program takes {self.input_names}")
             env[name] = self._store(np.asarray(feeds[name]), self.input_dtypes[name])
+        # writes go to a scratch copy, committed to `state` only once the whole run has
+        # succeeded: a failed prediction (a kernel that raises, an interrupt) leaves the
+        # state as it was (a failed prediction must not change the state)
+        scratch: dict[str, np.ndarray] = {}
         if self.state_names:
             self._check_state(state)
             assert state is not None
+            scratch = dict(state)
             for name in self.state_names:
-                env[name] = StateCell(state, name, self._state_store(name))
+                env[name] = StateCell(scratch, name, self._state_store(name))
         elif state:
             raise ConfigError(
                 f"the function {self.function!r} has no states; got state for {sorted(state)}"
             )
         self._run_plan(self._plan, env, ())
-        if keep:
-            return env
-        return {n: np.asarray(env[n]) for n in self.output_names}
+        result = env if keep else {n: np.asarray(env[n]) for n in self.output_names}
+        if state is not None and scratch:
+            state.update(scratch)  # StateCell.write replaced entries, never wrote into them
+        return result
 
     def _state_store(self, name: str) -> Callable[[Any], Any]:
         declared = self._state_specs[name][1]

@@ -84,8 +84,10 @@ class TensorList:
 
 class StateCell:
     """One iOS18 state of a stateful program during a run: ``read_state`` reads it,
-    ``coreml_update_state`` writes it. Writes go to the caller's state mapping, so they
-    persist to the next run that is given the same mapping.
+    ``coreml_update_state`` writes it. Writes go to the run's scratch copy of the
+    caller's state mapping (each replaces the entry, never writes into the array), which
+    the evaluator commits to the caller's mapping when the run succeeds, so they persist
+    to the next run given the same mapping and a failed run leaves it unchanged.
     """
 
     __slots__ = ("_states", "_store", "name")

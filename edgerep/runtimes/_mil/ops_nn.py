@@ -537,9 +537,13 @@ def _crop(ctx: OpContext, image: np.ndarray, box: np.ndarray, pad: float | None)
     """One box of `image` (C, H, W) resampled bilinearly to the target size."""
     sampling = _sampling(ctx)
     if sampling not in ("ALIGN_CORNERS", "STRICT_ALIGN_CORNERS"):
+        # the spec gives these grids on resize_bilinear's [0, X-1] only, not on a box
+        # (where its edges lie; normalized boxes scaled by H or H - 1), and coremltools'
+        # one hand-computed UNALIGN_CORNERS case fits no box reading: declined, not guessed
         raise UnsupportedError(
-            f"crop_resize {ctx.name!r}: sampling_mode {sampling!r} is not evaluable (only "
-            "ALIGN_CORNERS and STRICT_ALIGN_CORNERS are)"
+            f"crop_resize {ctx.name!r}: sampling_mode {sampling!r} is not evaluable: the "
+            "MIL spec defines it for resize_bilinear's whole-image grid, not for a box "
+            "(ALIGN_CORNERS and STRICT_ALIGN_CORNERS are evaluated)"
         )
     h, w = image.shape[-2:]
     y1, x1, y2, x2 = _box_corners(ctx, box, h, w)
@@ -621,13 +625,11 @@ def _padded_index(ctx: OpContext, i: np.ndarray, n: int) -> tuple[np.ndarray, np
     raise UnsupportedError(f"resample {ctx.name!r}: padding_mode {mode!r}")
 
 
-@kernel("resample")
-def _resample(ctx: OpContext) -> np.ndarray:
-    x = ctx.x()
-    coords = ctx.x("coordinates").astype(x.dtype)
+def _grid_sample(ctx: OpContext, x: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """`x` (B, C, H, W) sampled at input pixel coordinates `px`, `py` (B, H2, W2) with the
+    op's ``sampling_mode``, ``padding_mode`` and ``padding_value`` (``resample``,
+    ``affine``)."""
     _, _, h, w = x.shape
-    px = _pixel_coords(ctx, coords[..., 0], w)  # (B, H2, W2)
-    py = _pixel_coords(ctx, coords[..., 1], h)
     pad = np.asarray(ctx.val("padding_value", 0.0), x.dtype)
     batch = np.arange(x.shape[0])[:, None, None]
 
@@ -651,5 +653,53 @@ def _resample(ctx: OpContext) -> np.ndarray:
             + fetch(iy + 1, ix + 1) * wy * wx
         )
     else:
-        raise UnsupportedError(f"resample {ctx.name!r}: sampling_mode {sampling!r}")
+        raise UnsupportedError(f"{ctx.op_type} {ctx.name!r}: sampling_mode {sampling!r}")
     return np.moveaxis(y, -1, 1)
+
+
+@kernel("resample")
+def _resample(ctx: OpContext) -> np.ndarray:
+    x = ctx.x()
+    coords = ctx.x("coordinates").astype(x.dtype)
+    _, _, h, w = x.shape
+    px = _pixel_coords(ctx, coords[..., 0], w)  # (B, H2, W2)
+    py = _pixel_coords(ctx, coords[..., 1], h)
+    return _grid_sample(ctx, x, px, py)
+
+
+def _affine_base(n: int, align_corners: bool) -> np.ndarray:
+    """Normalized [-1, 1] coordinates of `n` output pixels: the centres of the first and
+    last pixel at -1 and 1 (``align_corners``), else their outer edges (as PyTorch's
+    ``affine_grid``, which the torch frontend converts to this op)."""
+    base = np.linspace(-1.0, 1.0, n) if n > 1 else np.array([-1.0])
+    return base if align_corners else base * ((n - 1) / n)
+
+
+@kernel("affine")
+def _affine(ctx: OpContext) -> np.ndarray:
+    # output pixel (x, y) in normalized coordinates -> x' = a0 x + a1 y + a2,
+    # y' = b0 x + b1 y + b2 (one matrix per image, or one for all), then sampled as
+    # resample samples its coordinates
+    x = ctx.x()
+    if x.ndim != 4:
+        raise UnsupportedError(f"affine {ctx.name!r}: x must be rank 4, got rank {x.ndim}")
+    matrix = ctx.x("transform_matrix").reshape(-1, 6).astype(np.float64)
+    if matrix.shape[0] not in (1, x.shape[0]):
+        raise UnsupportedError(
+            f"affine {ctx.name!r}: {matrix.shape[0]} transform matrices for a batch of "
+            f"{x.shape[0]} (give 1 or one per image)"
+        )
+    mode = str(ctx.val("coordinates_mode", "normalized_minus_one_to_one"))
+    if mode != "normalized_minus_one_to_one":
+        raise UnsupportedError(f"affine {ctx.name!r}: coordinates_mode {mode!r}")
+    align = bool(ctx.val("align_corners", True))
+    oh, ow = int(ctx.val("output_height")), int(ctx.val("output_width"))
+    gy, gx = np.meshgrid(_affine_base(oh, align), _affine_base(ow, align), indexing="ij")
+    matrix = np.broadcast_to(matrix, (x.shape[0], 6))
+    a = [matrix[:, k, None, None] for k in range(6)]
+    nx = a[0] * gx + a[1] * gy + a[2]  # (B, oh, ow)
+    ny = a[3] * gx + a[4] * gy + a[5]
+    _, _, h, w = x.shape
+    px = _pixel_coords(ctx, nx.astype(x.dtype), w)
+    py = _pixel_coords(ctx, ny.astype(x.dtype), h)
+    return _grid_sample(ctx, x, px, py)

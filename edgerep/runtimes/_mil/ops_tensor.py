@@ -412,3 +412,70 @@ def _batch_to_space(ctx: OpContext) -> np.ndarray:
         slice(int(a), y.shape[2 + i] - int(b)) for i, (a, b) in enumerate(crops)
     ]
     return np.ascontiguousarray(y[tuple(index)])
+
+
+# --- random -----------------------------------------------------------------------------
+# Samples of the op's distribution drawn with numpy (``seed`` >= 0: a generator seeded
+# with it, so a run repeats; -1, the default: fresh entropy). They are *not* Core ML's
+# random stream, so a program whose outputs depend on them cannot match another
+# runtime's values (as with any runtime's random ops) unless the distribution is
+# degenerate (p of 0 or 1, a zero stddev, low == high, one category).
+
+
+def _rng(ctx: OpContext) -> np.random.Generator:
+    seed = int(ctx.val("seed", -1))
+    return np.random.default_rng(None if seed < 0 else seed)
+
+
+def _random_shape(ctx: OpContext) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in np.asarray(ctx.raw("shape")).reshape(-1))
+    if any(s < 0 for s in shape):
+        raise UnsupportedError(f"{ctx.op_type} {ctx.name!r}: negative dim in shape {shape}")
+    return shape
+
+
+@kernel("random_bernoulli")
+def _random_bernoulli(ctx: OpContext) -> np.ndarray:
+    prob = float(ctx.val("prob", 0.5))
+    if not 0.0 <= prob <= 1.0:
+        raise UnsupportedError(f"random_bernoulli {ctx.name!r}: prob {prob} is not in [0, 1]")
+    return (_rng(ctx).random(_random_shape(ctx)) < prob).astype(ctx.dtype)
+
+
+@kernel("random_normal")
+def _random_normal(ctx: OpContext) -> np.ndarray:
+    mean, stddev = float(ctx.val("mean", 0.0)), float(ctx.val("stddev", 1.0))
+    return (mean + stddev * _rng(ctx).standard_normal(_random_shape(ctx))).astype(ctx.dtype)
+
+
+@kernel("random_uniform")
+def _random_uniform(ctx: OpContext) -> np.ndarray:
+    low, high = float(ctx.val("low", 0.0)), float(ctx.val("high", 1.0))
+    return (low + (high - low) * _rng(ctx).random(_random_shape(ctx))).astype(ctx.dtype)
+
+
+@kernel("random_categorical")
+def _random_categorical(ctx: OpContext) -> np.ndarray:
+    # `size` category indices per row of the last axis (logits or probabilities)
+    x = np.asarray(ctx.x(), dtype=np.float64)
+    mode = str(ctx.val("mode", "logits"))
+    if mode == "logits":
+        p = np.exp(x - x.max(axis=-1, keepdims=True))
+    elif mode == "probs":
+        p = x.copy()
+    else:
+        raise UnsupportedError(f"random_categorical {ctx.name!r}: mode {mode!r}")
+    if (p < 0).any() or not np.isfinite(p).all() or (p.sum(axis=-1) <= 0).any():
+        raise UnsupportedError(
+            f"random_categorical {ctx.name!r}: the {mode} do not form a distribution"
+        )
+    cdf = np.cumsum(p / p.sum(axis=-1, keepdims=True), axis=-1)
+    size = int(ctx.val("size", 1))
+    rows = cdf.reshape(-1, cdf.shape[-1])
+    draws = _rng(ctx).random((rows.shape[0], size))
+    picks = np.stack([np.searchsorted(r, d, side="right") for r, d in zip(rows, draws)])
+    picks = np.minimum(picks, cdf.shape[-1] - 1)  # a draw at the cdf's rounded top
+    out_dtype = np.asarray(ctx.raw("x")).dtype
+    return picks.reshape(*x.shape[:-1], size).astype(
+        ctx.dtype if out_dtype.kind == "f" else out_dtype
+    )
