@@ -21,7 +21,12 @@ model, with no knowledge of its architecture:
       min_{W,b} ||X W + 1 bᵀ - Y||² + λ ||W - I||²,   λ = ridge · trace(XᵀX) / C
 
   ``W = I`` (dropping the block) is a feasible point, so the fitted map's error on
-  the calibration data is never above plain block removal.
+  the calibration data is never above plain block removal. The fit needs only
+  ``AᵀA`` and ``AᵀY`` (``A = [X, 1]``) and the error only sums of squares, so both
+  are accumulated one calibration batch at a time (`edgerep.prune._calib`): peak
+  memory is the models, one batch of activations and the Gram matrices, whatever
+  the size of the calibration set. The error is summed from the residuals in a
+  second pass, not expanded from the Gram matrices (that expansion cancels).
 - **Choice**: each block's saving is the measured latency of its Conv/Linear layers
   minus the map's, from the same per-layer tables as channel pruning
   (`edgerep.prune._latency`); blocks whose relative output error on the
@@ -34,6 +39,7 @@ it into an affine neighbour when there is one (`merge_affine`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
@@ -45,6 +51,7 @@ import torch
 from torch import fx, nn
 
 from edgerep.errors import ConfigError, UnsupportedError
+from edgerep.prune._calib import batches
 from edgerep.prune._latency import LayerShape, layer_shapes
 
 __all__ = [
@@ -273,8 +280,12 @@ def replace_blocks(gm: fx.GraphModule, blocks: Sequence[Block]) -> fx.GraphModul
     return out
 
 
+class _Stop(Exception):
+    """Every wanted value is captured: the rest of the graph need not run."""
+
+
 class _Capture(fx.Interpreter):
-    """Runs a graph, keeping the values of some nodes."""
+    """Runs a graph up to the last of some nodes, keeping their values."""
 
     def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
         super().__init__(gm)
@@ -285,6 +296,8 @@ class _Capture(fx.Interpreter):
         out = super().run_node(n)
         if n.name in self.wanted:
             self.values[n.name] = out.detach()
+            if len(self.values) == len(self.wanted):
+                raise _Stop
         return out
 
 
@@ -292,7 +305,7 @@ def _capture(
     gm: fx.GraphModule, names: set[str], inputs: Sequence[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     cap = _Capture(gm, names)
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.suppress(_Stop):
         cap.run(*inputs)
     missing = names - set(cap.values)
     if missing:
@@ -307,33 +320,123 @@ def _rows(t: torch.Tensor, kind: str) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1).T
 
 
+class _Normal:
+    """The least-squares statistics of one map, summed over calibration batches (float64).
+
+    With ``A = [X, 1]`` (rows: samples, see `_rows`) and targets ``Y``: ``AᵀA``, ``AᵀY``
+    and ``||Y||²``, plus ``||X W₀ᵀ + b₀ - Y||²`` of the prior map (plain removal), so a
+    fit needs one batch of activations at a time.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        self.gram = torch.zeros(cin + 1, cin + 1, dtype=torch.float64)
+        self.cross = torch.zeros(cin + 1, cout, dtype=torch.float64)
+        self.y2 = 0.0
+        self.removal2 = 0.0
+
+    def add(
+        self, xr: torch.Tensor, yr: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        a = torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=torch.float64)], 1)
+        self.gram += a.T @ a
+        self.cross += a.T @ yr
+        self.y2 += float((yr * yr).sum())
+        w0, b0 = prior
+        self.removal2 += float(((xr @ w0.T + b0 - yr) ** 2).sum())
+
+
 def solve_map(
-    x: torch.Tensor, y: torch.Tensor, kind: str, ridge: float
+    normal: _Normal, prior_w: torch.Tensor, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(W (C, C) acting as ``y = W x + b``, b, condition) by identity-regularised ridge LS."""
-    xr, yr = _rows(x.double(), kind), _rows(y.double(), kind)
-    c = xr.shape[1]
-    a = torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=torch.float64)], 1)
-    gram = a.T @ a
-    lam = ridge * float(torch.trace(gram[:c, :c])) / max(c, 1)
+    """(W (cout, cin) acting as ``y = W x + b``, b, condition) by ridge LS pulled toward `prior_w`.
+
+    ::
+
+        min_{W,b} ||X Wᵀ + 1 bᵀ - Y||² + λ ||W - W₀||²,   λ = ridge · trace(XᵀX) / cin
+    """
+    c = normal.gram.shape[0] - 1
+    lam = ridge * float(torch.trace(normal.gram[:c, :c])) / max(c, 1)
     penalty = torch.full((c + 1,), lam, dtype=torch.float64)
     penalty[-1] = 0.0
-    prior = torch.zeros(c + 1, c, dtype=torch.float64)
-    prior[:c] = torch.eye(c, dtype=torch.float64)
-    lhs = gram + torch.diag(penalty)
-    sol = torch.linalg.solve(lhs, a.T @ yr + penalty[:, None] * prior)
+    prior = torch.zeros_like(normal.cross)
+    prior[:c] = prior_w.T
+    lhs = normal.gram + torch.diag(penalty)
+    sol = torch.linalg.solve(lhs, normal.cross + penalty[:, None] * prior)
     return sol[:c].T.contiguous(), sol[c].clone(), float(torch.linalg.cond(lhs))
 
 
-def _rel(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float((pred - y).norm() / y.norm().clamp_min(1e-300))
+def _prior(gm: fx.GraphModule, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W₀, b₀) of plain removal, in float64: the identity (the block's shortcut)."""
+    c = block.channels
+    return torch.eye(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
 
 
-def _apply_map(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "linear":
-        return x @ w.T + b
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return torch.einsum("oc,nc...->no...", w, x) + b.reshape(shape)
+def _map_rows(x: torch.Tensor, block: Block) -> torch.Tensor:
+    return _rows(x, block.map_kind)
+
+
+def _run_pairs(
+    ref: fx.GraphModule,
+    work: fx.GraphModule,
+    pairs: Mapping[str, tuple[str, str]],
+    inputs: Sequence[torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(inputs read on `work`, targets read on `ref`) of every pair on one batch."""
+    xn, yn = {x for x, _ in pairs.values()}, {y for _, y in pairs.values()}
+    if ref is work:
+        both = _capture(work, xn | yn, inputs)
+        return both, both
+    return _capture(work, xn, inputs), _capture(ref, yn, inputs)
+
+
+def _statistics(
+    ref: fx.GraphModule,
+    work: fx.GraphModule,
+    pairs: Mapping[str, tuple[str, str]],
+    priors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    blocks: Mapping[str, Block],
+    calib: Sequence[torch.Tensor],
+) -> dict[str, _Normal]:
+    """Per block: its `_Normal` over `calib`, batch by batch.
+
+    `pairs` maps a block to (node of `work` read as the map's input, node of `ref`
+    read as its target); `ref` and `work` may be the same graph.
+    """
+    out = {k: _Normal(blocks[k].channels, blocks[k].channels) for k in pairs}
+    for xb in batches(calib):
+        xs, ys = _run_pairs(ref, work, pairs, xb)
+        for k, (xn, yn) in pairs.items():
+            out[k].add(_map_rows(xs[xn], blocks[k]), _rows(ys[yn], blocks[k].map_kind), priors[k])
+        del xs, ys
+    return out
+
+
+def _errors(
+    ref: fx.GraphModule,
+    work: fx.GraphModule,
+    pairs: Mapping[str, tuple[str, str]],
+    maps: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    blocks: Mapping[str, Block],
+    calib: Sequence[torch.Tensor],
+) -> dict[str, float]:
+    """Per block: ``||X Wᵀ + b - Y||²`` of its fitted map over `calib`, batch by batch.
+
+    Summed from the residuals themselves, not expanded from the Gram matrices: the
+    expansion cancels to ~1e-8 relative, which would blur small errors.
+    """
+    out = dict.fromkeys(pairs, 0.0)
+    for xb in batches(calib):
+        xs, ys = _run_pairs(ref, work, pairs, xb)
+        for k, (xn, yn) in pairs.items():
+            w, b = maps[k]
+            pred = _map_rows(xs[xn], blocks[k]) @ w.T + b
+            out[k] += float(((pred - _rows(ys[yn], blocks[k].map_kind)) ** 2).sum())
+        del xs, ys
+    return out
+
+
+def _rel(err2: float, y2: float) -> float:
+    return math.sqrt(err2) / max(math.sqrt(y2), 1e-300)
 
 
 def _set_map(module: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
@@ -355,14 +458,16 @@ def fit_blocks(
 ) -> tuple[fx.GraphModule, list[tuple[float, float]]]:
     """A copy of `replaced` whose maps are fitted in execution order (see the module doc).
 
+    Each map's statistics are accumulated over `calib` one batch at a time
+    (`edgerep.prune._calib.batches`): the inputs come from `replaced` with the earlier
+    maps fitted, the targets from `original`, each run only as far as needed.
+
     Returns:
         ``(model, [(rel_error, condition) per block])``.
     """
     dtype = next((p.dtype for p in replaced.parameters()), torch.float32)
     work = copy.deepcopy(replaced).double()
     ref = copy.deepcopy(original).double()
-    x64 = [t.double() for t in calib]
-    targets = _capture(ref, {b.output for b in blocks}, x64)
     map_nodes = {
         str(n.target): (i, n) for i, n in enumerate(work.graph.nodes) if n.op == "call_module"
     }
@@ -371,11 +476,14 @@ def fit_blocks(
         # the input of this map in the model with the earlier maps fitted: the map node's arg
         arg = map_nodes[block.module_name][1].args[0]
         assert isinstance(arg, fx.Node)
-        x = _capture(work, {arg.name}, x64)[arg.name]
-        y = targets[block.output]
-        w, b, cond = solve_map(x, y, block.map_kind, ridge)
+        one = {block.output: block}
+        pair = {block.output: (arg.name, block.output)}
+        prior = {block.output: _prior(ref, block)}
+        normal = _statistics(ref, work, pair, prior, one, calib)[block.output]
+        w, b, cond = solve_map(normal, prior[block.output][0], ridge)
         _set_map(work.get_submodule(block.module_name), w, b)
-        stats[block.output] = (_rel(_apply_map(x, w, b, block.map_kind), y), cond)
+        err2 = _errors(ref, work, pair, {block.output: (w, b)}, one, calib)[block.output]
+        stats[block.output] = (_rel(err2, normal.y2), cond)
     return work.to(dtype), [stats[b.output] for b in blocks]
 
 
@@ -403,7 +511,8 @@ def depth_prune(
     Args:
         model: the (folded) model; not modified.
         inputs: example inputs.
-        calib: calibration inputs (required).
+        calib: calibration inputs (required); read in batches of
+            `edgerep.prune._calib.CALIB_BATCH` samples.
         cost: layer shapes -> cost each (measured ms on the backend, or injected).
         max_blocks: at most this many blocks (None: every block within `max_error`).
         max_error: largest relative output error of a replaced block.
@@ -437,8 +546,18 @@ def depth_prune(
     lat_gm_shapes = layer_shapes(gm, lat_in)
     lat_blocks = {b.output: b for b in find_blocks(gm, lat_in)}
     ref = copy.deepcopy(gm).double()
-    x64 = [t.double() for t in calib]
-    values = _capture(ref, {b.output for b in blocks} | {b.input for b in blocks}, x64)
+    by_out = {b.output: b for b in blocks}
+    # every block's map fitted on the original model's activations, batch by batch
+    pairs = {b.output: (b.input, b.output) for b in blocks}
+    priors = {b.output: _prior(ref, b) for b in blocks}
+    normals = _statistics(ref, ref, pairs, priors, by_out, calib)
+    maps = {}
+    for block in blocks:
+        w, b, cond = solve_map(normals[block.output], priors[block.output][0], ridge)
+        maps[block.output] = (w, b, cond)
+    residuals = _errors(
+        ref, ref, pairs, {k: (w, b) for k, (w, b, _) in maps.items()}, by_out, calib
+    )
     rows: list[DepthResult] = []
     scored: list[tuple[float, Block]] = []
     for block in blocks:
@@ -446,10 +565,10 @@ def depth_prune(
         own = [lat_gm_shapes[n] for n in block.layers if n in lat_gm_shapes]
         costs = cost(own + _map_shapes(lb))
         saved = float(sum(costs[:-1]) - costs[-1])
-        x, y = values[block.input], values[block.output]
-        w, b, cond = solve_map(x, y, block.map_kind, ridge)
-        err = _rel(_apply_map(x, w, b, block.map_kind), y)
-        removal = _rel(x, y)
+        normal = normals[block.output]
+        err = _rel(residuals[block.output], normal.y2)
+        removal = _rel(normal.removal2, normal.y2)
+        cond = maps[block.output][2]
         reason = ""
         if saved <= 0:
             reason = f"the map is not faster than the block (saves {saved:.4g})"
@@ -464,7 +583,6 @@ def depth_prune(
             scored.append((saved / max(err, 1e-12), block))
     chosen: list[Block] = []
     used: set[str] = set()
-    by_out = {b.output: b for b in blocks}
     for _, block in sorted(scored, key=lambda s: -s[0]):
         if max_blocks is not None and len(chosen) >= max_blocks:
             break
