@@ -25,6 +25,7 @@ from torch import nn
 
 from edgerep.errors import ConfigError, SourceError
 from edgerep.prune import PLAN_FILE, WEIGHTS_FILE
+from edgerep.prune._calib import to_float64
 from edgerep.prune._groups import build_groups, require_torch_pruning
 
 __all__ = [
@@ -301,7 +302,7 @@ def index_maps(
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 rows = torch.arange(m.weight.shape[0], dtype=torch.float64)
                 m.weight.copy_(rows.reshape(-1, *([1] * (m.weight.dim() - 1))).expand_as(m.weight))
-    pruned = apply_plan_structure(tagged, [t.double() for t in example_inputs], kept)
+    pruned = apply_plan_structure(tagged, [to_float64(t) for t in example_inputs], kept)
     out = {}
     for name, m in pruned.named_modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):

@@ -142,3 +142,42 @@ class Mixer(nn.Module):
 def mixer(seed: int = 0, **kw: object) -> Mixer:
     torch.manual_seed(seed)
     return Mixer(**kw).eval()  # type: ignore[arg-type]
+
+
+class TokenBlock(nn.Module):
+    """Pre-norm transformer-style MLP block on token features: x + fc2(gelu(fc1(norm(x))))."""
+
+    def __init__(self, dim: int, *, linear: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear:  # an affine branch: a fitted map replaces it exactly
+            return x + self.fc2(self.fc1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class TokenNet(nn.Module):
+    """Token ids (int64, N x T) -> embedding -> residual MLP blocks -> mean pool -> head."""
+
+    def __init__(self, vocab: int = 40, dim: int = 16, *, linear_last: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(TokenBlock(dim), TokenBlock(dim, linear=linear_last))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(ids)).mean(1))
+
+
+def token_net(seed: int = 0, **kw: object) -> TokenNet:
+    torch.manual_seed(seed)
+    return TokenNet(**kw).eval()  # type: ignore[arg-type]
+
+
+def token_ids(seed: int, n: int, tokens: int = 7, vocab: int = 40) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, tokens), generator=g)
