@@ -1,4 +1,4 @@
-"""Depth pruning: a residual block ``y = x + f(x)`` replaced by a linear map of ``x``.
+"""Depth pruning: a residual block ``y = x + f(x)`` or ``P(x) + f(x)`` replaced by a linear map.
 
 ReplaceMe-style (Shopkhoev et al. 2025, "ReplaceMe: network simplification via
 depth pruning and transformer block linearization"), on any torch.fx-traceable
@@ -9,19 +9,25 @@ model, with no knowledge of its architecture:
   operands ``x`` and ``b`` is a residual block when every path from ``b`` back to
   the model's inputs passes through ``x`` (``b`` depends on ``x`` and parameters
   only), no value computed inside the branch is used outside it, and ``x`` and the
-  sum have the same shape. Identity shortcuts only: a projection shortcut (``p(x) +
-  f(x)``) is not a block. Blocks that nest or overlap are never both replaced.
+  sum have the same shape. **Projection shortcuts** (ResNet's option B, ``P(x) +
+  f(x)`` with ``P`` a 1x1 ``Conv2d``, any stride, no padding, groups 1, optionally
+  followed by an eval ``BatchNorm2d``; after `edgerep.fold` the BN is inside the
+  conv) are blocks too, when ``P``'s nodes feed only the add and the branch reads
+  only ``x``: the map is then a 1x1 conv with ``P``'s stride, ``cin -> cout``.
+  Blocks that nest or overlap are never both replaced.
 - **The map** acts on ``x``'s channels: a 1x1 ``Conv2d`` when the branch holds a
   convolution and ``x`` is NCHW, else a ``Linear`` on the last dim (Conv1d/3d
   branches are not blocks: their maps have no latency table). Its weights are
   fitted in float64 on calibration activations (inputs ``X`` of the block in the
   model with the earlier blocks already replaced, targets ``Y`` the block's outputs
-  in the original model), identity-regularised ridge least squares:
+  in the original model; for a strided map, ``X`` sampled at the stride), ridge
+  least squares pulled toward the shortcut ``W₀`` (``I``, or ``P``'s own weights
+  read off in float64 as its response to the identity basis):
 
-      min_{W,b} ||X W + 1 bᵀ - Y||² + λ ||W - I||²,   λ = ridge · trace(XᵀX) / C
+      min_{W,b} ||X Wᵀ + 1 bᵀ - Y||² + λ ||W - W₀||²,   λ = ridge · trace(XᵀX) / C
 
-  ``W = I`` (dropping the block) is a feasible point, so the fitted map's error on
-  the calibration data is never above plain block removal. The fit needs only
+  ``W = W₀`` (dropping the branch, keeping the shortcut) is a feasible point, so
+  the fitted map's error on the calibration data is never above plain removal. The fit needs only
   ``AᵀA`` and ``AᵀY`` (``A = [X, 1]``) and the error only sums of squares, so both
   are accumulated one calibration batch at a time (`edgerep.prune._calib`): peak
   memory is the models, one batch of activations and the Gram matrices, whatever
@@ -53,6 +59,7 @@ from torch import fx, nn
 from edgerep.errors import ConfigError, UnsupportedError
 from edgerep.prune._calib import batches
 from edgerep.prune._latency import LayerShape, layer_shapes
+from edgerep.prune._plan import PROJECTION_KEYS
 
 __all__ = [
     "Block",
@@ -75,11 +82,17 @@ class Block:
     Attributes:
         output: the fx name of the ``add`` node (the block's output); its key in plans.
         input: the fx name of ``x``.
-        nodes: fx names of the branch's nodes (``add`` included, ``x`` not).
-        layers: qualified names of the Conv/Linear modules the branch calls.
-        channels: size of the channel dim the map acts on.
+        nodes: fx names of the branch's nodes (``add`` and the shortcut's included,
+            ``x`` not).
+        layers: qualified names of the Conv/Linear modules the block calls (the
+            projection's too).
+        channels: size of the channel dim the map acts on (``x``'s).
         map_kind: ``conv2d`` (a 1x1 conv, NCHW) or ``linear`` (on the last dim).
         shape: the shape of ``x`` at the example inputs.
+        out_channels: the map's output channels (0: `channels`, identity shortcut).
+        stride: the map's stride (a projection's; ``()``: 1).
+        shortcut: qualified names of the projection's modules, in order (``()``:
+            identity shortcut).
     """
 
     output: str
@@ -89,10 +102,17 @@ class Block:
     channels: int
     map_kind: str
     shape: tuple[int, ...]
+    out_channels: int = 0
+    stride: tuple[int, ...] = ()
+    shortcut: tuple[str, ...] = ()
 
     @property
     def module_name(self) -> str:
         return f"depth_{self.output}"
+
+    @property
+    def cout(self) -> int:
+        return self.out_channels or self.channels
 
 
 @dataclass(frozen=True)
@@ -107,7 +127,7 @@ class DepthResult:
             in the unit of the injected cost otherwise).
         rel_error: ||map(x) - block(x)|| / ||block(x)|| on the calibration data (the
             map fitted on the original model's activations).
-        removal_error: the same for plain removal (identity map).
+        removal_error: the same for plain removal of the branch (the shortcut alone).
         replaced: whether the block was replaced.
         reason: why not, or "".
         condition: condition number of the regularized normal matrix.
@@ -184,6 +204,97 @@ def _shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[str, tup
     return shapes
 
 
+def _only_feeds(node: fx.Node, user: fx.Node) -> bool:
+    return set(node.users) == {user}
+
+
+def _projection(
+    p: fx.Node, add: fx.Node, modules: Mapping[str, nn.Module]
+) -> tuple[fx.Node, list[fx.Node], nn.Conv2d] | None:
+    """``(x, shortcut nodes in order, conv)`` when `p` is ``[bn](conv1x1(x))`` feeding only `add`."""
+    chain: list[fx.Node] = []
+    n, user = p, add
+    if n.op == "call_module" and isinstance(modules[str(n.target)], nn.BatchNorm2d):
+        if not _only_feeds(n, user) or len(n.args) != 1 or n.kwargs:
+            return None
+        chain.append(n)
+        n, user = n.args[0], n  # type: ignore[assignment]
+        if not isinstance(n, fx.Node):
+            return None
+    conv = modules.get(str(n.target)) if n.op == "call_module" else None
+    if not (
+        isinstance(conv, nn.Conv2d)
+        and tuple(conv.kernel_size) == (1, 1)
+        and conv.groups == 1
+        and conv.padding in ((0, 0), "valid")
+        and _only_feeds(n, user)
+        and len(n.args) == 1
+        and not n.kwargs
+        and isinstance(n.args[0], fx.Node)
+    ):
+        return None
+    chain.append(n)
+    return n.args[0], chain[::-1], conv  # type: ignore[return-value]
+
+
+def _block(
+    add: fx.Node,
+    x: fx.Node,
+    br: fx.Node,
+    shapes: Mapping[str, tuple[int, ...]],
+    modules: Mapping[str, nn.Module],
+    shortcut: Sequence[fx.Node] = (),
+    projection: nn.Conv2d | None = None,
+) -> Block | None:
+    """The block ``shortcut(x) + br`` (``x + br`` without shortcut), or None."""
+    shape = shapes.get(x.name)
+    if shape is None or shapes.get(add.name) is None:
+        return None
+    if projection is None and shape != shapes.get(add.name):
+        return None
+    body = _branch(x, br)
+    if body is None:
+        return None
+    # nothing computed in the branch may be read outside it
+    if any(u not in body and u is not add for n in body for u in n.users):
+        return None
+    called = [modules[str(n.target)] for n in body if n.op == "call_module"]
+    if not any(isinstance(m, (*_CONVS, nn.Linear)) for m in called) and not any(
+        n.op == "get_attr" for n in body
+    ):
+        return None  # a parameter-free branch (x + relu(x)) is not a block worth a map
+    conv = next((m for m in called if isinstance(m, _CONVS)), None)
+    if conv is not None or projection is not None:
+        if len(shape) != 4:
+            return None  # 1x1 maps are timed as Conv2d only
+        kind, channels = "conv2d", shape[1]
+    else:
+        kind, channels = "linear", shape[-1]
+    calls = [n for n in [*body, *shortcut] if n.op == "call_module"]
+    layers = tuple(
+        sorted(
+            str(n.target) for n in calls if isinstance(modules[str(n.target)], (*_CONVS, nn.Linear))
+        )
+    )
+    extra: dict[str, Any] = {}
+    if projection is not None:
+        extra = {
+            "out_channels": int(projection.out_channels),
+            "stride": tuple(int(v) for v in projection.stride),
+            "shortcut": tuple(str(n.target) for n in shortcut),
+        }
+    return Block(
+        add.name,
+        x.name,
+        tuple(sorted(n.name for n in body | set(shortcut) | {add})),
+        layers,
+        int(channels),
+        kind,
+        shape,
+        **extra,
+    )
+
+
 def find_blocks(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> list[Block]:
     """Every residual block of `gm` (see the module doc), in graph order."""
     shapes = _shapes(gm, inputs)
@@ -193,62 +304,30 @@ def find_blocks(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> list[Bloc
         if not _is_add(node):
             continue
         a, b = node.args
-        for x, br in ((a, b), (b, a)):
-            if not isinstance(x, fx.Node) or not isinstance(br, fx.Node):
-                continue
-            if shapes.get(x.name) is None or shapes.get(x.name) != shapes.get(node.name):
-                continue
-            body = _branch(x, br)
-            if body is None:
-                continue
-            # nothing computed in the branch may be read outside it
-            if any(u not in body and u is not node for n in body for u in n.users):
-                continue
-            called = [modules[str(n.target)] for n in body if n.op == "call_module"]
-            if not any(isinstance(m, (*_CONVS, nn.Linear)) for m in called) and not any(
-                n.op == "get_attr" for n in body
-            ):
-                continue  # a parameter-free branch (x + relu(x)) is not a block worth a map
-            conv = next((m for m in called if isinstance(m, _CONVS)), None)
-            shape = shapes[x.name]
-            if conv is not None:
-                if len(shape) != 4:
-                    continue  # 1x1 maps are timed as Conv2d only
-                kind, channels = "conv2d", shape[1]
-            else:
-                kind, channels = "linear", shape[-1]
-            layers = tuple(
-                sorted(
-                    str(n.target)
-                    for n in body
-                    if n.op == "call_module"
-                    and isinstance(modules[str(n.target)], (*_CONVS, nn.Linear))
-                )
-            )
-            blocks.append(
-                Block(
-                    node.name,
-                    x.name,
-                    tuple(sorted(n.name for n in body | {node})),
-                    layers,
-                    int(channels),
-                    kind,
-                    shape,
-                )
-            )
-            break
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+            continue
+        found = _block(node, a, b, shapes, modules) or _block(node, b, a, shapes, modules)
+        for p, br in ((a, b), (b, a)):
+            proj = None if found else _projection(p, node, modules)
+            if proj is not None:
+                x, chain, conv = proj
+                found = _block(node, x, br, shapes, modules, chain, conv)
+        if found is not None:
+            blocks.append(found)
     return blocks
 
 
-def _new_map(block: Block, dtype: torch.dtype) -> nn.Module:
-    c = block.channels
-    m: nn.Linear | nn.Conv2d = nn.Linear(c, c) if block.map_kind == "linear" else nn.Conv2d(c, c, 1)
-    with torch.no_grad():
-        w = m.weight
-        w.zero_()
-        w.view(c, c)[:] = torch.eye(c)
-        assert m.bias is not None
-        m.bias.zero_()
+def _new_map(
+    block: Block, prior: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
+) -> nn.Module:
+    """The map of `block`, holding the shortcut alone (`_prior`)."""
+    c, o = block.channels, block.cout
+    m: nn.Linear | nn.Conv2d = (
+        nn.Linear(c, o)
+        if block.map_kind == "linear"
+        else nn.Conv2d(c, o, 1, stride=(block.stride or (1, 1))[:2])  # type: ignore[arg-type]
+    )
+    _set_map(m, *prior)
     return m.to(dtype)
 
 
@@ -261,14 +340,25 @@ def replace_blocks(gm: fx.GraphModule, blocks: Sequence[Block]) -> fx.GraphModul
     out = copy.deepcopy(gm)
     nodes = {n.name: n for n in out.graph.nodes}
     dtype = next((p.dtype for p in out.parameters()), torch.float32)
-    for block in blocks:
+    priors = [_prior(out, b) for b in blocks]  # before any shortcut module is deleted
+    for block, prior in zip(blocks, priors):
         add, x = nodes.get(block.output), nodes.get(block.input)
-        if add is None or x is None or not _is_add(add) or x not in add.args:
+        # an identity block's add reads x; a projection's reads its shortcut's last node
+        args = add.args if add is not None else ()
+        reads = (
+            any(
+                isinstance(a, fx.Node) and a.op == "call_module" and a.target == block.shortcut[-1]
+                for a in args
+            )
+            if block.shortcut
+            else x in args
+        )
+        if add is None or x is None or not _is_add(add) or not reads:
             raise ConfigError(
                 f"the model has no residual block {block.output!r} reading {block.input!r}; "
                 "apply a depth plan to the model (traced the same way) it was made from"
             )
-        out.add_submodule(block.module_name, _new_map(block, dtype))
+        out.add_submodule(block.module_name, _new_map(block, prior, dtype))
         with out.graph.inserting_before(add):
             new = out.graph.call_module(block.module_name, (x,))
         add.replace_all_uses_with(new)
@@ -361,17 +451,34 @@ def solve_map(
     prior = torch.zeros_like(normal.cross)
     prior[:c] = prior_w.T
     lhs = normal.gram + torch.diag(penalty)
-    sol = torch.linalg.solve(lhs, normal.cross + penalty[:, None] * prior)
+    rhs = normal.cross + penalty[:, None] * prior
+    try:
+        sol = torch.linalg.solve(lhs, rhs)
+    except torch.linalg.LinAlgError:
+        # singular without ridge (a channel that is always 0, e.g. a dead ReLU): the
+        # minimum-norm solution, which leaves that channel's weights at 0
+        sol = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
     return sol[:c].T.contiguous(), sol[c].clone(), float(torch.linalg.cond(lhs))
 
 
 def _prior(gm: fx.GraphModule, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W₀, b₀) of plain removal, in float64: the identity (the block's shortcut)."""
+    """(W₀ (cout, cin), b₀) of the block's shortcut in float64: the identity, or the
+    projection read off as its response to the identity basis (1x1 inputs)."""
     c = block.channels
-    return torch.eye(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    if not block.shortcut:
+        return torch.eye(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    probe = torch.cat([torch.zeros(1, c), torch.eye(c)]).to(torch.float64)[:, :, None, None]
+    with torch.no_grad():
+        for name in block.shortcut:
+            probe = copy.deepcopy(gm.get_submodule(name)).double().eval()(probe)
+    out = probe.reshape(c + 1, block.cout)
+    return (out[1:] - out[0]).T.contiguous(), out[0].clone()
 
 
 def _map_rows(x: torch.Tensor, block: Block) -> torch.Tensor:
+    """The map's input rows: `x` sampled at the map's stride."""
+    if any(s != 1 for s in block.stride):
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in block.stride))]
     return _rows(x, block.map_kind)
 
 
@@ -402,7 +509,7 @@ def _statistics(
     `pairs` maps a block to (node of `work` read as the map's input, node of `ref`
     read as its target); `ref` and `work` may be the same graph.
     """
-    out = {k: _Normal(blocks[k].channels, blocks[k].channels) for k in pairs}
+    out = {k: _Normal(blocks[k].channels, blocks[k].cout) for k in pairs}
     for xb in batches(calib):
         xs, ys = _run_pairs(ref, work, pairs, xb)
         for k, (xn, yn) in pairs.items():
@@ -488,11 +595,12 @@ def fit_blocks(
 
 
 def _map_shapes(block: Block) -> list[LayerShape]:
-    c = block.channels
+    c, o = block.channels, block.cout
     if block.map_kind == "linear":
         rows = math.prod(block.shape[1:-1]) if len(block.shape) > 2 else 1
-        return [LayerShape("Linear", (rows,), c, c)]
-    return [LayerShape("Conv2d", (1, *block.shape[2:]), c, c, (1, 1), (1, 1), (0, 0), (1, 1))]
+        return [LayerShape("Linear", (rows,), c, o)]
+    stride = block.stride or (1, 1)
+    return [LayerShape("Conv2d", (1, *block.shape[2:]), c, o, (1, 1), stride, (0, 0), (1, 1))]
 
 
 def depth_prune(
@@ -608,11 +716,21 @@ def depth_prune(
     return fitted, chosen, out_rows
 
 
+def _plan_entry(b: Block) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "output": b.output,
+        "input": b.input,
+        "map": b.map_kind,
+        "channels": b.channels,
+    }
+    if b.shortcut:
+        values = (b.cout, list(b.stride), list(b.shortcut))
+        entry.update(zip(PROJECTION_KEYS, values))
+    return entry
+
+
 def blocks_to_plan(blocks: Sequence[Block]) -> list[dict[str, Any]]:
-    return [
-        {"output": b.output, "input": b.input, "map": b.map_kind, "channels": b.channels}
-        for b in blocks
-    ]
+    return [_plan_entry(b) for b in blocks]
 
 
 def blocks_from_plan(
@@ -627,12 +745,7 @@ def blocks_from_plan(
     out = []
     for e in entries:
         b = found.get(str(e.get("output")))
-        if (
-            b is None
-            or b.input != e.get("input")
-            or b.map_kind != e.get("map")
-            or b.channels != int(e.get("channels", -1))
-        ):
+        if b is None or _plan_entry(b) != dict(e):
             raise ConfigError(
                 f"the plan replaces residual block {e.get('output')!r} ({e.get('map')}, "
                 f"{e.get('channels')} channels) which this model does not have; blocks: "

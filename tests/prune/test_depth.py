@@ -31,17 +31,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_identity_residual_blocks_are_found_and_projection_shortcuts_are_not() -> None:
+def test_identity_and_projection_residual_blocks_are_found() -> None:
     gm = to_graph(resnet_like())
     blocks = {b.output: b for b in find_blocks(gm, [torch.randn(1, 3, 12, 12)])}
     layers = {b.layers for b in blocks.values()}
     assert layers == {
         ("block1.conv1", "block1.conv2"),
         ("block2.conv1", "block2.conv2"),
+        ("down_f", "down_p"),  # down_p(x) + down_f(x): a projection shortcut
         ("block3.conv1", "block3.conv2"),
-    }  # down_p(x) + down_f(x) has no identity shortcut
+    }
     assert {b.map_kind for b in blocks.values()} == {"conv2d"}
-    assert sorted(b.channels for b in blocks.values()) == [16, 16, 32]
+    assert sorted(b.channels for b in blocks.values()) == [16, 16, 16, 32]
+    (down,) = [b for b in blocks.values() if b.shortcut]
+    assert down.shortcut == ("down_p",) and down.stride == (2, 2) and down.cout == 32
     # a pre-norm Mixer: every token- and channel-mixing block, chained output to input
     mix = find_blocks(to_graph(mixer()), [torch.randn(1, 3, 12, 12)])
     assert [b.map_kind for b in mix] == ["linear"] * 4

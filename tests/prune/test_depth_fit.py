@@ -53,18 +53,34 @@ def _rows(t: torch.Tensor, kind: str) -> torch.Tensor:
     )
 
 
-def _direct(x: torch.Tensor, y: torch.Tensor, kind: str, ridge: float):
-    """min ||X Wᵀ + b - Y||² + λ||W - I||² as one augmented lstsq on all rows: (W, b, rel err)."""
-    xr, yr = _rows(x, kind), _rows(y, kind)
+def _shortcut(gm: fx.GraphModule, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W₀, b₀) of the block's shortcut: the identity, or its 1x1 conv's own weights."""
+    if not b.shortcut:
+        return torch.eye(b.channels, dtype=torch.float64), torch.zeros(b.channels).double()
+    (name,) = b.shortcut  # the test nets' projections are one conv
+    conv = gm.get_submodule(name)
+    return conv.weight.detach().double().reshape(b.cout, b.channels), conv.bias.detach().double()
+
+
+def _direct(x: torch.Tensor, y: torch.Tensor, b, gm: fx.GraphModule, ridge: float):
+    """min ||X Wᵀ + b - Y||² + λ||W - W₀||² as one augmented lstsq on all rows.
+
+    Returns (W, b, rel error, rel error of the shortcut alone).
+    """
+    if b.stride:
+        x = x[:, :, :: b.stride[0], :: b.stride[1]]
+    xr, yr = _rows(x, b.map_kind), _rows(y, b.map_kind)
     n, c = xr.shape
+    w0, b0 = _shortcut(gm, b)
     lam = ridge * float((xr**2).sum()) / c
     a = torch.cat([xr, torch.ones(n, 1, dtype=torch.float64)], 1)
     eye = torch.eye(c, dtype=torch.float64)
     a_aug = torch.cat([a, torch.cat([lam**0.5 * eye, torch.zeros(c, 1, dtype=torch.float64)], 1)])
-    y_aug = torch.cat([yr, lam**0.5 * eye])
+    y_aug = torch.cat([yr, lam**0.5 * w0.T])
     sol = torch.linalg.lstsq(a_aug, y_aug, driver="gelsd").solution
     err = float((a @ sol - yr).norm() / yr.norm())
-    return sol[:c].T, sol[c], err
+    removal = float((xr @ w0.T + b0 - yr).norm() / yr.norm())
+    return sol[:c].T, sol[c], err, removal
 
 
 @pytest.mark.parametrize("make", [resnet_like, mixer])
@@ -79,15 +95,11 @@ def test_batched_statistics_give_the_full_capture_solution(make, monkeypatch) ->
     gm = to_graph(copy.deepcopy(model))
     blocks = find_blocks(gm, [calib[:1]])
     values = _full_capture(gm, calib)
-    ref = {b.output: _direct(values[b.input], values[b.output], b.map_kind, ridge) for b in blocks}
+    ref = {b.output: _direct(values[b.input], values[b.output], b, gm, ridge) for b in blocks}
+    assert any(b.shortcut for b in blocks) == (make is resnet_like)
     for r in rows:
-        b = next(b for b in blocks if b.output == r.block)
-        removal = float(
-            (_rows(values[b.input], b.map_kind) - _rows(values[b.output], b.map_kind)).norm()
-            / _rows(values[b.output], b.map_kind).norm()
-        )
         assert r.rel_error == pytest.approx(ref[r.block][2], rel=1e-9)
-        assert r.removal_error == pytest.approx(removal, rel=1e-12)
+        assert r.removal_error == pytest.approx(ref[r.block][3], rel=1e-12)
     # the choice: the two best by saving per error (no overlaps among these blocks)
     best = sorted(rows, key=lambda r: -r.saved_ms / r.rel_error)[:2]
     assert {b.output for b in chosen} == {r.block for r in best}
@@ -96,7 +108,7 @@ def test_batched_statistics_give_the_full_capture_solution(make, monkeypatch) ->
     for b in chosen:
         node = next(n for n in work.graph.nodes if n.target == b.module_name)
         x = _full_capture(work, calib)[node.args[0].name]  # the map's input, earlier maps fitted
-        w, bias, _ = _direct(x, values[b.output], b.map_kind, ridge)
+        w, bias, _, _ = _direct(x, values[b.output], b, gm, ridge)
         m = work.get_submodule(b.module_name)
         with torch.no_grad():
             m.weight.copy_(w.reshape(m.weight.shape))
@@ -116,7 +128,7 @@ def _full_capture_fit(model, calib: torch.Tensor) -> None:
     blocks = find_blocks(gm, [calib[:1].double()])
     values = _full_capture(gm, calib.double())
     for b in blocks:
-        _direct(values[b.input], values[b.output], b.map_kind, 1e-4)
+        _direct(values[b.input], values[b.output], b, gm, 1e-4)
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_calibration_batches(monkeypatch) -> None:
