@@ -29,6 +29,8 @@ __all__ = ["add_prune_parser", "run_prune"]
 
 def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Register ``prune`` on the CLI's subparsers."""
+    from edgerep.cli import _add_calib_args  # the calibration options of every verb
+
     p = sub.add_parser(
         "prune",
         parents=parents,
@@ -95,15 +97,7 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--to", action="append", default=[], metavar="FORMAT", help="formats (onnx)")
     p.add_argument("--no-fold", action="store_true", help="prune the model as it is")
-    p.add_argument("--calib", metavar="DATA", help=".npz (x[, y]), image folder or file.py:fn")
-    p.add_argument("--calib-samples", type=int, default=256, metavar="N")
-    p.add_argument("--calib-seed", type=int, default=0, metavar="N")
-    p.add_argument("--x-key", default="x", metavar="K")
-    p.add_argument("--y-key", default="y", metavar="K")
-    p.add_argument("--image-size", type=int, metavar="PX")
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--mean", type=float, nargs="+", default=[0.0])
-    p.add_argument("--std", type=float, nargs="+", default=[1.0])
+    _add_calib_args(p)
     p.add_argument(
         "--cache-dir", metavar="DIR", help="latency table cache (~/.cache/edgerep/prune)"
     )
@@ -257,18 +251,10 @@ def check_convert_prune(args: argparse.Namespace, formats: list[str]) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _folder(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "image_size": args.image_size,
-        "channels": args.channels,
-        "mean": args.mean if len(args.mean) > 1 else args.mean[0],
-        "std": args.std if len(args.std) > 1 else args.std[0],
-    }
-
-
 def _load_data(args: argparse.Namespace, specs: list[Any]) -> Any:
     if not args.calib:
         return None
+    from edgerep.cli import _folder_options
     from edgerep.quantize import load_calibration
 
     return load_calibration(
@@ -278,7 +264,7 @@ def _load_data(args: argparse.Namespace, specs: list[Any]) -> Any:
         seed=args.calib_seed,
         x_key=args.x_key,
         y_key=args.y_key,
-        **_folder(args),
+        **_folder_options(args),
     )
 
 
@@ -301,6 +287,7 @@ def _options(
     ft_data = None
     if args.finetune_data and specs is not None:
         from edgerep.bench.accuracy import load_dataset
+        from edgerep.cli import _folder_options
         from edgerep.errors import ConfigError
 
         if len(specs) != 1:
@@ -310,7 +297,7 @@ def _options(
                 "the calibration inputs)"
             )
         ft_data = load_dataset(
-            args.finetune_data, x_key=args.x_key, y_key=args.y_key, **_folder(args)
+            args.finetune_data, x_key=args.x_key, y_key=args.y_key, **_folder_options(args)
         )
     # options left out (None) take PruneOptions' defaults
     defaulted = {k: get(k) for k in ("method", "depth_error", "rank_error", "importance")}

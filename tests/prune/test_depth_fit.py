@@ -16,12 +16,9 @@ from torch import fx
 
 from edgerep.prune import _calib
 from edgerep.prune._depth import depth_prune, find_blocks, replace_blocks, to_graph
+from tests.prune._calls import macs
 from tests.prune._memory import LiveTensorBytes
 from tests.prune._nets import mixer, resnet_like
-
-
-def macs(shapes):
-    return [float(s.macs()) for s in shapes]
 
 
 def _data(seed: int, n: int) -> torch.Tensor:

@@ -8,13 +8,10 @@ import torch
 from torch import nn
 
 from edgerep.fold import fold
-from edgerep.prune import PrunePlan, apply_plan, load_pruned, prune, save_pruned
+from edgerep.prune import PrunePlan, apply_plan, load_pruned, save_pruned
 from edgerep.prune._depth import find_blocks, to_graph
+from tests.prune._calls import prune_on
 from tests.prune._nets import paper_resnet
-
-
-def macs(shapes):
-    return [float(s.macs()) for s in shapes]
 
 
 def _data(seed: int, n: int) -> torch.Tensor:
@@ -51,10 +48,7 @@ def test_an_affine_downsampling_block_is_replaced_by_one_exact_strided_1x1_conv(
     # conv itself); the next block's input has dead ReLU channels, solved at minimum norm
     net = paper_resnet(1, affine_down=True).double()
     calib, held_out = _data(2, 64), _data(3, 16)
-    pruned, report = prune(
-        net, calib[:1], method="depth", calib=calib, layer_cost=macs, measure=False, ridge=0.0,
-        depth_blocks=1,
-    )  # fmt: skip
+    pruned, report = prune_on(net, calib, "depth", ridge=0.0, depth_blocks=1)
     (row,) = [d for d in report.depth if d.replaced]
     assert row.rel_error < 1e-9 and row.removal_error > 0.05  # P(x) alone is far off
     assert len(row.layers) == 3  # conv1, conv2 and the projection, all gone
@@ -71,9 +65,7 @@ def test_projection_maps_beat_the_shortcut_alone_replay_and_export(tmp_path) -> 
     ort = pytest.importorskip("onnxruntime")
     x = _data(4, 96).float()
     net, _ = fold(paper_resnet(5), (x[:1],))
-    pruned, report = prune(
-        net, x[:1], method="depth", calib=x, layer_cost=macs, measure=False, depth_error=10.0
-    )
+    pruned, report = prune_on(net, x, "depth", depth_error=10.0)
     proj = [d for d in report.depth if d.replaced and len(d.layers) == 3]
     assert len(proj) == 2  # both downsampling blocks replaced
     assert all(d.rel_error <= d.removal_error for d in report.depth)

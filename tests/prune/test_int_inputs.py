@@ -8,11 +8,8 @@ import torch
 from edgerep.bench.latency import LatencyConfig
 from edgerep.prune import apply_plan, prune
 from edgerep.prune._engine import measure_pair
+from tests.prune._calls import prune_on
 from tests.prune._nets import token_ids, token_net
-
-
-def macs(shapes):
-    return [float(s.macs()) for s in shapes]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,9 +36,7 @@ def test_channels_with_recovery_on_token_ids() -> None:
 def test_rank_on_token_ids() -> None:
     model = token_net(0).double()
     calib = token_ids(3, 64)
-    pruned, report = prune(
-        model, calib[:1], method="rank", calib=calib, layer_cost=macs, measure=False, rank_error=0.4
-    )
+    pruned, report = prune_on(model, calib, "rank", rank_error=0.4)
     kept = {r.layer: r for r in report.rank if r.rank is not None}
     assert kept  # activation-weighted errors were computed on the embedded ids
     name, row = next(iter(kept.items()))
@@ -60,16 +55,7 @@ def test_rank_on_token_ids() -> None:
 def test_depth_on_token_ids_replaces_the_affine_block_exactly() -> None:
     model = token_net(0, linear_last=True).double()
     calib, held_out = token_ids(4, 80), token_ids(5, 32)
-    pruned, report = prune(
-        model,
-        calib[:1],
-        method="depth",
-        calib=calib,
-        layer_cost=macs,
-        measure=False,
-        ridge=0.0,
-        depth_blocks=1,
-    )
+    pruned, report = prune_on(model, calib, "depth", ridge=0.0, depth_blocks=1)
     replaced = [d for d in report.depth if d.replaced]
     assert len(report.depth) == 2 and len(replaced) == 1
     assert (
