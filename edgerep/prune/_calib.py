@@ -15,7 +15,7 @@ __all__ = ["CALIB_BATCH", "batches", "to_float64"]
 
 #: calibration samples per forward pass of the statistics that are accumulated
 #: (depth maps, rank errors): peak memory holds one such batch of activations
-CALIB_BATCH = 64
+CALIB_BATCH = 32
 
 
 def to_float64(t: torch.Tensor) -> torch.Tensor:

@@ -482,18 +482,61 @@ def _map_rows(x: torch.Tensor, block: Block) -> torch.Tensor:
     return _rows(x, block.map_kind)
 
 
-def _run_pairs(
+class _Pairs(fx.Interpreter):
+    """Runs a graph, handing each (input, target) pair of nodes to `visit` as soon as both ran.
+
+    A value is held only while a pending pair still needs it, so one batch of every
+    block's activations is never held at once.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        pairs: Mapping[str, tuple[str, str]],
+        visit: Callable[[str, torch.Tensor, torch.Tensor], None],
+    ) -> None:
+        super().__init__(gm)
+        self.pending = dict(pairs)
+        self.visit = visit
+        self.held: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if any(n.name in p for p in self.pending.values()):
+            self.held[n.name] = out.detach()
+            for k, (xn, yn) in list(self.pending.items()):
+                if xn in self.held and yn in self.held:
+                    self.visit(k, self.held[xn], self.held[yn])
+                    del self.pending[k]
+            needed = {m for p in self.pending.values() for m in p}
+            self.held = {m: v for m, v in self.held.items() if m in needed}
+            if not self.pending:
+                raise _Stop
+        return out
+
+
+def _each_pair(
     ref: fx.GraphModule,
     work: fx.GraphModule,
     pairs: Mapping[str, tuple[str, str]],
-    inputs: Sequence[torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(inputs read on `work`, targets read on `ref`) of every pair on one batch."""
-    xn, yn = {x for x, _ in pairs.values()}, {y for _, y in pairs.values()}
-    if ref is work:
-        both = _capture(work, xn | yn, inputs)
-        return both, both
-    return _capture(work, xn, inputs), _capture(ref, yn, inputs)
+    calib: Sequence[torch.Tensor],
+    visit: Callable[[str, torch.Tensor, torch.Tensor], None],
+) -> None:
+    """``visit(key, x, y)`` per pair and calibration batch: `x` read on `work`, `y` on `ref`."""
+    for xb in batches(calib):
+        if ref is work:
+            run = _Pairs(work, pairs, visit)
+            with torch.no_grad(), contextlib.suppress(_Stop):
+                run.run(*xb)
+            if run.pending:
+                raise ConfigError(
+                    f"nodes of {sorted(run.pending)} did not run on the calibration inputs"
+                )
+            continue
+        xs = _capture(work, {x for x, _ in pairs.values()}, xb)
+        ys = _capture(ref, {y for _, y in pairs.values()}, xb)
+        for k, (xn, yn) in pairs.items():
+            visit(k, xs[xn], ys[yn])
 
 
 def _statistics(
@@ -510,11 +553,11 @@ def _statistics(
     read as its target); `ref` and `work` may be the same graph.
     """
     out = {k: _Normal(blocks[k].channels, blocks[k].cout) for k in pairs}
-    for xb in batches(calib):
-        xs, ys = _run_pairs(ref, work, pairs, xb)
-        for k, (xn, yn) in pairs.items():
-            out[k].add(_map_rows(xs[xn], blocks[k]), _rows(ys[yn], blocks[k].map_kind), priors[k])
-        del xs, ys
+
+    def visit(k: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        out[k].add(_map_rows(x, blocks[k]), _rows(y, blocks[k].map_kind), priors[k])
+
+    _each_pair(ref, work, pairs, calib, visit)
     return out
 
 
@@ -532,13 +575,13 @@ def _errors(
     expansion cancels to ~1e-8 relative, which would blur small errors.
     """
     out = dict.fromkeys(pairs, 0.0)
-    for xb in batches(calib):
-        xs, ys = _run_pairs(ref, work, pairs, xb)
-        for k, (xn, yn) in pairs.items():
-            w, b = maps[k]
-            pred = _map_rows(xs[xn], blocks[k]) @ w.T + b
-            out[k] += float(((pred - _rows(ys[yn], blocks[k].map_kind)) ** 2).sum())
-        del xs, ys
+
+    def visit(k: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        w, b = maps[k]
+        pred = _map_rows(x, blocks[k]) @ w.T + b
+        out[k] += float(((pred - _rows(y, blocks[k].map_kind)) ** 2).sum())
+
+    _each_pair(ref, work, pairs, calib, visit)
     return out
 
 
