@@ -690,8 +690,9 @@ def depth_prune(
     blocks = find_blocks(gm, inputs)
     if not blocks:
         raise ConfigError(
-            "depth pruning found no residual block (an add of x and a branch computed from x "
-            "alone, same shape) in this model; drop 'depth' from the methods"
+            "depth pruning found no residual block (an add of x, or of a 1x1-conv projection "
+            "of x, and a branch computed from x alone) in this model; drop 'depth' from the "
+            "methods"
         )
     lat_in = latency_inputs if latency_inputs is not None else inputs
     lat_gm_shapes = layer_shapes(gm, lat_in)
@@ -709,6 +710,7 @@ def depth_prune(
     residuals = _errors(
         ref, ref, pairs, {k: (w, b) for k, (w, b, _) in maps.items()}, by_out, calib
     )
+    del ref  # fit_blocks makes its own float64 copies
     rows: list[DepthResult] = []
     scored: list[tuple[float, Block]] = []
     for block in blocks:
