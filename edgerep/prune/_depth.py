@@ -51,12 +51,13 @@ import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
 from edgerep.errors import ConfigError, UnsupportedError
+from edgerep.fold._capture import float64_copy
 from edgerep.prune._calib import batches
 from edgerep.prune._latency import LayerShape, layer_shapes
 from edgerep.prune._plan import PROJECTION_KEYS
@@ -598,6 +599,11 @@ def _set_map(module: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
         bias.copy_(b.to(bias.dtype))
 
 
+def _float64(gm: fx.GraphModule) -> fx.GraphModule:
+    """A float64 copy of `gm`, converted while copied (no second copy in its dtype)."""
+    return cast(fx.GraphModule, float64_copy(gm))
+
+
 def fit_blocks(
     original: fx.GraphModule,
     replaced: fx.GraphModule,
@@ -605,19 +611,21 @@ def fit_blocks(
     calib: Sequence[torch.Tensor],
     *,
     ridge: float,
+    reference: fx.GraphModule | None = None,
 ) -> tuple[fx.GraphModule, list[tuple[float, float]]]:
     """A copy of `replaced` whose maps are fitted in execution order (see the module doc).
 
     Each map's statistics are accumulated over `calib` one batch at a time
     (`edgerep.prune._calib.batches`): the inputs come from `replaced` with the earlier
     maps fitted, the targets from `original`, each run only as far as needed.
+    `reference`, when given, is `original`'s float64 copy (not modified).
 
     Returns:
         ``(model, [(rel_error, condition) per block])``.
     """
     dtype = next((p.dtype for p in replaced.parameters()), torch.float32)
-    work = copy.deepcopy(replaced).double()
-    ref = copy.deepcopy(original).double()
+    work = _float64(replaced)
+    ref = reference if reference is not None else _float64(original)
     map_nodes = {
         str(n.target): (i, n) for i, n in enumerate(work.graph.nodes) if n.op == "call_module"
     }
@@ -697,7 +705,7 @@ def depth_prune(
     lat_in = latency_inputs if latency_inputs is not None else inputs
     lat_gm_shapes = layer_shapes(gm, lat_in)
     lat_blocks = {b.output: b for b in find_blocks(gm, lat_in)}
-    ref = copy.deepcopy(gm).double()
+    ref = _float64(gm)
     by_out = {b.output: b for b in blocks}
     # every block's map fitted on the original model's activations, batch by batch
     pairs = {b.output: (b.input, b.output) for b in blocks}
@@ -710,7 +718,6 @@ def depth_prune(
     residuals = _errors(
         ref, ref, pairs, {k: (w, b) for k, (w, b, _) in maps.items()}, by_out, calib
     )
-    del ref  # fit_blocks makes its own float64 copies
     rows: list[DepthResult] = []
     scored: list[tuple[float, Block]] = []
     for block in blocks:
@@ -746,7 +753,8 @@ def depth_prune(
     position = {b.output: i for i, b in enumerate(blocks)}
     chosen.sort(key=lambda b: position[b.output])  # graph order, as a plan re-applies them
     replaced = replace_blocks(gm, chosen)
-    fitted, stats = fit_blocks(gm, replaced, chosen, calib, ridge=ridge)
+    del normals, maps  # the Gram matrices of every block; the fit makes its own
+    fitted, stats = fit_blocks(gm, replaced, chosen, calib, ridge=ridge, reference=ref)
     final = {b.output: s for b, s in zip(chosen, stats)}
     out_rows = []
     for r in rows:
