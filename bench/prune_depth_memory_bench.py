@@ -8,7 +8,7 @@ It writes ``bench/results/prune_depth_memory_bench.json`` (``--out`` to change).
 A ResNet-50 (He et al. 2016: bottleneck blocks [3, 4, 6, 3], BatchNorm, 1x1
 projection shortcuts with the stride on the first 1x1 conv, random weights and
 BN statistics) at ``--size`` (default 112), for each number of calibration samples
-in ``--samples`` (default 16,64), each in a fresh process:
+in ``--samples`` (default 32,128: one and four batches), each in a fresh process:
 
 - ``full capture``: what depth pruning did before (edgerep <= the fourth session):
   every identity-shortcut block's input and output captured in float64 over the
@@ -154,7 +154,7 @@ def child(mode: str, samples: int, size: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--samples", default="16,64", help="calibration sample counts (16,64)")
+    p.add_argument("--samples", default="32,128", help="calibration sample counts (32,128)")
     p.add_argument("--size", type=int, default=112, help="input resolution (112)")
     p.add_argument("--out", default=str(HERE / "results" / "prune_depth_memory_bench.json"))
     p.add_argument("--child", nargs=3, metavar=("MODE", "N", "SIZE"), help=argparse.SUPPRESS)
