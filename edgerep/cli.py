@@ -358,13 +358,38 @@ def _add_option_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    """--calib DATA and how it is read (shared by quantize, convert and prune)."""
     p.add_argument(
         "--calib",
         metavar="DATA",
         help="calibration/evaluation samples: .npz (x[, y] or one array per input), image "
         "folder, or file.py:fn returning (x, y)",
     )
+    p.add_argument(
+        "--calib-samples", type=int, default=256, metavar="N", help="calibration samples (256)"
+    )
+    p.add_argument("--calib-seed", type=int, default=0, metavar="N", help="seed of the split")
+    p.add_argument("--x-key", default="x", metavar="K", help="inputs array of an .npz (x)")
+    p.add_argument("--y-key", default="y", metavar="K", help="labels array of an .npz (y)")
+    p.add_argument("--image-size", type=int, metavar="PX", help="resize folder images to PXxPX")
+    p.add_argument("--channels", type=int, default=3, help="folder images: 1 or 3 channels")
+    p.add_argument("--mean", type=float, nargs="+", default=[0.0], help="folder images: mean")
+    p.add_argument("--std", type=float, nargs="+", default=[1.0], help="folder images: std")
+
+
+def _folder_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The image-folder options of `_add_calib_args` as `load_calibration` keywords."""
+    return {
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "mean": args.mean if len(args.mean) > 1 else args.mean[0],
+        "std": args.std if len(args.std) > 1 else args.std[0],
+    }
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    _add_calib_args(p)
     p.add_argument(
         "--backend",
         action="append",
@@ -395,10 +420,6 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="never choose a variant whose output SQNR against float is below DB",
     )
     p.add_argument(
-        "--calib-samples", type=int, default=256, metavar="N", help="calibration samples (256)"
-    )
-    p.add_argument("--calib-seed", type=int, default=0, metavar="N", help="seed of the split")
-    p.add_argument(
         "--seconds", type=float, metavar="S", help="timed seconds per latency run (default 1)"
     )
     p.add_argument("--repeats", type=int, metavar="N", help="latency runs per variant (default 3)")
@@ -412,12 +433,6 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not keep sensitive layers in float when every fast int8 variant is over budget",
     )
-    p.add_argument("--x-key", default="x", metavar="K", help="inputs array of an .npz (x)")
-    p.add_argument("--y-key", default="y", metavar="K", help="labels array of an .npz (y)")
-    p.add_argument("--image-size", type=int, metavar="PX", help="resize folder images to PXxPX")
-    p.add_argument("--channels", type=int, default=3, help="folder images: 1 or 3 channels")
-    p.add_argument("--mean", type=float, nargs="+", default=[0.0], help="folder images: mean")
-    p.add_argument("--std", type=float, nargs="+", default=[1.0], help="folder images: std")
 
 
 def _quant_setup(
@@ -475,12 +490,6 @@ def _quant_setup(
         problems.append(f"--min-speedup must be >= 1, got {args.min_speedup}")
     if problems:
         raise ConfigError("; ".join(problems))
-    folder = {
-        "image_size": args.image_size,
-        "channels": args.channels,
-        "mean": args.mean if len(args.mean) > 1 else args.mean[0],
-        "std": args.std if len(args.std) > 1 else args.std[0],
-    }
     data = load_calibration(
         args.calib,
         inputs=inputs,
@@ -489,7 +498,7 @@ def _quant_setup(
         seed=args.calib_seed,
         x_key=args.x_key,
         y_key=args.y_key,
-        **folder,
+        **_folder_options(args),
     )
     return data, backends
 

@@ -29,6 +29,8 @@ __all__ = ["add_prune_parser", "run_prune"]
 
 def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Register ``prune`` on the CLI's subparsers."""
+    from edgerep.cli import _add_calib_args  # the calibration options of every verb
+
     p = sub.add_parser(
         "prune",
         parents=parents,
@@ -57,16 +59,14 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--depth-error",
         type=float,
-        default=0.1,
         metavar="E",
-        help="largest relative output error of a replaced block (0.1)",
+        help="largest relative output error of a replaced block (default 0.1; --method depth)",
     )
     p.add_argument(
         "--rank-error",
         type=float,
-        default=0.05,
         metavar="E",
-        help="largest relative output error of a factorized layer (0.05)",
+        help="largest relative output error of a factorized layer (default 0.05; --method rank)",
     )
     p.add_argument(
         "--backend", default="onnxruntime", help="where latency is measured: onnxruntime, openvino"
@@ -97,20 +97,12 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--to", action="append", default=[], metavar="FORMAT", help="formats (onnx)")
     p.add_argument("--no-fold", action="store_true", help="prune the model as it is")
-    p.add_argument("--calib", metavar="DATA", help=".npz (x[, y]), image folder or file.py:fn")
-    p.add_argument("--calib-samples", type=int, default=256, metavar="N")
-    p.add_argument("--calib-seed", type=int, default=0, metavar="N")
-    p.add_argument("--x-key", default="x", metavar="K")
-    p.add_argument("--y-key", default="y", metavar="K")
-    p.add_argument("--image-size", type=int, metavar="PX")
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--mean", type=float, nargs="+", default=[0.0])
-    p.add_argument("--std", type=float, nargs="+", default=[1.0])
+    _add_calib_args(p)
     p.add_argument(
         "--cache-dir", metavar="DIR", help="latency table cache (~/.cache/edgerep/prune)"
     )
-    p.add_argument("--seconds", type=float, metavar="S", help="--sweep: timed seconds per row")
-    p.add_argument("--repeats", type=int, metavar="N", help="--sweep: latency runs per row")
+    p.add_argument("--seconds", type=float, metavar="S", help="with --sweep: timed seconds per row")
+    p.add_argument("--repeats", type=int, metavar="N", help="with --sweep: latency runs per row")
     _add_finetune_sweep_args(p)
     p.set_defaults(handler=run_prune)
 
@@ -154,23 +146,18 @@ def add_convert_prune_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prune-importance",
-        default="l2",
         metavar="I",
-        help="l2, l1, taylor or reconstruction (both need --calib), bn; see `edgerep prune`",
+        help="l2 (default), l1, taylor or reconstruction (both need --calib), bn; see "
+        "`edgerep prune`",
     )
     p.add_argument(
         "--prune-method",
-        default="channels",
         metavar="M,M",
         help="channels (default), depth (needs --calib), rank; comma-separated; see `edgerep prune`",
     )
     p.add_argument("--prune-depth-blocks", type=int, metavar="N", help="see --depth-blocks")
-    p.add_argument(
-        "--prune-depth-error", type=float, default=0.1, metavar="E", help="see --depth-error"
-    )
-    p.add_argument(
-        "--prune-rank-error", type=float, default=0.05, metavar="E", help="see --rank-error"
-    )
+    p.add_argument("--prune-depth-error", type=float, metavar="E", help="see --depth-error")
+    p.add_argument("--prune-rank-error", type=float, metavar="E", help="see --rank-error")
     p.add_argument("--prune-recovery", metavar="R", help="ls (default with --calib), mean, none")
     p.add_argument(
         "--prune-keep", action="append", default=[], metavar="NAME", help="never pruned (repeat)"
@@ -186,22 +173,51 @@ def add_convert_prune_args(p: argparse.ArgumentParser) -> None:
     _add_finetune_sweep_args(p)
 
 
-_PRUNE_ONLY = (
-    "prune_backend",
-    "prune_depth_blocks",
-    "prune_recovery",
-    "prune_keep",
-    "prune_latency_input",
-    "prune_cache_dir",
-    "finetune",
-    "finetune_data",
-    "sweep",
-)
+#: convert's pruning options besides --prune (and --prune-method), which need pruning on
+_PRUNE_ONLY = ("finetune", "finetune_data", "sweep")
+
+#: the options that only depth / rank pruning read: (prune's dest, convert's dest)
+_METHOD_ONLY = {
+    "depth": ("depth_blocks", "depth_error"),
+    "rank": ("rank_error",),
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, dests: Any) -> list[str]:
+    """The flags among `dests` that were given (argparse defaults are None or [])."""
+    return [_flag(d) for d in dests if getattr(args, d, None) not in (None, [])]
+
+
+def _method_problems(args: argparse.Namespace, prefix: str, method: str | None) -> list[str]:
+    """Depth/rank options given with a method list that does not hold depth/rank."""
+    from edgerep.errors import ConfigError
+    from edgerep.prune._engine import parse_methods
+
+    try:
+        methods = parse_methods(method or "channels")
+    except ConfigError:
+        return []  # the unknown method is reported by the options check
+    problems = []
+    option = f"--{prefix.replace('_', '-')}method"
+    for name, dests in _METHOD_ONLY.items():
+        given = _given(args, [prefix + d for d in dests])
+        if given and name not in methods:
+            problems.append(
+                f"{', '.join(given)} only bound{'s' if len(given) == 1 else ''} {name} pruning, "
+                f"which {option} {','.join(methods)} does not run; add {name} to {option} "
+                f"(e.g. {option} {','.join(methods)},{name}) or leave "
+                f"{'it' if len(given) == 1 else 'them'} out"
+            )
+    return problems
 
 
 def _converts_with_pruning(args: argparse.Namespace) -> bool:
     # --prune TARGET, or a method that needs no target (depth, rank)
-    return args.prune is not None or args.prune_method != "channels"
+    return args.prune is not None or (args.prune_method or "channels") != "channels"
 
 
 def check_convert_prune(args: argparse.Namespace, formats: list[str]) -> None:
@@ -214,16 +230,17 @@ def check_convert_prune(args: argparse.Namespace, formats: list[str]) -> None:
     from edgerep.errors import ConfigError
 
     if not _converts_with_pruning(args):
-        given = [f"--{k.replace('_', '-')}" for k in _PRUNE_ONLY if getattr(args, k)]
-        if args.prune_importance != "l2":
-            given.append("--prune-importance")
+        dests = [d for d in vars(args) if d.startswith("prune_")] + list(_PRUNE_ONLY)
+        given = _given(args, dests)
         if given:
             raise ConfigError(
-                f"{', '.join(given)} apply to pruning; add --prune TARGET (or --prune-method "
-                "depth / rank)"
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to pruning, "
+                "which this convert does not do; add --prune TARGET (or --prune-method depth / "
+                "rank) or leave "
+                f"{'it' if len(given) == 1 else 'them'} out"
             )
         return
-    problems = []
+    problems = _method_problems(args, "prune_", args.prune_method)
     if args.sweep and args.prune is None:
         problems.append("--sweep gives ratios of --prune's kind; give --prune TARGET too")
     try:
@@ -234,18 +251,10 @@ def check_convert_prune(args: argparse.Namespace, formats: list[str]) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _folder(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "image_size": args.image_size,
-        "channels": args.channels,
-        "mean": args.mean if len(args.mean) > 1 else args.mean[0],
-        "std": args.std if len(args.std) > 1 else args.std[0],
-    }
-
-
 def _load_data(args: argparse.Namespace, specs: list[Any]) -> Any:
     if not args.calib:
         return None
+    from edgerep.cli import _folder_options
     from edgerep.quantize import load_calibration
 
     return load_calibration(
@@ -255,7 +264,7 @@ def _load_data(args: argparse.Namespace, specs: list[Any]) -> Any:
         seed=args.calib_seed,
         x_key=args.x_key,
         y_key=args.y_key,
-        **_folder(args),
+        **_folder_options(args),
     )
 
 
@@ -278,6 +287,7 @@ def _options(
     ft_data = None
     if args.finetune_data and specs is not None:
         from edgerep.bench.accuracy import load_dataset
+        from edgerep.cli import _folder_options
         from edgerep.errors import ConfigError
 
         if len(specs) != 1:
@@ -287,17 +297,16 @@ def _options(
                 "the calibration inputs)"
             )
         ft_data = load_dataset(
-            args.finetune_data, x_key=args.x_key, y_key=args.y_key, **_folder(args)
+            args.finetune_data, x_key=args.x_key, y_key=args.y_key, **_folder_options(args)
         )
+    # options left out (None) take PruneOptions' defaults
+    defaulted = {k: get(k) for k in ("method", "depth_error", "rank_error", "importance")}
     return PruneOptions(
         target=(args.prune if convert else args.target) or "",
-        method=get("method"),
         depth_blocks=get("depth_blocks"),
-        depth_error=get("depth_error"),
-        rank_error=get("rank_error"),
         backend=backend or default_prune_backend(formats),
-        importance=get("importance"),
         recovery=get("recovery"),
+        **{k: v for k, v in defaulted.items() if v is not None},
         keep=tuple(get("keep")),
         data=data,
         finetune=args.finetune,
@@ -433,6 +442,22 @@ def run_prune(args: argparse.Namespace) -> int:
         problems.append("--plan re-applies a saved plan; --sweep and --finetune search anew")
     if args.sweep and not args.target:
         problems.append("--sweep gives ratios of --target's kind; give --target too")
+    timing = _given(args, ["seconds", "repeats"])
+    if timing and not args.sweep:
+        problems.append(
+            f"{', '.join(timing)} time{'s' if len(timing) == 1 else ''} the bundles of --sweep "
+            "(the latency search has its own timing); give --sweep R,R,... or leave "
+            f"{'it' if len(timing) == 1 else 'them'} out"
+        )
+    if args.plan is not None:
+        search = _given(args, [d for dests in _METHOD_ONLY.values() for d in dests])
+        if search:
+            problems.append(
+                f"--plan re-applies the saved depth/rank decisions; {', '.join(search)} "
+                "bound a new search: leave them out or drop --plan"
+            )
+    else:
+        problems += _method_problems(args, "", args.method)
     args.option = getattr(args, "option", [])
     formats, options = _formats_and_options(args)
     if args.plan is None:

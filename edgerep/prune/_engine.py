@@ -157,6 +157,11 @@ def _count(shapes: Mapping[str, LayerShape], what: str) -> int:
     return int(sum(s.macs() if what == "macs" else s.params() for s in shapes.values()))
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    # integer inputs (token ids) stay integers, as the model reads them
+    return t.float() if t.is_floating_point() else t
+
+
 def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -> Path:
     names = [f"input_{i}" for i in range(len(inputs))]
     # a torch.fx GraphModule (depth pruning's result) is wrapped: its .graph attribute
@@ -165,7 +170,7 @@ def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -
     with torch.no_grad():
         torch.onnx.export(
             model,
-            tuple(t.float() for t in inputs),
+            tuple(_float32(t) for t in inputs),
             str(path),
             dynamo=False,
             input_names=names,
@@ -199,7 +204,7 @@ def measure_pair(
             for i, m in enumerate((reference, candidate))
         ]
         sessions = [runtime.load(p, options=backend.options(threads)) for p in paths]
-        feeds = {f"input_{i}": t.float().numpy() for i, t in enumerate(inputs)}
+        feeds = {f"input_{i}": _float32(t).numpy() for i, t in enumerate(inputs)}
         p50s: list[list[float]] = [[], []]
         try:
             for r in range(config.repeats):

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from edgerep.errors import ConfigError, did_you_mean
+from edgerep.prune._calib import to_float64
 from edgerep.prune._groups import Group
 
 __all__ = ["IMPORTANCE", "bn_scales_for_folded", "channel_importance", "importance_names"]
@@ -125,7 +126,7 @@ def _taylor(
         p.grad = None
     n = len(labels)
     for start in range(0, n, 64):
-        batch = [t[start : start + 64].double() for t in calib]
+        batch = [to_float64(t[start : start + 64]) for t in calib]
         loss = nn.functional.cross_entropy(work(*batch), labels[start : start + 64].long())
         (loss * len(batch[0]) / n).backward()
     modules = dict(work.named_modules())
@@ -241,7 +242,7 @@ def _reconstruction(
         n = len(calib[0])
         with torch.no_grad():
             for start in range(0, n, 64):
-                work(*[t[start : start + 64].double() for t in calib])
+                work(*[to_float64(t[start : start + 64]) for t in calib])
     finally:
         for h in hooks:
             h.remove()
@@ -303,7 +304,7 @@ def _flatten_block_energy(
     try:
         with torch.no_grad():
             for start in range(0, len(calib[0]), 64):
-                model(*[t[start : start + 64].double() for t in calib])
+                model(*[to_float64(t[start : start + 64]) for t in calib])
     finally:
         h.remove()
     return acc

@@ -25,6 +25,7 @@ from torch import nn
 
 from edgerep.errors import ConfigError, SourceError
 from edgerep.prune import PLAN_FILE, WEIGHTS_FILE
+from edgerep.prune._calib import to_float64
 from edgerep.prune._groups import build_groups, require_torch_pruning
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "model_sha256",
     "save_pruned",
 ]
+
+#: the keys of a projection-shortcut depth entry besides output/input/map/channels
+PROJECTION_KEYS = ("out_channels", "stride", "shortcut")
 
 #: the newest plan format: 1 = channels only, 2 = adds depth and rank decisions.
 #: A plan with neither is still written as version 1 (older readers read it).
@@ -69,7 +73,9 @@ class PrunePlan:
         target: the target the plan was made for, as text.
         version: the JSON format version (written: 1 without depth/rank, else 2).
         depth: residual blocks replaced by a fitted linear map, applied first
-            (``{"output", "input", "map", "channels"}`` each, see `edgerep.prune._depth`).
+            (``{"output", "input", "map", "channels"}`` each, plus ``out_channels``,
+            ``stride`` and ``shortcut`` for a projection shortcut; see
+            `edgerep.prune._depth`).
         depth_ridge: the identity-regularisation factor of their fit.
         ranks: layer -> rank, factorized last (on the channel-pruned model).
     """
@@ -134,10 +140,13 @@ class PrunePlan:
             )
         depth = []
         for e in data.get("depth") or ():
-            if not isinstance(e, Mapping) or set(e) != {"output", "input", "map", "channels"}:
+            base = {"output", "input", "map", "channels"}
+            # a projection-shortcut block also records its map's out_channels, stride, shortcut
+            if not isinstance(e, Mapping) or set(e) not in (base, base | set(PROJECTION_KEYS)):
                 raise ConfigError(
-                    f"depth entry {e!r} of the plan is not {{output, input, map, channels}}; "
-                    "the plan file is damaged"
+                    f"depth entry {e!r} of the plan is not {{output, input, map, channels}} "
+                    f"(plus {{{', '.join(PROJECTION_KEYS)}}} for a projection shortcut); the "
+                    "plan file is damaged"
                 )
             depth.append(dict(e))
         ranks: dict[str, int] = {}
@@ -301,7 +310,7 @@ def index_maps(
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 rows = torch.arange(m.weight.shape[0], dtype=torch.float64)
                 m.weight.copy_(rows.reshape(-1, *([1] * (m.weight.dim() - 1))).expand_as(m.weight))
-    pruned = apply_plan_structure(tagged, [t.double() for t in example_inputs], kept)
+    pruned = apply_plan_structure(tagged, [to_float64(t) for t in example_inputs], kept)
     out = {}
     for name, m in pruned.named_modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):

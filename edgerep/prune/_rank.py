@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from edgerep.errors import ConfigError
+from edgerep.prune._calib import batches
 from edgerep.prune._latency import LayerShape, candidate_widths, layer_shapes
 
 __all__ = ["RankResult", "factorizable", "factorize", "lowrank", "svd_factors"]
@@ -166,7 +167,10 @@ def _factor_shapes(s: LayerShape, rank: int) -> list[LayerShape]:
 def _grams(
     model: nn.Module, names: Iterable[str], calib: Sequence[torch.Tensor]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """layer -> (XᵀX, column sums of X, rows) of its input on `calib`, in float64."""
+    """layer -> (XᵀX, column sums of X, rows) of its input on `calib`, in float64.
+
+    Summed over calibration batches (`edgerep.prune._calib.batches`).
+    """
     work = copy.deepcopy(model).double().eval()
     modules = dict(work.named_modules())
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -187,7 +191,8 @@ def _grams(
     hooks = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
     try:
         with torch.no_grad():
-            work(*[t.double() for t in calib])
+            for batch in batches(calib):
+                work(*batch)
     finally:
         for h in hooks:
             h.remove()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from edgerep.errors import ConfigError
+from edgerep.prune._calib import to_float64
 
 __all__ = ["RECOVERY_MODES", "RecoveredLayer", "recover"]
 
@@ -172,7 +173,7 @@ def recover(
         return result, rows
     ref = copy.deepcopy(original).double().eval()
     work = result.double()
-    x64 = [t.double() for t in calib]
+    x64 = [to_float64(t) for t in calib]
     ref_modules, modules = dict(ref.named_modules()), dict(work.named_modules())
     order = _execution_order(work, x64)
     for name in sorted(set(consumers), key=lambda n: order.get(n, 1 << 30)):

@@ -12,12 +12,8 @@ from torch import nn
 from edgerep.errors import ConfigError
 from edgerep.prune import PrunePlan, apply_plan, load_pruned, prune, save_pruned
 from edgerep.prune._depth import find_blocks, replace_blocks, to_graph
+from tests.prune._calls import macs, prune_on
 from tests.prune._nets import chain, mixer, resnet_like
-
-
-def macs(shapes):
-    """A deterministic stand-in for the measured per-layer latency table."""
-    return [float(s.macs()) for s in shapes]
 
 
 def _calib(seed: int, n: int = 48) -> torch.Tensor:
@@ -31,17 +27,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_identity_residual_blocks_are_found_and_projection_shortcuts_are_not() -> None:
+def test_identity_and_projection_residual_blocks_are_found() -> None:
     gm = to_graph(resnet_like())
     blocks = {b.output: b for b in find_blocks(gm, [torch.randn(1, 3, 12, 12)])}
     layers = {b.layers for b in blocks.values()}
     assert layers == {
         ("block1.conv1", "block1.conv2"),
         ("block2.conv1", "block2.conv2"),
+        ("down_f", "down_p"),  # down_p(x) + down_f(x): a projection shortcut
         ("block3.conv1", "block3.conv2"),
-    }  # down_p(x) + down_f(x) has no identity shortcut
+    }
     assert {b.map_kind for b in blocks.values()} == {"conv2d"}
-    assert sorted(b.channels for b in blocks.values()) == [16, 16, 32]
+    assert sorted(b.channels for b in blocks.values()) == [16, 16, 16, 32]
+    (down,) = [b for b in blocks.values() if b.shortcut]
+    assert down.shortcut == ("down_p",) and down.stride == (2, 2) and down.cout == 32
     # a pre-norm Mixer: every token- and channel-mixing block, chained output to input
     mix = find_blocks(to_graph(mixer()), [torch.randn(1, 3, 12, 12)])
     assert [b.map_kind for b in mix] == ["linear"] * 4
@@ -53,16 +52,7 @@ def test_a_block_whose_branch_is_linear_is_recovered_exactly(seed: int) -> None:
     x = _calib(seed)
     for model in (resnet_like(seed, linear_first=True), mixer(seed, linear_last=True)):
         model = model.double()
-        pruned, report = prune(
-            model,
-            x[:1],
-            method="depth",
-            calib=x,
-            layer_cost=macs,
-            measure=False,
-            ridge=0.0,
-            depth_blocks=1,
-        )
+        pruned, report = prune_on(model, x, "depth", ridge=0.0, depth_blocks=1)
         exact = [d for d in report.depth if d.rel_error < 1e-9]
         assert len(exact) == 1 and exact[0].removal_error > 0.05
         # the exact block has the best saving per error, so it is the one replaced
@@ -92,16 +82,7 @@ def test_depth_pruning_beats_plain_block_removal_on_held_out_data() -> None:
         opt.step()
     model.eval()
     calib, held_out = data[:96], _calib(6, 64)
-    pruned, report = prune(
-        model,
-        calib[:1],
-        method="depth",
-        calib=calib,
-        layer_cost=macs,
-        measure=False,
-        depth_blocks=2,
-        depth_error=10.0,
-    )
+    pruned, report = prune_on(model, calib, "depth", depth_blocks=2, depth_error=10.0)
     replaced = [d for d in report.depth if d.replaced]
     assert len(replaced) == 2
     gm = to_graph(copy.deepcopy(model))
@@ -131,16 +112,7 @@ def test_blocks_are_chosen_by_latency_saved_per_error_and_never_when_not_faster(
     rows = {d.layers[0].split(".")[0]: d for d in report.depth}
     assert not rows["block1"].replaced and "not faster" in rows["block1"].reason
     assert not rows["block2"].replaced and rows["block3"].replaced
-    _, one = prune(
-        model,
-        x[:1],
-        method="depth",
-        calib=x,
-        layer_cost=macs,
-        measure=False,
-        depth_blocks=1,
-        depth_error=10.0,
-    )
+    _, one = prune_on(model, x, "depth", depth_blocks=1, depth_error=10.0)
     best = max(one.depth, key=lambda d: d.saved_ms / d.rel_error)
     assert [d.block for d in one.depth if d.replaced] == [best.block]
     assert all("max_blocks=1" in d.reason for d in one.depth if not d.replaced)
@@ -152,9 +124,9 @@ def test_depth_errors_are_named() -> None:
     with pytest.raises(ConfigError, match="calibration data"):
         prune(model, x[:1], method="depth", layer_cost=macs, measure=False)
     with pytest.raises(ConfigError, match="no residual block"):
-        prune(chain(), x[:1], method="depth", calib=x, layer_cost=macs, measure=False)
+        prune_on(chain(), x, "depth")
     with pytest.raises(ConfigError, match="max depth blocks"):
-        prune(model, x[:1], method="depth", calib=x, layer_cost=macs, depth_blocks=0, measure=False)
+        prune_on(model, x, "depth", depth_blocks=0)
     with pytest.raises(ConfigError, match="prunes no channels"):
         prune(model, x[:1], target="macs=0.5", method="depth", calib=x)
     with pytest.raises(ConfigError, match="needs a target"):
@@ -171,21 +143,18 @@ def test_depth_errors_are_named() -> None:
             return x + self.conv(x) if float(x.sum()) > 0 else x
 
     with pytest.raises(Exception, match=r"torch\.fx-traceable"):
-        prune(Untraceable(), x[:1], method="depth", calib=x, layer_cost=macs, measure=False)
+        prune_on(Untraceable(), x, "depth")
 
 
 def test_depth_channels_rank_plan_is_reapplied_bit_for_bit_and_exports(tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = resnet_like(0)
     x = _calib(0).float()
-    pruned, report = prune(
+    pruned, report = prune_on(
         model,
-        x[:1],
+        x,
+        "depth,channels,rank",
         target="macs=0.7",
-        method="depth,channels,rank",
-        calib=x,
-        layer_cost=macs,
-        measure=False,
         depth_blocks=1,
         depth_error=10.0,
         rank_error=0.5,
@@ -257,20 +226,10 @@ def test_a_depth_pruned_model_measured_slower_is_refused_and_a_no_op_is_not_time
 
     monkeypatch.setattr(_engine, "measure_pair", slower)
     with pytest.raises(_engine.PruneRefusedError, match=r"1\.300 ms vs 1\.000 ms"):
-        prune(
-            resnet_like(0),
-            x[:1],
-            method="depth",
-            calib=x,
-            layer_cost=macs,
-            depth_blocks=1,
-            depth_error=10.0,
-        )
+        prune_on(resnet_like(0), x, "depth", measure=None, depth_blocks=1, depth_error=10.0)
     calls.clear()
     # nothing within the error bound: the model comes back unchanged, nothing is timed
-    _, report = prune(
-        resnet_like(0), x[:1], method="depth", calib=x, layer_cost=macs, depth_error=1e-9
-    )
+    _, report = prune_on(resnet_like(0), x, "depth", measure=None, depth_error=1e-9)
     assert not calls and report.status == "unchanged" and not report.plan.depth
     assert "unchanged" in report.notes[0]
 
@@ -281,13 +240,12 @@ def test_a_latency_target_counts_from_the_unpruned_model_after_depth(monkeypatch
     x = _calib(0).float()
     # depth alone measured at 0.4 of the unpruned p50: latency=0.5 needs no channel pruning
     monkeypatch.setattr(_engine, "measure_pair", lambda *a, **k: (1.0, 0.4))
-    pruned, report = prune(
+    pruned, report = prune_on(
         resnet_like(0),
-        x[:1],
+        x,
+        "depth,channels",
+        measure=None,
         target="latency=0.5",
-        method="depth,channels",
-        calib=x,
-        layer_cost=macs,
         depth_blocks=1,
         depth_error=10.0,
     )
@@ -327,16 +285,7 @@ def test_depth_runs_on_the_graph_edgerep_fold_returns() -> None:
     x = _calib(1).float()
     folded, _ = fold(net.eval(), (x[:1],))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    pruned, report = prune(
-        folded,
-        x[:1],
-        method="depth",
-        calib=x,
-        layer_cost=macs,
-        measure=False,
-        depth_blocks=1,
-        depth_error=10.0,
-    )
+    pruned, report = prune_on(folded, x, "depth", depth_blocks=1, depth_error=10.0)
     assert len(report.depth) == 2 and sum(d.replaced for d in report.depth) == 1
     redone = apply_plan(folded, x[:1], report.plan, calib=x)
     assert all(

@@ -9,6 +9,7 @@ from torch import nn
 from edgerep.errors import ConfigError
 from edgerep.prune import prune
 from edgerep.prune._rank import factorize
+from tests.prune._calls import macs, prune_on
 
 
 def _mlp(seed: int) -> nn.Sequential:
@@ -26,10 +27,6 @@ def _mlp(seed: int) -> nn.Sequential:
         nn.ReLU(),
         nn.Linear(64, 10),
     ).eval()
-
-
-def macs(shapes):
-    return [float(s.macs()) for s in shapes]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -71,9 +68,7 @@ def test_a_factorization_measured_slower_is_not_kept() -> None:
     def factors_slow(shapes):  # every layer costs 1: two factors are slower than one layer
         return [1.0] * len(shapes)
 
-    same, report = prune(
-        model, x[:1], method="rank", calib=x, layer_cost=factors_slow, measure=False, rank_error=0.9
-    )
+    same, report = prune_on(model, x, "rank", layer_cost=factors_slow, rank_error=0.9)
     assert report.rank and all(r.rank is None for r in report.rank)
     assert any("measured 2 ms >= 1 ms unfactored" in r.reason for r in report.rank)
     assert not report.plan.ranks
@@ -81,16 +76,7 @@ def test_a_factorization_measured_slower_is_not_kept() -> None:
         torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values())
     )
     # the same model with a table where factors are cheaper: factorized
-    pruned, report = prune(
-        model,
-        x[:1],
-        method="rank",
-        calib=x,
-        layer_cost=macs,
-        measure=False,
-        rank_error=0.9,
-        keep=["10"],
-    )
+    pruned, report = prune_on(model, x, "rank", rank_error=0.9, keep=["10"])
     kept = {r.layer: r.rank for r in report.rank if r.rank is not None}
     assert set(kept) == {"2", "8"} and report.plan.ranks == kept  # "10" kept by keep=
     assert isinstance(pruned[2], nn.Sequential) and pruned[2][0].stride == (2, 2)
@@ -101,13 +87,9 @@ def test_a_factorization_measured_slower_is_not_kept() -> None:
 def test_rank_error_bounds_the_output_error() -> None:
     model = _mlp(1).double()
     x = torch.randn(64, 3, 8, 8, dtype=torch.float64) * 2 + 0.3
-    _, tight = prune(
-        model, x[:1], method="rank", calib=x, layer_cost=macs, measure=False, rank_error=1e-6
-    )
+    _, tight = prune_on(model, x, "rank", rank_error=1e-06)
     assert all(r.rank is None and "within max_error" in r.reason for r in tight.rank)
-    pruned, loose = prune(
-        model, x[:1], method="rank", calib=x, layer_cost=macs, measure=False, rank_error=0.3
-    )
+    pruned, loose = prune_on(model, x, "rank", rank_error=0.3)
     layer = next(r for r in loose.rank if r.layer == "8")
     assert layer.rank is not None and layer.rel_error <= 0.3
     # the reported error is the layer's output error on the calibration data
