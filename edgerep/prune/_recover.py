@@ -20,11 +20,20 @@ order, with the layers before it already recovered:
 
 A solution is kept only if it lowers the layer's output error on the calibration
 data; the report gives the error before and after for every layer.
+
+Memory: nothing grows with the calibration set. Each layer's ``XᵀX``, ``XᵀY``,
+``||X W₀ - Y||²`` and ``||Y||²`` (or, for ``mean``, the column sums of
+``Y - X W₀``) are accumulated over calibration batches of ``CALIB_BATCH`` samples
+(`edgerep.prune._calib.batches`: each batch runs both models up to that layer and
+is dropped), and the error after the solve is summed in a second such pass (exact
+to round-off where a Gram-matrix formula would cancel). Layers are solved one at a
+time; only one batch of one layer's rows is alive at once.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,7 +43,7 @@ import torch
 from torch import nn
 
 from edgerep.errors import ConfigError
-from edgerep.prune._calib import to_float64
+from edgerep.prune._calib import batches
 
 __all__ = ["RECOVERY_MODES", "RecoveredLayer", "recover"]
 
@@ -133,8 +142,64 @@ def _set(layer: Any, solution: torch.Tensor) -> None:
             layer.bias.copy_(b.to(layer.bias.dtype))
 
 
-def _rel(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x @ w - y).norm() / y.norm().clamp_min(1e-300))
+@dataclass
+class _Stats:
+    """Sums over the calibration rows of one layer: what the solve and the errors need."""
+
+    rows: int = 0
+    err2: float = 0.0  # ||X W - Y||² for the W the pass ran with
+    y2: float = 0.0  # ||Y||²
+    gram: torch.Tensor | None = None  # XᵀX (``normal``)
+    xty: torch.Tensor | None = None  # XᵀY (``normal``)
+    residual_sum: torch.Tensor | None = None  # Σ_rows (Y - X W without its bias row)
+
+    def rel_error(self) -> float:
+        """||X W - Y|| / ||Y||, the relative output error on the calibration data."""
+        return math.sqrt(self.err2) / max(math.sqrt(self.y2), 1e-300)
+
+
+class _Pair:
+    """One consumer in the model being recovered and the same layer in the unpruned one.
+
+    Each pass runs both models on one calibration batch at a time (`batches`, stopping
+    at the layer) and adds that batch's rows to the sums, so the design matrix of the
+    whole calibration set is never built: memory holds one batch's rows and the
+    (d + 1)² normal matrix.
+    """
+
+    def __init__(
+        self,
+        work: nn.Module,
+        layer: nn.Module,
+        ref: nn.Module,
+        ref_layer: nn.Module,
+        out_cols: torch.Tensor,
+        calib: Sequence[torch.Tensor],
+    ) -> None:
+        self.work, self.layer, self.ref, self.ref_layer = work, layer, ref, ref_layer
+        self.out_cols, self.calib = out_cols, calib
+
+    def statistics(self, w: torch.Tensor, *, also: str = "") -> _Stats:
+        """The error sums for weights `w` (`_weights` layout), plus XᵀX and XᵀY when `also`
+        is ``normal``, or the residual sum of the weights without their bias row when
+        ``mean``."""
+        s = _Stats()
+        for batch in batches(self.calib):
+            x = _design(self.layer, _capture(self.work, self.layer, batch, output=False))
+            y = _targets(self.layer, _capture(self.ref, self.ref_layer, batch, output=True))
+            y = y[:, self.out_cols]
+            s.rows += x.shape[0]
+            s.err2 += float(((x @ w - y) ** 2).sum())
+            s.y2 += float((y**2).sum())
+            if also == "normal":
+                g, b = x.T @ x, x.T @ y
+                s.gram = g if s.gram is None else s.gram + g
+                s.xty = b if s.xty is None else s.xty + b
+            elif also == "mean":
+                r = (y - x[:, :-1] @ w[:-1]).sum(0)
+                s.residual_sum = r if s.residual_sum is None else s.residual_sum + r
+            del x, y
+        return s
 
 
 def recover(
@@ -171,11 +236,14 @@ def recover(
     rows: list[RecoveredLayer] = []
     if mode == "none" or not consumers:
         return result, rows
+    if not calib or len(calib[0]) == 0:
+        raise ConfigError(
+            f"recovery={mode!r} re-solves layers on calibration data; got no calibration samples"
+        )
     ref = copy.deepcopy(original).double().eval()
     work = result.double()
-    x64 = [to_float64(t) for t in calib]
     ref_modules, modules = dict(ref.named_modules()), dict(work.named_modules())
-    order = _execution_order(work, x64)
+    order = _execution_order(work, next(batches(calib, 1)))
     for name in sorted(set(consumers), key=lambda n: order.get(n, 1 << 30)):
         layer = modules[name]
         solvable = isinstance(layer, nn.Linear) or (
@@ -196,25 +264,25 @@ def recover(
                 )
             )
             continue
-        x = _design(layer, _capture(work, layer, x64, output=False))
-        y = _targets(layer, _capture(ref, ref_modules[name], x64, output=True))
-        y = y[:, torch.as_tensor(out_index[name])]
+        pair = _Pair(work, layer, ref, ref_modules[name], torch.as_tensor(out_index[name]), calib)
         w0 = _weights(layer)
-        before = _rel(x, w0, y)
+        stats = pair.statistics(w0, also="normal" if mode == "ls" else "mean")
+        before = stats.rel_error()
         cond: float | None = None
         if mode == "ls":
-            gram = x.T @ x
-            d = gram.shape[0] - 1
-            lam = ridge * float(torch.trace(gram[:d, :d])) / max(d, 1)
+            assert stats.gram is not None and stats.xty is not None
+            d = stats.gram.shape[0] - 1
+            lam = ridge * float(torch.trace(stats.gram[:d, :d])) / max(d, 1)
             penalty = torch.full((d + 1,), lam, dtype=torch.float64)
             penalty[-1] = 0.0
-            gram = gram + torch.diag(penalty)
-            solution = torch.linalg.solve(gram, x.T @ y)
+            gram = stats.gram + torch.diag(penalty)
+            solution = torch.linalg.solve(gram, stats.xty)
             cond = float(torch.linalg.cond(gram))
         else:
             solution = w0.clone()
-            solution[-1] = (y - x[:, :-1] @ w0[:-1]).mean(0)
-        after = _rel(x, solution, y)
+            assert stats.residual_sum is not None
+            solution[-1] = stats.residual_sum / stats.rows  # mean(Y - X W) over all rows
+        after = pair.statistics(solution).rel_error()  # a second pass: no cancellation
         keep = after < before
         if keep:
             _set(layer, solution)
