@@ -220,12 +220,13 @@ def recover(
         consumers: names of the layers whose input channels were pruned, in any order
             (solved in execution order).
         out_index: layer name -> the original output channel of each remaining row.
-        calib: calibration inputs, one batched tensor per forward argument.
+        calib: calibration inputs, one batched tensor per forward argument; read
+            `CALIB_BATCH` samples at a time.
         mode: ``ls`` or ``mean`` (``none`` returns a copy).
         ridge: the ridge factor λ / (trace(XᵀX) / d).
 
     Raises:
-        ConfigError: unknown mode or negative ridge.
+        ConfigError: unknown mode, negative ridge, or no calibration samples.
     """
     if mode not in RECOVERY_MODES:
         raise ConfigError(f"unknown recovery {mode!r}; allowed: {', '.join(RECOVERY_MODES)}")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgerep.errors import ConfigError
 from edgerep.fold import fold
 from edgerep.prune import _calib, _engine, _recover, prune
 from edgerep.zoo import RepVGGNet, randomize_
@@ -227,3 +228,14 @@ def test_peak_memory_does_not_grow_with_the_number_of_calibration_batches(monkey
     small, big = peaks["batched"]
     # six times the batches, the same peak (models, one batch's rows, the normal matrices)
     assert big <= 1.02 * small, peaks
+
+
+def test_recovery_without_calibration_samples_is_refused_by_name(monkeypatch) -> None:
+    model = chain(0)
+    calls = _spy(monkeypatch)
+    x = torch.randn(8, 3, 12, 12)
+    prune(model, x[:1], target="macs=0.5", calib=x, measure=False)
+    ((args, _, _),) = calls
+    original, pruned, consumers, out_index, _ = args
+    with pytest.raises(ConfigError, match="no calibration samples"):
+        _recover.recover(original, pruned, consumers, out_index, [x[:0]])
