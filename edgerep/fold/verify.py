@@ -179,8 +179,8 @@ def _draw(shapes: tuple[tuple[int, ...], ...], seed: int) -> tuple[torch.Tensor,
 
 # Small input sets (a Linear's few rows) are drawn once per (shapes, seed) and reused:
 # drawing them cost more than the products they verify when many layers share a width.
-_CACHED_INPUT_ELEMENTS = 1 << 16
-_random_inputs = functools.lru_cache(maxsize=32)(_draw)
+_CACHED_INPUT_ELEMENTS = 1 << 15  # 256 KiB a set, at most 16 sets kept
+_random_inputs = functools.lru_cache(maxsize=16)(_draw)
 
 
 def record(reference: Fn, shapes: Sequence[tuple[int, ...]], *, seed: int = 0) -> Recorded:
