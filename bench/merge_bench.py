@@ -21,13 +21,30 @@ it was, so its figure includes the merged layers it returns: 0.78x the model for
 these 73 layers).
 
 Workers, run interleaved for ``--rounds`` rounds (peft, edgerep, edgerep_copy per
-round; the medians are reported), then ``edgerep_probe`` once: ``peft``
+round at torch's default thread count; then peft and edgerep again with
+``OMP_NUM_THREADS=1`` per entry of ``--threads``; the medians are reported), then
+``edgerep_probe`` once: ``peft``
 (``merge_and_unload``, float32, in place), ``edgerep`` (the default: the LoRA rule,
 ``W0 + s·B·A`` as one float64 ``addmm`` per layer, gated by 8 random float64 rows
 through the wrapped layer; unchanged tensors shared with the input),
 ``edgerep_copy`` (the same with ``share_unchanged=False``: a fully independent copy,
 so at least 1x the model) and ``edgerep_probe`` (``fast=False``: every layer read
 off by the identity probe).
+
+Why a single-thread series too: with 2 OpenMP threads on 2 cores, any other process
+on the machine (one outside the CPU lock) stalls every parallel op at its barrier;
+merges then take several times longer, and by how much depends on how many parallel
+ops each merge runs. One thread per merge is the comparison that such load distorts
+least. ``threads`` names the setting of each series; every worker records the
+1-minute load average when it started.
+
+What the times include: edgerep's is the whole ``edgerep.merge`` call (finding the
+wrappers, building the returned model, the float64 work and the verifier for every
+layer, the report); PEFT's is ``merge_and_unload`` on its own model, in place (no copy,
+no check). Neither includes importing its package: edgerep's merge modules are
+imported before the clock starts (PEFT's came with the model), and that one-time
+cost is recorded as ``import_seconds`` (until 2026-12-06 10:20 UTC it was inside
+edgerep's time).
 
 Fields per run: ``seconds`` (wall time of the merge call), ``peak_extra_rss_bytes``,
 ``peak_extra_over_model_size`` (that divided by the fp32 size of the base model's
@@ -85,16 +102,23 @@ def _worker(which: str, rank: int) -> dict[str, Any]:
     n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     result: dict[str, Any] = {
         "worker": which,
+        "loadavg_1min_at_start": os.getloadavg()[0],
         "base_params": n_base,
         "lora_params": n_lora,
         "model_size_bytes_fp32": 4 * n_base,
         "torch_threads": torch.get_num_threads(),
     }
+    if which.startswith("edgerep"):
+        # imported before the clock starts, as PEFT's merge code is (it came with the
+        # model); the one-time cost of the import is recorded on its own
+        start = time.perf_counter()
+        import edgerep
+        import edgerep.merge._engine  # what the first merge() call imports
+
+        result["import_seconds"] = time.perf_counter() - start
     with _PeakRss() as mem:
         start = time.perf_counter()
         if which.startswith("edgerep"):
-            import edgerep
-
             merged, report = edgerep.merge(
                 model, fast=which != "edgerep_probe", share_unchanged=which != "edgerep_copy"
             )
@@ -140,16 +164,35 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/merge_bench.json")
     parser.add_argument("--rank", type=positive_int, default=16)
     parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument(
+        "--threads",
+        default="1",
+        help="comma-separated thread counts of the extra peft/edgerep series per round "
+        "(OMP_NUM_THREADS; '' for none)",
+    )
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(args.worker, args.rank)))
         return
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
     load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {w: [] for w in WORKERS}
+    by_threads: dict[int, dict[str, list[dict[str, Any]]]] = {
+        n: {"peft": [], "edgerep": []} for n in threads
+    }
     for _ in range(args.rounds):
         for w in INTERLEAVED:
             runs[w].append(run_worker(__file__, ["--worker", w, "--rank", str(args.rank)]))
+        for n in threads:
+            for w in ("peft", "edgerep"):
+                by_threads[n][w].append(
+                    run_worker(
+                        __file__,
+                        ["--worker", w, "--rank", str(args.rank)],
+                        env={"OMP_NUM_THREADS": str(n)},
+                    )
+                )
     runs["edgerep_probe"].append(
         run_worker(__file__, ["--worker", "edgerep_probe", "--rank", str(args.rank)])
     )
@@ -157,6 +200,16 @@ def main() -> None:
     results = {w: _median(r) for w, r in runs.items()}
     ours, theirs = results["edgerep"], results["peft"]
     ratios = [a["seconds"] / b["seconds"] for a, b in zip(runs["edgerep"], runs["peft"])]
+    series = {}
+    for n, r in by_threads.items():
+        per_round = [a["seconds"] / b["seconds"] for a, b in zip(r["edgerep"], r["peft"])]
+        series[f"{n}_thread{'s' if n != 1 else ''}"] = {
+            "threads": n,
+            "edgerep": _median(r["edgerep"]),
+            "peft_merge_and_unload": _median(r["peft"]),
+            "seconds_over_peft_per_round": per_round,
+            "seconds_over_peft_median_of_rounds": statistics.median(per_round),
+        }
     notes = [
         "edgerep's LoRA rule adds s·B·A into a float64 copy of each base weight (one addmm) and "
         "keeps the result only if 8 random float64 rows through the wrapped layer (recorded "
@@ -168,7 +221,15 @@ def main() -> None:
         "(the default) the embeddings, norms and other unchanged tensors are shared with the "
         "input (new Parameter objects over the same storage); edgerep_copy copies them too.",
         "seconds_over_peft is the ratio of the medians; seconds_over_peft_per_round pairs the "
-        "runs of each interleaved round.",
+        "runs of each interleaved round (median: seconds_over_peft_median_of_rounds).",
+        "edgerep's seconds are the whole merge call, building the returned model included "
+        "(new float32 tensors for the merged layers, the others shared with the input); "
+        "PEFT's merge_and_unload writes into the model it was given and checks nothing. "
+        "Neither time includes importing the package (edgerep's one-time import of its merge "
+        "modules is import_seconds; earlier runs of this bench counted it in edgerep's time).",
+        "series_by_threads repeats peft and edgerep in each round with OMP_NUM_THREADS set "
+        "(2 OpenMP threads on 2 cores stall at every parallel op's barrier while any other "
+        "process runs).",
     ]
     notes += busy_note(load_before, load_after)
     record = {
@@ -193,6 +254,9 @@ def main() -> None:
         "peft_merge_and_unload": theirs,
         "seconds_over_peft": ours["seconds"] / theirs["seconds"],
         "seconds_over_peft_per_round": ratios,
+        "seconds_over_peft_median_of_rounds": statistics.median(ratios),
+        "threads": "torch's default (edgerep/peft/edgerep_copy/edgerep_probe above)",
+        "series_by_threads": series,
         "probe_seconds_over_fast": results["edgerep_probe"]["seconds"] / ours["seconds"],
         "targets": {
             "seconds_over_peft": 3.0,
@@ -219,8 +283,16 @@ def main() -> None:
         f"{results['edgerep_copy']['peak_extra_over_model_size_max']:.2f}x model\n"
         f"peft merge_and_unload: {theirs['seconds']:.2f} s, peak extra "
         f"{theirs['peak_extra_rss_bytes'] / 2**20:.0f} MiB\n"
-        f"ratio {ours['seconds'] / theirs['seconds']:.2f}x -> {out}"
+        f"ratio {ours['seconds'] / theirs['seconds']:.2f}x (per round "
+        f"{', '.join(f'{r:.2f}' for r in ratios)})"
     )
+    for name, s in series.items():
+        print(
+            f"{name}: edgerep {s['edgerep']['seconds']:.2f} s, peft "
+            f"{s['peft_merge_and_unload']['seconds']:.2f} s, per round "
+            f"{', '.join(f'{r:.2f}' for r in s['seconds_over_peft_per_round'])}"
+        )
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ parameters besides ``weight`` and ``bias`` (loralib style), which is its own bas
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
@@ -311,15 +312,23 @@ def _note_dropped(
 def _find(root: nn.Module) -> list[_Wrapper]:
     """Adapter-wrapped layers, outermost first (a found wrapper's inside is not searched)."""
     found: list[_Wrapper] = []
-    covered: list[str] = []
+    covered: set[str] = set()
     for name, module in root.named_modules():
-        if any(c == "" or name.startswith(c + ".") for c in covered):
+        if covered and _inside(name, covered):
             continue
         w = _classify(name, module)
         if w is not None:
             found.append(w)
-            covered.append(name)
+            covered.add(name)
     return found
+
+
+def _inside(name: str, covered: set[str]) -> bool:
+    """Whether `name` is strictly inside a module path in `covered` ('' is the root)."""
+    if "" in covered:
+        return True
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in covered for i in range(1, len(parts)))
 
 
 def _classify(name: str, module: nn.Module) -> _Wrapper | None:
@@ -510,8 +519,17 @@ class _NotData(Exception):
     pass
 
 
+_EXACT_ATOMS = frozenset(_ATOMS)
+_EMPTY = frozenset({list, tuple, set, frozenset, dict, collections.OrderedDict})
+
+
 def _data(v: Any) -> Any:
     """A copy of plain data (numbers, strings, containers of them; functions are shared)."""
+    cls = type(v)
+    if cls in _EXACT_ATOMS:  # the common cases first: a module's __dict__ is mostly these
+        return v
+    if cls in _EMPTY and not v:  # and empty hook dicts
+        return cls()
     if isinstance(v, _ATOMS):
         return v
     if isinstance(v, (list, tuple, set, frozenset)):
@@ -597,10 +615,10 @@ def _process(
     original = w.module  # the input's wrapper: read, never changed
     names: list[str] = []
     if w.peft:
-        have = set(_peft.available_adapters(original))
         if plan.mode == "active":
             names = _peft.active_adapters(original)
         else:
+            have = set(_peft.available_adapters(original))
             names = [n for n in plan.weights if n in have]
     if w.peft and plan.mode == "combine":
         result = _read_combination(w.kind, original, w.base_path, names, plan)

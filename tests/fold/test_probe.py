@@ -131,3 +131,23 @@ def test_affinity_error_separates_affine_from_nonlinear():
     lin = nn.Linear(4, 4).double()
     assert verify.affinity_error(lin, (3, 4)) < 1e-14
     assert verify.affinity_error(nn.Sequential(lin, nn.GELU()), (3, 4)) > 1e-3
+
+
+def test_verifier_inputs_are_reused_but_never_shared():
+    """Small input sets are drawn once per (shapes, seed); a reference that writes into
+    its input must not change what the next record sees (each gets a copy)."""
+    shapes = [(2, 4, 7), (3, 7)]
+    fresh = verify._draw(tuple(shapes), 0)
+
+    def vandal(x):
+        y = x * 2
+        x.fill_(float("nan"))
+        return y
+
+    first = verify.record(vandal, shapes)
+    second = verify.record(lambda x: x * 2, shapes)
+    for x, f, y in zip(second.inputs, fresh, second.outputs):
+        assert torch.equal(x, f) and torch.equal(y, 2 * f)
+    assert all(torch.isnan(x).all() for x in first.inputs)  # its own copies were written
+    big = [(1, 3, 200, 200)]  # above the cache size: drawn per call, same values
+    assert torch.equal(verify.record(lambda x: x, big).inputs[0], verify._draw(tuple(big), 0)[0])

@@ -281,3 +281,50 @@ def test_a_wrapper_held_at_two_paths_stays_tied():
     x = torch.randn(4, 6, dtype=F64)
     with torch.no_grad():
         assert rel_error(model(x), merged(x)) <= 1e-9
+
+
+@pytest.mark.parametrize("entry", [(0, 0), (-1, -1), (5, 3)])
+def test_one_wrong_entry_of_the_lora_rule_is_caught(monkeypatch, entry):
+    """The verifier multiplies the candidate's dense weight by its random rows (as
+    ``W·xᵀ``): a single entry off by 1e-6 relative, anywhere, is rejected."""
+    name, rule = _fast.FAST_RULES[LORA_RULE]
+
+    def one_entry(module, base_path, kind):
+        weight, bias = rule(module, base_path, kind)
+        weight[entry] *= 1 + 1e-6
+        return weight, bias
+
+    monkeypatch.setitem(_fast.FAST_RULES, LORA_RULE, (name, one_entry))
+    model = build("lora", "linear")
+    merged, report = edgerep.merge(model)
+    assert report.routes == {"probe": len(report.merged)}
+    assert all("'lora' rejected by the verifier" in r.fallback for r in report.merged)
+    probed, _ = edgerep.merge(model, fast=False)
+    assert _max_rel_diff(merged, probed) == 0.0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_merged_linear_layers_are_plain_nn_linear(bias):
+    """`_plain_linear` assembles the Linear without its random init: same class,
+    attributes, repr, state_dict and copy/pickle behaviour as ``nn.Linear(...)``."""
+    import io
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(6, 5, bias=bias)), LoraConfig(r=2, target_modules=["0"])
+    )
+    randomize_adapters(model)
+    merged, report = edgerep.merge(model.eval())
+    assert report.routes == {"fast:lora": 1}
+    layer = merged[0]
+    ref = nn.Linear(6, 5, bias=bias)
+    assert type(layer) is nn.Linear and repr(layer) == repr(ref)
+    assert layer.state_dict().keys() == ref.state_dict().keys()
+    assert (layer.bias is None) == (not bias) and "bias" in layer._parameters
+    assert not layer.training and all(p.requires_grad for p in layer.parameters())
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    x = torch.randn(3, 6)
+    assert torch.equal(again(x), layer(x)) and torch.equal(copy.deepcopy(layer)(x), layer(x))
