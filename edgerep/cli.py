@@ -143,7 +143,10 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--out", required=True, metavar="OUT", help="bundle directory to create"
     )
     model_args.add_argument(
-        "--weights", metavar="W", help="state dict for a file.py:factory source"
+        "--weights",
+        metavar="W",
+        help="the state-dict file of a file.py:factory SRC; with merge --models: one weight "
+        "per model, comma-separated (e.g. 0.5,0.3,0.2; default 1/n each)",
     )
     model_args.add_argument(
         "--input",
@@ -193,9 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     adapter_args.add_argument(
         "--merge-seed",
         type=int,
-        default=0,
         metavar="N",
-        help="seed of DARE's and DELLA's random masks",
+        help="seed of DARE's and DELLA's random masks (default 0; a --models merge: --seed)",
     )
     adapter_args.add_argument(
         "--keep-zeros", action="store_true", help="keep the exact zeros of the base weights"
@@ -768,7 +770,7 @@ def _merge_options(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any] 
             combine={s.name or "default": 1.0 if s.weight is None else s.weight for s in sources},
             method=method,
             density=density,
-            seed=args.merge_seed,
+            seed=0 if args.merge_seed is None else args.merge_seed,
         )
     elif method != "linear" or density is not None:
         raise ConfigError(
