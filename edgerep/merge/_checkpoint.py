@@ -1075,6 +1075,14 @@ def _row_chunks(shape: Sequence[int]) -> list[tuple[int, int]]:
     return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
 
 
+def _unmap(readers: Sequence[_Reader], chunks: int) -> None:
+    """Between the chunks of a large tensor, unmap every input shard: the pages of the
+    rows read so far leave this process (they reopen, memory-mapped, on the next read)."""
+    if chunks > 1:
+        for r in readers:
+            r.close_all()
+
+
 def _skip(generator: torch.Generator, draws: int) -> None:
     """Advance `generator` past `draws` float64 uniform draws (CPU draws are serial, so
     drawing in pieces consumes exactly what one draw of them all would)."""
@@ -1131,6 +1139,7 @@ def _merge_tensor(
                 mags[at : at + d.numel()] = d.reshape(-1).abs()
                 at += d.numel()
                 del d
+                _unmap(readers, len(chunks))
             tops[i] = _combine.top_k(mags, stream.trims(numel, dens))
             del mags
     if stream is not None and stream.random and len(chunks) > 1:
@@ -1164,6 +1173,7 @@ def _merge_tensor(
         del base64, combined
         yield merged
         del merged
+        _unmap(readers, len(chunks))
     if stream is not None and stream.random and len(chunks) > 1:
         generator.set_state(gens[-1].get_state())
     report.merged.append(
