@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("transformers", reason="transformers comes with edgerep[peft]")
 pytest.importorskip("onnxruntime", reason="onnxruntime comes with edgerep[onnx]")
 
-from edgerep.bundle import read_manifest  # noqa: E402
-from edgerep.cli import EXIT_OK, EXIT_USAGE, main  # noqa: E402
-from tests.test_hf import _resnet  # noqa: E402
+from edgerep.bundle import read_manifest
+from edgerep.cli import EXIT_OK, EXIT_USAGE, main
+from tests.test_hf import _resnet
 
 
 def test_quantize_takes_a_hugging_face_directory_with_its_task(tmp_path, capsys):

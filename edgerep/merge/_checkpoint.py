@@ -1106,13 +1106,13 @@ def _merge_tensor(
 
     ``θ_base + combine(θ_i - θ_base)`` in float64, rounded once to the stored dtype,
     computed by `_combine`'s stream of `method` on row chunks: the magnitude trims
-    first, one delta at a time (its float64 magnitudes, partitioned in place), then each
-    chunk of rows of every model. Each delta's random draws come from a copy of
+    first, one delta at a time (`_combine.top_k_chunked`: two passes over its rows), then
+    each chunk of rows of every model. Each delta's random draws come from a copy of
     `generator` moved to where that delta's draws start when the whole tensor is drawn
     at once (delta after delta), so the chunks give the bits the whole tensor gives;
     `generator` ends where the whole-tensor draws end. Memory: about the chunk in
-    float64 times a few per model, plus one float64 magnitude copy of the tensor for
-    a trimming method.
+    float64 times a few per model, plus, for a trimming method, one float32 copy of
+    one delta's magnitudes (`_combine.top_k_chunked`).
     """
     from edgerep.merge import _combine
 
@@ -1132,16 +1132,15 @@ def _merge_tensor(
     gens = [generator] * n_models
     if stream is not None and stream.trims(numel, dens):
         for i, r in enumerate(readers[1:]):
-            mags = torch.empty(numel, dtype=_F64)
-            at = 0
-            for start, stop in chunks:
-                d = rows(r, start, stop).to(_F64) - rows(readers[0], start, stop).to(_F64)
-                mags[at : at + d.numel()] = d.reshape(-1).abs()
-                at += d.numel()
-                del d
-                _unmap(readers, len(chunks))
-            tops[i] = _combine.top_k(mags, stream.trims(numel, dens))
-            del mags
+
+            def magnitudes(r: _Reader = r) -> Iterator[torch.Tensor]:
+                for start, stop in chunks:
+                    d = rows(r, start, stop).to(_F64) - rows(readers[0], start, stop).to(_F64)
+                    yield d.abs_()
+                    del d
+                    _unmap(readers, len(chunks))
+
+            tops[i] = _combine.top_k_chunked(magnitudes, numel, stream.trims(numel, dens))
     if stream is not None and stream.random and len(chunks) > 1:
         cursor = torch.Generator().manual_seed(0)
         cursor.set_state(generator.get_state())

@@ -47,7 +47,7 @@ chunks of large tensors, with the same result bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +63,7 @@ __all__ = [
     "TopK",
     "combine_rows",
     "top_k",
+    "top_k_chunked",
     "check_method",
     "combine",
     "della_keep_probabilities",
@@ -202,6 +203,53 @@ def top_k(magnitudes: torch.Tensor, ks: Sequence[int]) -> list[TopK]:
         arr.partition(n - k)
         threshold = float(arr[n - k])
         above = int(np.count_nonzero(arr[n - k + 1 :] > threshold))
+        out.append(TopK(n, k, threshold, k - above))
+    return out
+
+
+def top_k_chunked(
+    magnitudes: Callable[[], Iterable[torch.Tensor]], n: int, ks: Sequence[int]
+) -> list[TopK]:
+    """`top_k` of a tensor of `n` entries whose float64 magnitudes come in chunks, in order,
+    from `magnitudes()` (called twice), holding them in float32 rather than float64.
+
+    Rounding to float32 is monotonic, so the k-th largest rounded magnitude is the
+    rounding of the k-th largest one: it splits the entries into those below it, those
+    above it, and the few that round to it, whose float64 magnitudes (collected in a
+    second pass) give the exact threshold and ties. The result equals `top_k`'s.
+    """
+    inner = [k for k in ks if 0 < k < n]
+    if not inner:
+        return [TopK(n, k) for k in ks]
+    rounded = torch.empty(n, dtype=torch.float32)
+    at = 0
+    for chunk in magnitudes():
+        rounded[at : at + chunk.numel()] = chunk.reshape(-1).to(torch.float32)
+        at += chunk.numel()
+    arr = rounded.numpy()
+    coarse: dict[int, tuple[float, int, int]] = {}
+    for k in inner:
+        arr.partition(n - k)
+        t32 = float(arr[n - k])
+        below = int(np.count_nonzero(arr[: n - k] < t32))
+        above = int(np.count_nonzero(arr[n - k + 1 :] > t32))
+        coarse[k] = (t32, below, above)
+    del rounded, arr
+    near: dict[float, list[torch.Tensor]] = {t32: [] for t32, _, _ in coarse.values()}
+    for chunk in magnitudes():
+        flat = chunk.reshape(-1)
+        flat32 = flat.to(torch.float32)
+        for t32, found in near.items():
+            found.append(flat[flat32 == t32])
+    out = []
+    for k in ks:
+        if k not in coarse:
+            out.append(TopK(n, k))
+            continue
+        t32, below, above = coarse[k]
+        candidates = torch.cat(near[t32]).sort().values
+        threshold = float(candidates[n - k - below])
+        above += int((candidates > threshold).sum())
         out.append(TopK(n, k, threshold, k - above))
     return out
 

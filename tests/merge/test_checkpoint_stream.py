@@ -117,39 +117,58 @@ def test_row_chunks_give_the_whole_tensor_merge_byte_for_byte(
         assert torch.equal(_raw(out[row.key]), _raw(expected))
 
 
-class _LargestFloat64(TorchDispatchMode):
-    """Records the most entries of any float64 tensor an op makes."""
+class _Largest(TorchDispatchMode):
+    """Records the most entries of any tensor an op allocates, per dtype: views of an
+    input's storage and tensors set on a storage (safetensors' memory map) are not
+    allocations."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.most = 0
+        self.most: dict[torch.dtype, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.set_.source_Storage:
+            return out
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dtype == F64:
-                self.most = max(self.most, t.numel())
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.most[t.dtype] = max(self.most.get(t.dtype, 0), t.numel())
         return out
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties", "ties", "breadcrumbs"])
 def test_a_large_tensor_never_has_a_float64_copy(models, tmp_path, monkeypatch, method):
     """Only chunks of rows exist in float64 (at most one per model stacked; a tensor of up
     to two chunks is one), never the whole 90x40 'emb' or 64x50 'w' (3,600 and 3,200
-    entries)."""
+    entries); a magnitude trim holds one float32 copy of one delta's magnitudes."""
     base, *fine = models
     monkeypatch.setattr(_checkpoint, "CHUNK_ELEMENTS", 300)
-    with _LargestFloat64() as seen:
+    with _Largest() as seen:
         merge_checkpoints(base, fine, tmp_path / "out", method=method, density=_density(method))
-    assert seen.most <= 3 * 2 * 300 < 3200
+    assert seen.most[F64] <= 3 * 2 * 300 < 3200
+    trims = method in ("ties", "breadcrumbs")
+    if trims:
+        assert seen.most[torch.float32] == 90 * 40
+    else:
+        assert seen.most.get(torch.float32, 0) <= 2 * 300
 
 
-def test_trims_need_one_magnitude_copy_per_tensor(models, tmp_path, monkeypatch):
-    base, *fine = models
-    monkeypatch.setattr(_checkpoint, "CHUNK_ELEMENTS", 300)
-    with _LargestFloat64() as seen:
-        merge_checkpoints(base, fine, tmp_path / "out", method="ties", density=0.4)
-    assert seen.most == 90 * 40  # the float64 magnitudes of one delta of 'emb', nothing larger
+def test_top_k_from_float32_rounded_chunks_is_exact():
+    """Magnitudes that round to one float32 (1 + j·2^-40), exact ties, zeros: the chunked
+    float32 selection finds the same threshold and ties as the float64 one."""
+    gen = torch.Generator().manual_seed(3)
+    close = 1 + torch.randint(0, 50, (400,), generator=gen).to(F64) * 2.0**-40
+    rough = (torch.randn(600, generator=gen, dtype=F64) * 4).round()
+    mags = torch.cat([close, rough.abs()])[torch.randperm(1000, generator=gen)]
+    for ks in ([0, 1, 7, 150, 400, 500, 999, 1000], [int(0.5 * 1000), 10]):
+        want = _combine.top_k(mags.clone(), ks)
+        got = _combine.top_k_chunked(lambda: iter(mags.split(77)), 1000, ks)
+        assert got == want
 
 
 # --- checkpoints as files -----------------------------------------------------------------
