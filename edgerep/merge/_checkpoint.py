@@ -21,7 +21,11 @@ scratch for one tensor, never the model:
   task arithmetic, TIES, DARE, ...): per tensor, the deltas ``θ_i - θ_base`` are
   combined by `edgerep.merge._combine` (the code adapter combinations use), in
   float64, and added to the base; the report has per-tensor statistics (sign
-  conflicts, fraction of the delta kept).
+  conflicts, fraction of the delta kept). Large tensors go in chunks of whole rows
+  (`CHUNK_ELEMENTS`), bit for bit what whole tensors give, so memory holds a few
+  float64 copies of one chunk per model (plus one float32 copy of one delta's
+  magnitudes for TIES/Breadcrumbs), never a whole tensor in float64. Each checkpoint
+  may also be one ``.safetensors`` file or a ``torch.save`` state dict.
 
 Everything is checked before anything is written (missing shards, an index that
 names a missing file, adapter targets absent from the model or of another shape,
@@ -990,8 +994,10 @@ def merge_checkpoints(
     copied from the base.
 
     Args:
-        base: the base checkpoint directory (its shards and index shape the output).
-        models: the fine-tuned checkpoint directories (any sharding).
+        base: the base checkpoint: a directory (its shards and index shape the output),
+            one ``.safetensors`` file or a state-dict file (``.pt``/``.pth``/``.bin``),
+            written out as ``model.safetensors``.
+        models: the fine-tuned checkpoints (directories of any sharding, or files).
         out: the directory to write.
         method: the combination method.
         weights: one weight per model (default ``1/n`` each).
@@ -1000,7 +1006,8 @@ def merge_checkpoints(
         overwrite: replace `out` if it exists.
 
     Raises:
-        SourceError: a missing shard or an index naming a missing file.
+        SourceError: a missing shard or an index naming a missing file; a file that is
+            not a flat state dict (or needs more than ``weights_only`` unpickling).
         ConfigError: a bad method, weights or density; keys, shapes or dtypes that
             differ between the checkpoints; `out` exists.
     """
