@@ -19,7 +19,10 @@ after importing torch, transformers, peft, safetensors and edgerep):
   arithmetic ``W + (B·A)·s`` PEFT's ``merge_and_unload`` does on a bf16 model.
 * ``models``: TIES (density 0.5) and DARE-TIES (density 0.5) merges of three
   BERT-base-shaped float32 checkpoints (random base, each model = base + noise)
-  with ``merge_checkpoints``.
+  with ``merge_checkpoints``; its peak RSS is compared with the largest input shard.
+  ``--previous SRC_DIR`` also runs the models case with the ``edgerep`` package under
+  SRC_DIR (e.g. an older checkout, ``git archive``'d), interleaved in the same run,
+  and checks that both write the same bytes.
 
 The checkpoints are generated once into ``--work`` (default
 ``/tmp/edgerep-checkpoint-bench``; about 2.5 GB for the Llama, 2 GB for the BERTs)
@@ -268,6 +271,7 @@ def _worker_models(paths: list[Path], out: Path, method: str) -> dict[str, Any]:
     import shutil
 
     _imports()
+    import edgerep
     from edgerep.merge._checkpoint import merge_checkpoints
 
     shutil.rmtree(out, ignore_errors=True)
@@ -286,11 +290,22 @@ def _worker_models(paths: list[Path], out: Path, method: str) -> dict[str, Any]:
         "tensors_merged": len(report.merged),
         "mean_sign_conflicts": sum(conflicts) / len(conflicts),
         "mean_density_kept": sum(kept) / len(kept),
+        "output_sha256": _digest(out),
+        "edgerep": str(Path(edgerep.__file__).parent),
     }
 
 
-def _run(args: list[str]) -> dict[str, Any]:
-    return run_worker(__file__, args)
+def _run(args: list[str], pythonpath: str | None = None) -> dict[str, Any]:
+    return run_worker(__file__, args, None if pythonpath is None else {"PYTHONPATH": pythonpath})
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(path.glob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def main() -> None:
@@ -301,6 +316,11 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=positive_int, default=1000)
     parser.add_argument("--rank", type=positive_int, default=16)
     parser.add_argument("--prepare", action="store_true", help="only generate the checkpoints")
+    parser.add_argument(
+        "--previous",
+        metavar="SRC_DIR",
+        help="also run the models case with the edgerep package under SRC_DIR, interleaved",
+    )
     parser.add_argument(
         "--worker", choices=["adapter", "ties", "dare_ties"], help=argparse.SUPPRESS
     )
@@ -325,14 +345,25 @@ def main() -> None:
     common = ["--work", str(work), "--shard-mb", str(args.shard_mb), "--rank", str(args.rank)]
     common += ["--small"] if args.small else []
     adapter = _run(["--worker", "adapter", *common])
-    models = [_run(["--worker", m, *common]) for m in ("ties", "dare_ties")]
+    models, previous = [], []
+    for m in ("ties", "dare_ties"):
+        models.append(_run(["--worker", m, *common]))
+        if args.previous:
+            previous.append(_run(["--worker", m, *common], pythonpath=args.previous))
     load_after = os.getloadavg()
+    berts = _make_berts(work, 200)
+    largest_bert_shard = max(p.stat().st_size for p in berts[0].glob("*.safetensors"))
+    inputs_bytes = sum(p.stat().st_size for b in berts for p in b.glob("*.safetensors"))
     notes = [
         "peak_rss_over_baseline counts everything the merge added to a process that had already "
         "imported torch, transformers, peft, safetensors and edgerep, including mapped pages of "
         "the input shards that were read (file-backed, reclaimable)",
-        "shards are written tensor by tensor and inputs unmapped after each shard, so memory "
-        "holds about one tensor in float64 (plus PEFT's float64 copy of it), not one shard",
+        "adapter case: shards are written tensor by tensor and inputs unmapped after each "
+        "shard, so memory holds about one tensor in float64 (plus PEFT's float64 copy of it), "
+        "not one shard",
+        "models case: tensors over 2 x 2^18 entries are merged in row chunks of about 2^18 "
+        "entries (inputs unmapped between chunks); TIES also holds one float32 copy of one "
+        "delta's magnitudes while its threshold is found (the word embeddings: 94 MB)",
     ]
     notes += busy_note(load_before, load_after)
     record = {
@@ -349,6 +380,13 @@ def main() -> None:
             "model": "3 BERT-base-shaped float32 checkpoints (base + N(0, 0.01) noise), "
             "weights 0.5,0.3,0.2, density 0.5, seed 0, shards of 200 MB",
             "runs": models,
+            "largest_shard_bytes": largest_bert_shard,
+            "inputs_bytes": inputs_bytes,
+            **(
+                {"previous_implementation": {"src": args.previous, "runs": previous}}
+                if args.previous
+                else {}
+            ),
         },
         "targets": {
             "adapter_seconds": 60,
@@ -360,6 +398,18 @@ def main() -> None:
             "adapter_peak_rss": adapter["peak_rss_over_baseline_bytes"] <= 2 << 30,
             "adapter_nearest_bf16": all(c["nearest_bf16_bit_for_bit"] for c in adapter["checks"]),
             "models_seconds": all(m["seconds"] <= 30 for m in models),
+            "models_peak_rss_le_largest_shard": all(
+                m["peak_rss_over_baseline_bytes"] <= largest_bert_shard for m in models
+            ),
+            **(
+                {
+                    "models_same_bytes_as_previous": all(
+                        a["output_sha256"] == b["output_sha256"] for a, b in zip(models, previous)
+                    )
+                }
+                if args.previous
+                else {}
+            ),
         },
         "notes": notes,
     }
@@ -369,7 +419,10 @@ def main() -> None:
     print(
         f"adapter merge ({params / 1e9:.2f} B params): {adapter['seconds']:.1f} s, peak RSS +"
         f"{adapter['peak_rss_over_baseline_bytes'] / 2**20:.0f} MiB; "
-        + "; ".join(f"{m['method']}: {m['seconds']:.1f} s" for m in models)
+        + "; ".join(
+            f"{m['method']}: {m['seconds']:.1f} s, +{m['peak_rss_over_baseline_bytes'] / 2**20:.0f} MiB"
+            for m in models
+        )
         + f"\n-> {out}"
     )
 

@@ -143,7 +143,10 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--out", required=True, metavar="OUT", help="bundle directory to create"
     )
     model_args.add_argument(
-        "--weights", metavar="W", help="state dict for a file.py:factory source"
+        "--weights",
+        metavar="W",
+        help="the state-dict file of a file.py:factory SRC; with merge --models: one weight "
+        "per model, comma-separated (e.g. 0.5,0.3,0.2; default 1/n each)",
     )
     model_args.add_argument(
         "--input",
@@ -193,9 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     adapter_args.add_argument(
         "--merge-seed",
         type=int,
-        default=0,
         metavar="N",
-        help="seed of DARE's and DELLA's random masks",
+        help="seed of DARE's and DELLA's random masks (default 0; a --models merge: --seed)",
     )
     adapter_args.add_argument(
         "--keep-zeros", action="store_true", help="keep the exact zeros of the base weights"
@@ -272,8 +274,34 @@ def _parser() -> argparse.ArgumentParser:
         "the fastest one that is at least --min-speedup faster than float and within --max-drop; "
         "write a new bundle (the source bundle is not modified).",
     )
-    p.add_argument("bundle", metavar="BUNDLE", help="a bundle written by `edgerep convert`")
+    p.add_argument(
+        "bundle",
+        metavar="BUNDLE_OR_HF_DIR",
+        help="a bundle written by `edgerep convert`, or a Hugging Face model directory "
+        "(converted first, with convert's defaults, then quantized)",
+    )
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="new bundle directory")
+    p.add_argument(
+        "--task",
+        metavar="TASK",
+        help="for a Hugging Face model directory: its task, as for `edgerep convert`",
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="for a Hugging Face model directory: input spec NAME:SHAPE[:DTYPE] (default from "
+        "its config)",
+    )
+    p.add_argument(
+        "--to",
+        action="append",
+        default=[],
+        metavar="FORMAT",
+        help="for a Hugging Face model directory: the float formats to export and quantize "
+        "(default onnx)",
+    )
     p.add_argument(
         "--mode",
         default="int8",
@@ -520,11 +548,39 @@ def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _quantize_hf_dir(args: argparse.Namespace) -> int:
+    """``quantize HF_DIR``: `_cmd_convert` with ``--quantize MODE`` (convert's defaults for
+    everything quantize does not set), the quantize options carried over."""
+    if args.trust_unsigned:
+        raise ConfigError(
+            f"--trust-unsigned applies to bundles; {args.bundle!r} is a Hugging Face model "
+            "directory (it is converted, then quantized)"
+        )
+    convert_args = _parser().parse_args(["convert", args.bundle, "-o", args.out])
+    for key, value in vars(args).items():
+        if key not in ("command", "handler", "bundle", "mode") and hasattr(convert_args, key):
+            setattr(convert_args, key, value)
+    convert_args.quantize = args.mode
+    return _cmd_convert(convert_args)
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from edgerep._hf import is_hf_dir
     from edgerep.bench._data import classes_of
-    from edgerep.bundle import read_manifest
+    from edgerep.bundle import MANIFEST_NAME, read_manifest
     from edgerep.quantize import quantize_bundle
 
+    if is_hf_dir(args.bundle) and not (Path(args.bundle) / MANIFEST_NAME).is_file():
+        return _quantize_hf_dir(args)
+    given = [
+        f for f, on in (("--task", args.task), ("--input", args.input), ("--to", args.to)) if on
+    ]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} apply when the source is a Hugging Face model directory "
+            f"(config.json and weights); {args.bundle!r} is not one: a bundle keeps its inputs "
+            "and formats"
+        )
     manifest = read_manifest(args.bundle, trust_unsigned=args.trust_unsigned)
     formats = sorted({a["format"] for a in manifest["artifacts"] if a["precision"] == "fp32"})
     data, backends = _quant_setup(
@@ -777,7 +833,7 @@ def _merge_options(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any] 
             combine={s.name or "default": 1.0 if s.weight is None else s.weight for s in sources},
             method=method,
             density=density,
-            seed=args.merge_seed,
+            seed=0 if args.merge_seed is None else args.merge_seed,
         )
     elif method != "linear" or density is not None:
         raise ConfigError(

@@ -21,7 +21,11 @@ scratch for one tensor, never the model:
   task arithmetic, TIES, DARE, ...): per tensor, the deltas ``θ_i - θ_base`` are
   combined by `edgerep.merge._combine` (the code adapter combinations use), in
   float64, and added to the base; the report has per-tensor statistics (sign
-  conflicts, fraction of the delta kept).
+  conflicts, fraction of the delta kept). Large tensors go in chunks of whole rows
+  (`CHUNK_ELEMENTS`), bit for bit what whole tensors give, so memory holds a few
+  float64 copies of one chunk per model (plus one float32 copy of one delta's
+  magnitudes for TIES/Breadcrumbs), never a whole tensor in float64. Each checkpoint
+  may also be one ``.safetensors`` file or a ``torch.save`` state dict.
 
 Everything is checked before anything is written (missing shards, an index that
 names a missing file, adapter targets absent from the model or of another shape,
@@ -60,6 +64,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointMergeReport",
     "TensorRow",
+    "is_checkpoint",
     "is_checkpoint_dir",
     "merge_adapter_checkpoint",
     "merge_checkpoints",
@@ -87,27 +92,86 @@ def _safetensors() -> Any:
 # --- checkpoints --------------------------------------------------------------------------
 
 
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
+"""Suffixes of a state-dict file (``torch.save`` of a flat name -> tensor mapping)."""
+
+
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is a directory holding a safetensors checkpoint (single or sharded)."""
     p = Path(path)
     return p.is_dir() and ((p / INDEX).is_file() or (p / SINGLE).is_file())
 
 
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is something a checkpoint merge reads: a checkpoint directory, one
+    ``.safetensors`` file, or a state-dict file (``.pt``, ``.pth``, ``.bin``)."""
+    p = Path(path)
+    return is_checkpoint_dir(p) or (
+        p.is_file() and p.suffix in (".safetensors", *STATE_DICT_SUFFIXES)
+    )
+
+
+def _load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A flat ``str -> tensor`` state dict from `path`, unpickled with ``weights_only``
+    (tensors and plain containers only, never arbitrary objects) and memory-mapped when
+    the file is in torch's zip format."""
+    import pickle
+
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise SourceError(
+            f"{what} {str(path)!r} cannot be read as a state dict with torch.load(weights_only="
+            f"True) ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give a "
+            "file saved with torch.save(model.state_dict(), ...) or a safetensors checkpoint"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise SourceError(
+            f"{what} {str(path)!r} holds a {type(obj).__name__}, not a state dict (a mapping "
+            "of tensor names to tensors); save model.state_dict()"
+        )
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            hint = (
+                f" (it looks like a training checkpoint: save its {k!r} entry alone)"
+                if isinstance(v, Mapping)
+                else ""
+            )
+            raise SourceError(
+                f"{what} {str(path)!r} is not a flat state dict: entry {k!r} is a "
+                f"{type(v).__name__}, not a tensor{hint}"
+            )
+    return dict(obj)
+
+
 @dataclass
 class Checkpoint:
     """A safetensors checkpoint directory: which file holds each tensor.
 
+    Also one ``.safetensors`` file, or a state-dict file (``.pt``/``.pth``/``.bin``,
+    read with ``torch.load(weights_only=True, mmap=True)``): one shard, written out as
+    ``model.safetensors``.
+
     Attributes:
-        path: the directory.
+        path: the directory (the file's directory for a file).
         weight_map: tensor name -> shard file name, in the order the shards are read.
         shards: the shard file names, in index order.
         index: the index JSON as read (None for a single ``model.safetensors``).
+        kind: 'dir', 'safetensors' (one file) or 'state_dict' (one ``torch.save`` file).
+        state: the state dict's tensors (kind 'state_dict').
     """
 
     path: Path
     weight_map: dict[str, str]
     shards: list[str]
     index: dict[str, Any] | None = None
+    kind: str = "dir"
+    state: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, what: str = "checkpoint") -> Checkpoint:
@@ -119,8 +183,30 @@ class Checkpoint:
         """
         st = _safetensors()
         root = Path(path).expanduser()
+        if root.is_file() and root.suffix in STATE_DICT_SUFFIXES:
+            state = _load_state_dict(root, what)
+            for k, v in state.items():
+                if v.dtype not in _NAMES:
+                    raise UnsupportedError(
+                        f"{what} {str(root)!r}: tensor {k!r} is {v.dtype}, which a merge does "
+                        f"not write (allowed: {', '.join(str(d) for d in _NAMES)})"
+                    )
+            return cls(
+                root.parent,
+                dict.fromkeys(state, root.name),
+                [root.name],
+                kind="state_dict",
+                state=state,
+            )
+        if root.is_file() and root.suffix == ".safetensors":
+            ckpt = cls(root.parent, {}, [root.name], kind="safetensors")
+            ckpt._check_headers(st, what)
+            return ckpt
         if not root.is_dir():
-            raise SourceError(f"{what} {str(root)!r} is not a directory")
+            raise SourceError(
+                f"{what} {str(root)!r} is neither a checkpoint directory nor a .safetensors, "
+                f".pt, .pth or .bin file" + ("" if root.exists() else " (it does not exist)")
+            )
         index_path = root / INDEX
         if index_path.is_file():
             try:
@@ -203,13 +289,26 @@ class _Reader:
         self._open.clear()
 
     def get(self, key: str) -> torch.Tensor:
+        if self.ckpt.state is not None:
+            return self.ckpt.state[key]
         return self._file(self.ckpt.weight_map[key]).get_tensor(key)
 
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (only those are read from the file)."""
+        if self.ckpt.state is not None:
+            return self.ckpt.state[key][start:stop]
+        return self._file(self.ckpt.weight_map[key]).get_slice(key)[start:stop]
+
     def header(self, key: str) -> tuple[str, list[int]]:
+        if self.ckpt.state is not None:
+            t = self.ckpt.state[key]
+            return _NAMES[t.dtype], list(t.shape)
         s = self._file(self.ckpt.weight_map[key]).get_slice(key)
         return str(s.get_dtype()), list(s.get_shape())
 
     def metadata(self, shard: str) -> dict[str, str] | None:
+        if self.ckpt.state is not None:
+            return {"format": "pt"}
         meta = self._file(shard).metadata()
         return dict(meta) if meta else None
 
@@ -298,7 +397,7 @@ class CheckpointMergeReport(RouteSummary):
 
 # --- writing ------------------------------------------------------------------------------
 
-Produce = Callable[[str, list[str]], Iterator[tuple[str, torch.Tensor]]]
+Produce = Callable[[str, list[str]], Iterator[tuple[str, torch.Tensor | Iterator[torch.Tensor]]]]
 
 _DTYPES = {
     "BF16": torch.bfloat16,
@@ -314,6 +413,9 @@ _DTYPES = {
 }
 
 
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise UnsupportedError(f"safetensors dtype {name} is not one a merge writes")
@@ -324,7 +426,7 @@ def _write_shard(
     path: Path,
     entries: list[tuple[str, str, list[int]]],
     metadata: dict[str, str] | None,
-    tensors: Iterator[tuple[str, torch.Tensor]],
+    tensors: Iterator[tuple[str, torch.Tensor | Iterator[torch.Tensor]]],
 ) -> None:
     """Write one safetensors file tensor by tensor, so memory holds one tensor at a time.
 
@@ -346,15 +448,27 @@ def _write_shard(
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         done = 0
-        for (key, dtype, shape), (got, t) in zip(entries, tensors, strict=True):
-            if got != key or t.dtype != _torch_dtype(dtype) or list(t.shape) != shape:
-                raise RuntimeError(  # a bug in the merge, never the user's input
-                    f"shard writer expected {key} {dtype} {shape}, got {got} {t.dtype} "
-                    f"{list(t.shape)}"
-                )
-            data = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            f.write(data.numpy().data)
-            done += data.numel()
+        for (key, dtype, shape), (got, value) in zip(entries, tensors, strict=True):
+            # a tensor, or its rows in order (chunks of a large tensor made one at a time)
+            parts = [value] if isinstance(value, torch.Tensor) else value
+            start = done
+            for t in parts:
+                whole = isinstance(value, torch.Tensor)
+                if (
+                    got != key
+                    or t.dtype != _torch_dtype(dtype)
+                    or (list(t.shape) != shape if whole else list(t.shape[1:]) != shape[1:])
+                ):
+                    raise RuntimeError(  # a bug in the merge, never the user's input
+                        f"shard writer expected {key} {dtype} {shape}, got {got} {t.dtype} "
+                        f"{list(t.shape)}"
+                    )
+                data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+                f.write(data.numpy().data)
+                done += data.numel()
+            expected = header[key]["data_offsets"]
+            if [start, done] != expected:
+                raise RuntimeError(f"shard writer wrote {key} at {[start, done]}, not {expected}")
         if done != offset:
             raise RuntimeError(f"shard writer wrote {done} bytes of {offset}")
 
@@ -380,11 +494,12 @@ def _write(
         for shard in ckpt.shards:
             keys = ckpt.keys_of(shard)
             entries = [(k, *reader.header(k)) for k in keys]
-            _write_shard(tmp / shard, entries, reader.metadata(shard), produce(shard, keys))
+            name = shard if ckpt.kind == "dir" else SINGLE  # a file source: OUT/model.safetensors
+            _write_shard(tmp / name, entries, reader.metadata(shard), produce(shard, keys))
             reader.close_all()
         if ckpt.index is not None:
             (tmp / INDEX).write_text(json.dumps(ckpt.index, indent=2) + "\n")
-        for p in sorted(ckpt.path.iterdir()):
+        for p in sorted(ckpt.path.iterdir()) if ckpt.kind == "dir" else []:
             if p.is_file() and p.name not in (INDEX, REPORT) and p.name not in ckpt.shards:
                 shutil.copy2(p, tmp / p.name)
         report.shards = len(ckpt.shards)
@@ -405,9 +520,10 @@ def _check_out(out: str | os.PathLike[str], sources: Sequence[Path], overwrite: 
 
     target = check_output_dir(Path(out), overwrite=overwrite)
     for s in sources:
-        if target == s.resolve():
+        if target == s.resolve() or target in s.resolve().parents:
             raise ConfigError(
-                f"output directory {str(target)!r} is an input; write the merge somewhere else"
+                f"output directory {str(target)!r} is an input or holds one ({str(s)!r}); write the "
+                "merge somewhere else"
             )
     return target
 
@@ -878,8 +994,10 @@ def merge_checkpoints(
     copied from the base.
 
     Args:
-        base: the base checkpoint directory (its shards and index shape the output).
-        models: the fine-tuned checkpoint directories (any sharding).
+        base: the base checkpoint: a directory (its shards and index shape the output),
+            one ``.safetensors`` file or a state-dict file (``.pt``/``.pth``/``.bin``),
+            written out as ``model.safetensors``.
+        models: the fine-tuned checkpoints (directories of any sharding, or files).
         out: the directory to write.
         method: the combination method.
         weights: one weight per model (default ``1/n`` each).
@@ -888,7 +1006,8 @@ def merge_checkpoints(
         overwrite: replace `out` if it exists.
 
     Raises:
-        SourceError: a missing shard or an index naming a missing file.
+        SourceError: a missing shard or an index naming a missing file; a file that is
+            not a flat state dict (or needs more than ``weights_only`` unpickling).
         ConfigError: a bad method, weights or density; keys, shapes or dtypes that
             differ between the checkpoints; `out` exists.
     """
@@ -927,36 +1046,151 @@ def merge_checkpoints(
         readers = [_Reader(c, stack) for c in ckpts]
         _check_models(readers)
 
-        def produce(shard: str, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        def produce(
+            shard: str, keys: list[str]
+        ) -> Iterator[tuple[str, torch.Tensor | Iterator[torch.Tensor]]]:
             for key in keys:
-                theta0 = readers[0].get(key)
-                if not theta0.is_floating_point():
-                    yield key, theta0
+                dtype, shape = readers[0].header(key)
+                if not _float_dtype(dtype):
+                    yield key, readers[0].get(key)
                     continue
-                base64 = theta0.to(_F64)
-                deltas = [r.get(key).to(_F64) - base64 for r in readers[1:]]
-                combined = _combine.combine(
-                    method, deltas, weights, density=density, generator=generator
+                yield (
+                    key,
+                    _merge_tensor(key, shape, readers, method, weights, density, generator, report),
                 )
-                merged = round_to(base64 + combined, theta0.dtype).contiguous()
-                conflicts, kept = _stats(deltas, combined)
-                report.merged.append(
-                    TensorRow(
-                        key,
-                        method,
-                        str(theta0.dtype).removeprefix("torch."),
-                        sign_conflicts=conflicts,
-                        density_kept=kept,
-                    )
-                )
-                del deltas, combined, base64
-                yield key, merged
-                for r in readers[1:]:
-                    r.close_all()  # other checkpoints shard differently: unmap as we go
+                for r in readers:  # unmap as we go: the pages read leave this process
+                    r.close_all()
 
         _write(ckpts[0], readers[0], target, produce, report, overwrite=overwrite)
     report.seconds = time.perf_counter() - start
     return report
+
+
+CHUNK_ELEMENTS = 1 << 18
+"""Entries per row chunk of a large tensor in a checkpoint merge (2 MiB per float64 copy)."""
+
+
+def _row_chunks(shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of a tensor: whole rows of about `CHUNK_ELEMENTS`
+    entries; a 0-d or 1-d tensor or one of at most two chunks is one range."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    if len(shape) < 2 or numel <= 2 * CHUNK_ELEMENTS:
+        return [(0, shape[0] if shape else 1)]
+    step = max(1, CHUNK_ELEMENTS // (numel // shape[0]))
+    return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
+
+
+def _unmap(readers: Sequence[_Reader], chunks: int) -> None:
+    """Between the chunks of a large tensor, unmap every input shard: the pages of the
+    rows read so far leave this process (they reopen, memory-mapped, on the next read)."""
+    if chunks > 1:
+        for r in readers:
+            r.close_all()
+
+
+def _skip(generator: torch.Generator, draws: int) -> None:
+    """Advance `generator` past `draws` float64 uniform draws (CPU draws are serial, so
+    drawing in pieces consumes exactly what one draw of them all would)."""
+    while draws > 0:
+        n = min(draws, CHUNK_ELEMENTS)
+        torch.rand(n, generator=generator, dtype=_F64)
+        draws -= n
+
+
+def _merge_tensor(
+    key: str,
+    shape: list[int],
+    readers: Sequence[_Reader],
+    method: str,
+    weights: Sequence[float],
+    density: float | None,
+    generator: torch.Generator,
+    report: CheckpointMergeReport,
+) -> Iterator[torch.Tensor]:
+    """The merged rows of one floating tensor, chunk by chunk; its report row at the end.
+
+    ``θ_base + combine(θ_i - θ_base)`` in float64, rounded once to the stored dtype,
+    computed by `_combine`'s stream of `method` on row chunks: the magnitude trims
+    first, one delta at a time (`_combine.top_k_chunked`: two passes over its rows), then
+    each chunk of rows of every model. Each delta's random draws come from a copy of
+    `generator` moved to where that delta's draws start when the whole tensor is drawn
+    at once (delta after delta), so the chunks give the bits the whole tensor gives;
+    `generator` ends where the whole-tensor draws end. Memory: about the chunk in
+    float64 times a few per model, plus, for a trimming method, one float32 copy of
+    one delta's magnitudes (`_combine.top_k_chunked`).
+    """
+    from edgerep.merge import _combine
+
+    stream = _combine.STREAMS.get(method)
+    # a method registered as a whole-tensor function only gets the tensor in one piece
+    chunks = _row_chunks(shape) if stream is not None else [(0, shape[0] if shape else 1)]
+    n_models = len(readers) - 1
+    numel = 1
+    for n in shape:
+        numel *= n
+    dens = 1.0 if density is None else density
+
+    def rows(r: _Reader, start: int, stop: int) -> torch.Tensor:
+        return r.get(key) if len(chunks) == 1 else r.rows(key, start, stop)
+
+    tops: list[list[_combine.TopK]] = [[] for _ in range(n_models)]
+    gens = [generator] * n_models
+    if stream is not None and stream.trims(numel, dens):
+        for i, r in enumerate(readers[1:]):
+
+            def magnitudes(r: _Reader = r) -> Iterator[torch.Tensor]:
+                for start, stop in chunks:
+                    d = rows(r, start, stop).to(_F64) - rows(readers[0], start, stop).to(_F64)
+                    yield d.abs_()
+                    del d
+                    _unmap(readers, len(chunks))
+
+            tops[i] = _combine.top_k_chunked(magnitudes, numel, stream.trims(numel, dens))
+    if stream is not None and stream.random and len(chunks) > 1:
+        cursor = torch.Generator().manual_seed(0)
+        cursor.set_state(generator.get_state())
+        gens = []
+        for i in range(n_models):
+            g = torch.Generator().manual_seed(0)
+            g.set_state(cursor.get_state())
+            gens.append(g)
+            if i < n_models - 1:
+                _skip(cursor, numel)
+    conflicts = kept = 0
+    stored = None
+    for start, stop in chunks:
+        theta0 = rows(readers[0], start, stop)
+        stored = theta0.dtype
+        base64 = theta0.to(_F64)
+        del theta0
+        deltas = [rows(r, start, stop).to(_F64) - base64 for r in readers[1:]]
+        if stream is None:
+            combined = _combine.combine(
+                method, deltas, weights, density=density, generator=generator
+            )
+        else:
+            combined = _combine.combine_rows(stream, deltas, weights, dens, tops, gens)
+        c, k = _counts(deltas, combined)
+        conflicts, kept = conflicts + c, kept + k
+        del deltas
+        merged = round_to(base64 + combined, stored).contiguous()
+        del base64, combined
+        yield merged
+        del merged
+        _unmap(readers, len(chunks))
+    if stream is not None and stream.random and len(chunks) > 1:
+        generator.set_state(gens[-1].get_state())
+    report.merged.append(
+        TensorRow(
+            key,
+            method,
+            str(stored).removeprefix("torch."),
+            sign_conflicts=conflicts / numel if numel else 0.0,
+            density_kept=kept / numel if numel else 0.0,
+        )
+    )
 
 
 def _check_models(readers: Sequence[_Reader]) -> None:
@@ -999,11 +1233,10 @@ def _check_models(readers: Sequence[_Reader]) -> None:
         raise ConfigError(f"the checkpoints do not fit one another: {shown}")
 
 
-def _stats(deltas: Sequence[torch.Tensor], combined: torch.Tensor) -> tuple[float, float]:
-    """(fraction of entries where nonzero deltas disagree in sign, fraction kept nonzero)."""
-    n = combined.numel()
-    if n == 0:
-        return 0.0, 0.0
+def _counts(deltas: Sequence[torch.Tensor], combined: torch.Tensor) -> tuple[int, int]:
+    """(entries where nonzero deltas disagree in sign, entries the combination keeps nonzero)."""
+    if combined.numel() == 0:
+        return 0, 0
     signs = torch.stack([d.sign() for d in deltas])
     conflict = (signs.max(dim=0).values > 0) & (signs.min(dim=0).values < 0)
-    return conflict.sum().item() / n, (combined != 0).sum().item() / n
+    return int(conflict.sum()), int((combined != 0).sum())

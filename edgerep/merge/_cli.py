@@ -26,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--models",
         nargs="+",
         default=[],
-        metavar="DIR",
-        help="fine-tuned checkpoint directories to merge into SRC (a checkpoint directory): "
-        "model soups, task arithmetic, TIES, DARE with --method/--weights/--density",
+        metavar="CKPT",
+        help="fine-tuned checkpoints to merge into SRC, the base (each a safetensors checkpoint "
+        "directory, one .safetensors file or a .pt/.pth/.bin state dict): model soups, task "
+        "arithmetic, TIES, DARE, DELLA, Breadcrumbs with --method/--weights/--density/--seed; "
+        "writes a checkpoint directory",
     )
 
 
@@ -42,6 +44,12 @@ def handles(args: argparse.Namespace) -> bool:
 def _weights(text: str | None, n: int) -> list[float] | None:
     if text is None:
         return None
+    if Path(text).expanduser().is_file():
+        raise ConfigError(
+            f"--weights {text!r} is a file, but with --models --weights takes one number per "
+            "model, comma-separated (e.g. --weights 0.5,0.3,0.2); a state-dict file applies to a "
+            "file.py:factory SRC, and a fine-tuned state dict goes in --models"
+        )
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError as e:
@@ -73,22 +81,25 @@ def _refuse(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Merge checkpoints as `args` says; print the report; return the exit code."""
     from edgerep.merge._checkpoint import (
+        is_checkpoint,
         is_checkpoint_dir,
         merge_adapter_checkpoint,
         merge_checkpoints,
     )
 
     _refuse(args)
-    if not is_checkpoint_dir(args.source):
+    if not (is_checkpoint(args.source) if args.models else is_checkpoint_dir(args.source)):
         raise ConfigError(
-            f"--models merges checkpoint directories, but SRC {args.source!r} is not one "
-            "(config.json with model.safetensors or model.safetensors.index.json)"
+            f"--models merges checkpoints, but SRC {args.source!r} is not one: give a checkpoint "
+            "directory (model.safetensors or model.safetensors.index.json), one .safetensors "
+            "file or a .pt/.pth/.bin state dict"
         )
     report: Any
     if args.models:
         if args.adapter:
             raise ConfigError("give either --adapter or --models, not both")
-        seed = args.merge_seed if args.merge_seed else args.seed
+        # --merge-seed (DARE's/DELLA's masks) wins over --seed, even when it is 0
+        seed = args.merge_seed if args.merge_seed is not None else args.seed
         report = merge_checkpoints(
             args.source,
             args.models,

@@ -35,12 +35,22 @@ call, drawn as ``torch.rand(shape, dtype=float64) < p`` (``p = density`` for DAR
 ``p_j`` above for DELLA) for each adapter in
 the order of the ``combine`` mapping, tensor by tensor (weight, then bias) and
 layer by layer in module order: the same seed gives the same model.
+
+Every built-in method is written once, as a `Stream`: a per-delta transform applied to
+any run of whole rows of the tensor (given the per-tensor magnitude thresholds of its
+trims, computed first from the whole delta, and a generator positioned at the row's
+first draw), then an elementwise reduction (weighted sum, or sign election and
+disjoint mean, both summing the adapters left to right). `combine` applies it to
+whole tensors; the checkpoint merge (`edgerep.merge._checkpoint`) applies it to row
+chunks of large tensors, with the same result bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from edgerep.errors import ConfigError, did_you_mean
@@ -48,6 +58,12 @@ from edgerep.errors import ConfigError, did_you_mean
 __all__ = [
     "DELLA_EPSILON",
     "METHODS",
+    "STREAMS",
+    "Stream",
+    "TopK",
+    "combine_rows",
+    "top_k",
+    "top_k_chunked",
     "check_method",
     "combine",
     "della_keep_probabilities",
@@ -141,32 +157,101 @@ def _weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return out
 
 
-def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``k = int(density·n)`` entries of largest magnitude."""
-    return _top(delta, int(density * delta.numel()))
+@dataclass
+class TopK:
+    """Keep the `k` entries of largest magnitude of one tensor of `n` entries, applied to
+    its row chunks in order.
 
-
-def _top(delta: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the `k` entries of largest magnitude.
-
-    The threshold is the k-th largest magnitude (``kthvalue``, linear time: ``topk``
-    with k in the millions is much slower); entries tied at the threshold are kept
-    in index order until there are exactly k.
+    The threshold is the k-th largest magnitude; entries tied at it are kept in index
+    order until there are exactly k (`ties_left` of them remain to be kept).
     """
-    n = delta.numel()
-    if k <= 0:
-        return torch.zeros_like(delta)
-    if k >= n:
-        return delta.clone()
-    flat = delta.reshape(-1)
-    mag = flat.abs()
-    threshold = mag.kthvalue(n - k + 1).values
-    keep = mag > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        tied = (mag == threshold).nonzero().flatten()[:missing]
-        keep[tied] = True
-    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(delta.shape)
+
+    n: int
+    k: int
+    threshold: float = 0.0
+    ties_left: int = 0
+
+    def apply(self, chunk: torch.Tensor) -> torch.Tensor:
+        """`chunk` (the next rows of the tensor) with the entries outside the top k zeroed."""
+        if self.k <= 0:
+            return torch.zeros_like(chunk)
+        if self.k >= self.n:
+            return chunk.clone()
+        flat = chunk.reshape(-1)
+        mag = flat.abs()
+        keep = mag > self.threshold
+        if self.ties_left > 0:
+            tied = (mag == self.threshold).nonzero().flatten()[: self.ties_left]
+            keep[tied] = True
+            self.ties_left -= tied.numel()
+        return torch.where(keep, flat, torch.zeros_like(flat)).reshape(chunk.shape)
+
+
+def top_k(magnitudes: torch.Tensor, ks: Sequence[int]) -> list[TopK]:
+    """The `TopK` of each k in `ks` for a tensor whose float64 magnitudes are `magnitudes`.
+
+    `magnitudes` (flat, contiguous, float64, owned by the caller) is reordered in place
+    (numpy's linear-time partition: no second copy, unlike ``kthvalue`` or ``topk``).
+    """
+    n = magnitudes.numel()
+    arr = magnitudes.numpy()
+    out = []
+    for k in ks:
+        if k <= 0 or k >= n:
+            out.append(TopK(n, k))
+            continue
+        arr.partition(n - k)
+        threshold = float(arr[n - k])
+        above = int(np.count_nonzero(arr[n - k + 1 :] > threshold))
+        out.append(TopK(n, k, threshold, k - above))
+    return out
+
+
+def top_k_chunked(
+    magnitudes: Callable[[], Iterable[torch.Tensor]], n: int, ks: Sequence[int]
+) -> list[TopK]:
+    """`top_k` of a tensor of `n` entries whose float64 magnitudes come in chunks, in order,
+    from `magnitudes()` (called twice), holding them in float32 rather than float64.
+
+    Rounding to float32 is monotonic, so the k-th largest rounded magnitude is the
+    rounding of the k-th largest one: it splits the entries into those below it, those
+    above it, and the few that round to it, whose float64 magnitudes (collected in a
+    second pass) give the exact threshold and ties. The result equals `top_k`'s.
+    """
+    inner = [k for k in ks if 0 < k < n]
+    if not inner:
+        return [TopK(n, k) for k in ks]
+    rounded = torch.empty(n, dtype=torch.float32)
+    at = 0
+    for chunk in magnitudes():
+        rounded[at : at + chunk.numel()] = chunk.reshape(-1).to(torch.float32)
+        at += chunk.numel()
+    arr = rounded.numpy()
+    coarse: dict[int, tuple[float, int, int]] = {}
+    for k in inner:
+        arr.partition(n - k)
+        t32 = float(arr[n - k])
+        below = int(np.count_nonzero(arr[: n - k] < t32))
+        above = int(np.count_nonzero(arr[n - k + 1 :] > t32))
+        coarse[k] = (t32, below, above)
+    del rounded, arr
+    near: dict[float, list[torch.Tensor]] = {t32: [] for t32, _, _ in coarse.values()}
+    for chunk in magnitudes():
+        flat = chunk.reshape(-1)
+        flat32 = flat.to(torch.float32)
+        for t32, found in near.items():
+            found.append(flat[flat32 == t32])
+    out = []
+    for k in ks:
+        if k not in coarse:
+            out.append(TopK(n, k))
+            continue
+        t32, below, above = coarse[k]
+        candidates = torch.cat(near[t32]).sort().values
+        threshold = float(candidates[n - k - below])
+        above += int((candidates > threshold).sum())
+        out.append(TopK(n, k, threshold, k - above))
+    return out
 
 
 def _drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -175,58 +260,26 @@ def _drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> to
     return torch.where(keep, delta / density, torch.zeros_like(delta))
 
 
+def _ordered_sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``((t_0 + t_1) + t_2) + ...``: one fixed order, whatever the shape of the terms."""
+    out = terms[0].clone()
+    for t in terms[1:]:
+        out += t
+    return out
+
+
 def _disjoint_mean(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    weighted = torch.stack([w * t for t, w in zip(taus, weights)])
-    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = weighted.sign() == elected
-    total = torch.where(agree, weighted, torch.zeros_like(weighted)).sum(dim=0)
-    return total / agree.sum(dim=0).clamp(min=1).to(total.dtype)
-
-
-@register_method("linear", uses_density=False, linear=True)
-def _linear(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
-    return _weighted_sum(deltas, weights)
-
-
-@register_method("task_arithmetic", uses_density=False, linear=True)
-def _task_arithmetic(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
-    return _weighted_sum(deltas, weights)
-
-
-@register_method("ties", uses_density=True)
-def _ties(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
-    return _disjoint_mean([_trim(d, density) for d in deltas], weights)
-
-
-@register_method("dare_linear", uses_density=True)
-def _dare_linear(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
-    return _weighted_sum([_drop(d, density, generator) for d in deltas], weights)
+    weighted = [w * t for t, w in zip(taus, weights)]
+    mass = _ordered_sum(weighted)
+    elected = torch.where(mass >= 0, 1.0, -1.0).to(mass.dtype)
+    agree = [c.sign() == elected for c in weighted]
+    total = _ordered_sum([torch.where(a, c, torch.zeros_like(c)) for a, c in zip(agree, weighted)])
+    count = _ordered_sum([a.to(torch.int64) for a in agree])
+    return total / count.clamp(min=1).to(total.dtype)
 
 
 BREADCRUMBS_GAMMA = 0.01
 """Model Breadcrumbs' fraction of largest-magnitude entries dropped as outliers."""
-
-
-def _breadcrumb(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Drop the ``int(gamma·n)`` largest entries (outliers) and keep the next ``int(density·n)``.
-
-    The band is the difference of two nested magnitude trims (`_top` keeps ties in
-    index order, so the smaller set is inside the larger one).
-    """
-    n = delta.numel()
-    outliers = int(BREADCRUMBS_GAMMA * n)
-    return _top(delta, outliers + int(density * n)) - _top(delta, outliers)
-
-
-@register_method("breadcrumbs", uses_density=True)
-def _breadcrumbs(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
-    return _weighted_sum([_breadcrumb(d, density) for d in deltas], weights)
-
-
-@register_method("dare_ties", uses_density=True)
-def _dare_ties(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
-    return _disjoint_mean([_drop(d, density, generator) for d in deltas], weights)
-
 
 DELLA_EPSILON = 0.1
 """DELLA's spread of keep probabilities around ``density`` (``±ε`` from the smallest
@@ -252,11 +305,114 @@ def _magprune(delta: torch.Tensor, density: float, generator: torch.Generator) -
     return torch.where(keep, delta / probs, torch.zeros_like(delta))
 
 
-@register_method("della", uses_density=True)
-def _della(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
-    return _disjoint_mean([_magprune(d, density, generator) for d in deltas], weights)
+# --- the built-in methods, each written once as a stream -----------------------------------
+
+Tau = Callable[[torch.Tensor, Sequence[TopK], float, torch.Generator], torch.Tensor]
 
 
-@register_method("della_linear", uses_density=True)
-def _della_linear(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
-    return _weighted_sum([_magprune(d, density, generator) for d in deltas], weights)
+@dataclass(frozen=True)
+class Stream:
+    """A method as a per-delta transform of whole rows followed by an elementwise reduction.
+
+    Attributes:
+        trims: ``(n, density) -> ks``: the magnitude trims (`TopK`) of each delta of n
+            entries, computed from the whole delta before any rows are transformed.
+        tau: ``(rows, trims, density, generator) -> τ rows`` for one delta; a random
+            transform draws ``torch.rand(rows.shape, float64)`` from `generator` once.
+        disjoint: reduce by TIES' sign election and disjoint mean (else ``Σ w_i τ_i``).
+        random: `tau` draws from the generator.
+    """
+
+    trims: Callable[[int, float], tuple[int, ...]]
+    tau: Tau
+    disjoint: bool
+    random: bool = False
+
+
+STREAMS: dict[str, Stream] = {}
+
+
+def _no_trims(n: int, density: float) -> tuple[int, ...]:
+    return ()
+
+
+def _register_stream(
+    name: str,
+    tau: Tau,
+    *,
+    disjoint: bool,
+    uses_density: bool,
+    trims: Callable[[int, float], tuple[int, ...]] = _no_trims,
+    random: bool = False,
+    linear: bool = False,
+) -> None:
+    stream = Stream(trims, tau, disjoint, random)
+    STREAMS[name] = stream
+
+    def whole(deltas, weights, density, generator):  # type: ignore[no-untyped-def]
+        tops = [top_k(d.reshape(-1).abs(), trims(d.numel(), density)) for d in deltas]
+        return combine_rows(stream, deltas, weights, density, tops, [generator] * len(deltas))
+
+    register_method(name, uses_density=uses_density, linear=linear)(whole)
+
+
+def combine_rows(
+    stream: Stream,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    density: float,
+    tops: Sequence[Sequence[TopK]],
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """Combine the same rows of each delta (float64) with `stream`.
+
+    Args:
+        tops: each delta's trims (`top_k` of the whole delta), advanced row chunk by
+            row chunk.
+        generators: each delta's generator, positioned at the first draw of these rows.
+    """
+    taus = [stream.tau(d, t, density, g) for d, t, g in zip(deltas, tops, generators)]
+    return _disjoint_mean(taus, weights) if stream.disjoint else _weighted_sum(taus, weights)
+
+
+def _identity(rows, tops, density, generator):  # type: ignore[no-untyped-def]
+    return rows
+
+
+def _trimmed(rows, tops, density, generator):  # type: ignore[no-untyped-def]
+    return tops[0].apply(rows)
+
+
+def _dropped(rows, tops, density, generator):  # type: ignore[no-untyped-def]
+    return _drop(rows, density, generator)
+
+
+def _magpruned(rows, tops, density, generator):  # type: ignore[no-untyped-def]
+    return _magprune(rows, density, generator)
+
+
+def _band(rows, tops, density, generator):  # type: ignore[no-untyped-def]
+    # the difference of two nested magnitude trims (ties kept in index order, so the
+    # smaller set is inside the larger one)
+    return tops[0].apply(rows) - tops[1].apply(rows)
+
+
+def _ties_trim(n: int, density: float) -> tuple[int, ...]:
+    """Keep the ``k = int(density·n)`` entries of largest magnitude."""
+    return (int(density * n),)
+
+
+def _breadcrumbs_trims(n: int, density: float) -> tuple[int, ...]:
+    """Drop the ``int(gamma·n)`` largest entries (outliers), keep the next ``int(density·n)``."""
+    outliers = int(BREADCRUMBS_GAMMA * n)
+    return (outliers + int(density * n), outliers)
+
+
+_register_stream("linear", _identity, disjoint=False, uses_density=False, linear=True)
+_register_stream("task_arithmetic", _identity, disjoint=False, uses_density=False, linear=True)
+_register_stream("ties", _trimmed, disjoint=True, uses_density=True, trims=_ties_trim)
+_register_stream("dare_linear", _dropped, disjoint=False, uses_density=True, random=True)
+_register_stream("breadcrumbs", _band, disjoint=False, uses_density=True, trims=_breadcrumbs_trims)
+_register_stream("dare_ties", _dropped, disjoint=True, uses_density=True, random=True)
+_register_stream("della", _magpruned, disjoint=True, uses_density=True, random=True)
+_register_stream("della_linear", _magpruned, disjoint=False, uses_density=True, random=True)
