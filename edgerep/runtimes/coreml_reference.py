@@ -154,6 +154,7 @@ class CoreMLReferenceRuntime:
 
         self._check(device)
         import coremltools.converters.mil.frontend.milproto.load  # noqa: F401
+
         return {
             "runtime": self.name,
             "device": device,
