@@ -17,12 +17,21 @@ records thermal status, battery temperature and CPU frequencies, runs the runner
 them again, waits `cooldown_s` between runs and removes the directory. Runners,
 one per artifact format (registry `RUNNERS`):
 
-- ``onnx``: onnxruntime's ``onnxruntime_perf_test`` (``-I -m times -r N -x T``);
-  it prints percentiles, not per-call times, so each run contributes its P50/P99
-  and the row says ``"samples": "runner percentiles"``;
-- ``executorch``: ExecuTorch's ``executor_runner`` (``--model_path
-  --num_executions N``), which prints the total time of N calls: each run gives
-  a mean per call.
+- ``onnx``: onnxruntime's ``onnxruntime_perf_test`` (``-I -m times -r N [-x T] -s MODEL
+  RESULT_FILE``). Given a result file it writes one line per timed call,
+  ``model_name,seconds,peak_working_set,cpu_usage,index`` (``PerformanceResult::DumpToFile``
+  in onnxruntime/test/perftest/performance_runner.cc; the README's usage
+  ``onnxruntime_perf_test [options...] model_path result_file``); edgerep removes the
+  file before each run (the tool appends), reads it back with ``cat`` and feeds the
+  per-call times to `edgerep.bench.latency.summarize_runs`, the statistics of local rows
+  (pooled p50..p99, bootstrap interval of p50, run-to-run spread and flag);
+- ``executorch``: ExecuTorch's ``executor_runner`` (``--model_path --num_executions N``)
+  prints only the total time of its N calls (examples/portable/executor_runner/
+  executor_runner.cpp; the Android benchmark app's ``benchmark_results.json`` likewise
+  holds only average and trimmed-mean latencies). Per-call times exist only in an ETDump
+  from a runner built with the event tracer, which edgerep does not read yet. So each run
+  gives a mean per call: the row's latency says ``mean_only`` with that reason, claims
+  no interval, and its ``p50_ms`` holds the median of the runs' means (shown as a mean).
 
 The binary comes from ``--runner PATH``, else the device's ``runner_dir``
 (devices.toml; ``DIR/BINARY`` or ``DIR/ABI/BINARY``), else the runner cache
@@ -30,8 +39,7 @@ The binary comes from ``--runner PATH``, else the device's ``runner_dir``
 device lists (``ro.product.cpu.abilist``, e.g. ``arm64-v8a``). ``pin = "big"`` pins
 every run to the cores whose maximum frequency is above the slowest cluster's
 (``cpuinfo_max_freq``; all cores when they are all equal), or ``pin`` is a taskset
-hex mask. The statistics over runs (median p50, spread, flag) are those of
-`edgerep.bench.latency`; no p50 interval is claimed without per-call samples.
+hex mask.
 
 What an adb device cannot do is said, not dropped: ``--runtime`` selects runners
 by the runtime they stand for (a runtime with no runner is an error entry), and
@@ -209,18 +217,26 @@ class Runner:
 
     Attributes:
         binary: the file name looked up in the runner directory.
-        command: ``(remote_binary, remote_model, iterations, threads) -> argv``.
-        parse: runner output → ``{"p50_ms", "p99_ms" (or None), "n"}`` for one run.
+        command: ``(remote_binary, remote_model, iterations, threads, result_file) ->
+            argv``; `result_file` is a device path the runner may write its per-call
+            times to.
+        parse: ``(stdout, result_file_text or None) -> {"samples_ms": [...]} | {"mean_ms",
+            "n", "mean_only"}`` for one run (plus runner extras such as the peak working set).
         runtime: the edgerep runtime it stands for (what ``--runtime`` selects).
+        result_file: whether the runner writes `result_file` (removed before, read after
+            each run).
     """
 
     binary: str
-    command: Callable[[str, str, int, int | None], list[str]]
-    parse: Callable[[str], dict[str, Any]]
+    command: Callable[[str, str, int, int | None, str], list[str]]
+    parse: Callable[[str, str | None], dict[str, Any]]
     runtime: str
+    result_file: bool = False
 
 
-def _ort_command(binary: str, model: str, iterations: int, threads: int | None) -> list[str]:
+def _ort_command(
+    binary: str, model: str, iterations: int, threads: int | None, result_file: str
+) -> list[str]:
     return [
         binary,
         "-I",
@@ -229,28 +245,55 @@ def _ort_command(binary: str, model: str, iterations: int, threads: int | None) 
         "-r",
         str(iterations),
         *(["-x", str(threads)] if threads else []),
+        "-s",
         model,
+        result_file,
     ]
 
 
-def _ort_parse(text: str) -> dict[str, Any]:
+def _ort_parse(text: str, result: str | None) -> dict[str, Any]:
+    """Per-call seconds from the result file's ``name,seconds,peak_ws,cpu,index`` lines
+    (the statistics block after them, written with ``-s``, is skipped); stdout gives the
+    request count (checked) and the peak working set."""
+
     def value(name: str) -> float | None:
         m = re.search(rf"^{name}:\s*([0-9.eE+-]+)", text, re.MULTILINE)
         return float(m[1]) if m else None
 
-    p50, p99 = value("P50 Latency"), value("P99 Latency")
-    runs = value("Runs") or value("Total inference requests")
-    if p50 is None:
-        raise AdbError(f"onnxruntime_perf_test printed no 'P50 Latency': {text.strip()[-300:]}")
+    samples_ms = []
+    for line in (result or "").splitlines():
+        parts = line.strip().rsplit(",", 4)
+        if len(parts) == 5 and parts[4].isdigit():
+            try:
+                samples_ms.append(float(parts[1]) * 1e3)
+            except ValueError:
+                continue
+    if not samples_ms:
+        raise AdbError(
+            "onnxruntime_perf_test wrote no per-call times to its result file; it printed: "
+            f"{text.strip()[-300:]}"
+        )
+    requests = value("Total inference requests") or value("Total iterations")
+    if requests is not None and int(requests) != len(samples_ms):
+        raise AdbError(
+            f"onnxruntime_perf_test reported {int(requests)} requests but its result file "
+            f"holds {len(samples_ms)} times"
+        )
+    if min(samples_ms) < 0:
+        raise AdbError("onnxruntime_perf_test's result file holds a negative time")
+    load_s, first_ms = value("Session creation time cost"), value("First inference time cost")
     return {
-        "p50_ms": p50 * 1e3,
-        "p99_ms": None if p99 is None else p99 * 1e3,
-        "n": int(runs or 0),
+        "samples_ms": samples_ms,
         "peak_working_set_bytes": value("Peak working set size"),
+        "load_ms": None if load_s is None else load_s * 1e3,
+        "first_ms": first_ms,
     }
 
 
-def _et_command(binary: str, model: str, iterations: int, threads: int | None) -> list[str]:
+def _et_command(
+    binary: str, model: str, iterations: int, threads: int | None, result_file: str
+) -> list[str]:
+    del result_file  # executor_runner writes no per-call times (see the module docstring)
     return [
         binary,
         f"--model_path={model}",
@@ -259,39 +302,75 @@ def _et_command(binary: str, model: str, iterations: int, threads: int | None) -
     ]
 
 
-def _et_parse(text: str) -> dict[str, Any]:
+ET_MEAN_ONLY = (
+    "executor_runner prints only the total time of its --num_executions calls (per-call "
+    "times need an ETDump from a runner built with the event tracer, not read by edgerep "
+    "yet): each run gives a mean per call, so no percentiles and no interval"
+)
+
+
+def _et_parse(text: str, result: str | None) -> dict[str, Any]:
+    del result
     m = re.search(r"executed successfully\s+(\d+)\s+time\(s\)\s+in\s+([0-9.]+)\s*ms", text)
     if not m:
         raise AdbError(f"executor_runner printed no timing line: {text.strip()[-300:]}")
     n, total = int(m[1]), float(m[2])
-    return {"p50_ms": total / max(n, 1), "p99_ms": None, "n": n, "mean_only": True}
+    return {"mean_ms": total / max(n, 1), "n": n, "mean_only": ET_MEAN_ONLY}
 
 
 #: artifact format -> its runner
 RUNNERS: dict[str, Runner] = {
-    "onnx": Runner("onnxruntime_perf_test", _ort_command, _ort_parse, "onnxruntime"),
+    "onnx": Runner(
+        "onnxruntime_perf_test", _ort_command, _ort_parse, "onnxruntime", result_file=True
+    ),
     "executorch": Runner("executor_runner", _et_command, _et_parse, "executorch"),
 }
 
 
-def _latency_from_runs(runs: Sequence[Mapping[str, Any]], spread_threshold: float) -> dict:
-    p50s = [r["p50_ms"] for r in runs]
-    p99s = [r["p99_ms"] for r in runs if r["p99_ms"] is not None]
-    median = statistics.median(p50s)
-    spread = (max(p50s) - min(p50s)) / median if median > 0 else 0.0
+def _latency_from_runs(
+    runs: Sequence[Mapping[str, Any]], config: Any
+) -> tuple[dict[str, Any], list[float]]:
+    """The row's latency and its pooled samples (ms).
+
+    Per-call times go through `summarize_runs`, as local rows do. Runs that give only a
+    mean per call: the median of the means stands in the ``p50_ms`` field (the report
+    shows it as a mean), the spread is that of the means, and no interval is claimed.
+    """
+    from edgerep.bench.latency import summarize_runs
+
+    extras = {k: v for r in runs for k, v in r.items() if k == "peak_working_set_bytes"}
+    if all("samples_ms" in r for r in runs):
+        result = summarize_runs(
+            [[v * 1e6 for v in r["samples_ms"]] for r in runs], config=config
+        ).to_dict()
+        for key in ("first_ms", "load_ms", "warmup_iters", "peak_rss_bytes"):
+            result.pop(key, None)  # summarize_runs' placeholders; the runner's own below
+        for key in ("load_ms", "first_ms"):  # what the runner printed, median over runs
+            got = [float(r[key]) for r in runs if r.get(key) is not None]
+            if got:
+                result[key] = statistics.median(got)
+        result["samples"] = "per-call times written by the runner"
+        result.update(extras)
+        return result, [v for r in runs for v in r["samples_ms"]]
+    means = [float(r["mean_ms"]) for r in runs]
+    median = statistics.median(means)
+    spread = (max(means) - min(means)) / median if median > 0 else 0.0
     return {
         "stats": {
             "n": sum(int(r["n"]) for r in runs),
             "p50_ms": median,
-            "p99_ms": max(p99s) if p99s else median,
-            "mean_ms": statistics.fmean(p50s) if runs[0].get("mean_only") else None,
+            "p99_ms": None,
+            "mean_ms": median,
         },
+        "runs": [dict(r) for r in runs],
         "p50_ci_ms": [None, None],
         "p50_spread": spread,
-        "unstable": spread > spread_threshold,
-        "runs": [dict(r) for r in runs],
-        "samples": "runner percentiles per run (no per-call times)",
-    }
+        "unstable": spread > config.spread_threshold,
+        "mean_only": runs[0].get("mean_only") or "the runner gives a mean per call",
+        "samples": "one mean per run",
+        "config": config.to_dict(),
+        **extras,
+    }, []
 
 
 def _unmeasured(
@@ -551,7 +630,8 @@ class AdbTransport:
             serial=serial,
             timeout_s=timeout_s,
         )
-        argv = runner.command(remote_bin, remote_model, config.min_iters, threads)
+        result_file = f"{work}/{runner.binary}.times.csv"
+        argv = runner.command(remote_bin, remote_model, config.min_iters, threads, result_file)
         pin, cores = pinned
         if pin:
             argv = ["taskset", pin, *argv]
@@ -560,7 +640,16 @@ class AdbTransport:
         for i in range(config.repeats):
             if i:
                 time.sleep(cooldown_s)
-            runs.append(runner.parse(_adb(["shell", *argv], serial=serial, timeout_s=timeout_s)))
+            if runner.result_file:  # the runner appends: each run starts from no file
+                _adb(["shell", "rm", "-f", result_file], serial=serial)
+            out = _adb(["shell", *argv], serial=serial, timeout_s=timeout_s)
+            written = (
+                _adb(["shell", "cat", result_file], serial=serial, timeout_s=timeout_s)
+                if runner.result_file
+                else None
+            )
+            runs.append(runner.parse(out, written))
+        latency, samples_ms = _latency_from_runs(runs, config)
         return {
             "variant": request.variant,
             "runtime": runner.binary,
@@ -577,9 +666,9 @@ class AdbTransport:
                 "thermal_before": thermal_before,
                 "thermal_after": _thermal(serial, 10.0),
             },
-            "latency": _latency_from_runs(runs, config.spread_threshold),
+            "latency": latency,
             "accuracy": None,
             "reference": None,
             "roofline": None,
-            "samples_ms": [],
+            "samples_ms": samples_ms,
         }

@@ -188,12 +188,31 @@ def canned_shell(
     canned: Mapping[str, str], runs: list[str]
 ) -> Callable[[str, str], tuple[str, int]]:
     """A shell answering from `canned` by substring (the fake adb executable's table);
-    runner invocations are appended to `runs` and answered with a p50 that grows."""
+    runner invocations are appended to `runs` and answered in the real tools' formats
+    (`tests.devices._fake_runners`), onnxruntime_perf_test appending its per-call times
+    to the result file that ``cat`` reads back and ``rm -f`` removes."""
+    from tests.devices._fake_runners import et_run, ort_run
+
+    files: dict[str, str] = {}
 
     def shell(serial: str, command: str) -> tuple[str, int]:
+        argv = command.split()
         if "onnxruntime_perf_test" in command and " -m " in command:
+            out, written = ort_run(
+                len(runs), int(argv[argv.index("-r") + 1]), statistics="-s" in argv
+            )
             runs.append(command)
-            return canned["perf"].format(p50=0.0010 + 0.0001 * len(runs)), 0
+            files[argv[-1]] = files.get(argv[-1], "") + written
+            return out, 0
+        if "executor_runner" in command and "--num_executions=" in command:
+            n = next(a for a in argv if a.startswith("--num_executions="))
+            runs.append(command)
+            return et_run(len(runs) - 1, int(n.split("=")[1])), 0
+        if command.startswith("rm -f "):
+            files.pop(argv[2], None)
+            return "", 0
+        if command.startswith("cat "):
+            return files.get(argv[1], ""), 0
         for key in (
             "getprop",
             "thermalservice",

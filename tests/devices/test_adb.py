@@ -11,9 +11,11 @@ import os
 import socket
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 
+from edgerep.bench.latency import LatencyConfig, summarize_runs
 from edgerep.devices._base import BenchRequest
 from edgerep.devices.adb import (
     AdbError,
@@ -26,6 +28,7 @@ from edgerep.devices.adb import (
 )
 from edgerep.errors import ConfigError, UnsupportedError
 from tests._tiny_bundle import make_bundle
+from tests.devices._fake_runners import ort_run, ort_times
 
 DEVICES = """List of devices attached
 R58M1234ABC            device usb:1-1 product:beyond1 model:SM_G973F device:beyond1 transport_id:2
@@ -61,18 +64,6 @@ MAX_FREQS = "".join(
         (5, 3000000),
     ]
 )
-PERF = """Session creation time cost: 0.02 s
-Total inference requests: 5
-Average inference time cost: 1.5 ms
-Peak working set size: 31000000 bytes
-Runs:5
-Min Latency: 0.0012 s
-Max Latency: 0.0021 s
-P50 Latency: {p50} s
-P90 Latency: 0.0018 s
-P99 Latency: 0.002 s
-"""
-
 FAKE = r"""#!{python}
 import json, os, sys
 argv = sys.argv[1:]
@@ -92,10 +83,27 @@ for key in ("getprop", "thermalservice", "dumpsys battery", "scaling_cur_freq", 
     if key in cmd:
         print(canned[key], end="")
         sys.exit(0)
-if "onnxruntime_perf_test" in cmd and argv[0] == "shell" and "chmod" not in cmd:
-    n = int(open(os.environ["FAKE_ADB_LOG"]).read().count("-m"))
-    print(canned["perf"].format(p50=0.0010 + 0.0001 * n), end="")
-    sys.exit(0)
+# device files the runners write, kept across invocations (the tool appends to them)
+state = os.environ["FAKE_ADB_LOG"] + ".files.json"
+files = json.loads(open(state).read()) if os.path.exists(state) else {}
+if argv[:3] == ["shell", "rm", "-f"]:
+    files.pop(argv[3], None)
+elif argv[:2] == ["shell", "cat"]:
+    print(files.get(argv[2], ""), end="")
+elif argv[0] == "shell" and "chmod" not in cmd and ("-m" in argv or "executor_runner" in cmd):
+    sys.path.insert(0, {root!r})
+    from tests.devices._fake_runners import et_run, ort_run
+
+    n = len(json.loads(open(state + ".runs").read())) if os.path.exists(state + ".runs") else 0
+    open(state + ".runs", "w").write(json.dumps([0] * (n + 1)))
+    if "executor_runner" in cmd:
+        iters = int(next(a for a in argv if a.startswith("--num_executions=")).split("=")[1])
+        print(et_run(n, iters), end="")
+    else:
+        out, written = ort_run(n, int(argv[argv.index("-r") + 1]), statistics="-s" in argv)
+        files[argv[-1]] = files.get(argv[-1], "") + written
+        print(out, end="")
+open(state, "w").write(json.dumps(files))
 sys.exit(0)
 """
 
@@ -114,7 +122,6 @@ def canned_answers() -> dict[str, str]:
         "dumpsys battery": BATTERY,
         "scaling_cur_freq": FREQS,
         "cpuinfo_max_freq": MAX_FREQS,
-        "perf": PERF,
     }
 
 
@@ -123,7 +130,8 @@ def fake_adb(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     exe = bin_dir / "adb"
-    exe.write_text(FAKE.replace("{python}", sys.executable))
+    root = str(Path(__file__).resolve().parents[2])
+    exe.write_text(FAKE.replace("{python}", sys.executable).replace("{root!r}", repr(root)))
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "adb.log"
     canned = tmp_path / "canned.json"
@@ -218,11 +226,24 @@ def test_bench_command_construction_and_stats(fake_adb, tmp_path):
     (row,) = report["rows"]
     assert row["runtime"] == "onnxruntime_perf_test" and row["format"] == "onnx"
     lat = row["latency"]
-    assert len(lat["runs"]) == 3 and lat["stats"]["n"] == 15
-    p50s = [r["p50_ms"] for r in lat["runs"]]
-    assert lat["stats"]["p50_ms"] == pytest.approx(sorted(p50s)[1])
-    assert lat["p50_spread"] == pytest.approx((max(p50s) - min(p50s)) / sorted(p50s)[1])
-    assert lat["p50_ci_ms"] == [None, None]  # no per-call samples: no interval claimed
+    # the per-call times the runner wrote, through the statistics local rows get
+    expected = summarize_runs(
+        [[t * 1e9 for t in ort_times(run, 7)] for run in range(3)],
+        config=LatencyConfig(**latency),
+    ).to_dict()
+    assert lat["stats"] == pytest.approx(expected["stats"])
+    assert lat["stats"]["n"] == 21 and lat["runs"] == [pytest.approx(r) for r in expected["runs"]]
+    assert lat["p50_ci_ms"] == pytest.approx(expected["p50_ci_ms"])
+    assert lat["p50_ci_ms"][0] < lat["stats"]["p50_ms"] < lat["p50_ci_ms"][1]
+    assert lat["p50_spread"] == pytest.approx(expected["p50_spread"]) and lat["unstable"]
+    assert lat["stats"]["p99_ms"] > lat["stats"]["p90_ms"] > lat["stats"]["p50_ms"]
+    assert "mean_only" not in lat and lat["samples"] == "per-call times written by the runner"
+    assert lat["load_ms"] == pytest.approx(20.0) and lat["first_ms"] == 3.0
+    assert lat["peak_working_set_bytes"] == 31000000
+    assert row["samples_ms"] == pytest.approx([t * 1e3 for r in range(3) for t in ort_times(r, 7)])
+    from edgerep.bench.report import validate_report
+
+    assert validate_report(report) == []
     assert report["environment"]["model"] == "SM-G973F"
     assert report["environment"]["thermal_after"]["battery_temp_c"] == 31.2
     calls = fake_adb()
@@ -250,8 +271,16 @@ def test_bench_command_construction_and_stats(fake_adb, tmp_path):
         "7",
         "-x",
         "2",
+        "-s",
         f"{work}/model.onnx",
+        f"{work}/onnxruntime_perf_test.times.csv",
     ]
+    # the tool appends to its result file: removed before each run, read after it
+    result = f"{work}/onnxruntime_perf_test.times.csv"
+    for run in runs:
+        i = calls.index(run)
+        assert calls[i - 1][2:] == ["shell", "rm", "-f", result]
+        assert calls[i + 1][2:] == ["shell", "cat", result]
     cleanup = calls.index(["-s", "R58M1234ABC", "shell", "rm", "-rf", work])
     assert cleanup > calls.index(runs[-1])  # removed after the last run
 
@@ -273,24 +302,70 @@ def test_bench_errors(fake_adb, tmp_path, monkeypatch):
 
 
 def test_runner_parsers():
-    from edgerep.devices.adb import RUNNERS
+    from edgerep.devices.adb import ET_MEAN_ONLY, RUNNERS
 
-    ort = RUNNERS["onnx"].parse(PERF.format(p50=0.0015))
-    assert ort["p50_ms"] == pytest.approx(1.5) and ort["p99_ms"] == pytest.approx(2.0)
-    assert ort["n"] == 5 and ort["peak_working_set_bytes"] == 31000000
+    out, written = ort_run(0, 5, statistics=True)
+    ort = RUNNERS["onnx"].parse(out, written)
+    assert ort["samples_ms"] == pytest.approx([t * 1e3 for t in ort_times(0, 5)])
+    assert ort["peak_working_set_bytes"] == 31000000 and ort["load_ms"] == pytest.approx(20)
+    out2, written2 = ort_run(1, 5, statistics=False)
+    with pytest.raises(AdbError, match="5 requests but its result file holds 10"):
+        RUNNERS["onnx"].parse(out2, written + written2)  # a file not removed between runs
+    with pytest.raises(AdbError, match="no per-call times"):
+        RUNNERS["onnx"].parse("Segmentation fault", "")
     et = RUNNERS["executorch"].parse(
-        "I 00:00:01 Model executed successfully 20 time(s) in 50.0 ms."
+        "I 00:00:01 Model executed successfully 20 time(s) in 50.0 ms.", None
     )
-    assert et["p50_ms"] == pytest.approx(2.5) and et["n"] == 20
-    with pytest.raises(AdbError, match="P50"):
-        RUNNERS["onnx"].parse("Segmentation fault")
+    assert et == {"mean_ms": pytest.approx(2.5), "n": 20, "mean_only": ET_MEAN_ONLY}
     with pytest.raises(AdbError, match="timing"):
-        RUNNERS["executorch"].parse("")
-    assert RUNNERS["executorch"].command("/r", "/m.pte", 9, None) == [
+        RUNNERS["executorch"].parse("", None)
+    assert RUNNERS["executorch"].command("/r", "/m.pte", 9, None, "/t.csv") == [
         "/r",
         "--model_path=/m.pte",
         "--num_executions=9",
     ]
+
+
+def test_executorch_rows_say_mean_only_with_the_reason(fake_adb, tmp_path):
+    """executor_runner gives one total per run: the row is a mean per call, says so with
+    the reason, claims no interval and no p99; the Markdown shows it as a mean."""
+    from edgerep.bench.report import markdown_table, render_html, validate_report
+    from edgerep.bundle import read_manifest, sha256_file, write_manifest
+    from edgerep.devices.adb import ET_MEAN_ONLY
+
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    (bundle / "executorch").mkdir()
+    (bundle / "executorch" / "model.pte").write_bytes(b"not read by the fake runner")
+    manifest = read_manifest(bundle)
+    pte = {
+        **manifest["artifacts"][0],
+        "format": "executorch",
+        "file": "executorch/model.pte",
+        "files": ["executorch/model.pte"],
+        "sha256": sha256_file(bundle / "executorch" / "model.pte"),
+    }
+    body = {k: v for k, v in manifest.items() if k not in ("files", "checksum")}
+    write_manifest(bundle, {**body, "artifacts": [pte]})
+    runner = tmp_path / "executor_runner"
+    runner.write_bytes(b"\x7fELF fake")
+    transport = AdbTransport()
+    device = transport.device({"serial": "R58M1234ABC", "runner": str(runner), "cooldown_s": 0})
+    latency = {"min_iters": 8, "min_seconds": 0.0, "warmup_iters": 0, "repeats": 3}
+    report = transport.bench(
+        device, BenchRequest(str(bundle), "tiny", {"latency": latency}), timeout_s=30
+    )
+    (row,) = report["rows"]
+    lat = row["latency"]
+    assert lat["mean_only"] == ET_MEAN_ONLY
+    assert lat["stats"]["mean_ms"] == pytest.approx(2.6) == lat["stats"]["p50_ms"]
+    assert lat["stats"]["p99_ms"] is None and lat["p50_ci_ms"] == [None, None]
+    assert lat["p50_spread"] == pytest.approx(0.2 / 2.6) and lat["stats"]["n"] == 24
+    assert row["samples_ms"] == []
+    assert validate_report(report) == []
+    assert "mean 2.600" in render_html(report)
+    table = markdown_table({**report, "rows": [row]})
+    assert "| mean 2.600 (no CI)† | - |" in table
+    assert f"a mean per call, not a p50: {ET_MEAN_ONLY}" in table
 
 
 def test_real_device_skips_with_reason():
