@@ -22,16 +22,24 @@ one per artifact format (registry `RUNNERS`):
   ``model_name,seconds,peak_working_set,cpu_usage,index`` (``PerformanceResult::DumpToFile``
   in onnxruntime/test/perftest/performance_runner.cc; the README's usage
   ``onnxruntime_perf_test [options...] model_path result_file``); edgerep removes the
-  file before each run (the tool appends), reads it back with ``cat`` and feeds the
+  file before each run (the tool appends), pulls it back and feeds the
   per-call times to `edgerep.bench.latency.summarize_runs`, the statistics of local rows
   (pooled p50..p99, bootstrap interval of p50, run-to-run spread and flag);
-- ``executorch``: ExecuTorch's ``executor_runner`` (``--model_path --num_executions N``)
-  prints only the total time of its N calls (examples/portable/executor_runner/
-  executor_runner.cpp; the Android benchmark app's ``benchmark_results.json`` likewise
-  holds only average and trimmed-mean latencies). Per-call times exist only in an ETDump
-  from a runner built with the event tracer, which edgerep does not read yet. So each run
-  gives a mean per call: the row's latency says ``mean_only`` with that reason, claims
-  no interval, and its ``p50_ms`` holds the median of the runs' means (shown as a mean).
+- ``executorch``: ExecuTorch's ``executor_runner`` (``--model_path --num_executions N
+  --etdump_path FILE``) prints only the total time of its N calls
+  (examples/portable/executor_runner/executor_runner.cpp); per-call times are in the
+  ETDump it writes when built with the event tracer (``EXECUTORCH_ENABLE_EVENT_TRACER``,
+  which defines ``--etdump_path``): one ``Execute`` block per call holding a
+  ``Method::execute`` profile event (ticks; nanoseconds on the POSIX platform layer,
+  checked against the printed total). edgerep pulls the file back and reads it with
+  ExecuTorch's own deserializer (``executorch.devtools.etdump.serialize``), so those rows
+  get the same statistics. The event tracer also records every operator call, a small
+  cost inside each timed call. A runner built without it refuses the flag: edgerep
+  runs it again without, and the row says ``mean_only`` with the reason (a mean per call
+  from the total, no percentiles, no interval; its ``p50_ms`` field holds the median of
+  the runs' means, shown as a mean). The Android benchmark app's
+  ``benchmark_results.json`` holds only average and trimmed-mean latencies, so it is no
+  better source.
 
 The binary comes from ``--runner PATH``, else the device's ``runner_dir``
 (devices.toml; ``DIR/BINARY`` or ``DIR/ABI/BINARY``), else the runner cache
@@ -65,6 +73,7 @@ from typing import Any
 from edgerep.devices._adb_host import (
     AdbError,
     _adb,
+    _pull_bytes,
     adb_executable,
     adb_server,
     adb_server_address,
@@ -218,24 +227,28 @@ class Runner:
     Attributes:
         binary: the file name looked up in the runner directory.
         command: ``(remote_binary, remote_model, iterations, threads, result_file) ->
-            argv``; `result_file` is a device path the runner may write its per-call
-            times to.
-        parse: ``(stdout, result_file_text or None) -> {"samples_ms": [...]} | {"mean_ms",
-            "n", "mean_only"}`` for one run (plus runner extras such as the peak working set).
+            argv``; `result_file` is a device path for the runner's per-call times, or
+            None to run it without one.
+        parse: ``(stdout, result_file_bytes or None) -> {"samples_ms": [...]} |
+            {"mean_ms", "n", "mean_only"}`` for one run (plus runner extras such as the
+            peak working set).
         runtime: the edgerep runtime it stands for (what ``--runtime`` selects).
-        result_file: whether the runner writes `result_file` (removed before, read after
-            each run).
+        result_file: whether the runner writes `result_file` (removed before, pulled
+            after each run).
+        refuses_result_file: a line of its output meaning this build does not take the
+            result-file option: the run is made again without it.
     """
 
     binary: str
-    command: Callable[[str, str, int, int | None, str], list[str]]
-    parse: Callable[[str, str | None], dict[str, Any]]
+    command: Callable[[str, str, int, int | None, str | None], list[str]]
+    parse: Callable[[str, bytes | None], dict[str, Any]]
     runtime: str
     result_file: bool = False
+    refuses_result_file: str | None = None
 
 
 def _ort_command(
-    binary: str, model: str, iterations: int, threads: int | None, result_file: str
+    binary: str, model: str, iterations: int, threads: int | None, result_file: str | None
 ) -> list[str]:
     return [
         binary,
@@ -247,11 +260,11 @@ def _ort_command(
         *(["-x", str(threads)] if threads else []),
         "-s",
         model,
-        result_file,
+        *([result_file] if result_file else []),
     ]
 
 
-def _ort_parse(text: str, result: str | None) -> dict[str, Any]:
+def _ort_parse(text: str, result: bytes | None) -> dict[str, Any]:
     """Per-call seconds from the result file's ``name,seconds,peak_ws,cpu,index`` lines
     (the statistics block after them, written with ``-s``, is skipped); stdout gives the
     request count (checked) and the peak working set."""
@@ -261,7 +274,7 @@ def _ort_parse(text: str, result: str | None) -> dict[str, Any]:
         return float(m[1]) if m else None
 
     samples_ms = []
-    for line in (result or "").splitlines():
+    for line in (result or b"").decode("utf-8", "replace").splitlines():
         parts = line.strip().rsplit(",", 4)
         if len(parts) == 5 and parts[4].isdigit():
             try:
@@ -291,31 +304,74 @@ def _ort_parse(text: str, result: str | None) -> dict[str, Any]:
 
 
 def _et_command(
-    binary: str, model: str, iterations: int, threads: int | None, result_file: str
+    binary: str, model: str, iterations: int, threads: int | None, result_file: str | None
 ) -> list[str]:
-    del result_file  # executor_runner writes no per-call times (see the module docstring)
     return [
         binary,
         f"--model_path={model}",
         f"--num_executions={iterations}",
         *([f"--cpu_threads={threads}"] if threads else []),
+        *([f"--etdump_path={result_file}"] if result_file else []),
     ]
 
 
 ET_MEAN_ONLY = (
-    "executor_runner prints only the total time of its --num_executions calls (per-call "
-    "times need an ETDump from a runner built with the event tracer, not read by edgerep "
-    "yet): each run gives a mean per call, so no percentiles and no interval"
+    "this executor_runner was built without the event tracer (it refuses --etdump_path) "
+    "and prints only the total time of its --num_executions calls: each run gives a mean "
+    "per call, so no percentiles and no interval (build it with "
+    "-DEXECUTORCH_ENABLE_EVENT_TRACER=ON for per-call times)"
+)
+ET_NO_READER = (
+    "the runner wrote an ETDump but reading it needs ExecuTorch on this machine "
+    "(pip install 'edgerep[executorch]'): each run gives a mean per call from the printed "
+    "total, so no percentiles and no interval"
 )
 
 
-def _et_parse(text: str, result: str | None) -> dict[str, Any]:
-    del result
+def _etdump_call_ms(data: bytes) -> list[float] | None:
+    """The duration of each ``Method::execute`` event of an ETDump, in ms (ticks taken as
+    nanoseconds); None when ExecuTorch's deserializer is not installed.
+
+    Raises:
+        AdbError: the bytes are not an ETDump.
+    """
+    try:
+        from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
+    except ImportError:
+        return None
+    try:
+        dump = deserialize_from_etdump_flatcc(data)  # size-prefixed, as ETDumpGen writes
+    except Exception as e:  # flatc's failure on foreign bytes: a CalledProcessError
+        raise AdbError(f"the runner's ETDump ({len(data)} bytes) cannot be read: {e}") from e
+    return [
+        (e.profile_event.end_time - e.profile_event.start_time) / 1e6
+        for block in dump.run_data
+        if block.name == "Execute"
+        for e in block.events or []
+        if e.profile_event is not None and e.profile_event.name == "Method::execute"
+    ]
+
+
+def _et_parse(text: str, result: bytes | None) -> dict[str, Any]:
     m = re.search(r"executed successfully\s+(\d+)\s+time\(s\)\s+in\s+([0-9.]+)\s*ms", text)
     if not m:
         raise AdbError(f"executor_runner printed no timing line: {text.strip()[-300:]}")
     n, total = int(m[1]), float(m[2])
-    return {"mean_ms": total / max(n, 1), "n": n, "mean_only": ET_MEAN_ONLY}
+    calls = None if result is None else _etdump_call_ms(result)
+    if calls is None:
+        why = ET_MEAN_ONLY if result is None else ET_NO_READER
+        return {"mean_ms": total / max(n, 1), "n": n, "mean_only": why}
+    if len(calls) != n:
+        raise AdbError(
+            f"executor_runner ran {n} time(s) but its ETDump holds {len(calls)} "
+            "Method::execute events"
+        )
+    if min(calls) < 0 or not 0.75 <= sum(calls) / max(total, 1e-9) <= 1.25:
+        raise AdbError(
+            f"the ETDump's Method::execute times (sum {sum(calls):.3f}, ticks read as ns) "
+            f"disagree with the runner's total of {total:.3f} ms"
+        )
+    return {"samples_ms": calls}
 
 
 #: artifact format -> its runner
@@ -323,7 +379,14 @@ RUNNERS: dict[str, Runner] = {
     "onnx": Runner(
         "onnxruntime_perf_test", _ort_command, _ort_parse, "onnxruntime", result_file=True
     ),
-    "executorch": Runner("executor_runner", _et_command, _et_parse, "executorch"),
+    "executorch": Runner(
+        "executor_runner",
+        _et_command,
+        _et_parse,
+        "executorch",
+        result_file=True,
+        refuses_result_file="unknown command line flag 'etdump_path'",
+    ),
 }
 
 
@@ -630,25 +693,36 @@ class AdbTransport:
             serial=serial,
             timeout_s=timeout_s,
         )
-        result_file = f"{work}/{runner.binary}.times.csv"
-        argv = runner.command(remote_bin, remote_model, config.min_iters, threads, result_file)
+        result_file = f"{work}/{runner.binary}.times"
         pin, cores = pinned
-        if pin:
-            argv = ["taskset", pin, *argv]
+        use_file = runner.result_file
+
+        def argv_for(with_file: bool) -> list[str]:
+            argv = runner.command(
+                remote_bin,
+                remote_model,
+                config.min_iters,
+                threads,
+                result_file if with_file else None,
+            )
+            return ["taskset", pin, *argv] if pin else argv
+
         thermal_before = _thermal(serial, 10.0)
         runs = []
         for i in range(config.repeats):
             if i:
                 time.sleep(cooldown_s)
-            if runner.result_file:  # the runner appends: each run starts from no file
+            if use_file:  # a runner may append: each run starts from no file
                 _adb(["shell", "rm", "-f", result_file], serial=serial)
-            out = _adb(["shell", *argv], serial=serial, timeout_s=timeout_s)
+            out = _adb(["shell", *argv_for(use_file)], serial=serial, timeout_s=timeout_s)
+            if use_file and runner.refuses_result_file and runner.refuses_result_file in out:
+                use_file = False  # this build lacks the option: its runs go without it
+                out = _adb(["shell", *argv_for(False)], serial=serial, timeout_s=timeout_s)
             written = (
-                _adb(["shell", "cat", result_file], serial=serial, timeout_s=timeout_s)
-                if runner.result_file
-                else None
+                _pull_bytes(result_file, serial=serial, timeout_s=timeout_s) if use_file else None
             )
             runs.append(runner.parse(out, written))
+        argv = argv_for(use_file)
         latency, samples_ms = _latency_from_runs(runs, config)
         return {
             "variant": request.variant,
