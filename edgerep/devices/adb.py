@@ -714,8 +714,14 @@ class AdbTransport:
                 time.sleep(cooldown_s)
             if use_file:  # a runner may append: each run starts from no file
                 _adb(["shell", "rm", "-f", result_file], serial=serial)
-            out = _adb(["shell", *argv_for(use_file)], serial=serial, timeout_s=timeout_s)
-            if use_file and runner.refuses_result_file and runner.refuses_result_file in out:
+            refusal = runner.refuses_result_file if use_file else None
+            try:
+                out = _adb(["shell", *argv_for(use_file)], serial=serial, timeout_s=timeout_s)
+            except AdbError as e:  # gflags refuses an unknown flag with exit status 1
+                if refusal is None or refusal not in str(e):
+                    raise
+                out = refusal
+            if refusal is not None and refusal in out:
                 use_file = False  # this build lacks the option: its runs go without it
                 out = _adb(["shell", *argv_for(False)], serial=serial, timeout_s=timeout_s)
             written = (

@@ -111,8 +111,11 @@ elif argv[0] == "shell" and "chmod" not in cmd and ("-m" in argv or "executor_ru
         out, written = ort_run(n, int(argv[argv.index("-r") + 1]), statistics="-s" in argv)
         old = base64.b64decode(files.get(argv[-1], ""))
         files[argv[-1]] = base64.b64encode(old + written.encode()).decode()
-    if "unknown command line flag" not in out:
-        open(state + ".runs", "w").write(json.dumps([0] * (n + 1)))
+    if "unknown command line flag" in out:  # gflags: to stderr, exit status 1
+        open(state, "w").write(json.dumps(files))
+        sys.stderr.write(out)
+        sys.exit(1)
+    open(state + ".runs", "w").write(json.dumps([0] * (n + 1)))
     print(out, end="")
 open(state, "w").write(json.dumps(files))
 sys.exit(0)
