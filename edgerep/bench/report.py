@@ -225,8 +225,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                 + [
                     row["variant"],
                     _runtime_label(row),
-                    f"{st['p50_ms']:.3f} ({_f(lo, '.3f')}..{_f(hi, '.3f')})",
-                    f"{st['p99_ms']:.3f}",
+                    f"mean {st['p50_ms']:.3f} (no CI)†"
+                    if lat.get("mean_only")
+                    else f"{st['p50_ms']:.3f} ({_f(lo, '.3f')}..{_f(hi, '.3f')})",
+                    _f(st.get("p99_ms"), ".3f"),
                     f"{lat['p50_spread']:.1%}{flag}",
                     _f(lat.get("throughput_items_per_s"), ".1f"),
                     _f(lat.get("first_ms"), ".2f"),
@@ -245,6 +247,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         f"{_repeats(report)} runs, (!) above the threshold (do not trust smaller differences); "
         + _peak_note(rows),
     ]
+    for row in rows:
+        why = row["latency"].get("mean_only")
+        if why:
+            notes.append(f"† {_label(row)}: a mean per call, not a p50: {why}.")
     if len(rows) > 1 and report.get("devices"):
         notes.append(
             "top-1 agree, max rel err: per device and bundle, against the first row that "

@@ -1,8 +1,9 @@
 """How edgerep reaches adb: the adb server through adbutils, else the adb executable.
 
 See `edgerep.devices.adb` for the choice; `_adb` is the one entry point, taking
-adb's own argument shapes (``devices -l``, ``shell ...``, ``push LOCAL REMOTE``)
-and returning what adb prints, whichever way is used.
+adb's own argument shapes (``devices -l``, ``shell ...``, ``push LOCAL REMOTE``,
+``pull REMOTE LOCAL``) and returning what adb prints, whichever way is used;
+`_pull_bytes` reads a device file back.
 """
 
 from __future__ import annotations
@@ -135,6 +136,17 @@ def _adb(args: Sequence[str], *, serial: str | None = None, timeout_s: float = 1
     return out.stdout
 
 
+def _pull_bytes(remote: str, *, serial: str, timeout_s: float = 10.0) -> bytes:
+    """The bytes of the device file `remote` (``adb pull``: the sync protocol's RECV)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgerep-pull-") as tmp:
+        local = os.path.join(tmp, "file")
+        _adb(["pull", remote, local], serial=serial, timeout_s=timeout_s)
+        with open(local, "rb") as f:
+            return f.read()
+
+
 def _via_server(
     server: tuple[str, int], args: Sequence[str], *, serial: str | None, timeout_s: float
 ) -> str:
@@ -163,6 +175,11 @@ def _via_server(
             return str(result.output)
         if args[0] == "push" and len(args) == 3:
             device.sync.push(str(args[1]), str(args[2]), mode=0o644)
+            return ""
+        if args[0] == "pull" and len(args) == 3:
+            data = device.sync.read_bytes(str(args[1]))  # RECV; a missing file fails
+            with open(str(args[2]), "wb") as f:
+                f.write(data)
             return ""
     except adbutils.AdbTimeout as e:
         forget_adb_server()

@@ -17,12 +17,29 @@ records thermal status, battery temperature and CPU frequencies, runs the runner
 them again, waits `cooldown_s` between runs and removes the directory. Runners,
 one per artifact format (registry `RUNNERS`):
 
-- ``onnx``: onnxruntime's ``onnxruntime_perf_test`` (``-I -m times -r N -x T``);
-  it prints percentiles, not per-call times, so each run contributes its P50/P99
-  and the row says ``"samples": "runner percentiles"``;
-- ``executorch``: ExecuTorch's ``executor_runner`` (``--model_path
-  --num_executions N``), which prints the total time of N calls: each run gives
-  a mean per call.
+- ``onnx``: onnxruntime's ``onnxruntime_perf_test`` (``-I -m times -r N [-x T] -s MODEL
+  RESULT_FILE``). Given a result file it writes one line per timed call,
+  ``model_name,seconds,peak_working_set,cpu_usage,index`` (``PerformanceResult::DumpToFile``
+  in onnxruntime/test/perftest/performance_runner.cc; the README's usage
+  ``onnxruntime_perf_test [options...] model_path result_file``); edgerep removes the
+  file before each run (the tool appends), pulls it back and feeds the
+  per-call times to `edgerep.bench.latency.summarize_runs`, the statistics of local rows
+  (pooled p50..p99, bootstrap interval of p50, run-to-run spread and flag);
+- ``executorch``: ExecuTorch's ``executor_runner`` (``--model_path --num_executions N
+  --etdump_path FILE``) prints only the total time of its N calls
+  (examples/portable/executor_runner/executor_runner.cpp); per-call times are in the
+  ETDump it writes when built with the event tracer (``EXECUTORCH_ENABLE_EVENT_TRACER``,
+  which defines ``--etdump_path``): one ``Execute`` block per call holding a
+  ``Method::execute`` profile event (ticks; nanoseconds on the POSIX platform layer,
+  checked against the printed total). edgerep pulls the file back and reads it with
+  ExecuTorch's own deserializer (``executorch.devtools.etdump.serialize``), so those rows
+  get the same statistics. The event tracer also records every operator call, a small
+  cost inside each timed call. A runner built without it refuses the flag: edgerep
+  runs it again without, and the row says ``mean_only`` with the reason (a mean per call
+  from the total, no percentiles, no interval; its ``p50_ms`` field holds the median of
+  the runs' means, shown as a mean). The Android benchmark app's
+  ``benchmark_results.json`` holds only average and trimmed-mean latencies, so it is no
+  better source.
 
 The binary comes from ``--runner PATH``, else the device's ``runner_dir``
 (devices.toml; ``DIR/BINARY`` or ``DIR/ABI/BINARY``), else the runner cache
@@ -30,8 +47,7 @@ The binary comes from ``--runner PATH``, else the device's ``runner_dir``
 device lists (``ro.product.cpu.abilist``, e.g. ``arm64-v8a``). ``pin = "big"`` pins
 every run to the cores whose maximum frequency is above the slowest cluster's
 (``cpuinfo_max_freq``; all cores when they are all equal), or ``pin`` is a taskset
-hex mask. The statistics over runs (median p50, spread, flag) are those of
-`edgerep.bench.latency`; no p50 interval is claimed without per-call samples.
+hex mask.
 
 What an adb device cannot do is said, not dropped: ``--runtime`` selects runners
 by the runtime they stand for (a runtime with no runner is an error entry), and
@@ -57,6 +73,7 @@ from typing import Any
 from edgerep.devices._adb_host import (
     AdbError,
     _adb,
+    _pull_bytes,
     adb_executable,
     adb_server,
     adb_server_address,
@@ -209,18 +226,30 @@ class Runner:
 
     Attributes:
         binary: the file name looked up in the runner directory.
-        command: ``(remote_binary, remote_model, iterations, threads) -> argv``.
-        parse: runner output → ``{"p50_ms", "p99_ms" (or None), "n"}`` for one run.
+        command: ``(remote_binary, remote_model, iterations, threads, result_file) ->
+            argv``; `result_file` is a device path for the runner's per-call times, or
+            None to run it without one.
+        parse: ``(stdout, result_file_bytes or None) -> {"samples_ms": [...]} |
+            {"mean_ms", "n", "mean_only"}`` for one run (plus runner extras such as the
+            peak working set).
         runtime: the edgerep runtime it stands for (what ``--runtime`` selects).
+        result_file: whether the runner writes `result_file` (removed before, pulled
+            after each run).
+        refuses_result_file: a line of its output meaning this build does not take the
+            result-file option: the run is made again without it.
     """
 
     binary: str
-    command: Callable[[str, str, int, int | None], list[str]]
-    parse: Callable[[str], dict[str, Any]]
+    command: Callable[[str, str, int, int | None, str | None], list[str]]
+    parse: Callable[[str, bytes | None], dict[str, Any]]
     runtime: str
+    result_file: bool = False
+    refuses_result_file: str | None = None
 
 
-def _ort_command(binary: str, model: str, iterations: int, threads: int | None) -> list[str]:
+def _ort_command(
+    binary: str, model: str, iterations: int, threads: int | None, result_file: str | None
+) -> list[str]:
     return [
         binary,
         "-I",
@@ -229,69 +258,182 @@ def _ort_command(binary: str, model: str, iterations: int, threads: int | None) 
         "-r",
         str(iterations),
         *(["-x", str(threads)] if threads else []),
+        "-s",
         model,
+        *([result_file] if result_file else []),
     ]
 
 
-def _ort_parse(text: str) -> dict[str, Any]:
+def _ort_parse(text: str, result: bytes | None) -> dict[str, Any]:
+    """Per-call seconds from the result file's ``name,seconds,peak_ws,cpu,index`` lines
+    (the statistics block after them, written with ``-s``, is skipped); stdout gives the
+    request count (checked) and the peak working set."""
+
     def value(name: str) -> float | None:
         m = re.search(rf"^{name}:\s*([0-9.eE+-]+)", text, re.MULTILINE)
         return float(m[1]) if m else None
 
-    p50, p99 = value("P50 Latency"), value("P99 Latency")
-    runs = value("Runs") or value("Total inference requests")
-    if p50 is None:
-        raise AdbError(f"onnxruntime_perf_test printed no 'P50 Latency': {text.strip()[-300:]}")
+    samples_ms = []
+    for line in (result or b"").decode("utf-8", "replace").splitlines():
+        parts = line.strip().rsplit(",", 4)
+        if len(parts) == 5 and parts[4].isdigit():
+            try:
+                samples_ms.append(float(parts[1]) * 1e3)
+            except ValueError:
+                continue
+    if not samples_ms:
+        raise AdbError(
+            "onnxruntime_perf_test wrote no per-call times to its result file; it printed: "
+            f"{text.strip()[-300:]}"
+        )
+    requests = value("Total inference requests") or value("Total iterations")
+    if requests is not None and int(requests) != len(samples_ms):
+        raise AdbError(
+            f"onnxruntime_perf_test reported {int(requests)} requests but its result file "
+            f"holds {len(samples_ms)} times"
+        )
+    if min(samples_ms) < 0:
+        raise AdbError("onnxruntime_perf_test's result file holds a negative time")
+    load_s, first_ms = value("Session creation time cost"), value("First inference time cost")
     return {
-        "p50_ms": p50 * 1e3,
-        "p99_ms": None if p99 is None else p99 * 1e3,
-        "n": int(runs or 0),
+        "samples_ms": samples_ms,
         "peak_working_set_bytes": value("Peak working set size"),
+        "load_ms": None if load_s is None else load_s * 1e3,
+        "first_ms": first_ms,
     }
 
 
-def _et_command(binary: str, model: str, iterations: int, threads: int | None) -> list[str]:
+def _et_command(
+    binary: str, model: str, iterations: int, threads: int | None, result_file: str | None
+) -> list[str]:
     return [
         binary,
         f"--model_path={model}",
         f"--num_executions={iterations}",
         *([f"--cpu_threads={threads}"] if threads else []),
+        *([f"--etdump_path={result_file}"] if result_file else []),
     ]
 
 
-def _et_parse(text: str) -> dict[str, Any]:
+ET_MEAN_ONLY = (
+    "this executor_runner was built without the event tracer (it refuses --etdump_path) "
+    "and prints only the total time of its --num_executions calls: each run gives a mean "
+    "per call, so no percentiles and no interval (build it with "
+    "-DEXECUTORCH_ENABLE_EVENT_TRACER=ON for per-call times)"
+)
+ET_NO_READER = (
+    "the runner wrote an ETDump but reading it needs ExecuTorch on this machine "
+    "(pip install 'edgerep[executorch]'): each run gives a mean per call from the printed "
+    "total, so no percentiles and no interval"
+)
+
+
+def _etdump_call_ms(data: bytes) -> list[float] | None:
+    """The duration of each ``Method::execute`` event of an ETDump, in ms (ticks taken as
+    nanoseconds); None when ExecuTorch's deserializer is not installed.
+
+    Raises:
+        AdbError: the bytes are not an ETDump.
+    """
+    try:
+        from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
+    except ImportError:
+        return None
+    try:
+        dump = deserialize_from_etdump_flatcc(data)  # size-prefixed, as ETDumpGen writes
+    except Exception as e:  # flatc's failure on foreign bytes: a CalledProcessError
+        raise AdbError(f"the runner's ETDump ({len(data)} bytes) cannot be read: {e}") from e
+    return [
+        (e.profile_event.end_time - e.profile_event.start_time) / 1e6
+        for block in dump.run_data
+        if block.name == "Execute"
+        for e in block.events or []
+        if e.profile_event is not None and e.profile_event.name == "Method::execute"
+    ]
+
+
+def _et_parse(text: str, result: bytes | None) -> dict[str, Any]:
     m = re.search(r"executed successfully\s+(\d+)\s+time\(s\)\s+in\s+([0-9.]+)\s*ms", text)
     if not m:
         raise AdbError(f"executor_runner printed no timing line: {text.strip()[-300:]}")
     n, total = int(m[1]), float(m[2])
-    return {"p50_ms": total / max(n, 1), "p99_ms": None, "n": n, "mean_only": True}
+    calls = None if result is None else _etdump_call_ms(result)
+    if calls is None:
+        why = ET_MEAN_ONLY if result is None else ET_NO_READER
+        return {"mean_ms": total / max(n, 1), "n": n, "mean_only": why}
+    if len(calls) != n:
+        raise AdbError(
+            f"executor_runner ran {n} time(s) but its ETDump holds {len(calls)} "
+            "Method::execute events"
+        )
+    if min(calls) < 0 or not 0.75 <= sum(calls) / max(total, 1e-9) <= 1.25:
+        raise AdbError(
+            f"the ETDump's Method::execute times (sum {sum(calls):.3f}, ticks read as ns) "
+            f"disagree with the runner's total of {total:.3f} ms"
+        )
+    return {"samples_ms": calls}
 
 
 #: artifact format -> its runner
 RUNNERS: dict[str, Runner] = {
-    "onnx": Runner("onnxruntime_perf_test", _ort_command, _ort_parse, "onnxruntime"),
-    "executorch": Runner("executor_runner", _et_command, _et_parse, "executorch"),
+    "onnx": Runner(
+        "onnxruntime_perf_test", _ort_command, _ort_parse, "onnxruntime", result_file=True
+    ),
+    "executorch": Runner(
+        "executor_runner",
+        _et_command,
+        _et_parse,
+        "executorch",
+        result_file=True,
+        refuses_result_file="unknown command line flag 'etdump_path'",
+    ),
 }
 
 
-def _latency_from_runs(runs: Sequence[Mapping[str, Any]], spread_threshold: float) -> dict:
-    p50s = [r["p50_ms"] for r in runs]
-    p99s = [r["p99_ms"] for r in runs if r["p99_ms"] is not None]
-    median = statistics.median(p50s)
-    spread = (max(p50s) - min(p50s)) / median if median > 0 else 0.0
+def _latency_from_runs(
+    runs: Sequence[Mapping[str, Any]], config: Any
+) -> tuple[dict[str, Any], list[float]]:
+    """The row's latency and its pooled samples (ms).
+
+    Per-call times go through `summarize_runs`, as local rows do. Runs that give only a
+    mean per call: the median of the means stands in the ``p50_ms`` field (the report
+    shows it as a mean), the spread is that of the means, and no interval is claimed.
+    """
+    from edgerep.bench.latency import summarize_runs
+
+    extras = {k: v for r in runs for k, v in r.items() if k == "peak_working_set_bytes"}
+    if all("samples_ms" in r for r in runs):
+        result = summarize_runs(
+            [[v * 1e6 for v in r["samples_ms"]] for r in runs], config=config
+        ).to_dict()
+        for key in ("first_ms", "load_ms", "warmup_iters", "peak_rss_bytes"):
+            result.pop(key, None)  # summarize_runs' placeholders; the runner's own below
+        for key in ("load_ms", "first_ms"):  # what the runner printed, median over runs
+            got = [float(r[key]) for r in runs if r.get(key) is not None]
+            if got:
+                result[key] = statistics.median(got)
+        result["samples"] = "per-call times written by the runner"
+        result.update(extras)
+        return result, [v for r in runs for v in r["samples_ms"]]
+    means = [float(r["mean_ms"]) for r in runs]
+    median = statistics.median(means)
+    spread = (max(means) - min(means)) / median if median > 0 else 0.0
     return {
         "stats": {
             "n": sum(int(r["n"]) for r in runs),
             "p50_ms": median,
-            "p99_ms": max(p99s) if p99s else median,
-            "mean_ms": statistics.fmean(p50s) if runs[0].get("mean_only") else None,
+            "p99_ms": None,
+            "mean_ms": median,
         },
+        "runs": [dict(r) for r in runs],
         "p50_ci_ms": [None, None],
         "p50_spread": spread,
-        "unstable": spread > spread_threshold,
-        "runs": [dict(r) for r in runs],
-        "samples": "runner percentiles per run (no per-call times)",
-    }
+        "unstable": spread > config.spread_threshold,
+        "mean_only": runs[0].get("mean_only") or "the runner gives a mean per call",
+        "samples": "one mean per run",
+        "config": config.to_dict(),
+        **extras,
+    }, []
 
 
 def _unmeasured(
@@ -551,16 +693,43 @@ class AdbTransport:
             serial=serial,
             timeout_s=timeout_s,
         )
-        argv = runner.command(remote_bin, remote_model, config.min_iters, threads)
+        result_file = f"{work}/{runner.binary}.times"
         pin, cores = pinned
-        if pin:
-            argv = ["taskset", pin, *argv]
+        use_file = runner.result_file
+
+        def argv_for(with_file: bool) -> list[str]:
+            argv = runner.command(
+                remote_bin,
+                remote_model,
+                config.min_iters,
+                threads,
+                result_file if with_file else None,
+            )
+            return ["taskset", pin, *argv] if pin else argv
+
         thermal_before = _thermal(serial, 10.0)
         runs = []
         for i in range(config.repeats):
             if i:
                 time.sleep(cooldown_s)
-            runs.append(runner.parse(_adb(["shell", *argv], serial=serial, timeout_s=timeout_s)))
+            if use_file:  # a runner may append: each run starts from no file
+                _adb(["shell", "rm", "-f", result_file], serial=serial)
+            refusal = runner.refuses_result_file if use_file else None
+            try:
+                out = _adb(["shell", *argv_for(use_file)], serial=serial, timeout_s=timeout_s)
+            except AdbError as e:  # gflags refuses an unknown flag with exit status 1
+                if refusal is None or refusal not in str(e):
+                    raise
+                out = refusal
+            if refusal is not None and refusal in out:
+                use_file = False  # this build lacks the option: its runs go without it
+                out = _adb(["shell", *argv_for(False)], serial=serial, timeout_s=timeout_s)
+            written = (
+                _pull_bytes(result_file, serial=serial, timeout_s=timeout_s) if use_file else None
+            )
+            runs.append(runner.parse(out, written))
+        argv = argv_for(use_file)
+        latency, samples_ms = _latency_from_runs(runs, config)
         return {
             "variant": request.variant,
             "runtime": runner.binary,
@@ -577,9 +746,9 @@ class AdbTransport:
                 "thermal_before": thermal_before,
                 "thermal_after": _thermal(serial, 10.0),
             },
-            "latency": _latency_from_runs(runs, config.spread_threshold),
+            "latency": latency,
             "accuracy": None,
             "reference": None,
             "roofline": None,
-            "samples_ms": [],
+            "samples_ms": samples_ms,
         }

@@ -10,6 +10,7 @@ else ``--token-file``, else ``$EDGEREP_AGENT_TOKEN``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -98,12 +99,16 @@ class AgentClient:
             )
         conn = self._connection()
         try:
-            conn.request(
-                method,
-                path,
-                body=body,
-                headers={"Authorization": f"Bearer {self.token}", **(headers or {})},
-            )
+            # the agent refuses a bad request from its headers and closes before reading
+            # the body: its answer (e.g. 400 naming the problem) is already sent, so read
+            # it instead of reporting an unreachable agent
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request(
+                    method,
+                    path,
+                    body=body,
+                    headers={"Authorization": f"Bearer {self.token}", **(headers or {})},
+                )
             answer = conn.getresponse()
             raw = answer.read(_MAX_ANSWER_BYTES + 1)
         except (OSError, http.client.HTTPException) as e:

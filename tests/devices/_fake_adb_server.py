@@ -9,8 +9,10 @@ server answers ``OKAY`` or ``FAIL`` + a length-prefixed message. Served here:
   after which the same connection carries one device service:
   - ``shell:CMD``: the canned answer whose key occurs in CMD, then close; a trailing
     ``; echo X4EXIT:$?`` (how a shell reports its exit status) is honoured;
-  - ``sync:``: ``STAT`` (a regular file or nothing) and ``SEND path,mode`` with
-    ``DATA``/``DONE`` chunks, the pushed bytes kept in `files`; ``QUIT``.
+  - ``sync:``: ``STAT`` (a regular file or nothing), ``SEND path,mode`` with
+    ``DATA``/``DONE`` chunks, the pushed bytes kept in `files`, ``RECV path`` answered
+    with ``DATA``/``DONE`` chunks of a pushed file or one the shell wrote
+    (`device_files`; ``FAIL`` when there is none); ``QUIT``.
 
 Connections closed before any request are counted in `bare_connections` (that is
 how edgerep probes for a server). Serves at most `max_connections` connections (each in its own thread, 5 s socket
@@ -39,7 +41,9 @@ class FakeAdbServer:
     ) -> None:
         self.devices = devices
         self.shell = shell  # (serial, command) -> (output, exit status)
-        self.files: dict[str, tuple[bytes, int]] = {}
+        self.files: dict[str, tuple[bytes, int]] = {}  # pushed (SEND)
+        #: files the shell's commands wrote (e.g. a runner's result file), for RECV
+        self.device_files: dict[str, tuple[bytes, int]] = getattr(shell, "device_files", {})
         self.services: list[str] = []
         #: connections closed before any request (how edgerep probes for a server)
         self.bare_connections = 0
@@ -165,6 +169,17 @@ class FakeAdbServer:
                 mode = stat.S_IFREG | known[1] if known else 0
                 size = len(known[0]) if known else 0
                 conn.sendall(b"STAT" + struct.pack("<III", mode, size, 0))
+            elif command == b"RECV":
+                known = self.files.get(argument) or self.device_files.get(argument)
+                if known is None:
+                    message = b"No such file or directory"
+                    conn.sendall(b"FAIL" + struct.pack("<I", len(message)) + message)
+                    return
+                data = known[0]
+                for at in range(0, len(data), 64 * 1024):
+                    chunk = data[at : at + 64 * 1024]
+                    conn.sendall(b"DATA" + struct.pack("<I", len(chunk)) + chunk)
+                conn.sendall(b"DONE" + struct.pack("<I", 0))
             elif command == b"SEND":
                 path, _, mode = argument.rpartition(",")
                 data = b""
@@ -188,12 +203,25 @@ def canned_shell(
     canned: Mapping[str, str], runs: list[str]
 ) -> Callable[[str, str], tuple[str, int]]:
     """A shell answering from `canned` by substring (the fake adb executable's table);
-    runner invocations are appended to `runs` and answered with a p50 that grows."""
+    runner invocations are appended to `runs` and answered in the real tools' formats
+    (`tests.devices._fake_runners`), onnxruntime_perf_test appending its per-call times
+    to the result file that ``cat`` reads back and ``rm -f`` removes."""
+    from tests.devices._fake_runners import ort_run
+
+    files: dict[str, tuple[bytes, int]] = {}  # device path -> (bytes, mode), what RECV reads
 
     def shell(serial: str, command: str) -> tuple[str, int]:
+        argv = command.split()
         if "onnxruntime_perf_test" in command and " -m " in command:
+            out, written = ort_run(
+                len(runs), int(argv[argv.index("-r") + 1]), statistics="-s" in argv
+            )
             runs.append(command)
-            return canned["perf"].format(p50=0.0010 + 0.0001 * len(runs)), 0
+            files[argv[-1]] = (files.get(argv[-1], (b"", 0o644))[0] + written.encode(), 0o644)
+            return out, 0
+        if command.startswith("rm -f "):
+            files.pop(argv[2], None)
+            return "", 0
         for key in (
             "getprop",
             "thermalservice",
@@ -209,4 +237,5 @@ def canned_shell(
             return "boom\n", 1
         return "", 0
 
+    shell.device_files = files  # type: ignore[attr-defined]  # the server's RECV reads them
     return shell

@@ -6,14 +6,17 @@ outputs, so the tests check command construction, parsing and error handling.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 
+from edgerep.bench.latency import LatencyConfig, summarize_runs
 from edgerep.devices._base import BenchRequest
 from edgerep.devices.adb import (
     AdbError,
@@ -26,6 +29,7 @@ from edgerep.devices.adb import (
 )
 from edgerep.errors import ConfigError, UnsupportedError
 from tests._tiny_bundle import make_bundle
+from tests.devices._fake_runners import ort_run, ort_times
 
 DEVICES = """List of devices attached
 R58M1234ABC            device usb:1-1 product:beyond1 model:SM_G973F device:beyond1 transport_id:2
@@ -61,18 +65,6 @@ MAX_FREQS = "".join(
         (5, 3000000),
     ]
 )
-PERF = """Session creation time cost: 0.02 s
-Total inference requests: 5
-Average inference time cost: 1.5 ms
-Peak working set size: 31000000 bytes
-Runs:5
-Min Latency: 0.0012 s
-Max Latency: 0.0021 s
-P50 Latency: {p50} s
-P90 Latency: 0.0018 s
-P99 Latency: 0.002 s
-"""
-
 FAKE = r"""#!{python}
 import json, os, sys
 argv = sys.argv[1:]
@@ -92,10 +84,40 @@ for key in ("getprop", "thermalservice", "dumpsys battery", "scaling_cur_freq", 
     if key in cmd:
         print(canned[key], end="")
         sys.exit(0)
-if "onnxruntime_perf_test" in cmd and argv[0] == "shell" and "chmod" not in cmd:
-    n = int(open(os.environ["FAKE_ADB_LOG"]).read().count("-m"))
-    print(canned["perf"].format(p50=0.0010 + 0.0001 * n), end="")
-    sys.exit(0)
+# device files the runners write (base64), kept across invocations (a tool may append)
+import base64
+state = os.environ["FAKE_ADB_LOG"] + ".files.json"
+files = json.loads(open(state).read()) if os.path.exists(state) else {}
+if argv[:3] == ["shell", "rm", "-f"]:
+    files.pop(argv[3], None)
+elif argv[0] == "pull":
+    if argv[1] not in files:
+        sys.stderr.write(f"adb: error: failed to stat remote object '{argv[1]}': No such file\n")
+        sys.exit(1)
+    open(argv[2], "wb").write(base64.b64decode(files[argv[1]]))
+elif argv[0] == "shell" and "chmod" not in cmd and ("-m" in argv or "executor_runner" in cmd):
+    sys.path.insert(0, {root!r})
+    from tests.devices._fake_runners import et_run, ort_run
+
+    n = len(json.loads(open(state + ".runs").read())) if os.path.exists(state + ".runs") else 0
+    if "executor_runner" in cmd:
+        iters = int(next(a for a in argv if a.startswith("--num_executions=")).split("=")[1])
+        dump = next((a.split("=", 1)[1] for a in argv if a.startswith("--etdump_path=")), None)
+        tracer = os.environ.get("FAKE_ET_TRACER", "1") == "1"
+        out = et_run(n, iters, tracer=tracer, etdump_flag=dump is not None)
+        if dump is not None and tracer:
+            files[dump] = canned["etdump"][str(n)]
+    else:
+        out, written = ort_run(n, int(argv[argv.index("-r") + 1]), statistics="-s" in argv)
+        old = base64.b64decode(files.get(argv[-1], ""))
+        files[argv[-1]] = base64.b64encode(old + written.encode()).decode()
+    if "unknown command line flag" in out:  # gflags: to stderr, exit status 1
+        open(state, "w").write(json.dumps(files))
+        sys.stderr.write(out)
+        sys.exit(1)
+    open(state + ".runs", "w").write(json.dumps([0] * (n + 1)))
+    print(out, end="")
+open(state, "w").write(json.dumps(files))
 sys.exit(0)
 """
 
@@ -114,7 +136,6 @@ def canned_answers() -> dict[str, str]:
         "dumpsys battery": BATTERY,
         "scaling_cur_freq": FREQS,
         "cpuinfo_max_freq": MAX_FREQS,
-        "perf": PERF,
     }
 
 
@@ -123,7 +144,8 @@ def fake_adb(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     exe = bin_dir / "adb"
-    exe.write_text(FAKE.replace("{python}", sys.executable))
+    root = str(Path(__file__).resolve().parents[2])
+    exe.write_text(FAKE.replace("{python}", sys.executable).replace("{root!r}", repr(root)))
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "adb.log"
     canned = tmp_path / "canned.json"
@@ -218,11 +240,24 @@ def test_bench_command_construction_and_stats(fake_adb, tmp_path):
     (row,) = report["rows"]
     assert row["runtime"] == "onnxruntime_perf_test" and row["format"] == "onnx"
     lat = row["latency"]
-    assert len(lat["runs"]) == 3 and lat["stats"]["n"] == 15
-    p50s = [r["p50_ms"] for r in lat["runs"]]
-    assert lat["stats"]["p50_ms"] == pytest.approx(sorted(p50s)[1])
-    assert lat["p50_spread"] == pytest.approx((max(p50s) - min(p50s)) / sorted(p50s)[1])
-    assert lat["p50_ci_ms"] == [None, None]  # no per-call samples: no interval claimed
+    # the per-call times the runner wrote, through the statistics local rows get
+    expected = summarize_runs(
+        [[t * 1e9 for t in ort_times(run, 7)] for run in range(3)],
+        config=LatencyConfig(**latency),
+    ).to_dict()
+    assert lat["stats"] == pytest.approx(expected["stats"])
+    assert lat["stats"]["n"] == 21 and lat["runs"] == [pytest.approx(r) for r in expected["runs"]]
+    assert lat["p50_ci_ms"] == pytest.approx(expected["p50_ci_ms"])
+    assert lat["p50_ci_ms"][0] < lat["stats"]["p50_ms"] < lat["p50_ci_ms"][1]
+    assert lat["p50_spread"] == pytest.approx(expected["p50_spread"]) and lat["unstable"]
+    assert lat["stats"]["p99_ms"] > lat["stats"]["p90_ms"] > lat["stats"]["p50_ms"]
+    assert "mean_only" not in lat and lat["samples"] == "per-call times written by the runner"
+    assert lat["load_ms"] == pytest.approx(20.0) and lat["first_ms"] == 3.0
+    assert lat["peak_working_set_bytes"] == 31000000
+    assert row["samples_ms"] == pytest.approx([t * 1e3 for r in range(3) for t in ort_times(r, 7)])
+    from edgerep.bench.report import validate_report
+
+    assert validate_report(report) == []
     assert report["environment"]["model"] == "SM-G973F"
     assert report["environment"]["thermal_after"]["battery_temp_c"] == 31.2
     calls = fake_adb()
@@ -250,8 +285,16 @@ def test_bench_command_construction_and_stats(fake_adb, tmp_path):
         "7",
         "-x",
         "2",
+        "-s",
         f"{work}/model.onnx",
+        f"{work}/onnxruntime_perf_test.times",
     ]
+    # the tool appends to its result file: removed before each run, pulled after it
+    result = f"{work}/onnxruntime_perf_test.times"
+    for run in runs:
+        i = calls.index(run)
+        assert calls[i - 1][2:] == ["shell", "rm", "-f", result]
+        assert calls[i + 1][2:4] == ["pull", result]
     cleanup = calls.index(["-s", "R58M1234ABC", "shell", "rm", "-rf", work])
     assert cleanup > calls.index(runs[-1])  # removed after the last run
 
@@ -273,24 +316,135 @@ def test_bench_errors(fake_adb, tmp_path, monkeypatch):
 
 
 def test_runner_parsers():
-    from edgerep.devices.adb import RUNNERS
+    from edgerep.devices.adb import ET_MEAN_ONLY, RUNNERS
 
-    ort = RUNNERS["onnx"].parse(PERF.format(p50=0.0015))
-    assert ort["p50_ms"] == pytest.approx(1.5) and ort["p99_ms"] == pytest.approx(2.0)
-    assert ort["n"] == 5 and ort["peak_working_set_bytes"] == 31000000
+    out, written = ort_run(0, 5, statistics=True)
+    ort = RUNNERS["onnx"].parse(out, written.encode())
+    assert ort["samples_ms"] == pytest.approx([t * 1e3 for t in ort_times(0, 5)])
+    assert ort["peak_working_set_bytes"] == 31000000 and ort["load_ms"] == pytest.approx(20)
+    out2, written2 = ort_run(1, 5, statistics=False)
+    with pytest.raises(AdbError, match="5 requests but its result file holds 10"):
+        RUNNERS["onnx"].parse(out2, (written + written2).encode())  # a file not removed
+    with pytest.raises(AdbError, match="no per-call times"):
+        RUNNERS["onnx"].parse("Segmentation fault", b"")
     et = RUNNERS["executorch"].parse(
-        "I 00:00:01 Model executed successfully 20 time(s) in 50.0 ms."
+        "I 00:00:01 Model executed successfully 20 time(s) in 50.0 ms.", None
     )
-    assert et["p50_ms"] == pytest.approx(2.5) and et["n"] == 20
-    with pytest.raises(AdbError, match="P50"):
-        RUNNERS["onnx"].parse("Segmentation fault")
+    assert et == {"mean_ms": pytest.approx(2.5), "n": 20, "mean_only": ET_MEAN_ONLY}
     with pytest.raises(AdbError, match="timing"):
-        RUNNERS["executorch"].parse("")
-    assert RUNNERS["executorch"].command("/r", "/m.pte", 9, None) == [
+        RUNNERS["executorch"].parse("", None)
+    assert RUNNERS["executorch"].command("/r", "/m.pte", 9, None, "/t") == [
         "/r",
         "--model_path=/m.pte",
         "--num_executions=9",
+        "--etdump_path=/t",
     ]
+    assert "--etdump_path" not in " ".join(RUNNERS["executorch"].command("/r", "/m", 9, 2, None))
+
+
+def _pte_bundle(tmp_path):
+    """The tiny bundle with an ExecuTorch artifact listed (bytes the fake runner ignores)."""
+    from edgerep.bundle import read_manifest, sha256_file, write_manifest
+
+    bundle = make_bundle(tmp_path / "tiny", openvino=False)
+    (bundle / "executorch").mkdir()
+    (bundle / "executorch" / "model.pte").write_bytes(b"not read by the fake runner")
+    manifest = read_manifest(bundle)
+    pte = {
+        **manifest["artifacts"][0],
+        "format": "executorch",
+        "file": "executorch/model.pte",
+        "files": ["executorch/model.pte"],
+        "sha256": sha256_file(bundle / "executorch" / "model.pte"),
+    }
+    body = {k: v for k, v in manifest.items() if k not in ("files", "checksum")}
+    write_manifest(bundle, {**body, "artifacts": [pte]})
+    return bundle
+
+
+def _et_bench(tmp_path, latency):
+    runner = tmp_path / "executor_runner"
+    runner.write_bytes(b"\x7fELF fake")
+    transport = AdbTransport()
+    device = transport.device({"serial": "R58M1234ABC", "runner": str(runner), "cooldown_s": 0})
+    request = BenchRequest(str(_pte_bundle(tmp_path)), "tiny", {"latency": latency})
+    return transport.bench(device, request, timeout_s=30)
+
+
+def test_executorch_per_call_times_from_the_etdump(fake_adb, tmp_path):
+    """A runner built with the event tracer writes an ETDump: pulled back and read with
+    ExecuTorch's deserializer, its Method::execute events are the per-call times, and the
+    row gets the statistics of local rows."""
+    pytest.importorskip("executorch.devtools.etdump.serialize")
+    from tests.devices._fake_runners import et_call_ns, et_etdump
+
+    path = Path(os.environ["FAKE_ADB_CANNED"])
+    canned = json.loads(path.read_text())
+    canned["etdump"] = {str(run): base64.b64encode(et_etdump(run, 8)).decode() for run in range(3)}
+    path.write_text(json.dumps(canned))
+    latency = {"min_iters": 8, "min_seconds": 0.0, "warmup_iters": 0, "repeats": 3}
+    report = _et_bench(tmp_path, latency)
+    assert report["errors"] == []
+    (row,) = report["rows"]
+    lat = row["latency"]
+    expected = summarize_runs(
+        [et_call_ns(run, 8) for run in range(3)], config=LatencyConfig(**latency)
+    ).to_dict()
+    assert "mean_only" not in lat
+    assert lat["stats"] == pytest.approx(expected["stats"]) and lat["stats"]["n"] == 24
+    assert lat["p50_ci_ms"] == pytest.approx(expected["p50_ci_ms"])
+    assert lat["p50_spread"] == pytest.approx(expected["p50_spread"])
+    from edgerep.devices.adb import RUNNERS
+    from tests.devices._fake_runners import et_run
+
+    parse = RUNNERS["executorch"].parse
+    assert parse(et_run(0, 8, etdump_flag=True), et_etdump(0, 8))["samples_ms"] == (
+        pytest.approx([ns / 1e6 for ns in et_call_ns(0, 8)])
+    )
+    with pytest.raises(AdbError, match=r"ran 7 time.*holds 8"):
+        parse(et_run(0, 7, etdump_flag=True), et_etdump(0, 8))
+    with pytest.raises(AdbError, match="disagree"):
+        parse(et_run(2, 8, etdump_flag=True).replace("in 2", "in 9"), et_etdump(2, 8))
+    with pytest.raises(AdbError, match="cannot be read"):
+        parse(et_run(0, 8, etdump_flag=True), b"\x10\x00\x00\x00not an etdump....")
+    calls = fake_adb()
+    runs = [c for c in calls if any(a.startswith("--num_executions=") for a in c)]
+    assert len(runs) == 3 and all(c[-1].startswith("--etdump_path=") for c in runs)
+    dump = runs[0][-1].split("=", 1)[1]
+    for run in runs:
+        i = calls.index(run)
+        assert calls[i - 1][2:] == ["shell", "rm", "-f", dump]
+        assert calls[i + 1][2:4] == ["pull", dump]
+
+
+def test_executorch_without_tracer_says_mean_only_with_the_reason(fake_adb, tmp_path, monkeypatch):
+    """A runner built without the event tracer refuses --etdump_path: it is run again
+    without, and the row is a mean per call that says so with the reason, claims no
+    interval and no p99; the Markdown shows it as a mean with a footnote."""
+    from edgerep.bench.report import markdown_table, render_html, validate_report
+    from edgerep.devices.adb import ET_MEAN_ONLY
+    from tests.devices._fake_runners import et_call_ns
+
+    monkeypatch.setenv("FAKE_ET_TRACER", "0")
+    latency = {"min_iters": 8, "min_seconds": 0.0, "warmup_iters": 0, "repeats": 3}
+    report = _et_bench(tmp_path, latency)
+    (row,) = report["rows"]
+    lat = row["latency"]
+    means = [sum(et_call_ns(run, 8)) / 8e6 * 1.002 for run in range(3)]
+    assert lat["mean_only"] == ET_MEAN_ONLY
+    assert lat["stats"]["mean_ms"] == pytest.approx(means[1], rel=1e-5) == lat["stats"]["p50_ms"]
+    assert lat["stats"]["p99_ms"] is None and lat["p50_ci_ms"] == [None, None]
+    assert lat["p50_spread"] == pytest.approx((means[2] - means[0]) / means[1], rel=1e-4)
+    assert lat["stats"]["n"] == 24 and row["samples_ms"] == []
+    assert "--etdump_path" not in " ".join(row["session"]["command"])
+    refused = [c for c in fake_adb() if any(a.startswith("--etdump_path=") for a in c)]
+    assert len(refused) == 1  # tried once, then every run without it
+    assert not any(c[2:3] == ["pull"] for c in fake_adb())
+    assert validate_report(report) == []
+    assert f"mean {lat['stats']['p50_ms']:.3f}" in render_html(report)
+    table = markdown_table({**report, "rows": [row]})
+    assert f"| mean {lat['stats']['p50_ms']:.3f} (no CI)† | - |" in table
+    assert f"a mean per call, not a p50: {ET_MEAN_ONLY}" in table
 
 
 def test_real_device_skips_with_reason():

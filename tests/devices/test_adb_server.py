@@ -8,11 +8,13 @@ import pytest
 
 pytest.importorskip("adbutils", reason="adbutils (the android extra) is not installed")
 
+from edgerep.bench.latency import LatencyConfig, summarize_runs
 from edgerep.devices._adb_host import _adb
 from edgerep.devices._base import BenchRequest
 from edgerep.devices.adb import AdbError, AdbTransport, adb_server, adb_unavailable_reason
 from tests._tiny_bundle import make_bundle
 from tests.devices._fake_adb_server import FakeAdbServer, canned_shell
+from tests.devices._fake_runners import ort_times
 from tests.devices.test_adb import DEVICES, canned_answers, closed_port
 
 
@@ -66,8 +68,12 @@ def test_bench_through_the_server(server, tmp_path, monkeypatch):
     assert len(server.runs) == 3 and all(
         r.startswith("taskset 3c /data/local/tmp/edgerep-") for r in server.runs
     )
-    p50s = sorted(r["p50_ms"] for r in row["latency"]["runs"])
-    assert row["latency"]["stats"]["p50_ms"] == pytest.approx(p50s[1])
+    expected = summarize_runs(
+        [[t * 1e9 for t in ort_times(run, 4)] for run in range(3)],
+        config=LatencyConfig(**latency),
+    ).to_dict()
+    assert row["latency"]["stats"] == pytest.approx(expected["stats"])
+    assert row["latency"]["p50_ci_ms"] == pytest.approx(expected["p50_ci_ms"])
     # the bytes pushed over the sync protocol are the runner and the model
     pushed = {path.rsplit("/", 1)[1]: data for path, (data, _) in server.files.items()}
     assert pushed["onnxruntime_perf_test"] == runner.read_bytes()
