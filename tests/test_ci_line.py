@@ -1,5 +1,5 @@
 """`.ci/run` runs exactly the README's test line, and that line installs the browser
-the HTML report test needs (on a fresh machine, as root) before anything else."""
+the HTML report test needs and adb (on a fresh machine, as root) before anything else."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def test_ci_runs_the_readme_test_line():
     ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip()]
     assert ci[-1].strip() == line
     assert line.startswith(
-        "(command -v chromium >/dev/null && command -v chromedriver >/dev/null || "
-        "(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-        "chromium chromium-driver"
+        "(command -v chromium >/dev/null && command -v chromedriver >/dev/null && "
+        "command -v adb >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+        "apt-get install -y -qq chromium chromium-driver adb >/dev/null))"
     )
     assert line.endswith(".venv/bin/python -m pytest -q")

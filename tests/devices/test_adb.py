@@ -448,6 +448,8 @@ def test_executorch_without_tracer_says_mean_only_with_the_reason(fake_adb, tmp_
 
 
 def test_real_device_skips_with_reason():
+    """The README's set-up installs Debian's adb, so on CI this runs the real adb server
+    and client through discovery; only the phone itself is missing there."""
     from edgerep.devices.adb import adb_unavailable_reason
 
     reason = adb_unavailable_reason()
