@@ -47,8 +47,9 @@ from torch import nn
 from edgerep.bench.latency import LatencyConfig, benchmark_latency
 from edgerep.errors import ConfigError, UnsupportedError, did_you_mean
 from edgerep.prune._config import PruneTarget, parse_target
-from edgerep.prune._groups import Group, build_groups
+from edgerep.prune._groups import ROOT_TYPES, Group, build_groups
 from edgerep.prune._importance import channel_importance
+from edgerep.prune._lift import plain_module
 from edgerep.prune._latency import (
     LatencyTables,
     LayerShape,
@@ -183,7 +184,7 @@ def measure_pair(
     threads: int = 1,
     config: LatencyConfig = E2E_LATENCY,
 ) -> tuple[float, float]:
-    """(p50 reference, p50 candidate) in ms, exported to ONNX and timed interleaved.
+    """(p50 reference, p50 candidate) in ms, exported for the backend and timed interleaved.
 
     Each of ``config.repeats`` rounds times both once, alternating the order; each
     p50 is the median of its rounds.
@@ -195,7 +196,9 @@ def measure_pair(
     one = replace(config, repeats=1)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [
-            backend.prepare(_export_onnx(m, inputs, Path(tmp) / f"m{i}.onnx"))
+            backend.export(m, inputs, Path(tmp) / f"m{i}")
+            if backend.export is not None
+            else backend.prepare(_export_onnx(m, inputs, Path(tmp) / f"m{i}.onnx"))
             for i, m in enumerate((reference, candidate))
         ]
         sessions = [runtime.load(p, options=backend.options(threads)) for p in paths]
@@ -263,7 +266,8 @@ def prune(
         labels: labels of `calib` (``taylor``).
         bn_scales: layer name -> per-channel BN scale of the layer's outputs, read
             before folding (``bn``; see `bn_scales_for_folded`).
-        backend: where a latency target is measured: ``onnxruntime`` or ``openvino``.
+        backend: where latency is measured: ``onnxruntime``, ``openvino`` or
+            ``executorch`` (XNNPACK delegate, through edgerep's ExecuTorch exporter).
         keep: module names whose output channels must not be pruned.
         recovery: ``ls`` (default with `calib`), ``mean`` or ``none`` (default without).
         ridge: ridge factor of the least-squares recovery.
@@ -273,9 +277,10 @@ def prune(
         min_ratio: no group is narrowed below this fraction of its channels.
         max_iters: measure-and-correct rounds of a latency target.
         cache_dir: where latency tables are cached (default ``~/.cache/edgerep/prune``).
-        measure: time the result end to end also for non-latency targets (default:
-            for latency targets and for depth/rank); a result measured slower is
-            refused.
+        measure: time the pruned and unpruned models end to end on `backend`
+            (default: always; False skips it for a macs/params/widths target, and
+            then nothing checks that the result is faster); a result measured
+            slower is refused.
         latency_config: the end-to-end timing of each round (default `E2E_LATENCY`).
 
     Returns:
@@ -317,12 +322,15 @@ def prune(
         )
     structural = bool({"depth", "rank"} & set(methods))
     if measure is None:
-        measure = (t is not None and t.kind == "latency") or structural
+        # every target is timed end to end: a pruned model measured slower than the
+        # unpruned one is refused whatever was asked (macs/params/widths included)
+        measure = t is not None or structural
     if measure or (structural and layer_cost is None):
         get_backend(backend)
     if not 0 < min_ratio <= 1:
         raise ConfigError(f"min_ratio must be in (0, 1]; got {min_ratio}")
-    original = copy.deepcopy(model).eval()
+    # a .pt2 program's functional conv/linear calls become layers Torch-Pruning groups
+    original = copy.deepcopy(plain_module(model, inputs)).eval()
     sha = model_sha256(original)
     base_shapes = layer_shapes(original, inputs)
     report = PruneReport(
@@ -488,10 +496,7 @@ def _channels(
     _, groups = build_groups(src, inputs, keep=keep)
     prunable = [g for g in groups if g.prunable]
     if not prunable:
-        raise ConfigError(
-            "no channel group of this model can be pruned: "
-            + "; ".join(f"{g.name}: {g.reason}" for g in groups)
-        )
+        raise ConfigError(_nothing_prunable(src, groups))
     scores = channel_importance(
         importance,
         src,
@@ -617,6 +622,26 @@ def _channels(
     return pruned, kept
 
 
+def _nothing_prunable(model: nn.Module, groups: Sequence[Group]) -> str:
+    """Why no group can be pruned; never an empty list of reasons."""
+    if groups:
+        return "no channel group of this model can be pruned: " + "; ".join(
+            f"{g.name}: {g.reason}" for g in groups
+        )
+    layers = [n for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)]
+    if layers:
+        why = f"its layers ({', '.join(layers[:6])}) form no channel group"
+    else:
+        why = (
+            "it has no Conv/Linear layer (nn.Conv1d/2d/3d, nn.Linear) for Torch-Pruning to "
+            "group; weights used by functional calls are not prunable"
+        )
+    return (
+        f"no channel group of this model can be pruned: {why}; give a model built from "
+        "layers (file.py:factory, or a .pt2 written by edgerep fold/torch.export)"
+    )
+
+
 def _refuse_slower(p0: float, p1: float, backend: str) -> None:
     if p1 >= p0:
         raise PruneRefusedError(
@@ -735,7 +760,7 @@ def apply_plan(
         ConfigError: another model, or a recovery plan without (or with other) calib.
     """
     inputs = _as_inputs(example_inputs)
-    src = copy.deepcopy(model).eval()
+    src = copy.deepcopy(plain_module(model, inputs)).eval()
     if model_sha256(src) != plan.model_sha256:
         raise ConfigError(
             "the prune plan was made for another model (its model_sha256 differs from this "

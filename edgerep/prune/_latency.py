@@ -63,17 +63,22 @@ class PruneBackend:
     """A backend pruning can measure on.
 
     Attributes:
-        name: ``onnxruntime`` or ``openvino``.
+        name: ``onnxruntime``, ``openvino`` or ``executorch``.
         runtime: the `edgerep.runtimes` name.
         options: threads -> runtime load options.
         prepare: ``(onnx_path) -> path the runtime loads`` (OpenVINO reads ONNX and
             is given its IR).
+        export: ``(torch model, inputs, out_dir) -> path the runtime loads`` for a
+            backend that does not read ONNX (ExecuTorch: edgerep's ExecuTorch exporter,
+            XNNPACK delegate); its layers and whole models are exported from torch,
+            inputs named ``input_0, input_1, ...``. None: ONNX + `prepare`.
     """
 
     name: str
     runtime: str
     options: Callable[[int], dict[str, Any]]
     prepare: Callable[[Path], Path]
+    export: Callable[[nn.Module, Sequence[torch.Tensor], Path], Path] | None = None
 
 
 def _ov_prepare(path: Path) -> Path:
@@ -83,6 +88,20 @@ def _ov_prepare(path: Path) -> Path:
     from edgerep.quantize._nncf import save_ir
 
     return save_ir(ov, ov.Core().read_model(str(path)), path.with_suffix(".xml"), fp16=False)
+
+
+def _et_export(model: nn.Module, inputs: Sequence[torch.Tensor], out_dir: Path) -> Path:
+    """`model` as an ExecuTorch program (XNNPACK delegate) through edgerep's exporter."""
+    import copy
+
+    from edgerep.exporters.executorch import ExecuTorchExporter
+    from edgerep.spec import InputSpec
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = [InputSpec(f"input_{i}", tuple(t.shape), "float32") for i, t in enumerate(inputs)]
+    model = copy.deepcopy(model).float().eval()
+    artifact = ExecuTorchExporter().export(model, [t.float() for t in inputs], specs, out_dir)
+    return Path(artifact.path)
 
 
 BACKENDS: dict[str, PruneBackend] = {
@@ -101,6 +120,11 @@ BACKENDS: dict[str, PruneBackend] = {
             "performance_hint": "LATENCY",
         },
         _ov_prepare,
+    ),
+    # the ExecuTorch bindings take no load options: XNNPACK runs its own thread pool,
+    # so `threads` only names the cache (as it does for `edgerep bench`)
+    "executorch": PruneBackend(
+        "executorch", "executorch", lambda threads: {}, lambda p: p, export=_et_export
     ),
 }
 
@@ -278,6 +302,31 @@ def _one_layer_onnx(shape: LayerShape, path: Path) -> list[int]:
     return in_shape
 
 
+def _one_layer_module(shape: LayerShape) -> tuple[nn.Module, list[int]]:
+    """A torch layer of `shape` (random weights) and its input shape."""
+    gen = torch.Generator().manual_seed(0)
+    layer: nn.Module
+    if shape.kind == "Conv2d":
+        layer = nn.Conv2d(
+            shape.cin,
+            shape.cout,
+            shape.kernel,
+            stride=shape.stride,
+            padding=shape.padding,
+            dilation=shape.dilation,
+            groups=shape.cin if shape.depthwise else 1,
+            bias=shape.bias,
+        )
+        in_shape = [1, shape.cin, *shape.in_shape[1:]]
+    else:
+        layer = nn.Linear(shape.cin, shape.cout, bias=shape.bias)
+        in_shape = [shape.in_shape[0], shape.cin]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return layer.eval(), in_shape
+
+
 def machine_key(backend: PruneBackend, threads: int) -> str:
     """A short name for this machine + backend + threads (CPU model, cores, runtime version)."""
     cpu = platform.processor() or platform.machine()
@@ -342,13 +391,17 @@ class LatencyTables:
             runtime = get_runtime(self.backend.runtime)
             with tempfile.TemporaryDirectory() as tmp:
                 for i, s in enumerate(todo):
-                    path = Path(tmp) / f"l{i}.onnx"
-                    in_shape = _one_layer_onnx(s, path)
-                    session = runtime.load(
-                        self.backend.prepare(path), options=self.backend.options(self.threads)
-                    )
+                    if self.backend.export is None:
+                        path = Path(tmp) / f"l{i}.onnx"
+                        in_shape = _one_layer_onnx(s, path)
+                        path, name = self.backend.prepare(path), "x"
+                    else:
+                        layer, in_shape = _one_layer_module(s)
+                        example = torch.zeros(in_shape)
+                        path, name = self.backend.export(layer, [example], Path(tmp) / f"l{i}"), "input_0"
+                    session = runtime.load(path, options=self.backend.options(self.threads))
                     feeds = {
-                        "x": np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)
+                        name: np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)
                     }
                     try:
                         result = benchmark_latency(session.run, feeds, config=self.config)
