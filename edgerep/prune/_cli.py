@@ -454,7 +454,7 @@ def _bundle_source(source: str) -> str:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from edgerep.cli import EXIT_OK, _formats_and_options, _load
+    from edgerep.cli import _formats_and_options, _load
     from edgerep.errors import ConfigError
     from edgerep.pipeline import convert
 

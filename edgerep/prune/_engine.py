@@ -49,20 +49,29 @@ from edgerep.errors import ConfigError, UnsupportedError, did_you_mean
 from edgerep.prune._config import PruneTarget, parse_target
 from edgerep.prune._groups import ROOT_TYPES, Group, build_groups
 from edgerep.prune._importance import channel_importance
-from edgerep.prune._lift import plain_module
 from edgerep.prune._latency import (
     LatencyTables,
     LayerShape,
     build_tables,
     get_backend,
     layer_shapes,
+    measure_step,
     pareto,
 )
+from edgerep.prune._lift import plain_module
 from edgerep.prune._plan import PrunePlan, apply_plan_structure, index_maps, model_sha256
 from edgerep.prune._recover import RECOVERY_MODES, recover
 from edgerep.prune._report import GroupResult, Iteration, PruneReport
 
-__all__ = ["METHODS", "PruneRefusedError", "apply_plan", "parse_methods", "prune"]
+__all__ = [
+    "METHODS",
+    "PruneRefusedError",
+    "apply_plan",
+    "measure_pair",
+    "measure_rounds",
+    "parse_methods",
+    "prune",
+]
 
 #: what `prune` can remove, in the order it is applied
 METHODS = ("depth", "channels", "rank")
@@ -163,6 +172,20 @@ def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -
     # a torch.fx GraphModule (depth pruning's result) is wrapped: its .graph attribute
     # confuses the TorchScript exporter
     model = nn.Sequential(copy.deepcopy(model).float().eval())
+    # nn.MultiheadAttention's eval fast path is a fused op the TorchScript exporter
+    # lacks; the unfused path computes the same function
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _torchscript_onnx(model, inputs, path, names)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return path
+
+
+def _torchscript_onnx(
+    model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, names: list[str]
+) -> None:
     with torch.no_grad():
         torch.onnx.export(
             model,
@@ -172,7 +195,6 @@ def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -
             input_names=names,
             opset_version=17,
         )
-    return path
 
 
 def measure_pair(
@@ -187,8 +209,24 @@ def measure_pair(
     """(p50 reference, p50 candidate) in ms, exported for the backend and timed interleaved.
 
     Each of ``config.repeats`` rounds times both once, alternating the order; each
-    p50 is the median of its rounds.
+    p50 is the median of its rounds (`measure_rounds`).
     """
+    rounds = measure_rounds(
+        backend_name, reference, candidate, inputs, threads=threads, config=config
+    )
+    return float(np.median([a for a, _ in rounds])), float(np.median([b for _, b in rounds]))
+
+
+def measure_rounds(
+    backend_name: str,
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    threads: int = 1,
+    config: LatencyConfig = E2E_LATENCY,
+) -> list[tuple[float, float]]:
+    """(p50 reference, p50 candidate) in ms of each of ``config.repeats`` interleaved rounds."""
     from edgerep.runtimes import get_runtime
 
     backend = get_backend(backend_name)
@@ -212,7 +250,7 @@ def measure_pair(
         finally:
             for s in sessions:
                 s.close()
-    return float(np.median(p50s[0])), float(np.median(p50s[1]))
+    return list(zip(p50s[0], p50s[1]))
 
 
 def prune(
@@ -449,7 +487,14 @@ def prune(
             report.status = "met" if met else "missed"
         elif not report.status:
             report.status = "measured"
-        _refuse_slower(p0, p1, backend)
+        e2e = latency_config or E2E_LATENCY
+        _refuse_slower(
+            p0,
+            p1,
+            backend,
+            _confirmer(backend, original, pruned, lat_inputs, threads, e2e),
+            report.notes,
+        )
     elif not report.status:
         report.status = "applied" if changed else "unchanged"
     plan = PrunePlan(
@@ -614,7 +659,14 @@ def _channels(
             config=latency_config or E2E_LATENCY,
         )
         report.backend, report.p50_before_ms, report.p50_after_ms = backend, p0, p1
-        _refuse_slower(p0, p1, backend)
+        e2e = latency_config or E2E_LATENCY
+        _refuse_slower(
+            p0,
+            p1,
+            backend,
+            _confirmer(backend, src, pruned, lat_inputs, threads, e2e),
+            report.notes,
+        )
         if t.kind == "widths":
             report.achieved, report.status = p1 / p0, "measured"
     elif t.kind == "widths":
@@ -642,13 +694,66 @@ def _nothing_prunable(model: nn.Module, groups: Sequence[Group]) -> str:
     )
 
 
-def _refuse_slower(p0: float, p1: float, backend: str) -> None:
-    if p1 >= p0:
-        raise PruneRefusedError(
-            f"the pruned model is not faster on {backend}: measured p50 {p1:.3f} ms vs "
-            f"{p0:.3f} ms unpruned (ratio {p1 / p0:.3f}); edgerep does not return a pruned "
-            "model that is slower. Try a lower target, another backend, or fewer, wider groups"
-        )
+#: paired rounds that must all find the pruned model slower before it is refused
+CONFIRM_ROUNDS = 10
+
+
+def _refuse_slower(
+    p0: float,
+    p1: float,
+    backend: str,
+    confirm: Callable[[], list[tuple[float, float]]] | None = None,
+    notes: list[str] | None = None,
+) -> None:
+    """Refuse a pruned model measured slower than the unpruned one, with the numbers.
+
+    A first measurement that finds it not faster (``p1 >= p0``) is confirmed by
+    `confirm` (``CONFIRM_ROUNDS`` more interleaved rounds): the model is refused when
+    it is slower in every one of them (a model as fast as the unpruned one passes
+    that by chance with probability 2**-10), else kept with a note that it is not
+    measurably faster (timing noise, e.g. a tiny model dominated by call overhead).
+    """
+    if p1 < p0:
+        return
+    if confirm is not None:
+        rounds = confirm()
+        faster = sum(b <= a for a, b in rounds)
+        if faster:
+            if notes is not None:
+                notes.append(
+                    f"not measurably faster on {backend}: measured p50 {p1:.3f} ms vs {p0:.3f} ms "
+                    f"unpruned at first, then faster in {faster} of {len(rounds)} more "
+                    "interleaved rounds; kept (refused only when slower in every round)"
+                )
+            return
+        p0 = float(np.median([a for a, _ in rounds]))
+        p1 = float(np.median([b for _, b in rounds]))
+        what = f"slower in all {len(rounds)} confirming rounds: "
+    else:
+        what = ""
+    raise PruneRefusedError(
+        f"the pruned model is not faster on {backend}: {what}measured p50 {p1:.3f} ms vs "
+        f"{p0:.3f} ms unpruned (ratio {p1 / p0:.3f}); edgerep does not return a pruned "
+        "model that is slower. Try a lower target, another backend, or fewer, wider groups"
+    )
+
+
+def _confirmer(
+    backend: str,
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    threads: int,
+    config: LatencyConfig,
+) -> Callable[[], list[tuple[float, float]]]:
+    return lambda: measure_rounds(
+        backend,
+        reference,
+        candidate,
+        inputs,
+        threads=threads,
+        config=replace(config, repeats=CONFIRM_ROUNDS),
+    )
 
 
 def _latency_search(
@@ -673,7 +778,8 @@ def _latency_search(
     lat = LatencyTables(get_backend(backend), threads=threads, model_hash=sha, cache_dir=cache_dir)
     shapes = layer_shapes(src, inputs)
     start = time.perf_counter()
-    raw = build_tables(prunable, shapes, lat.ms, min_ratio=min_ratio)
+    step, probe = measure_step(prunable, shapes, lat.ms, min_ratio=min_ratio)
+    raw = build_tables(prunable, shapes, lat.ms, min_ratio=min_ratio, step=step)
     tables = {g: pareto(tab) for g, tab in raw.items()}
     tables_out.update(raw)
     report.table = {
@@ -681,6 +787,8 @@ def _latency_search(
         "layers_from_cache": lat.from_cache,
         "seconds": round(time.perf_counter() - start, 2),
         "cache": str(lat.path),
+        "step": step,
+        "step_probe": probe,
         "dropped_widths": {
             g: sorted(set(raw[g]) - set(tables[g])) for g in raw if set(raw[g]) - set(tables[g])
         },
@@ -739,7 +847,10 @@ def _latency_search(
             f"{ratio:.3f} of the unpruned p50 (groups limited by min_ratio={min_ratio} and the "
             "non-prunable layers); returned that model"
         )
-    _refuse_slower(ref, p1, backend)
+    candidate = apply_plan_structure(src, inputs, kept)
+    _refuse_slower(
+        ref, p1, backend, _confirmer(backend, src, candidate, inputs, threads, e2e), report.notes
+    )
     return kept, widths
 
 

@@ -62,11 +62,15 @@ def _layer(node: fx.Node, params: dict[str, torch.Tensor]) -> tuple[str, nn.Modu
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     else:
         dims = weight.dim() - 2
-        stride, padding, dilation = (a if a is not None else d for a, d in zip(args[3:6], (1, 0, 1)))
+        stride, padding, dilation = (
+            a if a is not None else d for a, d in zip(args[3:6], (1, 0, 1))
+        )
         groups = args[6] if args[6] is not None else 1
         if isinstance(padding, str):
             return None
-        layer = _CONVS[node.target](  # type: ignore[index]
+        layer = _CONVS[
+            node.target
+        ](  # type: ignore[index]
             weight.shape[1] * groups,
             weight.shape[0],
             tuple(weight.shape[2:]),
