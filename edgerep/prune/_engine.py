@@ -778,8 +778,8 @@ def _latency_search(
     lat = LatencyTables(get_backend(backend), threads=threads, model_hash=sha, cache_dir=cache_dir)
     shapes = layer_shapes(src, inputs)
     start = time.perf_counter()
-    step, probe = measure_step(prunable, shapes, lat.ms, min_ratio=min_ratio)
-    raw = build_tables(prunable, shapes, lat.ms, min_ratio=min_ratio, step=step)
+    channel_step, probe = measure_step(prunable, shapes, lat.ms, min_ratio=min_ratio)
+    raw = build_tables(prunable, shapes, lat.ms, min_ratio=min_ratio, step=channel_step)
     tables = {g: pareto(tab) for g, tab in raw.items()}
     tables_out.update(raw)
     report.table = {
@@ -787,7 +787,7 @@ def _latency_search(
         "layers_from_cache": lat.from_cache,
         "seconds": round(time.perf_counter() - start, 2),
         "cache": str(lat.path),
-        "step": step,
+        "step": channel_step,
         "step_probe": probe,
         "dropped_widths": {
             g: sorted(set(raw[g]) - set(tables[g])) for g in raw if set(raw[g]) - set(tables[g])

@@ -11,7 +11,7 @@ measurement, so the 14 identical blocks of a RepVGG stage cost one row each.
 Measurements are cached in a JSON file per machine, backend and model hash under
 ``cache_dir`` (default ``~/.cache/edgerep/prune``). The channel step of the backend is
 measured first (`measure_step`: the costliest group timed at every width of a
-40-wide window; `detect_step` finds the coarsest step 32/16/8/4/2/1 that no
+41-wide window; `detect_step` finds the coarsest step 32/16/8/4/2/1 that no
 in-between width beats); the widths tried are multiples of that step (doubled for
 wide groups: at most 12 widths) plus the full width, and `pareto` drops any width
 measured no faster than a wider one, so allocation never picks it.
@@ -311,7 +311,8 @@ def _one_layer_module(shape: LayerShape) -> tuple[nn.Module, list[int]]:
     gen = torch.Generator().manual_seed(0)
     layer: nn.Module
     if shape.kind == "Conv2d":
-        layer = nn.Conv2d(
+        conv: Any = nn.Conv2d
+        layer = conv(
             shape.cin,
             shape.cout,
             shape.kernel,
@@ -444,12 +445,13 @@ STEPS = (32, 16, 8, 4, 2, 1)
 def probe_widths(size: int, *, min_width: int = 1) -> list[int]:
     """Every width (step 1) of a window where a step of up to 32 channels shows.
 
-    The window spans 40 widths ending just above three quarters of the group (where
-    pruning lands), inside ``[min_width, size]``; widest first.
+    The window spans 41 widths, from 8 above the multiple of 32 nearest three
+    quarters of the group (where pruning lands) down to 32 below it (two multiples
+    of 32 are in it), inside ``[min_width, size]``; widest first.
     """
     center = max(32, round(0.75 * size / 32) * 32)
     hi = min(size, center + 8)
-    lo = max(min_width, 1, hi - 39)
+    lo = max(min_width, 1, hi - 40)
     return list(range(hi, lo - 1, -1))
 
 

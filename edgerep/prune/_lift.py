@@ -48,7 +48,7 @@ def _owner(node: Any, suffix: str) -> str | None:
 
 def _layer(node: fx.Node, params: dict[str, torch.Tensor]) -> tuple[str, nn.Module] | None:
     """(layer name, layer) for a conv/linear call on bare parameters of one owner, else None."""
-    args = list(node.args) + [None] * 7
+    args: list[Any] = [*node.args, *([None] * 7)]
     if node.kwargs:
         return None
     w_node, b_node = args[1], args[2]
@@ -100,7 +100,7 @@ def plain_module(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> nn
     with torch.no_grad():
         want = model(*example_inputs)
     single = isinstance(want, torch.Tensor)
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     uses: dict[str, int] = {}
     for node in model.graph.nodes:

@@ -291,6 +291,11 @@ def prune_stage(
 
     options.check()
     example = [t.float() if t.is_floating_point() else t for t in parity_inputs[0]]
+    from edgerep.prune._lift import plain_module
+
+    # a .pt2 program: its functional layers lifted (and its batch-size guard dropped, so
+    # that calibration batches run through it) before anything uses it
+    model = plain_module(model, example)
     calib = evals = None
     labels_np = options.data.labels if options.data is not None else None
     if options.data is not None:
