@@ -68,9 +68,8 @@ def _layer(node: fx.Node, params: dict[str, torch.Tensor]) -> tuple[str, nn.Modu
         groups = args[6] if args[6] is not None else 1
         if isinstance(padding, str):
             return None
-        layer = _CONVS[
-            node.target
-        ](  # type: ignore[index]
+        conv: Any = _CONVS[node.target]  # type: ignore[index]
+        layer = conv(
             weight.shape[1] * groups,
             weight.shape[0],
             tuple(weight.shape[2:]),
