@@ -212,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgerep",
         description="Fold re-parameterized PyTorch models into plain graphs, export and verify them.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage/config, 3 source, 4 verification, "
-        "5 export, 6 unsupported.",
+        "5 export, 6 unsupported, 7 pruning target missed (bundle written).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -113,6 +113,12 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--repeats", type=int, metavar="N", help="--sweep: latency runs per row")
     _add_finetune_sweep_args(p)
     p.set_defaults(handler=run_prune)
+    p.epilog = (
+        "SRC may also be a .pt2 program or an edgerep bundle holding one (edgerep fold's "
+        "model.pt2). Every result is timed on --backend (onnxruntime, openvino, executorch); "
+        "one measured slower than the unpruned model is refused (exit 6). Exit code 7: the "
+        "target was missed; the bundle of the closest model is still written."
+    )
 
 
 def _add_finetune_sweep_args(p: argparse.ArgumentParser) -> None:
