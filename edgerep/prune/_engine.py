@@ -205,16 +205,23 @@ def measure_pair(
     *,
     threads: int = 1,
     config: LatencyConfig = E2E_LATENCY,
+    rounds: list[tuple[float, float]] | None = None,
 ) -> tuple[float, float]:
     """(p50 reference, p50 candidate) in ms, exported for the backend and timed interleaved.
 
     Each of ``config.repeats`` rounds times both once, alternating the order; each
-    p50 is the median of its rounds (`measure_rounds`).
+    p50 is the median of its rounds (`measure_rounds`), which are appended to
+    `rounds` when it is given.
     """
-    rounds = measure_rounds(
+    measured = measure_rounds(
         backend_name, reference, candidate, inputs, threads=threads, config=config
     )
-    return float(np.median([a for a, _ in rounds])), float(np.median([b for _, b in rounds]))
+    if rounds is not None:
+        rounds.extend(measured)
+    return (
+        float(np.median([a for a, _ in measured])),
+        float(np.median([b for _, b in measured])),
+    )
 
 
 def measure_rounds(
@@ -702,7 +709,7 @@ def _refuse_slower(
     p0: float,
     p1: float,
     backend: str,
-    confirm: Callable[[], list[tuple[float, float]]] | None = None,
+    confirm: Callable[[], tuple[tuple[float, float], list[tuple[float, float]]]] | None = None,
     notes: list[str] | None = None,
 ) -> None:
     """Refuse a pruned model measured slower than the unpruned one, with the numbers.
@@ -716,19 +723,20 @@ def _refuse_slower(
     if p1 < p0:
         return
     if confirm is not None:
-        rounds = confirm()
-        faster = sum(b <= a for a, b in rounds)
+        (q0, q1), rounds = confirm()
+        # without per-round numbers (a stand-in measure_pair) the medians decide
+        pairs = rounds or [(q0, q1)]
+        faster = sum(b < a for a, b in pairs)
         if faster:
             if notes is not None:
                 notes.append(
                     f"not measurably faster on {backend}: measured p50 {p1:.3f} ms vs {p0:.3f} ms "
-                    f"unpruned at first, then faster in {faster} of {len(rounds)} more "
+                    f"unpruned at first, then faster in {faster} of {len(pairs)} more "
                     "interleaved rounds; kept (refused only when slower in every round)"
                 )
             return
-        p0 = float(np.median([a for a, _ in rounds]))
-        p1 = float(np.median([b for _, b in rounds]))
-        what = f"slower in all {len(rounds)} confirming rounds: "
+        p0, p1 = q0, q1
+        what = f"slower in all {len(pairs)} confirming rounds: "
     else:
         what = ""
     raise PruneRefusedError(
@@ -745,15 +753,21 @@ def _confirmer(
     inputs: Sequence[torch.Tensor],
     threads: int,
     config: LatencyConfig,
-) -> Callable[[], list[tuple[float, float]]]:
-    return lambda: measure_rounds(
-        backend,
-        reference,
-        candidate,
-        inputs,
-        threads=threads,
-        config=replace(config, repeats=CONFIRM_ROUNDS),
-    )
+) -> Callable[[], tuple[tuple[float, float], list[tuple[float, float]]]]:
+    def confirm() -> tuple[tuple[float, float], list[tuple[float, float]]]:
+        rounds: list[tuple[float, float]] = []
+        p50s = measure_pair(
+            backend,
+            reference,
+            candidate,
+            inputs,
+            threads=threads,
+            config=replace(config, repeats=CONFIRM_ROUNDS),
+            rounds=rounds,
+        )
+        return p50s, rounds
+
+    return confirm
 
 
 def _latency_search(
