@@ -219,7 +219,9 @@ def test_prune_takes_the_folds_pt2_and_its_bundle(tmp_path, capsys) -> None:
     assert code == EXIT_USAGE and "keeps no torch model to prune (its artifacts: onnx)" in err
 
 
-def test_a_missed_target_exits_7_and_still_writes_the_bundle(tmp_path, capsys, monkeypatch) -> None:
+def test_a_missed_target_exits_7_and_still_writes_the_bundle(
+    tmp_path, capsys, monkeypatch, torchscript_onnx
+) -> None:
     """A latency target the model cannot reach: exit code 7 (EXIT_TARGET_MISSED), the
     numbers on stderr, the bundle and its report written. The backend is a table here
     (layer cost = MACs, every pruned model 0.9 of the unpruned p50): deterministic."""
@@ -242,3 +244,8 @@ def test_a_missed_target_exits_7_and_still_writes_the_bundle(tmp_path, capsys, m
     # a reachable target exits 0
     argv[3], argv[-1] = "latency=0.95", str(tmp_path / "met")
     assert main(argv) == EXIT_OK, capsys.readouterr().err
+    # convert --prune reports a miss the same way
+    conv = tmp_path / "conv"
+    code = main(["convert", src, "--prune", "latency=0.3", "--calib", data, "-o", str(conv)])
+    assert code == EXIT_TARGET_MISSED, capsys.readouterr().err
+    assert (conv / "prune_report.json").is_file() and (conv / "manifest.json").is_file()
