@@ -200,3 +200,21 @@ def test_a_pruned_model_really_slower_on_onnxruntime_is_refused() -> None:
     # the same group at a width the backend likes is faster and kept, its p50s reported
     _, report = prune(_wide(), x, target="widths=2:48", latency_config=timing)
     assert report.p50_after_ms < report.p50_before_ms and report.backend == "onnxruntime"
+
+
+class _Functional(nn.Module):
+    """Convs as functions on bare parameters: nothing Torch-Pruning can group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.w2 = nn.Parameter(torch.randn(4, 8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(torch.relu(nn.functional.conv2d(x, self.w1)), self.w2)
+
+
+def test_a_refusal_for_nothing_prunable_always_says_why() -> None:
+    with pytest.raises(ConfigError, match=r"pruned: it has no Conv/Linear layer") as e:
+        prune(_Functional(), torch.randn(1, 3, 8, 8), target="macs=0.5", measure=False)
+    assert not str(e.value).rstrip().endswith(":")
