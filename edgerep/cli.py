@@ -55,6 +55,8 @@ Exit codes:
     4  verification failure: an artifact does not match the PyTorch reference
     5  export failure
     6  unsupported: a format cannot take the model (every problem is listed)
+    7  pruning target missed (prune, convert --prune): the bundle is written and its
+       prune report gives asked vs measured; ask for less, or accept it knowingly
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ __all__ = [
     "EXIT_INTERNAL",
     "EXIT_OK",
     "EXIT_SOURCE",
+    "EXIT_TARGET_MISSED",
     "EXIT_UNSUPPORTED",
     "EXIT_USAGE",
     "EXIT_VERIFICATION",
@@ -104,6 +107,7 @@ EXIT_SOURCE = 3
 EXIT_VERIFICATION = 4
 EXIT_EXPORT = 5
 EXIT_UNSUPPORTED = 6
+EXIT_TARGET_MISSED = 7
 
 #: error class -> exit code; the most derived class in an error's MRO wins
 EXIT_CODES: dict[type[BaseException], int] = {
@@ -210,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgerep",
         description="Fold re-parameterized PyTorch models into plain graphs, export and verify them.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage/config, 3 source, 4 verification, "
-        "5 export, 6 unsupported.",
+        "5 export, 6 unsupported, 7 pruning target missed (bundle written).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -1030,7 +1034,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             prune=prune,
         )
         _show(result, args)
-        return EXIT_OK
+        return prune_cli.exit_code(result.prune)
     quantize = _quant_setup(
         args, [s.to_dict() for s in specs], args.quantize, formats, with_model=True
     )
@@ -1120,12 +1124,12 @@ def _convert_then_quantize(
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         print(json.dumps({**result.to_dict(), "bundle": str(out), "quantize": report.to_dict()}))
-        return EXIT_OK
+        return prune_cli.exit_code(result.prune)
     result.bundle = out
     _show(result, args)
     print()
     print(report.to_text())
-    return EXIT_OK
+    return prune_cli.exit_code(result.prune)
 
 
 def _installed(modules: Sequence[str]) -> bool:

@@ -143,10 +143,15 @@ def test_bench_takes_a_hugging_face_directory_with_its_task(tmp_path):
         run_bench(["model.pt2"], task="causal-lm", config=quick)
 
 
-def test_prune_takes_a_hugging_face_directory_with_its_task(tmp_path, capsys):
+def test_prune_takes_a_hugging_face_directory_with_its_task(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch_pruning", reason="torch-pruning comes with edgerep[prune]")
     pytest.importorskip("onnxruntime", reason="onnxruntime comes with edgerep[onnx]")
     from edgerep.cli import EXIT_OK, main
+    from edgerep.prune import _engine
+
+    # this test is about the source; the end-to-end timing every prune does (tested in
+    # tests/prune) finds this 0.03 ms net 2% slower at macs=0.95 and would refuse it
+    monkeypatch.setattr(_engine, "measure_pair", lambda *a, **k: (1.0, 0.9))
 
     path = _resnet(tmp_path / "resnet")
     calib = tmp_path / "calib.npz"

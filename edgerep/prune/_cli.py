@@ -105,6 +105,12 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--repeats", type=int, metavar="N", help="with --sweep: latency runs per row")
     _add_finetune_sweep_args(p)
     p.set_defaults(handler=run_prune)
+    p.epilog = (
+        "SRC may also be a .pt2 program or an edgerep bundle holding one (edgerep fold's "
+        "model.pt2). Every result is timed on --backend (onnxruntime, openvino, executorch); "
+        "one measured slower than the unpruned model is refused (exit 6). Exit code 7: the "
+        "target was missed; the bundle of the closest model is still written."
+    )
 
 
 def _add_finetune_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -430,11 +436,44 @@ def _finish_sweep(
     return EXIT_OK
 
 
+def _bundle_source(source: str) -> str:
+    """SRC as `edgerep.source.load_model` reads it: an edgerep bundle -> its ``model.pt2``.
+
+    A bundle (a directory with ``manifest.json``) is pruned from the torch program it
+    keeps (``edgerep fold``/``merge`` write ``model.pt2``); its manifest is checked first.
+
+    Raises:
+        ConfigError: the bundle keeps no torch program (e.g. only ONNX / OpenVINO files).
+        VerificationError: the manifest is missing, invalid or its files were changed.
+    """
+    from edgerep.bundle import MANIFEST_NAME, read_manifest
+    from edgerep.errors import ConfigError
+
+    path = Path(source).expanduser()
+    if not (path.is_dir() and (path / MANIFEST_NAME).is_file()):
+        return source
+    manifest = read_manifest(path)
+    for artifact in manifest.get("artifacts", []):
+        if artifact.get("format") == "pt2" and artifact.get("file"):
+            return str(path / artifact["file"])
+    formats = sorted({str(a.get("format")) for a in manifest.get("artifacts", [])})
+    origin = manifest.get("source", {})
+    hint = ""
+    if origin.get("kind") == "python-factory" and origin.get("factory"):
+        hint = f" (this bundle was made from {origin['path']}:{origin['factory']})"
+    raise ConfigError(
+        f"bundle {str(path)!r} keeps no torch model to prune (its artifacts: "
+        f"{', '.join(formats) or 'none'}); give a bundle written by `edgerep fold` or "
+        f"`edgerep merge` (model.pt2), the .pt2 itself, or the model's source{hint}"
+    )
+
+
 def run_prune(args: argparse.Namespace) -> int:
-    from edgerep.cli import EXIT_OK, _formats_and_options, _load
+    from edgerep.cli import _formats_and_options, _load
     from edgerep.errors import ConfigError
     from edgerep.pipeline import convert
 
+    args.source = _bundle_source(args.source)
     problems = []
     if args.plan is None and not args.target and "channels" in args.method.split(","):
         problems.append("give --target (e.g. latency=0.5) or --plan prune_plan.json")
@@ -517,7 +556,30 @@ def run_prune(args: argparse.Namespace) -> int:
         print(result.status_table())
         print()
         print(f"bundle: {result.bundle}")
-    return EXIT_OK
+    return exit_code(result.prune)
+
+
+def exit_code(stage: Any) -> int:
+    """``EXIT_TARGET_MISSED`` (7) when pruning missed its target, else ``EXIT_OK``.
+
+    The bundle is written either way (the user may still want the closest model); a
+    script sees the miss in the exit code and the numbers on stderr.
+    """
+    import sys
+
+    from edgerep.cli import EXIT_OK, EXIT_TARGET_MISSED
+
+    report = getattr(stage, "report", None)
+    if report is None or report.status != "missed":
+        return EXIT_OK
+    measured = "measured" if report.target.startswith("latency") else "reached"
+    print(
+        f"edgerep: pruning target {report.target} missed: {measured} ratio "
+        f"{report.achieved:.3f}, asked {report.asked}; the bundle is written (see its "
+        f"prune_report.json); exit code {EXIT_TARGET_MISSED}",
+        file=sys.stderr,
+    )
+    return EXIT_TARGET_MISSED
 
 
 def _reapply(

@@ -47,7 +47,7 @@ from torch import nn
 from edgerep.bench.latency import LatencyConfig, benchmark_latency
 from edgerep.errors import ConfigError, UnsupportedError, did_you_mean
 from edgerep.prune._config import PruneTarget, parse_target
-from edgerep.prune._groups import Group, build_groups
+from edgerep.prune._groups import ROOT_TYPES, Group, build_groups
 from edgerep.prune._importance import channel_importance
 from edgerep.prune._latency import (
     LatencyTables,
@@ -55,13 +55,23 @@ from edgerep.prune._latency import (
     build_tables,
     get_backend,
     layer_shapes,
+    measure_step,
     pareto,
 )
+from edgerep.prune._lift import plain_module
 from edgerep.prune._plan import PrunePlan, apply_plan_structure, index_maps, model_sha256
 from edgerep.prune._recover import RECOVERY_MODES, recover
 from edgerep.prune._report import GroupResult, Iteration, PruneReport
 
-__all__ = ["METHODS", "PruneRefusedError", "apply_plan", "parse_methods", "prune"]
+__all__ = [
+    "METHODS",
+    "PruneRefusedError",
+    "apply_plan",
+    "measure_pair",
+    "measure_rounds",
+    "parse_methods",
+    "prune",
+]
 
 #: what `prune` can remove, in the order it is applied
 METHODS = ("depth", "channels", "rank")
@@ -167,6 +177,20 @@ def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -
     # a torch.fx GraphModule (depth pruning's result) is wrapped: its .graph attribute
     # confuses the TorchScript exporter
     model = nn.Sequential(copy.deepcopy(model).float().eval())
+    # nn.MultiheadAttention's eval fast path is a fused op the TorchScript exporter
+    # lacks; the unfused path computes the same function
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _torchscript_onnx(model, inputs, path, names)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return path
+
+
+def _torchscript_onnx(
+    model: nn.Module, inputs: Sequence[torch.Tensor], path: Path, names: list[str]
+) -> None:
     with torch.no_grad():
         torch.onnx.export(
             model,
@@ -176,7 +200,6 @@ def _export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: Path) -
             input_names=names,
             opset_version=17,
         )
-    return path
 
 
 def measure_pair(
@@ -187,12 +210,35 @@ def measure_pair(
     *,
     threads: int = 1,
     config: LatencyConfig = E2E_LATENCY,
+    rounds: list[tuple[float, float]] | None = None,
 ) -> tuple[float, float]:
-    """(p50 reference, p50 candidate) in ms, exported to ONNX and timed interleaved.
+    """(p50 reference, p50 candidate) in ms, exported for the backend and timed interleaved.
 
     Each of ``config.repeats`` rounds times both once, alternating the order; each
-    p50 is the median of its rounds.
+    p50 is the median of its rounds (`measure_rounds`), which are appended to
+    `rounds` when it is given.
     """
+    measured = measure_rounds(
+        backend_name, reference, candidate, inputs, threads=threads, config=config
+    )
+    if rounds is not None:
+        rounds.extend(measured)
+    return (
+        float(np.median([a for a, _ in measured])),
+        float(np.median([b for _, b in measured])),
+    )
+
+
+def measure_rounds(
+    backend_name: str,
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    threads: int = 1,
+    config: LatencyConfig = E2E_LATENCY,
+) -> list[tuple[float, float]]:
+    """(p50 reference, p50 candidate) in ms of each of ``config.repeats`` interleaved rounds."""
     from edgerep.runtimes import get_runtime
 
     backend = get_backend(backend_name)
@@ -200,7 +246,9 @@ def measure_pair(
     one = replace(config, repeats=1)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [
-            backend.prepare(_export_onnx(m, inputs, Path(tmp) / f"m{i}.onnx"))
+            backend.export(m, inputs, Path(tmp) / f"m{i}")
+            if backend.export is not None
+            else backend.prepare(_export_onnx(m, inputs, Path(tmp) / f"m{i}.onnx"))
             for i, m in enumerate((reference, candidate))
         ]
         sessions = [runtime.load(p, options=backend.options(threads)) for p in paths]
@@ -214,7 +262,7 @@ def measure_pair(
         finally:
             for s in sessions:
                 s.close()
-    return float(np.median(p50s[0])), float(np.median(p50s[1]))
+    return list(zip(p50s[0], p50s[1]))
 
 
 def prune(
@@ -268,7 +316,8 @@ def prune(
         labels: labels of `calib` (``taylor``).
         bn_scales: layer name -> per-channel BN scale of the layer's outputs, read
             before folding (``bn``; see `bn_scales_for_folded`).
-        backend: where a latency target is measured: ``onnxruntime`` or ``openvino``.
+        backend: where latency is measured: ``onnxruntime``, ``openvino`` or
+            ``executorch`` (XNNPACK delegate, through edgerep's ExecuTorch exporter).
         keep: module names whose output channels must not be pruned.
         recovery: ``ls`` (default with `calib`), ``mean`` or ``none`` (default without).
         ridge: ridge factor of the least-squares recovery.
@@ -278,9 +327,10 @@ def prune(
         min_ratio: no group is narrowed below this fraction of its channels.
         max_iters: measure-and-correct rounds of a latency target.
         cache_dir: where latency tables are cached (default ``~/.cache/edgerep/prune``).
-        measure: time the result end to end also for non-latency targets (default:
-            for latency targets and for depth/rank); a result measured slower is
-            refused.
+        measure: time the pruned and unpruned models end to end on `backend`
+            (default: always; False skips it for a macs/params/widths target, and
+            then nothing checks that the result is faster); a result measured
+            slower is refused.
         latency_config: the end-to-end timing of each round (default `E2E_LATENCY`).
 
     Returns:
@@ -322,12 +372,15 @@ def prune(
         )
     structural = bool({"depth", "rank"} & set(methods))
     if measure is None:
-        measure = (t is not None and t.kind == "latency") or structural
+        # every target is timed end to end: a pruned model measured slower than the
+        # unpruned one is refused whatever was asked (macs/params/widths included)
+        measure = t is not None or structural
     if measure or (structural and layer_cost is None):
         get_backend(backend)
     if not 0 < min_ratio <= 1:
         raise ConfigError(f"min_ratio must be in (0, 1]; got {min_ratio}")
-    original = copy.deepcopy(model).eval()
+    # a .pt2 program's functional conv/linear calls become layers Torch-Pruning groups
+    original = copy.deepcopy(plain_module(model, inputs)).eval()
     sha = model_sha256(original)
     base_shapes = layer_shapes(original, inputs)
     report = PruneReport(
@@ -446,7 +499,14 @@ def prune(
             report.status = "met" if met else "missed"
         elif not report.status:
             report.status = "measured"
-        _refuse_slower(p0, p1, backend)
+        e2e = latency_config or E2E_LATENCY
+        _refuse_slower(
+            p0,
+            p1,
+            backend,
+            _confirmer(backend, original, pruned, lat_inputs, threads, e2e),
+            report.notes,
+        )
     elif not report.status:
         report.status = "applied" if changed else "unchanged"
     plan = PrunePlan(
@@ -493,10 +553,7 @@ def _channels(
     _, groups = build_groups(src, inputs, keep=keep)
     prunable = [g for g in groups if g.prunable]
     if not prunable:
-        raise ConfigError(
-            "no channel group of this model can be pruned: "
-            + "; ".join(f"{g.name}: {g.reason}" for g in groups)
-        )
+        raise ConfigError(_nothing_prunable(src, groups))
     scores = channel_importance(
         importance,
         src,
@@ -614,7 +671,14 @@ def _channels(
             config=latency_config or E2E_LATENCY,
         )
         report.backend, report.p50_before_ms, report.p50_after_ms = backend, p0, p1
-        _refuse_slower(p0, p1, backend)
+        e2e = latency_config or E2E_LATENCY
+        _refuse_slower(
+            p0,
+            p1,
+            backend,
+            _confirmer(backend, src, pruned, lat_inputs, threads, e2e),
+            report.notes,
+        )
         if t.kind == "widths":
             report.achieved, report.status = p1 / p0, "measured"
     elif t.kind == "widths":
@@ -622,13 +686,93 @@ def _channels(
     return pruned, kept
 
 
-def _refuse_slower(p0: float, p1: float, backend: str) -> None:
-    if p1 >= p0:
-        raise PruneRefusedError(
-            f"the pruned model is not faster on {backend}: measured p50 {p1:.3f} ms vs "
-            f"{p0:.3f} ms unpruned (ratio {p1 / p0:.3f}); edgerep does not return a pruned "
-            "model that is slower. Try a lower target, another backend, or fewer, wider groups"
+def _nothing_prunable(model: nn.Module, groups: Sequence[Group]) -> str:
+    """Why no group can be pruned; never an empty list of reasons."""
+    if groups:
+        return "no channel group of this model can be pruned: " + "; ".join(
+            f"{g.name}: {g.reason}" for g in groups
         )
+    layers = [n for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)]
+    if layers:
+        why = f"its layers ({', '.join(layers[:6])}) form no channel group"
+    else:
+        why = (
+            "it has no Conv/Linear layer (nn.Conv1d/2d/3d, nn.Linear) for Torch-Pruning to "
+            "group; weights used by functional calls are not prunable"
+        )
+    return (
+        f"no channel group of this model can be pruned: {why}; give a model built from "
+        "layers (file.py:factory, or a .pt2 written by edgerep fold/torch.export)"
+    )
+
+
+#: paired rounds that must all find the pruned model slower before it is refused
+CONFIRM_ROUNDS = 10
+
+
+def _refuse_slower(
+    p0: float,
+    p1: float,
+    backend: str,
+    confirm: Callable[[], tuple[tuple[float, float], list[tuple[float, float]]]] | None = None,
+    notes: list[str] | None = None,
+) -> None:
+    """Refuse a pruned model measured slower than the unpruned one, with the numbers.
+
+    A first measurement that finds it not faster (``p1 >= p0``) is confirmed by
+    `confirm` (``CONFIRM_ROUNDS`` more interleaved rounds): the model is refused when
+    it is slower in every one of them (a model as fast as the unpruned one passes
+    that by chance with probability 2**-10), else kept with a note that it is not
+    measurably faster (timing noise, e.g. a tiny model dominated by call overhead).
+    """
+    if p1 < p0:
+        return
+    if confirm is not None:
+        (q0, q1), rounds = confirm()
+        # without per-round numbers (a stand-in measure_pair) the medians decide
+        pairs = rounds or [(q0, q1)]
+        faster = sum(b < a for a, b in pairs)
+        if faster:
+            if notes is not None:
+                notes.append(
+                    f"not measurably faster on {backend}: measured p50 {p1:.3f} ms vs {p0:.3f} ms "
+                    f"unpruned at first, then faster in {faster} of {len(pairs)} more "
+                    "interleaved rounds; kept (refused only when slower in every round)"
+                )
+            return
+        p0, p1 = q0, q1
+        what = f"slower in all {len(pairs)} confirming rounds: "
+    else:
+        what = ""
+    raise PruneRefusedError(
+        f"the pruned model is not faster on {backend}: {what}measured p50 {p1:.3f} ms vs "
+        f"{p0:.3f} ms unpruned (ratio {p1 / p0:.3f}); edgerep does not return a pruned "
+        "model that is slower. Try a lower target, another backend, or fewer, wider groups"
+    )
+
+
+def _confirmer(
+    backend: str,
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    threads: int,
+    config: LatencyConfig,
+) -> Callable[[], tuple[tuple[float, float], list[tuple[float, float]]]]:
+    def confirm() -> tuple[tuple[float, float], list[tuple[float, float]]]:
+        rounds: list[tuple[float, float]] = []
+        p50s = measure_pair(
+            backend,
+            reference,
+            candidate,
+            inputs,
+            threads=threads,
+            config=replace(config, repeats=CONFIRM_ROUNDS),
+            rounds=rounds,
+        )
+        return p50s, rounds
+
+    return confirm
 
 
 def _latency_search(
@@ -653,7 +797,8 @@ def _latency_search(
     lat = LatencyTables(get_backend(backend), threads=threads, model_hash=sha, cache_dir=cache_dir)
     shapes = layer_shapes(src, inputs)
     start = time.perf_counter()
-    raw = build_tables(prunable, shapes, lat.ms, min_ratio=min_ratio)
+    channel_step, probe = measure_step(prunable, shapes, lat.ms, min_ratio=min_ratio)
+    raw = build_tables(prunable, shapes, lat.ms, min_ratio=min_ratio, step=channel_step)
     tables = {g: pareto(tab) for g, tab in raw.items()}
     tables_out.update(raw)
     report.table = {
@@ -661,6 +806,8 @@ def _latency_search(
         "layers_from_cache": lat.from_cache,
         "seconds": round(time.perf_counter() - start, 2),
         "cache": str(lat.path),
+        "step": channel_step,
+        "step_probe": probe,
         "dropped_widths": {
             g: sorted(set(raw[g]) - set(tables[g])) for g in raw if set(raw[g]) - set(tables[g])
         },
@@ -719,7 +866,10 @@ def _latency_search(
             f"{ratio:.3f} of the unpruned p50 (groups limited by min_ratio={min_ratio} and the "
             "non-prunable layers); returned that model"
         )
-    _refuse_slower(ref, p1, backend)
+    candidate = apply_plan_structure(src, inputs, kept)
+    _refuse_slower(
+        ref, p1, backend, _confirmer(backend, src, candidate, inputs, threads, e2e), report.notes
+    )
     return kept, widths
 
 
@@ -740,7 +890,7 @@ def apply_plan(
         ConfigError: another model, or a recovery plan without (or with other) calib.
     """
     inputs = _as_inputs(example_inputs)
-    src = copy.deepcopy(model).eval()
+    src = copy.deepcopy(plain_module(model, inputs)).eval()
     if model_sha256(src) != plan.model_sha256:
         raise ConfigError(
             "the prune plan was made for another model (its model_sha256 differs from this "

@@ -9,11 +9,12 @@ with the same signature (type, geometry, input size, channels) share one
 measurement, so the 14 identical blocks of a RepVGG stage cost one row each.
 
 Measurements are cached in a JSON file per machine, backend and model hash under
-``cache_dir`` (default ``~/.cache/edgerep/prune``). Widths are multiples of a
-granule (8 channels for small groups, coarser for wide ones) plus the full width;
-`pareto` drops any width measured no faster than a wider one, so allocation never
-picks it: the steps where the backend's latency actually drops (8, 16, 32, ...) are
-read from the table, not assumed.
+``cache_dir`` (default ``~/.cache/edgerep/prune``). The channel step of the backend is
+measured first (`measure_step`: the costliest group timed at every width of a
+41-wide window; `detect_step` finds the coarsest step 32/16/8/4/2/1 that no
+in-between width beats); the widths tried are multiples of that step (doubled for
+wide groups: at most 12 widths) plus the full width, and `pareto` drops any width
+measured no faster than a wider one, so allocation never picks it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ __all__ = [
     "PruneBackend",
     "build_tables",
     "candidate_widths",
+    "detect_step",
+    "measure_step",
+    "probe_widths",
     "get_backend",
     "layer_shapes",
     "pareto",
@@ -63,17 +67,22 @@ class PruneBackend:
     """A backend pruning can measure on.
 
     Attributes:
-        name: ``onnxruntime`` or ``openvino``.
+        name: ``onnxruntime``, ``openvino`` or ``executorch``.
         runtime: the `edgerep.runtimes` name.
         options: threads -> runtime load options.
         prepare: ``(onnx_path) -> path the runtime loads`` (OpenVINO reads ONNX and
             is given its IR).
+        export: ``(torch model, inputs, out_dir) -> path the runtime loads`` for a
+            backend that does not read ONNX (ExecuTorch: edgerep's ExecuTorch exporter,
+            XNNPACK delegate); its layers and whole models are exported from torch,
+            inputs named ``input_0, input_1, ...``. None: ONNX + `prepare`.
     """
 
     name: str
     runtime: str
     options: Callable[[int], dict[str, Any]]
     prepare: Callable[[Path], Path]
+    export: Callable[[nn.Module, Sequence[torch.Tensor], Path], Path] | None = None
 
 
 def _ov_prepare(path: Path) -> Path:
@@ -83,6 +92,20 @@ def _ov_prepare(path: Path) -> Path:
     from edgerep.quantize._nncf import save_ir
 
     return save_ir(ov, ov.Core().read_model(str(path)), path.with_suffix(".xml"), fp16=False)
+
+
+def _et_export(model: nn.Module, inputs: Sequence[torch.Tensor], out_dir: Path) -> Path:
+    """`model` as an ExecuTorch program (XNNPACK delegate) through edgerep's exporter."""
+    import copy
+
+    from edgerep.exporters.executorch import ExecuTorchExporter
+    from edgerep.spec import InputSpec
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = [InputSpec(f"input_{i}", tuple(t.shape), "float32") for i, t in enumerate(inputs)]
+    model = copy.deepcopy(model).float().eval()
+    artifact = ExecuTorchExporter().export(model, [t.float() for t in inputs], specs, out_dir)
+    return Path(artifact.path)
 
 
 BACKENDS: dict[str, PruneBackend] = {
@@ -101,6 +124,11 @@ BACKENDS: dict[str, PruneBackend] = {
             "performance_hint": "LATENCY",
         },
         _ov_prepare,
+    ),
+    # the ExecuTorch bindings take no load options: XNNPACK runs its own thread pool,
+    # so `threads` only names the cache (as it does for `edgerep bench`)
+    "executorch": PruneBackend(
+        "executorch", "executorch", lambda threads: {}, lambda p: p, export=_et_export
     ),
 }
 
@@ -278,6 +306,32 @@ def _one_layer_onnx(shape: LayerShape, path: Path) -> list[int]:
     return in_shape
 
 
+def _one_layer_module(shape: LayerShape) -> tuple[nn.Module, list[int]]:
+    """A torch layer of `shape` (random weights) and its input shape."""
+    gen = torch.Generator().manual_seed(0)
+    layer: nn.Module
+    if shape.kind == "Conv2d":
+        conv: Any = nn.Conv2d
+        layer = conv(
+            shape.cin,
+            shape.cout,
+            shape.kernel,
+            stride=shape.stride,
+            padding=shape.padding,
+            dilation=shape.dilation,
+            groups=shape.cin if shape.depthwise else 1,
+            bias=shape.bias,
+        )
+        in_shape = [1, shape.cin, *shape.in_shape[1:]]
+    else:
+        layer = nn.Linear(shape.cin, shape.cout, bias=shape.bias)
+        in_shape = [shape.in_shape[0], shape.cin]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return layer.eval(), in_shape
+
+
 def machine_key(backend: PruneBackend, threads: int) -> str:
     """A short name for this machine + backend + threads (CPU model, cores, runtime version)."""
     cpu = platform.processor() or platform.machine()
@@ -342,13 +396,20 @@ class LatencyTables:
             runtime = get_runtime(self.backend.runtime)
             with tempfile.TemporaryDirectory() as tmp:
                 for i, s in enumerate(todo):
-                    path = Path(tmp) / f"l{i}.onnx"
-                    in_shape = _one_layer_onnx(s, path)
-                    session = runtime.load(
-                        self.backend.prepare(path), options=self.backend.options(self.threads)
-                    )
+                    if self.backend.export is None:
+                        path = Path(tmp) / f"l{i}.onnx"
+                        in_shape = _one_layer_onnx(s, path)
+                        path, name = self.backend.prepare(path), "x"
+                    else:
+                        layer, in_shape = _one_layer_module(s)
+                        example = torch.zeros(in_shape)
+                        path, name = (
+                            self.backend.export(layer, [example], Path(tmp) / f"l{i}"),
+                            "input_0",
+                        )
+                    session = runtime.load(path, options=self.backend.options(self.threads))
                     feeds = {
-                        "x": np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)
+                        name: np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)
                     }
                     try:
                         result = benchmark_latency(session.run, feeds, config=self.config)
@@ -360,13 +421,14 @@ class LatencyTables:
         return [self.cache[s.key()] for s in shapes]
 
 
-def candidate_widths(size: int, *, min_width: int = 1) -> list[int]:
+def candidate_widths(size: int, *, min_width: int = 1, step: int = 8) -> list[int]:
     """Widths tried for a group of `size` channels, widest first.
 
-    Multiples of a granule (8 up to 96 channels, then 16, 32, ... for wider groups:
-    at most 12 widths), plus `size` itself.
+    Multiples of a granule, plus `size` itself: the granule is `step` (the backend's
+    measured channel step, `detect_step`; 8 for counted MACs/params), doubled until
+    the group has at most 12 widths.
     """
-    granule = 8
+    granule = max(1, step)
     while size / granule > 12:
         granule *= 2
     widths = {size}
@@ -374,6 +436,48 @@ def candidate_widths(size: int, *, min_width: int = 1) -> list[int]:
     if size < granule:
         widths.update(range(max(1, min_width), size))
     return sorted(widths, reverse=True)
+
+
+#: channel steps `detect_step` tells apart, coarsest first
+STEPS = (32, 16, 8, 4, 2, 1)
+
+
+def probe_widths(size: int, *, min_width: int = 1) -> list[int]:
+    """Every width (step 1) of a window where a step of up to 32 channels shows.
+
+    The window spans 41 widths, from 8 above the multiple of 32 nearest three
+    quarters of the group (where pruning lands) down to 32 below it (two multiples
+    of 32 are in it), inside ``[min_width, size]``; widest first.
+    """
+    center = max(32, round(0.75 * size / 32) * 32)
+    hi = min(size, center + 8)
+    lo = max(min_width, 1, hi - 40)
+    return list(range(hi, lo - 1, -1))
+
+
+def detect_step(costs: Mapping[int, float], *, tol: float = 0.03, allowed: float = 0.1) -> int:
+    """The backend's channel step, read off a group's measured cost at consecutive widths.
+
+    The step is the coarsest ``p`` in `STEPS` such that a width that is not a multiple
+    of ``p`` is (almost) never faster than the next wider multiple of ``p``: at most
+    `allowed` of them beat it by more than `tol` (relative), which absorbs timing
+    noise. A staircase of 16 (a kernel that blocks channels by 16) gives 16; a smooth
+    cost gives a small step (4 or less at ``tol=0.03``), and noise only ever makes the
+    step finer, never coarser than what was measured.
+    """
+    widths = sorted(costs)
+    for p in STEPS:
+        mults = [w for w in widths if w % p == 0]
+        compared = beats = 0
+        for w in widths:
+            wider = [m for m in mults if m > w]
+            if w % p == 0 or not wider:
+                continue
+            compared += 1
+            beats += costs[w] < costs[min(wider)] * (1 - tol)
+        if len(mults) >= 2 and compared and beats <= allowed * compared:
+            return p
+    return 1
 
 
 def group_layer_shapes(
@@ -402,17 +506,54 @@ def build_tables(
     cost: Callable[[Sequence[LayerShape]], list[float]],
     *,
     min_ratio: float,
+    step: int = 8,
 ) -> dict[str, dict[int, float]]:
-    """group -> {width: cost of the layers it touches at that width}."""
+    """group -> {width: cost of the layers it touches at that width} (`candidate_widths`)."""
     tables: dict[str, dict[int, float]] = {}
     for g in groups:
-        widths = candidate_widths(g.size, min_width=max(1, math.ceil(g.size * min_ratio)))
-        per_width = {w: group_layer_shapes(g, w, shapes) for w in widths}
-        flat = [s for w in widths for s in per_width[w]]
-        values = cost(flat)
-        it = iter(values)
-        tables[g.name] = {w: float(sum(next(it) for _ in per_width[w])) for w in widths}
+        widths = candidate_widths(
+            g.size, min_width=max(1, math.ceil(g.size * min_ratio)), step=step
+        )
+        tables[g.name] = group_costs(g, widths, shapes, cost)
     return tables
+
+
+def group_costs(
+    group: Group,
+    widths: Sequence[int],
+    shapes: Mapping[str, LayerShape],
+    cost: Callable[[Sequence[LayerShape]], list[float]],
+) -> dict[int, float]:
+    """{width: summed cost of the layers `group` touches at that width}."""
+    per_width = {w: group_layer_shapes(group, w, shapes) for w in widths}
+    values = iter(cost([s for w in widths for s in per_width[w]]))
+    return {w: float(sum(next(values) for _ in per_width[w])) for w in widths}
+
+
+def measure_step(
+    groups: Sequence[Group],
+    shapes: Mapping[str, LayerShape],
+    cost: Callable[[Sequence[LayerShape]], list[float]],
+    *,
+    min_ratio: float,
+) -> tuple[int, dict[str, Any]]:
+    """The backend's channel step (`detect_step`), measured on the costliest group.
+
+    The group with the most MACs is timed at every width of `probe_widths`; returns
+    the step and what was measured (for the report).
+    """
+
+    def macs(g: Group) -> int:
+        return sum(s.macs() for s in group_layer_shapes(g, g.size, shapes))
+
+    group = max(groups, key=macs)
+    widths = probe_widths(group.size, min_width=max(1, math.ceil(group.size * min_ratio)))
+    if len(widths) < 3:
+        return 8, {"group": group.name, "widths": widths, "step": 8, "note": "too narrow"}
+    costs = group_costs(group, widths, shapes, cost)
+    step = detect_step(costs)
+    probe = {"group": group.name, "step": step, "ms": {str(w): round(costs[w], 5) for w in widths}}
+    return step, probe
 
 
 def pareto(table: Mapping[int, float]) -> dict[int, float]:

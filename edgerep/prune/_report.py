@@ -119,7 +119,7 @@ class PruneReport:
             lines.append(
                 f"  measured p50 on {self.backend}: {self.p50_before_ms:.3f} ms -> "
                 f"{self.p50_after_ms:.3f} ms (ratio {self.p50_after_ms / self.p50_before_ms:.3f}"
-                f", asked {self.asked})"
+                + (f", asked {self.asked})" if self.target.startswith("latency") else ")")
             )
         if self.macs_before:
             lines.append(

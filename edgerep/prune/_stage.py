@@ -42,11 +42,15 @@ __all__ = ["PruneOptions", "PruneStageResult", "default_prune_backend", "prune_s
 
 
 def default_prune_backend(formats: Sequence[str]) -> str:
-    """The backend a latency target is measured on, from the formats exported: onnxruntime
-    when ONNX is among them, else OpenVINO for an OpenVINO-only bundle, else onnxruntime."""
-    if "onnx" in formats or "openvino" not in formats:
+    """The backend pruning is measured on, from the formats exported: onnxruntime when
+    ONNX is among them, else OpenVINO, else ExecuTorch when the bundle has either, else
+    onnxruntime."""
+    if "onnx" in formats:
         return "onnxruntime"
-    return "openvino"
+    for name in ("openvino", "executorch"):
+        if name in formats:
+            return name
+    return "onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,8 @@ class PruneOptions:
         depth_blocks: replace at most this many residual blocks.
         depth_error: the largest relative output error of a replaced block.
         rank_error: the largest relative output error of a factorized layer.
-        backend: where a latency target is measured (``onnxruntime``, ``openvino``).
+        backend: where latency is measured (``onnxruntime``, ``openvino``,
+            ``executorch``).
         importance: ``l2``, ``l1``, ``taylor`` (needs labelled `data`),
             ``reconstruction`` (needs `data`) or ``bn`` (BatchNorm scales, read
             before folding).
@@ -286,6 +291,11 @@ def prune_stage(
 
     options.check()
     example = [t.float() if t.is_floating_point() else t for t in parity_inputs[0]]
+    from edgerep.prune._lift import plain_module
+
+    # a .pt2 program: its functional layers lifted (and its batch-size guard dropped, so
+    # that calibration batches run through it) before anything uses it
+    model = plain_module(model, example)
     calib = evals = None
     labels_np = options.data.labels if options.data is not None else None
     if options.data is not None:

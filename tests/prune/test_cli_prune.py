@@ -185,3 +185,67 @@ def test_method_usage_errors(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert code == EXIT_USAGE, (extra, err)
         assert message in err, (extra, err)
+
+
+def test_prune_takes_the_folds_pt2_and_its_bundle(tmp_path, capsys) -> None:
+    """``edgerep fold`` -> ``prune f1/model.pt2`` (and ``prune f1``): the program's
+    functional convs are lifted into layers Torch-Pruning groups; same plan either way."""
+    src, data = _files(tmp_path)
+    folded = tmp_path / "f1"
+    assert main(["fold", src, "-o", str(folded)]) == EXIT_OK, capsys.readouterr().err
+    runs = {}
+    for name, source in (("pt2", folded / "model.pt2"), ("bundle", folded)):
+        out = tmp_path / name
+        argv = ["prune", str(source), "--target", "macs=0.5", "--calib", data, "-o", str(out)]
+        code = main(argv)
+        assert code == EXIT_OK, capsys.readouterr().err
+        report = json.loads((out / "prune_report.json").read_text())
+        assert report["status"] == "met" and report["achieved"] <= 0.5
+        assert report["p50_before_ms"] > 0 and report["p50_after_ms"] > 0  # timed too
+        runs[name] = torch.load(out / "pruned_state_dict.pt", weights_only=True)
+    assert runs["pt2"].keys() == runs["bundle"].keys()
+    assert all(torch.equal(runs["pt2"][k], runs["bundle"][k]) for k in runs["pt2"])
+    # the plan replays on the .pt2 bit for bit
+    again = tmp_path / "again"
+    plan = str(tmp_path / "pt2" / "prune_plan.json")
+    argv = ["prune", str(folded / "model.pt2"), "--plan", plan, "--calib", data, "-o", str(again)]
+    assert main(argv) == EXIT_OK, capsys.readouterr().err
+    state = torch.load(again / "pruned_state_dict.pt", weights_only=True)
+    assert all(torch.equal(state[k], runs["pt2"][k]) for k in state)
+    # a bundle without a torch program (the pruned bundle: ONNX only) is refused, named
+    capsys.readouterr()
+    code = main(["prune", str(tmp_path / "pt2"), "--target", "macs=0.5", "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "keeps no torch model to prune (its artifacts: onnx)" in err
+
+
+def test_a_missed_target_exits_7_and_still_writes_the_bundle(
+    tmp_path, capsys, monkeypatch, torchscript_onnx
+) -> None:
+    """A latency target the model cannot reach: exit code 7 (EXIT_TARGET_MISSED), the
+    numbers on stderr, the bundle and its report written. The backend is a table here
+    (layer cost = MACs, every pruned model 0.9 of the unpruned p50): deterministic."""
+    from edgerep.cli import EXIT_TARGET_MISSED
+    from edgerep.prune import _engine, _latency
+
+    monkeypatch.setattr(
+        _latency.LatencyTables, "ms", lambda self, shapes: [s.macs() * 1e-6 for s in shapes]
+    )
+    monkeypatch.setattr(_engine, "measure_pair", lambda *a, **k: (1.0, 0.9))
+    src, data = _files(tmp_path)
+    out = tmp_path / "o"
+    argv = ["prune", src, "--target", "latency=0.3", "--calib", data, "-o", str(out)]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == EXIT_TARGET_MISSED == 7, err
+    assert "pruning target latency=0.3 missed: measured ratio 0.900, asked 0.3" in err
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["status"] == "missed" and (out / "onnx" / "model.onnx").is_file()
+    # a reachable target exits 0
+    argv[3], argv[-1] = "latency=0.95", str(tmp_path / "met")
+    assert main(argv) == EXIT_OK, capsys.readouterr().err
+    # convert --prune reports a miss the same way
+    conv = tmp_path / "conv"
+    code = main(["convert", src, "--prune", "latency=0.3", "--calib", data, "-o", str(conv)])
+    assert code == EXIT_TARGET_MISSED, capsys.readouterr().err
+    assert (conv / "prune_report.json").is_file() and (conv / "manifest.json").is_file()

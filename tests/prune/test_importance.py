@@ -82,6 +82,7 @@ def test_reconstruction_ranks_a_dead_channel_lowest_and_prunes_it() -> None:
         importance="reconstruction",
         calib=x,
         recovery="none",
+        measure=False,  # which channel goes, not speed (31 of 32 is slower on onnxruntime)
     )
     assert 7 not in report.plan.kept["2"]
     with torch.no_grad():
@@ -175,10 +176,11 @@ def test_bn_importance_read_before_folding_drops_the_small_gamma_channels() -> N
     expected = (model.b1.weight + model.b1x.weight).detach().double().abs().numpy()
     assert torch.allclose(torch.as_tensor(scales[layer]), torch.as_tensor(expected))
     target = f"widths={layer}:12"
-    _, rep = prune(folded, x[:1], target=target, importance="bn", bn_scales=scales)
+    # which channels go, not speed: these tiny nets are not timed
+    _, rep = prune(folded, x[:1], target=target, importance="bn", bn_scales=scales, measure=False)
     assert sorted(set(range(16)) - set(rep.plan.kept[layer])) == SMALL
     # the check can fail: the folded weights rank those channels highest
-    _, rep_l2 = prune(folded, x[:1], target=target, importance="l2")
+    _, rep_l2 = prune(folded, x[:1], target=target, importance="l2", measure=False)
     assert not set(SMALL) - set(rep_l2.plan.kept[layer])
     # the conv with no BN is scored l2, and the report says so
     assert any("plain" in n and "fell back to l2" in n for n in rep.notes)
@@ -187,7 +189,7 @@ def test_bn_importance_read_before_folding_drops_the_small_gamma_channels() -> N
 def test_bn_importance_on_the_unfolded_model_and_without_any_bn() -> None:
     model = _bn_net()
     x = torch.randn(2, 3, 8, 8)
-    _, rep = prune(model, x[:1], target="widths=c1x:12", importance="bn")
+    _, rep = prune(model, x[:1], target="widths=c1x:12", importance="bn", measure=False)
     assert sorted(set(range(16)) - set(rep.plan.kept["c1x"])) == SMALL
     with pytest.raises(ConfigError, match=r"importance='bn'.*none.*bn_scales"):
         prune(chain(), x[:1], target="macs=0.6", importance="bn")
