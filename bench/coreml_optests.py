@@ -11,6 +11,24 @@ ones) and compares with coremltools' own tolerances (fp16: ``atol=max(100·atol,
 (``PYMIL_TEST_TARGETS=mlprogram``). A case whose program has an op without a kernel is
 counted as "unsupported" (skipped with the op named), never as passed.
 
+Per module it counts passed / failed / unsupported / skipped tests, and among the passed
+ones ``numerically_checked``: the test's ``compare_backend`` compared at least one
+output with its expected values (a test may pass without that: it checks only types or
+shapes, or raises as expected); ``evaluated_only``: it ran the evaluator only through a
+direct ``MLModel.predict`` call (the test then compares by itself). Records from runs
+before this tally existed have ``passed`` only; the JSON lists which modules have the
+count (``numerically_checked_is_counted_in``) and the totals of those counts cover only
+them.
+
+``--mode framework`` (macOS 12+ only; refused elsewhere): nothing is replaced, Core ML
+predicts as the tests ship it and compares with the expected outputs, and each
+``compare_backend`` also runs the evaluator on the same inputs and compares it with the
+framework's prediction (same tolerances, widened as coremltools widens them);
+``evaluator_vs_framework_checked`` counts the passed tests where that comparison ran.
+Its results go to ``bench/results/coreml_optests_framework.json``. It has never run on
+a Mac (none here): its logic is tested on Linux with a FAKE predict
+(``tests/runtimes/test_mil_optests.py``).
+
 Run from the repository root::
 
     .venv/bin/python bench/coreml_optests.py [MODULE ...] [--out PATH] [-k EXPR]
@@ -53,6 +71,20 @@ def reference_compare_backend(
     allow_mismatch_ratio: float = 0.0,
 ) -> dict:
     """`compare_backend` with the reference evaluator in place of ``MLModel.predict``."""
+    pred = _evaluator_predict(mlmodel, input_key_values, dtype, state)
+    if expected_outputs is None:
+        return pred
+    if dtype == "fp16":
+        atol, rtol = max(atol * 100.0, 5e-1), max(rtol * 100.0, 5e-2)
+    _TALLY.compared += _compare(
+        pred, expected_outputs, atol, rtol, also_compare_shapes, allow_mismatch_ratio
+    )
+    return pred
+
+
+def _evaluator_predict(mlmodel: Any, input_key_values: dict, dtype: str, state: Any) -> dict:
+    """The reference evaluator's outputs for `mlmodel` (``float32`` for an fp32 program,
+    ``declared`` for fp16); skips a case it cannot evaluate as "unsupported", naming why."""
     import pytest
 
     from edgerep.errors import UnsupportedError
@@ -90,25 +122,127 @@ def reference_compare_backend(
         # a kernel declines this case (a mode it does not evaluate, behaviour the op spec
         # leaves undefined): unsupported, with the op and the reason named, never passed
         pytest.skip(f"unsupported: case {e}")
-    if expected_outputs is None:
-        return pred
-    if dtype == "fp16":
-        atol, rtol = max(atol * 100.0, 5e-1), max(rtol * 100.0, 5e-2)
+    _TALLY.evaluated += 1
+    return pred
+
+
+def _compare(
+    pred: dict,
+    expected_outputs: dict,
+    atol: float,
+    rtol: float,
+    also_compare_shapes: bool,
+    allow_mismatch_ratio: float,
+    what: str = "",
+) -> int:
+    """Asserts `pred` matches `expected_outputs` as coremltools' compare_backend does;
+    returns how many outputs were compared."""
+    n = 0
     for name, expected in expected_outputs.items():
         got = pred[name]
         expected = np.asarray(expected)
         if also_compare_shapes:
-            assert got.shape == expected.shape, (name, got.shape, expected.shape)
+            assert got.shape == expected.shape, (what, name, got.shape, expected.shape)
         if expected.dtype.kind in "biu":
-            np.testing.assert_array_equal(got, expected)
+            np.testing.assert_array_equal(got, expected, err_msg=what)
+            n += 1
             continue
         try:
-            np.testing.assert_allclose(got, expected, atol=atol, rtol=rtol)
+            np.testing.assert_allclose(got, expected, atol=atol, rtol=rtol, err_msg=what)
         except AssertionError:
             bad = np.sum(~np.isclose(got, expected, atol=atol, rtol=rtol))
             if bad / max(expected.size, 1) > allow_mismatch_ratio:
                 raise
+        n += 1
+    return n
+
+
+#: coremltools' own compare_backend (framework predict + expected outputs), kept by the
+#: "framework" mode's plugin before it substitutes `framework_and_evaluator_compare_backend`
+_FRAMEWORK_COMPARE: list[Any] = []
+
+
+def framework_and_evaluator_compare_backend(
+    mlmodel: Any,
+    input_key_values: dict,
+    expected_outputs: dict | None,
+    dtype: str = "fp32",
+    atol: float = 1e-04,
+    rtol: float = 1e-05,
+    also_compare_shapes: bool = True,
+    state: Any = None,
+    allow_mismatch_ratio: float = 0.0,
+) -> Any:
+    """The "framework" mode (macOS): coremltools' own ``compare_backend`` as shipped (the
+    Core ML framework predicts, compared with the expected outputs), then the reference
+    evaluator on the same inputs, compared with the framework's prediction at the same
+    tolerances (widened as coremltools widens them for fp16 or a non-CPU compute unit)."""
+    (framework_compare,) = _FRAMEWORK_COMPARE
+    pred = framework_compare(
+        mlmodel,
+        input_key_values,
+        expected_outputs,
+        dtype,
+        atol,
+        rtol,
+        also_compare_shapes,
+        state,
+        allow_mismatch_ratio,
+    )
+    if pred is None:  # coremltools did not predict (not macOS >= 12): nothing to compare
+        raise RuntimeError(
+            "coremltools' compare_backend did not predict: the framework mode needs macOS 12+"
+        )
+    _TALLY.compared += len(expected_outputs or {})
+    ev_state = None
+    if state is not None:  # the evaluator keeps its own state beside the framework's
+        ev_state = _TALLY.states.setdefault(id(state), _ReferenceState())
+    mine = _evaluator_predict(mlmodel, input_key_values, dtype, ev_state)
+    if dtype == "fp16" or getattr(mlmodel, "compute_unit", None) != _cpu_only():
+        atol, rtol = max(atol * 100.0, 5e-1), max(rtol * 100.0, 5e-2)
+    framework = {k: np.asarray(v) for k, v in pred.items() if k in mine}
+    _TALLY.cross_compared += _compare(
+        mine,
+        framework,
+        atol,
+        rtol,
+        also_compare_shapes,
+        allow_mismatch_ratio,
+        what="reference evaluator vs Core ML framework",
+    )
     return pred
+
+
+def _cpu_only() -> Any:
+    import coremltools as ct
+
+    return ct.ComputeUnit.CPU_ONLY
+
+
+def framework_can_predict() -> bool:
+    """Whether coremltools can predict here (macOS 12+, as its compare_backend requires)."""
+    from coremltools.converters.mil import testing_utils
+
+    return bool(getattr(testing_utils, "_IS_MACOS", False))
+
+
+class _Tally:
+    """What the evaluator did in the running test: how many programs it evaluated and
+    how many outputs it compared with the test's expected values (reset per test)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.evaluated = 0
+        self.compared = 0
+        # the "framework" mode: outputs compared evaluator vs framework, and the
+        # evaluator's state per framework state object
+        self.cross_compared = 0
+        self.states: dict[int, _ReferenceState] = {}
+
+
+_TALLY = _Tally()
 
 
 class _ReferenceState:
@@ -134,7 +268,8 @@ def _reference_predict(self: Any, data: Any, state: Any = None) -> dict:
 class _Plugin:
     """Patches compare_backend and tallies outcomes per module."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "reference") -> None:
+        self.mode = mode
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.failures: dict[str, list[str]] = defaultdict(list)
         self.unsupported: dict[str, Counter] = defaultdict(Counter)
@@ -143,6 +278,13 @@ class _Plugin:
     def pytest_configure(self, config: Any) -> None:
         from coremltools.converters.mil.mil.ops.tests import testing_utils
 
+        if self.mode == "framework":
+            # macOS: the framework keeps predicting (predict, make_state untouched); each
+            # compare_backend also runs the evaluator and compares it with the framework
+            if not _FRAMEWORK_COMPARE:
+                _FRAMEWORK_COMPARE.append(testing_utils.compare_backend)
+            testing_utils.compare_backend = framework_and_evaluator_compare_backend
+            return
         testing_utils.compare_backend = reference_compare_backend
         import coremltools as ct
 
@@ -155,6 +297,8 @@ class _Plugin:
             return
         module = report.nodeid.split("::")[0].split("/tests/")[-1]
         case = report.nodeid.split("::", 1)[-1]
+        for key in ("numerically_checked", "evaluated_only"):  # counted in this run, even 0
+            self.counts[module][key] += 0
         if report.skipped:
             reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
             if "unsupported: case " in reason:  # declined at run time, reason named
@@ -174,6 +318,20 @@ class _Plugin:
             self.failures[module].append(f"{case}: {' | '.join(errors[:3])[:300]}")
         else:
             self.counts[module]["passed"] += 1
+            # "numerically_checked": the test passed and the patched compare_backend
+            # compared at least one output with the test's expected values; a passed test
+            # that only ran the evaluator through a direct predict call (the test compares
+            # by itself) is "evaluated_only"; one that never ran it is in neither
+            if _TALLY.compared:
+                self.counts[module]["numerically_checked"] += 1
+            elif _TALLY.evaluated:
+                self.counts[module]["evaluated_only"] += 1
+            if self.mode == "framework":  # the evaluator agreed with the framework
+                key = "evaluator_vs_framework_checked"
+                self.counts[module][key] += 1 if _TALLY.cross_compared else 0
+
+    def pytest_runtest_setup(self, item: Any) -> None:
+        _TALLY.reset()
 
 
 def _write(
@@ -239,14 +397,34 @@ def _merge_and_write(
     totals: Counter = Counter()
     for c in modules.values():
         totals.update(c)
+    # modules run before the per-test tally existed have "passed" only; their share of
+    # the numerically checked cases is unknown, and not guessed. A module run in parts
+    # has the count only if every part has it.
+    counted = sorted(
+        m
+        for m, c in modules.items()
+        if "numerically_checked" in c
+        and all("numerically_checked" in p["counts"] for p in parts_of.get(m, {}).values())
+    )
+    for key in ("numerically_checked", "evaluated_only"):
+        totals.pop(key, None)
+        if counted:
+            totals[key] = sum(modules[m].get(key, 0) for m in counted)
     result = {
         "bench": "coreml_optests",
         "what": "coremltools' MIL op unit tests, expected outputs compared through the "
-        "coreml-reference evaluator (mlprogram backend only)",
+        "coreml-reference evaluator (mlprogram backend only)"
+        if run.get("mode", "reference") == "reference"
+        else "coremltools' MIL op unit tests on macOS: the Core ML framework against the "
+        "expected outputs, and the coreml-reference evaluator against the framework",
+        "mode": run.get("mode", "reference"),
         "coremltools": coremltools.__version__,
         # free-text notes on the runs (which modules were rerun when, and why), kept
         "notes": list(old.get("notes", [])),
         "totals": dict(totals),
+        "numerically_checked_is_counted_in": counted,
+        "numerically_checked_not_counted_in": sorted(set(modules) - set(counted)),
+        "passed_in_counted_modules": sum(modules[m].get("passed", 0) for m in counted),
         "modules_not_run": sorted(
             (set(old.get("modules_not_run", [])) | set(asked)) - set(modules)
         ),
@@ -265,15 +443,28 @@ def _merge_and_write(
 
 def markdown_table(result: dict) -> str:
     """The README's per-module table of a results JSON."""
-    cols = ("passed", "failed", "unsupported", "skipped")
+    cols = ("passed", "numerically_checked", "failed", "unsupported", "skipped")
+    counted = set(result.get("numerically_checked_is_counted_in", []))
+    head = " | ".join(c.replace("_", " ") for c in cols)
     lines = [
-        f"| module (coremltools {result['coremltools']} op tests) | {' | '.join(cols)} |",
+        f"| module (coremltools {result['coremltools']} op tests) | {head} |",
         "|---|" + "---|" * len(cols),
     ]
+
+    def cell(module: str | None, counts: dict, col: str) -> str:
+        if col == "numerically_checked" and module is not None and module not in counted:
+            return "not counted"  # run before the per-test tally existed
+        return str(counts.get(col, 0))
+
     for module, counts in result["modules"].items():
-        lines.append(f"| {module} | " + " | ".join(str(counts.get(c, 0)) for c in cols) + " |")
+        lines.append(f"| {module} | " + " | ".join(cell(module, counts, c) for c in cols) + " |")
     totals = result["totals"]
-    lines.append("| **total** | " + " | ".join(f"**{totals.get(c, 0)}**" for c in cols) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{cell(None, totals, c)}**" for c in cols) + " |")
+    if counted:
+        lines.append(
+            f"\nnumerically checked: counted in {len(counted)} of {len(result['modules'])} "
+            f"modules ({result.get('passed_in_counted_modules', 0)} passed there)"
+        )
     return "\n".join(lines)
 
 
@@ -291,7 +482,20 @@ def main(argv: list[str] | None = None) -> int:
         "module, the module's counts being the sum of its parts: run disjoint expressions "
         "that together cover the module (e.g. 'A', 'not A'); a run without -k replaces them",
     )
-    parser.add_argument("--out", default="bench/results/coreml_optests.json")
+    parser.add_argument(
+        "--mode",
+        choices=("reference", "framework"),
+        default="reference",
+        help="reference (any OS): the evaluator replaces MLModel.predict and is compared "
+        "with the expected outputs; framework (macOS 12+ only): Core ML predicts as the "
+        "tests ship, and the evaluator is compared with the framework's predictions",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default bench/results/coreml_optests.json, "
+        "bench/results/coreml_optests_framework.json in the framework mode)",
+    )
     parser.add_argument(
         "--budget-s", type=float, default=1200.0, help="start no module after this many seconds"
     )
@@ -304,6 +508,14 @@ def main(argv: list[str] | None = None) -> int:
         "--table", action="store_true", help="print the README table of --out and exit"
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        suffix = "_framework" if args.mode == "framework" else ""
+        args.out = f"bench/results/coreml_optests{suffix}.json"
+    if args.mode == "framework" and not framework_can_predict():
+        parser.error(
+            "--mode framework needs the Core ML framework (macOS 12+); coremltools cannot "
+            "predict here: run without --mode (the evaluator replaces predict) on this OS"
+        )
     if args.table:
         print(markdown_table(json.loads(Path(args.out).read_text())))
         return 0
@@ -313,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [root / (m.replace(".", "/") + ".py") for m in args.modules]
     else:
         files = sorted(p for p in root.rglob("test_*.py") if p.name != "test_utils.py")
-    plugin = _Plugin()
+    plugin = _Plugin(args.mode)
     t0 = time.time()
     done: list[str] = []
     asked = [str(f.relative_to(root)) for f in files]
@@ -329,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
             "k": args.k,
+            "mode": args.mode,
         }
         t_mod = time.time()
         pytest.main(pytest_args, plugins=[plugin])

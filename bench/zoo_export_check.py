@@ -3,7 +3,9 @@
 Issue 4's target "every zoo net exports to every format, or the op-coverage check
 names exactly why not", checked on this machine. Writes
 ``bench/results/zoo_export_check.json``: per net and format the status
-(verified / exported-not-verified-here / not-built-here / failed) with its reason,
+(verified / exported-not-verified-here / not-built-here / failed) with its reason, who
+verified it where that matters (Core ML: "reference evaluator" off macOS), the worst
+relative parity error,
 and the wall time of the whole convert call. Run:
 ``.venv/bin/python bench/zoo_export_check.py``.
 """
@@ -36,6 +38,8 @@ CASES = {
 
 def main() -> int:
     results: dict[str, dict] = {}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for name, (make, spec) in CASES.items():
             model = randomize_(make(), seed=0).eval()
@@ -46,7 +50,19 @@ def main() -> int:
                     model, [parse_input_spec(spec)], to=("all",), out_dir=Path(tmp) / name
                 )
                 entry["formats"] = {
-                    f.format: {"status": f.status, "reason": f.reason} for f in res.formats
+                    f.format: {
+                        "status": f.status,
+                        # who verified it where it matters, e.g. "reference evaluator"
+                        # for Core ML off macOS ("Core ML framework" on macOS)
+                        **({"verified_by": f.verified_by} if f.verified_by else {}),
+                        **(
+                            {"max_rel_error": max(p.max_rel_error for p in f.parity)}
+                            if f.parity
+                            else {}
+                        ),
+                        "reason": f.reason,
+                    }
+                    for f in res.formats
                 }
             except EdgerepError as e:
                 entry["error"] = f"{type(e).__name__}: {e}"
@@ -55,7 +71,17 @@ def main() -> int:
             print(name, json.dumps(entry, indent=1), flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(
-        json.dumps({"schema_version": 1, "loadavg": os.getloadavg(), "nets": results}, indent=2)
+        json.dumps(
+            {
+                "schema_version": 1,
+                "date": started,
+                # "seconds" are wall times of a run sharing the CPU, not measurements
+                "loadavg_before": load_before,
+                "loadavg": os.getloadavg(),
+                "nets": results,
+            },
+            indent=2,
+        )
         + "\n"
     )
     failed = [n for n, e in results.items() if "error" in e]

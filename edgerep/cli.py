@@ -1149,6 +1149,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from edgerep.exporters import available_formats, get_exporter
+    from edgerep.parity import REFERENCE_RUNTIMES, verified_by
     from edgerep.runtimes import available_runtimes, get_runtime
 
     formats: list[dict[str, Any]] = []
@@ -1159,13 +1160,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
         why = (
             get_runtime(e.runtime).unavailable_reason() if e.runtime in available_runtimes() else ""
         )
+        # where the format's own runtime cannot run (Core ML off macOS), the parity check
+        # uses its reference runtime (the ML Program evaluator) if that one can
+        ref = REFERENCE_RUNTIMES.get(name, "") if why else ""
+        if ref and (ref not in available_runtimes() or get_runtime(ref).unavailable_reason()):
+            ref = ""
         formats.append(
             {
                 "format": name,
                 "installed": _installed(e.requires),
                 "extra": e.extra,
                 "runtime": e.runtime,
-                "verified_here": not why,
+                "verified_here": not why or bool(ref),
+                "verified_here_by": (ref or e.runtime) if not why or ref else "",
                 "not_verified_reason": why,
             }
         )
@@ -1202,11 +1209,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for f in formats:
         if not f["installed"]:
             state = f"cannot export: pip install 'edgerep[{f['extra']}]'"
+        elif f["verified_here"] and f["verified_here_by"] != f["runtime"]:
+            state = (
+                f"exports and verifies here with the {verified_by(f['verified_here_by'])}; "
+                f"the {verified_by(f['runtime']) or f['runtime']} verifies where it runs, "
+                f"cannot run here: {f['not_verified_reason']}"
+            )
         elif f["verified_here"]:
             state = "exports and verifies here"
         else:
             state = f"exports here, cannot verify here: {f['not_verified_reason']}"
-        print(f"  {f['format']:<12} verified with {f['runtime']:<12} {state}")
+        by = f["verified_here_by"] or f["runtime"]
+        print(f"  {f['format']:<12} verified with {by:<16} {state}")
     print("runtimes:")
     for r in runtimes:
         why = r["unavailable_reason"]

@@ -865,6 +865,15 @@ def _export_and_verify(
         parity_dict.setdefault("also_ran", []).append(summary)
         rows.append(reported_row)
         reported.append(str(reported_row["detail"]).split(": ", 1)[1])
+    if not cannot_run:
+        # the format's own runtime ran it (Core ML on macOS): where a reference evaluator
+        # exists, it runs the same inputs too and their mutual difference is recorded
+        # (how far the evaluator is from the framework), never gating
+        cross = _cross_check_reference(fmt, artifact, runtime, prepared)
+        if cross is not None:
+            parity_dict["reference_cross_check"], cross_row = cross
+            rows.append(cross_row)
+            reported.append(str(cross_row["detail"]).split(": ", 1)[1])
     if ok and reported:
         why = "; ".join(reported)
     if not ok:
@@ -876,6 +885,65 @@ def _export_and_verify(
         fmt, artifact.precision, VERIFIED if ok else FAILED, why, rel, parity, verified_by=by
     )
     return status, _artifact_entry(artifact, root, parity_dict), rows
+
+
+def _cross_check_reference(
+    fmt: str, artifact: Artifact, runtime: Runtime, prepared: _Prepared
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Where `fmt` has a reference runtime (`REFERENCE_RUNTIMES`) and its own `runtime`
+    can run too (Core ML on macOS): run both on the parity inputs and measure their
+    mutual difference per output (max abs difference, and relative to the framework's
+    max abs output). Reported, never gating. None where there is nothing to compare."""
+    import numpy as np
+
+    reference = _reference_runtime(fmt)
+    if reference is None or reference.name == runtime.name:
+        return None
+    try:
+        framework, _ = _run_artifact(runtime, artifact.path, prepared)
+        evaluator, desc = _run_artifact(reference, artifact.path, prepared)
+    except Exception as e:  # an op the evaluator cannot take, ...: reported as such
+        _interrupt.check()
+        text = f"{reference.name} vs {runtime.name}: not compared: {type(e).__name__}: {e}"
+        row = {"stage": "verify", "action": "reported", "detail": f"{fmt}: {text}", "error": None}
+        return {"runtime": reference.name, "compared": False, "reason": text}, row
+    names = list(artifact.output_names)
+    per_output: dict[str, dict[str, float]] = {}
+    for f_outs, e_outs in zip(framework, evaluator):
+        for i, (a, b) in enumerate(zip(f_outs, e_outs)):
+            name = names[i] if len(names) == len(f_outs) else f"output_{i}"
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            if a64.shape != b64.shape:
+                diff, rel = float("inf"), float("inf")
+            else:
+                diff = float(np.max(np.abs(a64 - b64), initial=0.0))
+                scale = float(np.max(np.abs(a64), initial=0.0))
+                rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+            old = per_output.get(name, {"max_abs_diff": 0.0, "max_rel_diff": 0.0})
+            per_output[name] = {
+                "max_abs_diff": max(old["max_abs_diff"], diff),
+                "max_rel_diff": max(old["max_rel_diff"], rel),
+            }
+    worst = max((o["max_rel_diff"] for o in per_output.values()), default=0.0)
+    text = (
+        f"{reference.name} ({verified_by(reference.name)}, {desc.get('precision_mode', '?')}) "
+        f"vs {runtime.name} ({verified_by(runtime.name) or runtime.name}): max rel diff "
+        f"{worst:.1e} (reported, not gating)"
+    )
+    summary = {
+        "runtime": reference.name,
+        "against": runtime.name,
+        "compared": True,
+        "precision_mode": desc.get("precision_mode"),
+        "outputs": {k: {m: finite(v) for m, v in o.items()} for k, o in per_output.items()},
+    }
+    row = {
+        "stage": "verify",
+        "action": "reported",
+        "detail": f"{fmt}: {text}",
+        "error": finite(worst),
+    }
+    return summary, row
 
 
 def _reference_runtime(fmt: str) -> Runtime | None:

@@ -254,3 +254,92 @@ def test_op_without_kernel_leaves_coreml_not_verified_with_the_op_named(tmp_path
         return
     assert status.status == NOT_VERIFIED_HERE, status
     assert "relu (x" in status.reason and "reference evaluator" in status.reason
+
+
+_REFERENCE_LOAD = type(RT).load  # the fake below keeps it when a test patches it
+
+
+class _FakeFrameworkSession:
+    """FAKE stand-in for Core ML's ``MLModel.predict`` (which needs macOS): the reference
+    evaluator in float32 with a known offset added to every output, so that the cross
+    check has a known difference to find. It proves the wiring, not the framework."""
+
+    OFFSET_REL = 3e-5  # of each output's max abs value
+
+    def __init__(self, path, device, options):
+        self._inner = _REFERENCE_LOAD(RT, path, options={"precision": "float32"})
+        self.input_names = self._inner.input_names
+        self.output_names = self._inner.output_names
+
+    def run(self, feeds):
+        return [y + self.OFFSET_REL * np.abs(y).max() for y in self._inner.run(feeds)]
+
+    def describe(self):
+        return {"runtime": "coreml", "device": "cpu", "fake": "FAKE predict (tests only)"}
+
+    def close(self):
+        self._inner.close()
+
+
+@pytest.fixture
+def fake_macos_predict(monkeypatch):
+    """Pretends Core ML can predict here (as on macOS) with `_FakeFrameworkSession`."""
+    from edgerep.runtimes.coreml import CoreMLRuntime
+
+    monkeypatch.setattr(CoreMLRuntime, "unavailable_reason", lambda self: "")
+    monkeypatch.setattr(
+        CoreMLRuntime,
+        "load",
+        lambda self, path, *, device="cpu", options=None: _FakeFrameworkSession(
+            path, device, options
+        ),
+    )
+
+
+def _convert_tiny(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    specs = [parse_input_spec("x:1x3x8x8")]
+    return convert(model, specs, to=["coreml"], out_dir=tmp_path / "b", fold=False)
+
+
+def test_where_the_framework_predicts_the_evaluator_is_cross_checked(tmp_path, fake_macos_predict):
+    """With predict available (FAKED here: unrun on real macOS), the framework gates and
+    the reference evaluator runs the same inputs; their mutual difference is recorded in
+    the manifest and the ledger, not gating."""
+    _, result = _convert_tiny(tmp_path)
+    (status,) = result.formats
+    assert status.status == VERIFIED and status.verified_by == "Core ML framework", status
+    assert "coreml-reference (reference evaluator, declared) vs coreml" in status.reason
+    (art,) = result.manifest["artifacts"]
+    cross = art["parity"]["reference_cross_check"]
+    assert cross["compared"] and cross["runtime"] == "coreml-reference"
+    assert cross["against"] == "coreml" and cross["precision_mode"] == "declared"
+    (out,) = cross["outputs"].values()
+    # the fake's offset, found (the evaluator in declared fp32 vs float32: ~1e-7 more)
+    assert (
+        0.9 * _FakeFrameworkSession.OFFSET_REL
+        < out["max_rel_diff"]
+        < 1.1 * (_FakeFrameworkSession.OFFSET_REL)
+    ), out
+    ledger = result.manifest["ledger"]
+    assert any("vs coreml (Core ML framework): max rel diff" in r["detail"] for r in ledger)
+
+
+def test_cross_check_reports_what_the_evaluator_cannot_take(
+    tmp_path, fake_macos_predict, monkeypatch
+):
+    """The evaluator cannot take the program (an op without a kernel, simulated): the
+    framework still verifies (FAKE predict here), and the cross check says it did not
+    compare, and why."""
+    from edgerep.errors import UnsupportedError
+
+    def declines(self, path, **kw):
+        raise UnsupportedError("the reference evaluator cannot evaluate op(s) relu (x6)")
+
+    monkeypatch.setattr(type(RT), "load", declines)
+    _, result = _convert_tiny(tmp_path)
+    (status,) = result.formats
+    assert status.status == VERIFIED and status.verified_by == "Core ML framework", status
+    cross = result.manifest["artifacts"][0]["parity"]["reference_cross_check"]
+    assert cross["compared"] is False and "relu (x6)" in cross["reason"], cross

@@ -34,13 +34,14 @@ def _r(*shape: int, positive: bool = False) -> np.ndarray:
     return np.abs(a) + 0.1 if positive else a
 
 
-def _build(op_type: str, opset=ct.target.iOS17, **inputs):
-    """A one-op program of constant inputs; returns it and the op's output vars."""
+def _build(op_type: str, opset=ct.target.iOS17, make_inputs=None, **inputs):
+    """A one-op program of constant inputs; returns it and the op's output vars.
+    ``make_inputs`` builds inputs that are ops themselves (a list) inside the program."""
     outs = []
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(1,))], opset_version=opset)
     def prog(unused):
-        out = getattr(mb, op_type)(**inputs)
+        out = getattr(mb, op_type)(**(make_inputs() if make_inputs else inputs))
         outs.extend(out if isinstance(out, (list, tuple)) else [out])
         return out
 
@@ -176,6 +177,132 @@ VALUE_INFERENCE_CASES = [
 ]
 
 
+U = RNG.uniform(-0.9, 0.9, (2, 3, 4)).astype(np.float32)  # inside (-1, 1)
+B1, B2 = RNG.random((2, 3, 4)) > 0.5, RNG.random((2, 3, 4)) > 0.5
+ALPHA_C, BETA_C = _r(3, positive=True), _r(3, positive=True)  # per channel (axis 1 of X)
+Z = np.where(RNG.random((3, 4)) > 0.5, _r(3, 4), 0).astype(np.float32)
+VALUE_INFERENCE_CASES += [
+    *[(op, {"x": U}) for op in ("acos", "asin", "atanh")],
+    ("tan", {"x": X * 0.7}),
+    *[(op, {"x": X}) for op in ("sinh", "cosh", "exp2", "identity")],
+    *[(op, {"x": X, "y": Y}) for op in ("greater", "less_equal", "not_equal")],
+    ("not_equal", {"x": np.round(X), "y": np.round(Y)}),  # some equal elements
+    *[(op, {"x": B1, "y": B2}) for op in ("logical_and", "logical_or", "logical_xor")],
+    ("logical_not", {"x": B1}),
+    ("mod", {"x": X * 5, "y": P}),
+    ("mod", {"x": X * 5, "y": -P}),  # the divisor's sign (floor mod)
+    ("clamped_relu", {"x": X * 3, "alpha": 0.2, "beta": 1.5}),
+    ("sigmoid_hard", {"x": X * 3, "alpha": 0.3, "beta": 0.4}),
+    ("scaled_tanh", {"x": X, "alpha": 1.7, "beta": 0.6}),
+    ("linear_activation", {"x": X, "alpha": -1.3, "beta": 0.25}),
+    ("thresholded_relu", {"x": X, "alpha": 0.3}),
+    ("threshold", {"x": X, "alpha": 0.2}),
+    ("softplus_parametric", {"x": X, "alpha": ALPHA_C, "beta": BETA_C}),
+    ("prelu", {"x": _r(2, 3, 4, 5), "alpha": ALPHA_C}),  # rank 3 needs one alpha
+    ("einsum", {"values": (_r(2, 3, 4, 5), _r(2, 5, 4, 6)), "equation": "nchw,nwhu->nchu"}),
+    ("einsum", {"values": (_r(3, 4, 5), _r(5, 4, 2)), "equation": "chw,whr->chr"}),
+    *[
+        ("argsort", {"x": np.round(X * 2), "axis": ax, "ascending": asc})  # with ties
+        for ax, asc in ((1, False), (-1, True))
+    ],
+    ("reduce_argmin", {"x": X, "axis": 1}),
+    ("reduce_argmin", {"x": X, "axis": -1, "keep_dims": True}),
+    ("non_zero", {"x": Z}),
+    ("fill_like", {"ref_tensor": X, "value": np.float32(2.5)}),
+    (
+        "slice_update",
+        {
+            "x": _r(4, 5, 6),
+            "update": _r(2, 3, 3),
+            "begin": np.array([1, 0, 0], np.int32),
+            "end": np.array([3, 5, 6], np.int32),
+            "stride": np.array([1, 2, 2], np.int32),
+        },
+    ),
+    *[
+        (
+            ("scatter_along_axis", mode),
+            {
+                "data": X,
+                "indices": np.argsort(RNG.random((2, 3, 4)), axis=1)[:, :2].astype(np.int32),
+                "updates": _r(2, 2, 4),
+                "axis": 1,
+                "mode": mode,
+            },
+        )
+        for mode in ("update",)  # the other modes: test_scatter_along_axis_modes
+    ],
+    ("l2_norm", {"x": X}),
+    ("l2_norm", {"x": _r(2, 3, 4, 5) * 1e-3, "epsilon": 1e-5}),  # epsilon is inside the root
+    ("l2_norm", {"x": _r(2, 2, 3, 4, 5), "epsilon": 1e-4}),  # the last three dims, per batch
+    ("layer_norm", {"x": X, "axes": [-1], "gamma": _r(4), "beta": _r(4), "epsilon": 1e-5}),
+    (
+        "cond",
+        lambda: {
+            "pred": True,
+            "_true_fn": lambda: mb.add(x=X, y=Y),
+            "_false_fn": lambda: mb.mul(x=X, y=Y),
+        },
+    ),
+    (
+        "cond",
+        lambda: {
+            "pred": False,
+            "_true_fn": lambda: mb.add(x=X, y=Y),
+            "_false_fn": lambda: mb.mul(x=X, y=Y),
+        },
+    ),
+    (
+        "list_length",
+        lambda: {
+            "ls": mb.make_list(init_length=3, elem_shape=[2, 3], dtype="fp32", dynamic_length=False)
+        },
+    ),
+    (
+        "quantize",
+        {
+            "input": X,
+            "scale": np.float32(0.02),
+            "zero_point": np.int8(3),
+            "output_dtype": "int8",
+        },
+    ),
+    (
+        "quantize",
+        {
+            "input": X,
+            "scale": _r(3, positive=True) / 50,
+            "zero_point": np.array([0, 128, 250], np.uint8),
+            "axis": 1,
+            "output_dtype": "uint8",
+        },
+    ),
+    (
+        "scaled_dot_product_attention",
+        {"query": _r(2, 3, 4), "key": _r(2, 5, 4), "value": _r(2, 5, 6)},
+    ),
+    (
+        "scaled_dot_product_attention",
+        {
+            "query": _r(2, 3, 4),
+            "key": _r(2, 5, 4),
+            "value": _r(2, 5, 6),
+            "attn_mask": RNG.random((3, 5)) > 0.3,
+        },
+    ),
+    (
+        "scaled_dot_product_attention",
+        {"query": _r(2, 3, 4), "key": _r(2, 5, 4), "value": _r(2, 5, 6), "attn_mask": _r(3, 5)},
+    ),
+]
+
+#: ops whose case needs a newer opset than _build's default (iOS17)
+CASE_OPSET = {
+    "slice_update": ct.target.iOS18,
+    "scaled_dot_product_attention": ct.target.iOS18,
+}
+
+
 def _case_id(case) -> str:
     op = case[0]
     return "-".join(op) if isinstance(op, tuple) else op
@@ -185,7 +312,11 @@ def _case_id(case) -> str:
 def test_kernel_matches_value_inference(case):
     op, inputs = case
     op_type = op[0] if isinstance(op, tuple) else op
-    prog, outs = _build(op_type, **inputs)
+    opset = CASE_OPSET.get(op_type, ct.target.iOS17)
+    if callable(inputs):
+        prog, outs = _build(op_type, opset=opset, make_inputs=inputs)
+    else:
+        prog, outs = _build(op_type, opset=opset, **inputs)
     got = _run(prog)
     for out in outs:
         assert out.val is not None, f"coremltools has no value_inference for {op_type}"
@@ -197,6 +328,102 @@ def test_kernel_matches_value_inference(case):
         else:
             # coremltools folds in float32; the kernel ran in float64
             np.testing.assert_allclose(mine, ref, rtol=2e-5, atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("mode", ["add", "sub", "mul", "div", "max", "min"])
+def test_scatter_along_axis_modes_where_value_inference_is_wrong(mode):
+    """coremltools 9.0's ``scatter_along_axis.value_inference`` ignores ``mode`` (it
+    always does ``np.put_along_axis``, i.e. "update"); the op docs define ``add``,
+    ``sub``, ``mul``, ``div``, ``max``, ``min`` as combining ``data`` with ``updates``
+    at the indexed positions. The kernel follows the docs, checked against numpy's
+    unbuffered ``ufunc.at`` (an index repeated along the axis applies every update)."""
+    data, updates = _r(2, 3, 4), _r(2, 5, 4)
+    # repeats along the axis; iOS17 indices are in [0, D) (negative ones are out of bounds)
+    indices = RNG.integers(0, 3, (2, 5, 4)).astype(np.int32)
+    if mode == "div":
+        updates = np.sign(updates) * (np.abs(updates) + 0.5)
+    prog, (out,) = _build(
+        "scatter_along_axis", data=data, indices=indices, updates=updates, axis=1, mode=mode
+    )
+    idx = indices.astype(np.int64)
+    b, _, w = np.meshgrid(np.arange(2), np.arange(5), np.arange(4), indexing="ij")
+    want = data.astype(np.float64)
+    u = updates.astype(np.float64)
+    ufunc = {
+        "add": np.add,
+        "sub": np.subtract,
+        "mul": np.multiply,
+        "div": np.divide,
+        "max": np.maximum,
+        "min": np.minimum,
+    }[mode]
+    ufunc.at(want, (b, idx, w), u)
+    np.testing.assert_allclose(_run(prog)[out.name], want, rtol=1e-12, atol=1e-12)
+    # coremltools' fold is "update" whatever the mode (if this fails, coremltools fixed
+    # it: move the mode into VALUE_INFERENCE_CASES)
+    put = data.copy()
+    np.put_along_axis(put, indices, updates, axis=1)
+    np.testing.assert_array_equal(out.val, put)
+
+
+def test_reverse_sequence_without_value_inference():
+    """coremltools 9.0's ``reverse_sequence.value_inference`` raises
+    ``NotImplementedError("TODO")``: checked against torch.flip per batch element."""
+    x = torch.randn(3, 6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lengths = np.array([6, 0, 3], np.int32)
+    for seq_axis, batch_axis, xx in ((1, 0, x), (0, 1, x.transpose(0, 1).contiguous())):
+        prog, (out,) = _build(
+            "reverse_sequence",
+            x=xx.numpy().astype(np.float32),
+            lengths=lengths,
+            seq_axis=seq_axis,
+            batch_axis=batch_axis,
+        )
+        assert out.val is None  # nothing to cross-check against
+        want = xx.to(torch.float32).double().clone()
+        for bi, n in enumerate(lengths):
+            sl = want.select(batch_axis, bi)  # seq axis is 0 of the slice in both layouts
+            sl[:n] = torch.flip(sl[:n].clone(), dims=[0])
+        np.testing.assert_allclose(_run(prog)[out.name], want.numpy(), rtol=0, atol=0)
+
+
+def _ops_with_value_inference() -> set[str]:
+    """MIL op types whose coremltools op class (for some opset) defines a
+    ``value_inference`` of its own, i.e. not only `Operation`'s default."""
+    from coremltools.converters.mil.mil.operation import Operation
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
+
+    def defines(cls: type) -> bool:
+        return any(
+            "value_inference" in c.__dict__ for c in cls.__mro__[: cls.__mro__.index(Operation)]
+        )
+
+    found = {
+        name
+        for name, by_target in SSAOpRegistry.core_ops.items()
+        for cls in by_target.values()
+        if defines(cls)
+    }
+    found |= {name for name, cls in SSAOpRegistry.dialect_ops.items() if defines(cls)}
+    return found
+
+
+#: ops whose coremltools value_inference exists but yields no value for any input (checked
+#: below), with where their kernel is checked instead; and those whose fold disagrees
+#: with the op docs for some inputs (their other inputs are in VALUE_INFERENCE_CASES)
+NO_VALUE_INFERENCE = {"reverse_sequence": "test_reverse_sequence_without_value_inference"}
+
+
+def test_every_kernel_with_a_value_inference_has_a_case():
+    """A kernel registered for an op that coremltools can constant-fold must be in
+    VALUE_INFERENCE_CASES (so a new kernel cannot skip the cross-check)."""
+    with_vi = _ops_with_value_inference() & set(KERNELS)
+    assert len(with_vi) >= 100, sorted(with_vi)  # the registry walk found them
+    cased = {c[0][0] if isinstance(c[0], tuple) else c[0] for c in VALUE_INFERENCE_CASES}
+    missing = sorted(with_vi - cased - set(NO_VALUE_INFERENCE))
+    assert not missing, f"kernels with a coremltools value_inference but no case: {missing}"
+    assert set(NO_VALUE_INFERENCE) <= with_vi
+    assert not set(NO_VALUE_INFERENCE) & cased
 
 
 def test_kernels_where_value_inference_is_wrong_or_missing():

@@ -238,12 +238,14 @@ def _layer_norm(ctx: OpContext) -> np.ndarray:
 
 @kernel("l2_norm")
 def _l2_norm(ctx: OpContext) -> np.ndarray:
+    # the MIL spec (every opset): x / sqrt(sum(x^2) + epsilon) over the last three dims,
+    # the leading ones being batch; epsilon is inside the root (not max(norm, eps) as
+    # torch's normalize)
     x = ctx.x()
-    axes_v = ctx.val("axes")
-    # iOS15 normalizes over all dims but the batch; later opsets name the axes
-    axes = tuple(axes_v) if axes_v is not None else tuple(range(1, x.ndim))
-    norm = np.sqrt((x * x).sum(axis=axes, keepdims=True))
-    return x / np.maximum(norm, _eps(ctx, x, 1e-6))
+    if x.ndim < 3:
+        raise UnsupportedError(f"l2_norm {ctx.name!r}: input of rank {x.ndim}, the op needs >= 3")
+    sq = (x * x).sum(axis=(-3, -2, -1), keepdims=True)
+    return x / np.sqrt(sq + _eps(ctx, x, 1e-6))
 
 
 @kernel("linear")
