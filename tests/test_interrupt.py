@@ -8,6 +8,7 @@ random-moments target is in bench/interrupt_bench.py (too slow for the suite).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -220,6 +221,20 @@ def _frozen_mid_run(model: Path, bundle: Path, marker: str) -> tuple[subprocess.
     raise AssertionError(f"five runs in a row ended before they could be frozen ({seen})")
 
 
+def _finish(proc: subprocess.Popen[bytes], child: int) -> bytes:
+    """Resume the worker and wait for the run; a run still going after 120 s is killed
+    (worker and parent), so a failing case never leaves a stopped process behind."""
+    try:
+        os.kill(child, signal.SIGCONT)
+        return proc.communicate(timeout=120)[1]
+    except BaseException:
+        for pid in (child, proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "marker"),
     [(signal.SIGINT, 130, ""), (signal.SIGTERM, 143, "onnx/model.onnx")],
@@ -233,8 +248,7 @@ def test_signal_during_export(previous, tmp_path, signum, code, marker):
     proc, child = _frozen_mid_run(tmp_path / "model.py", bundle, marker)
     proc.send_signal(signum)  # forwarded by the parent; pending in the frozen worker
     time.sleep(0.2)
-    os.kill(child, signal.SIGCONT)
-    _, err = proc.communicate(timeout=120)
+    err = _finish(proc, child)
     assert proc.returncode == code, err.decode()[-2000:]
     assert _digest(bundle) == before
     assert _leftovers(tmp_path, "b") == []
@@ -246,8 +260,7 @@ def test_backend_abort_is_cleaned_up_by_the_parent(previous, tmp_path):
     before = _digest(bundle)
     proc, child = _frozen_mid_run(tmp_path / "model.py", bundle, "")
     os.kill(child, signal.SIGABRT)  # pending until it is resumed
-    os.kill(child, signal.SIGCONT)
-    _, err = proc.communicate(timeout=120)
+    err = _finish(proc, child)
     assert proc.returncode == 128 + signal.SIGABRT
     assert b"SIGABRT" in err
     assert _digest(bundle) == before
