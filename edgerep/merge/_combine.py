@@ -194,7 +194,7 @@ def top_k(magnitudes: torch.Tensor, ks: Sequence[int]) -> list[TopK]:
     (numpy's linear-time partition: no second copy, unlike ``kthvalue`` or ``topk``).
     """
     n = magnitudes.numel()
-    arr = magnitudes.numpy()
+    arr = magnitudes.cpu().numpy()
     out = []
     for k in ks:
         if k <= 0 or k >= n:
@@ -235,23 +235,60 @@ def top_k_chunked(
         above = int(np.count_nonzero(arr[n - k + 1 :] > t32))
         coarse[k] = (t32, below, above)
     del rounded, arr
-    near: dict[float, list[torch.Tensor]] = {t32: [] for t32, _, _ in coarse.values()}
+    # The entries that round to a coarse threshold are usually few, but can be most of the
+    # tensor when they are exactly equal (a frozen layer's zero delta, values on a bf16
+    # grid): count the ones equal to the first seen and keep only the others.
+    near = {t32: _Tied() for t32, _, _ in coarse.values()}
     for chunk in magnitudes():
         flat = chunk.reshape(-1)
         flat32 = flat.to(torch.float32)
-        for t32, found in near.items():
-            found.append(flat[flat32 == t32])
+        for t32, tied in near.items():
+            tied.add(flat[flat32 == t32])
     out = []
     for k in ks:
         if k not in coarse:
             out.append(TopK(n, k))
             continue
         t32, below, above = coarse[k]
-        candidates = torch.cat(near[t32]).sort().values
-        threshold = float(candidates[n - k - below])
-        above += int((candidates > threshold).sum())
-        out.append(TopK(n, k, threshold, k - above))
+        threshold, higher = near[t32].select(n - k - below)
+        out.append(TopK(n, k, threshold, k - above - higher))
     return out
+
+
+class _Tied:
+    """The float64 magnitudes that round to one float32 value: how many equal the first
+    one seen, and the (few) others themselves."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.same = 0
+        self.others: list[np.ndarray] = []
+
+    def add(self, values: torch.Tensor) -> None:
+        if values.numel() == 0:
+            return
+        arr = values.cpu().numpy()
+        if self.first is None:
+            self.first = float(arr[0])
+        equal = arr == self.first
+        self.same += int(np.count_nonzero(equal))
+        if not equal.all():
+            self.others.append(arr[~equal].copy())
+
+    def select(self, index: int) -> tuple[float, int]:
+        """The `index`-th smallest of these values, and how many of them are larger."""
+        assert self.first is not None
+        rest = np.sort(np.concatenate(self.others)) if self.others else np.empty(0)
+        lower = rest[rest < self.first]
+        upper = rest[rest > self.first]
+        if index < lower.size:
+            value = float(lower[index])
+        elif index < lower.size + self.same:
+            value = self.first
+        else:
+            value = float(upper[index - lower.size - self.same])
+        larger = int(np.count_nonzero(rest > value)) + (self.same if self.first > value else 0)
+        return value, larger
 
 
 def _drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -171,6 +171,46 @@ def test_top_k_from_float32_rounded_chunks_is_exact():
         assert got == want
 
 
+def test_exact_ties_at_the_threshold_are_counted_not_collected():
+    """A frozen layer's delta is all zero, so the threshold is 0.0 and nearly every entry
+    rounds to it: they are counted, never gathered into a whole-tensor float64 or int64
+    array (the first version sorted all of them: ~32 bytes an entry)."""
+    import tracemalloc
+
+    n, chunk = 40_000, 1_000
+    gen = torch.Generator().manual_seed(5)
+    mags = torch.rand(n, generator=gen, dtype=F64) * (torch.rand(n, generator=gen) < 0.3)
+    ks = [n // 2, n // 10]
+    want = _combine.top_k(mags.clone(), ks)
+    with _Largest() as seen:  # torch's allocations
+        got = _combine.top_k_chunked(lambda: iter(mags.split(chunk)), n, ks)
+    assert got == want and want[0].threshold == 0.0
+    assert seen.most.get(F64, 0) <= chunk and seen.most.get(torch.int64, 0) <= chunk
+    tracemalloc.start()  # numpy's (torch's CPU allocator does not report to tracemalloc)
+    try:
+        assert _combine.top_k_chunked(lambda: iter(mags.split(chunk)), n, ks) == want
+        numpy_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the coarse pass's boolean masks take one byte an entry; 28,000 tied float64 values
+    # gathered would take 224,000 bytes
+    assert numpy_peak < 2 * n, numpy_peak
+
+
+def test_top_k_chunked_equals_top_k_on_random_tie_patterns():
+    """Values within one float32 step of each other, exact repeats on either side of the
+    first one seen, zeros; random k and chunk sizes."""
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(60):
+        n = int(torch.randint(1, 400, (1,), generator=gen))
+        steps = torch.randint(-3, 4, (n,), generator=gen).to(F64)
+        mags = (1 + steps * 2.0**-45) * (torch.rand(n, generator=gen) < 0.8)
+        ks = torch.randint(0, n + 1, (3,), generator=gen).tolist()
+        size = int(torch.randint(1, n + 1, (1,), generator=gen))
+        want = _combine.top_k(mags.clone(), ks)
+        assert _combine.top_k_chunked(lambda m=mags, s=size: iter(m.split(s)), n, ks) == want
+
+
 # --- checkpoints as files -----------------------------------------------------------------
 
 
