@@ -69,7 +69,9 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="largest relative output error of a factorized layer (default 0.05; --method rank)",
     )
     p.add_argument(
-        "--backend", default="onnxruntime", help="where latency is measured: onnxruntime, openvino, executorch"
+        "--backend",
+        default="onnxruntime",
+        help="where latency is measured: onnxruntime, openvino, executorch",
     )
     p.add_argument(
         "--importance",

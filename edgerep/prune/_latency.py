@@ -102,9 +102,14 @@ def _et_export(model: nn.Module, inputs: Sequence[torch.Tensor], out_dir: Path) 
     from edgerep.spec import InputSpec
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = [InputSpec(f"input_{i}", tuple(t.shape), "float32") for i, t in enumerate(inputs)]
+    # integer inputs (token ids) stay integers, as the model reads them
+    feeds = [t.float() if t.is_floating_point() else t for t in inputs]
+    specs = [
+        InputSpec(f"input_{i}", tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for i, t in enumerate(feeds)
+    ]
     model = copy.deepcopy(model).float().eval()
-    artifact = ExecuTorchExporter().export(model, [t.float() for t in inputs], specs, out_dir)
+    artifact = ExecuTorchExporter().export(model, feeds, specs, out_dir)
     return Path(artifact.path)
 
 

@@ -277,8 +277,15 @@ def recover(
             penalty = torch.full((d + 1,), lam, dtype=torch.float64)
             penalty[-1] = 0.0
             gram = stats.gram + torch.diag(penalty)
-            solution = torch.linalg.solve(gram, stats.xty)
+            try:
+                solution = torch.linalg.solve(gram, stats.xty)
+            except torch.linalg.LinAlgError:
+                # singular without ridge (an input channel that is always 0, e.g. a dead
+                # ReLU): the minimum-norm solution, as the depth fit does
+                solution = torch.linalg.lstsq(gram, stats.xty, driver="gelsd").solution
             cond = float(torch.linalg.cond(gram))
+            if not math.isfinite(cond):
+                cond = None  # singular: no finite condition number to report
         else:
             solution = w0.clone()
             assert stats.residual_sum is not None

@@ -65,10 +65,11 @@ def test_depth_on_token_ids_replaces_the_affine_block_exactly() -> None:
         assert _rel(pruned(held_out), model(held_out)) < 1e-10
 
 
-def test_token_ids_export_and_time_as_integers() -> None:
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("backend", ["onnxruntime", "executorch"])
+def test_token_ids_export_and_time_as_integers(backend) -> None:
+    pytest.importorskip(backend)
     model = token_net(0)
     ids = token_ids(6, 1)
     tiny = LatencyConfig(min_seconds=0.01, repeats=2, warmup_seconds=0.0)
-    p0, p1 = measure_pair("onnxruntime", model, model, [ids], config=tiny)
+    p0, p1 = measure_pair(backend, model, model, [ids], config=tiny)
     assert p0 > 0 and p1 > 0

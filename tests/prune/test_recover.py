@@ -77,3 +77,22 @@ def test_linear_chains_are_pruned_and_recovered() -> None:
         with torch.no_grad():
             errors[mode] = float((pruned(held_out) - mlp(held_out)).norm() / mlp(held_out).norm())
     assert errors["ls"] < 0.7 * errors["none"], errors
+
+
+def test_recovery_without_ridge_takes_the_minimum_norm_solution_of_a_singular_system():
+    """A channel that is always 0 after its ReLU makes XᵀX singular at ridge 0: the
+    least-squares re-solve falls back to the minimum-norm solution (it crashed) and
+    reports no condition number."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()
+    with torch.no_grad():
+        model[2].weight[0].fill_(1.0)
+        model[2].bias[0] = -1e6  # channel 0 of the middle conv is dead after its ReLU
+    calib = torch.randn(64, 3, 8, 8)
+    _, report = prune(model, calib[:1], target="widths=2:7", calib=calib, measure=False, ridge=0.0)
+    (row,) = report.recovery
+    assert row.kept and row.condition is None and row.rel_error_after < row.rel_error_before
