@@ -370,11 +370,13 @@ class _AffineWarp(torch.nn.Module):
     """``grid_sample(x, affine_grid(theta))``: the torch frontend converts it to MIL
     ``affine``. Output size differs from the input's; part of the image maps outside."""
 
-    def __init__(self, theta: np.ndarray, align_corners: bool) -> None:
+    def __init__(
+        self, theta: np.ndarray, align_corners: bool, out: tuple[int, int] = (5, 7)
+    ) -> None:
         super().__init__()
         self.theta = torch.nn.Parameter(torch.tensor(theta))
         self.align_corners = align_corners
-        self.size = (len(theta), 3, 5, 7)
+        self.size = (len(theta), 3, *out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = torch.nn.functional.affine_grid(self.theta, self.size, self.align_corners)
@@ -383,17 +385,10 @@ class _AffineWarp(torch.nn.Module):
         )
 
 
-@pytest.mark.parametrize("align_corners", [True, False])
-@pytest.mark.parametrize("per_image", [True, False])
-def test_affine_matches_torch_affine_grid_sample(tmp_path, align_corners, per_image):
+def _affine_program(tmp_path, theta, img, align_corners, out=(5, 7)):
     from edgerep.runtimes._mil import load_program
 
-    theta = RNG.uniform(-0.4, 0.4, (2 if per_image else 1, 2, 3)).astype(np.float32)
-    theta[:, 0, 0] += 1.0
-    theta[:, 1, 1] += 0.9
-    theta[:, 0, 2] += 1.2  # shifted: the right part samples outside the image
-    model = _AffineWarp(theta, align_corners).eval()
-    img = RNG.standard_normal((len(theta), 3, 6, 4)).astype(np.float32)
+    model = _AffineWarp(theta, align_corners, out).eval()
     traced = torch.jit.trace(model, torch.zeros(img.shape))
     ml = ct.convert(
         traced,
@@ -406,10 +401,40 @@ def test_affine_matches_torch_affine_grid_sample(tmp_path, align_corners, per_im
     ml.save(str(path))
     program, _ = load_program(path)
     assert "affine" in [op.op_type for op in program.functions["main"].operations]
+    return model, program
+
+
+def _theta(images: int) -> np.ndarray:
+    theta = RNG.uniform(-0.4, 0.4, (images, 2, 3)).astype(np.float32)
+    theta[:, 0, 0] += 1.0
+    theta[:, 1, 1] += 0.9
+    theta[:, 0, 2] += 1.2  # shifted: the right part samples outside the image
+    return theta
+
+
+@pytest.mark.parametrize("out", [(5, 7), (1, 4), (3, 1)], ids=["5x7", "1x4", "3x1"])
+@pytest.mark.parametrize("per_image", [True, False])
+def test_affine_matches_torch_affine_grid_sample(tmp_path, per_image, out):
+    """align_corners=True, incl. a one-pixel output axis (its coordinate is 0, not -1)."""
+    theta = _theta(2 if per_image else 1)
+    img = RNG.standard_normal((len(theta), 3, 6, 4)).astype(np.float32)
+    model, program = _affine_program(tmp_path, theta, img, True, out)
     (got,) = Evaluator(program, precision="float64").run({"x": img}).values()
     want = model.double()(torch.tensor(img, dtype=torch.float64)).detach().numpy()
-    assert np.abs(want).max() > 0.5 and (want == 0).any()  # samples inside and outside
+    assert np.abs(want).max() > 0.5
+    if out == (5, 7):
+        assert (want == 0).any()  # samples inside and outside
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_affine_without_aligned_corners_is_declined_not_guessed(tmp_path):
+    """The torch frontend emits affine(align_corners=False), which the MIL spec says Core
+    ML does not support: the evaluator declines it, naming why."""
+    theta = _theta(1)
+    img = RNG.standard_normal((1, 3, 6, 4)).astype(np.float32)
+    _, program = _affine_program(tmp_path, theta, img, False)
+    with pytest.raises(UnsupportedError, match="align_corners=False"):
+        Evaluator(program, precision="float64").run({"x": img})
 
 
 def test_affine_matches_coremltools_hand_computed_case():

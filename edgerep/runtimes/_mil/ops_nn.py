@@ -669,12 +669,11 @@ def _resample(ctx: OpContext) -> np.ndarray:
     return _grid_sample(ctx, x, px, py)
 
 
-def _affine_base(n: int, align_corners: bool) -> np.ndarray:
-    """Normalized [-1, 1] coordinates of `n` output pixels: the centres of the first and
-    last pixel at -1 and 1 (``align_corners``), else their outer edges (as PyTorch's
+def _affine_base(n: int) -> np.ndarray:
+    """Normalized [-1, 1] coordinates of `n` output pixels, the centres of the first and
+    last pixel at -1 and 1 (``align_corners=True``); one pixel sits at 0 (as PyTorch's
     ``affine_grid``, which the torch frontend converts to this op)."""
-    base = np.linspace(-1.0, 1.0, n) if n > 1 else np.array([-1.0])
-    return base if align_corners else base * ((n - 1) / n)
+    return np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
 
 
 @kernel("affine")
@@ -694,9 +693,16 @@ def _affine(ctx: OpContext) -> np.ndarray:
     mode = str(ctx.val("coordinates_mode", "normalized_minus_one_to_one"))
     if mode != "normalized_minus_one_to_one":
         raise UnsupportedError(f"affine {ctx.name!r}: coordinates_mode {mode!r}")
-    align = bool(ctx.val("align_corners", True))
+    if not bool(ctx.val("align_corners", True)):
+        # the torch frontend emits it for affine_grid(..., align_corners=False), but the
+        # MIL spec (iOS15 affine) says "align_corners=False is not supported": what Core
+        # ML computes then is unknown, so it is not guessed (no false "verified")
+        raise UnsupportedError(
+            f"affine {ctx.name!r}: align_corners=False, which the MIL spec says Core ML does "
+            "not support; use affine_grid/grid_sample with align_corners=True"
+        )
     oh, ow = int(ctx.val("output_height")), int(ctx.val("output_width"))
-    gy, gx = np.meshgrid(_affine_base(oh, align), _affine_base(ow, align), indexing="ij")
+    gy, gx = np.meshgrid(_affine_base(oh), _affine_base(ow), indexing="ij")
     matrix = np.broadcast_to(matrix, (x.shape[0], 6))
     a = [matrix[:, k, None, None] for k in range(6)]
     nx = a[0] * gx + a[1] * gy + a[2]  # (B, oh, ow)
