@@ -221,6 +221,21 @@ def _frozen_mid_run(model: Path, bundle: Path, marker: str) -> tuple[subprocess.
     raise AssertionError(f"five runs in a row ended before they could be frozen ({seen})")
 
 
+def _wait_pending(pid: int, signum: int) -> None:
+    """Until `signum` is pending in the stopped process `pid` (the parent forwarded it),
+    read from /proc/PID/status, so the worker is never resumed before it arrives."""
+    bit = 1 << (signum - 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        if (int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)) & bit:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the parent never forwarded signal {signum} to its worker")
+
+
 def _finish(proc: subprocess.Popen[bytes], child: int) -> bytes:
     """Resume the worker and wait for the run; a run still going after 120 s is killed
     (worker and parent), so a failing case never leaves a stopped process behind."""
@@ -247,8 +262,10 @@ def test_signal_during_export(previous, tmp_path, signum, code, marker):
     before = _digest(bundle)
     proc, child = _frozen_mid_run(tmp_path / "model.py", bundle, marker)
     proc.send_signal(signum)  # forwarded by the parent; pending in the frozen worker
-    time.sleep(0.2)
-    err = _finish(proc, child)
+    try:
+        _wait_pending(child, signum)
+    finally:
+        err = _finish(proc, child)  # resumed even when the signal never arrived
     assert proc.returncode == code, err.decode()[-2000:]
     assert _digest(bundle) == before
     assert _leftovers(tmp_path, "b") == []
