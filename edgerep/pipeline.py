@@ -907,6 +907,15 @@ def _cross_check_reference(
         text = f"{reference.name} vs {runtime.name}: not compared: {type(e).__name__}: {e}"
         row = {"stage": "verify", "action": "reported", "detail": f"{fmt}: {text}", "error": None}
         return {"runtime": reference.name, "compared": False, "reason": text}, row
+    counts = {(len(f), len(e)) for f, e in zip(framework, evaluator)}
+    if len(framework) != len(evaluator) or any(a != b for a, b in counts):
+        text = (
+            f"{reference.name} vs {runtime.name}: not compared: they returned different "
+            f"numbers of outputs ({sorted(counts)} over {len(framework)} vs "
+            f"{len(evaluator)} input sets)"
+        )
+        row = {"stage": "verify", "action": "reported", "detail": f"{fmt}: {text}", "error": None}
+        return {"runtime": reference.name, "compared": False, "reason": text}, row
     names = list(artifact.output_names)
     per_output: dict[str, dict[str, float]] = {}
     for f_outs, e_outs in zip(framework, evaluator):

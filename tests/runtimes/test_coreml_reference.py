@@ -343,3 +343,34 @@ def test_cross_check_reports_what_the_evaluator_cannot_take(
     assert status.status == VERIFIED and status.verified_by == "Core ML framework", status
     cross = result.manifest["artifacts"][0]["parity"]["reference_cross_check"]
     assert cross["compared"] is False and "relu (x6)" in cross["reason"], cross
+
+
+def test_cross_check_with_a_different_number_of_outputs_does_not_compare(
+    tmp_path, fake_macos_predict, monkeypatch
+):
+    """An evaluator returning fewer outputs than the framework (simulated) is reported as
+    not compared, with the counts, instead of comparing the pairs zip() happens to make."""
+    original = type(RT).load
+
+    class _Short:
+        def __init__(self, inner):
+            self._inner = inner
+            self.input_names, self.output_names = inner.input_names, inner.output_names[:0]
+
+        def run(self, feeds):
+            return self._inner.run(feeds)[:0]
+
+        def describe(self):
+            return self._inner.describe()
+
+        def close(self):
+            self._inner.close()
+
+    monkeypatch.setattr(
+        type(RT), "load", lambda self, path, **kw: _Short(original(self, path, **kw))
+    )
+    _, result = _convert_tiny(tmp_path)
+    (status,) = result.formats
+    assert status.status == VERIFIED and status.verified_by == "Core ML framework", status
+    cross = result.manifest["artifacts"][0]["parity"]["reference_cross_check"]
+    assert cross["compared"] is False and "different numbers of outputs" in cross["reason"]
