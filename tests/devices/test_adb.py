@@ -336,7 +336,7 @@ def test_runner_parsers():
     assert RUNNERS["executorch"].command("/r", "/m.pte", 9, None, "/t") == [
         "/r",
         "--model_path=/m.pte",
-        "--num_executions=9",
+        "--num_executions=10",  # one more: the first, cold call is kept apart
         "--etdump_path=/t",
     ]
     assert "--etdump_path" not in " ".join(RUNNERS["executorch"].command("/r", "/m", 9, 2, None))
@@ -380,15 +380,16 @@ def test_executorch_per_call_times_from_the_etdump(fake_adb, tmp_path):
 
     path = Path(os.environ["FAKE_ADB_CANNED"])
     canned = json.loads(path.read_text())
-    canned["etdump"] = {str(run): base64.b64encode(et_etdump(run, 8)).decode() for run in range(3)}
+    canned["etdump"] = {str(run): base64.b64encode(et_etdump(run, 9)).decode() for run in range(3)}
     path.write_text(json.dumps(canned))
     latency = {"min_iters": 8, "min_seconds": 0.0, "warmup_iters": 0, "repeats": 3}
     report = _et_bench(tmp_path, latency)
     assert report["errors"] == []
     (row,) = report["rows"]
     lat = row["latency"]
+    # 9 calls a run (8 asked + the cold first one, kept apart as first_ms)
     expected = summarize_runs(
-        [et_call_ns(run, 8) for run in range(3)], config=LatencyConfig(**latency)
+        [et_call_ns(run, 9)[1:] for run in range(3)], config=LatencyConfig(**latency)
     ).to_dict()
     assert "mean_only" not in lat
     assert lat["stats"] == pytest.approx(expected["stats"]) and lat["stats"]["n"] == 24
@@ -398,9 +399,9 @@ def test_executorch_per_call_times_from_the_etdump(fake_adb, tmp_path):
     from tests.devices._fake_runners import et_run
 
     parse = RUNNERS["executorch"].parse
-    assert parse(et_run(0, 8, etdump_flag=True), et_etdump(0, 8))["samples_ms"] == (
-        pytest.approx([ns / 1e6 for ns in et_call_ns(0, 8)])
-    )
+    parsed = parse(et_run(0, 8, etdump_flag=True), et_etdump(0, 8))
+    assert parsed["samples_ms"] == pytest.approx([ns / 1e6 for ns in et_call_ns(0, 8)[1:]])
+    assert parsed["first_ms"] == pytest.approx(et_call_ns(0, 8)[0] / 1e6)
     with pytest.raises(AdbError, match=r"ran 7 time.*holds 8"):
         parse(et_run(0, 7, etdump_flag=True), et_etdump(0, 8))
     with pytest.raises(AdbError, match="disagree"):
