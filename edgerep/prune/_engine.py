@@ -381,7 +381,7 @@ def prune(
     if not 0 < min_ratio <= 1:
         raise ConfigError(f"min_ratio must be in (0, 1]; got {min_ratio}")
     # a .pt2 program's functional conv/linear calls become layers Torch-Pruning groups
-    original = copy.deepcopy(plain_module(model, inputs)).eval()
+    original = copy.deepcopy(plain_module(model, inputs, batched=calib is not None)).eval()
     sha = model_sha256(original)
     base_shapes = layer_shapes(original, inputs)
     report = PruneReport(
@@ -896,7 +896,7 @@ def apply_plan(
         ConfigError: another model, or a recovery plan without (or with other) calib.
     """
     inputs = _as_inputs(example_inputs)
-    src = copy.deepcopy(plain_module(model, inputs)).eval()
+    src = copy.deepcopy(plain_module(model, inputs, batched=calib is not None)).eval()
     if model_sha256(src) != plan.model_sha256:
         raise ConfigError(
             "the prune plan was made for another model (its model_sha256 differs from this "

@@ -8,6 +8,12 @@ prunable. `plain_module` rebuilds such a graph as a plain ``torch.fx.GraphModule
 whose weighted calls are real ``nn.Conv1d/2d/3d`` / ``nn.Linear`` layers, named after
 the parameters' owner (``fold_root.weight`` -> layer ``fold_root``), with the same
 weights (copied) and the same outputs. Any other model is returned unchanged.
+
+The rebuilt graph drops export's shape guards so that calibration batches run through
+it. A program exported at a fixed batch size (static shapes, or ``x.view(1, -1)``
+baked in) cannot take them: with ``batched=True`` the lifted graph is checked on a
+batch of two examples against each example alone, and such a program is refused with
+a `ConfigError` naming the fixes, before anything meets a calibration batch.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from edgerep.errors import UnsupportedError
+from edgerep.errors import ConfigError, UnsupportedError
+from edgerep.prune._calib import CALIB_BATCH
 
 __all__ = ["plain_module"]
 
@@ -86,13 +93,76 @@ def _layer(node: fx.Node, params: dict[str, torch.Tensor]) -> tuple[str, nn.Modu
     return owner, layer
 
 
-def plain_module(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> nn.Module:
+def _outputs(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = module(*inputs)
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def _other(t: torch.Tensor) -> torch.Tensor:
+    """A second example of `t`'s shape and dtype, other values where floating point."""
+    if not t.is_floating_point():
+        return t.clone()  # ids/indices stay valid
+    return 0.5 * (t.flip(-1) if t.dim() else t) + 0.25
+
+
+def _check_batched(
+    program: nn.Module, plain: nn.Module, example_inputs: Sequence[torch.Tensor]
+) -> None:
+    """Raise unless `plain` maps a batch of two examples as it maps each alone."""
+    second = [_other(t) for t in example_inputs]
+    pair = [torch.cat([a, b]) for a, b in zip(example_inputs, second)]
+    batch = len(example_inputs[0]) if example_inputs and example_inputs[0].dim() else 1
+    problem = ""
+    try:
+        alone = zip(_outputs(plain, example_inputs), _outputs(plain, second))
+        wants = [torch.cat([a, b]) for a, b in alone]
+        gots = _outputs(plain, pair)
+        same = len(gots) == len(wants) and all(
+            g.shape == w.shape
+            and torch.allclose(g, w, rtol=1e-4, atol=1e-5 * (1.0 + float(w.abs().max())))
+            for g, w in zip(gots, wants)
+        )
+        if not same:
+            problem = "its outputs for a batch are not those of each sample alone"
+    except Exception as exc:  # any failure here is the fixed batch
+        problem = f"it fails on a batch of {2 * batch} ({type(exc).__name__}: {str(exc)[:200]})"
+    if not problem:
+        return
+    try:
+        _outputs(program, pair)
+    except Exception:  # the program's own guard refuses the batch
+        raise ConfigError(
+            f"the exported program only runs at its example batch size ({batch}): {problem}; "
+            f"pruning with calibration data runs it on batches of up to {CALIB_BATCH} samples. "
+            "Re-export it with a dynamic batch dimension (torch.export.export(..., "
+            "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) and a forward that reads "
+            "the batch from x.shape[0]), or prune the model.pt2 that `edgerep fold` writes "
+            "(its batch is dynamic), or give the Python source (file.py:factory)"
+        ) from None
+    raise UnsupportedError(
+        "rebuilding the exported program with its conv/linear calls as layers (so that "
+        f"Torch-Pruning can group them) broke it on calibration batches: {problem}; prune the "
+        "model's Python source (file.py:factory) instead of the .pt2"
+    )
+
+
+def plain_module(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, batched: bool = False
+) -> nn.Module:
     """`model` as Torch-Pruning can group it (see the module doc); `model` is not modified.
 
     Returns `model` itself when it is not an unlifted torch.export program.
 
+    Args:
+        model: the model (a loaded ``.pt2`` program is lifted).
+        example_inputs: the example it is checked on.
+        batched: the result will run calibration batches (of other sizes than the
+            example's): check that the lifted program does.
+
     Raises:
         UnsupportedError: the rebuilt graph does not reproduce the program's outputs.
+        ConfigError: `batched` and the program is specialised to its example batch size.
     """
     if not isinstance(model, fx.GraphModule) or not _is_exported(model):
         return model
@@ -166,4 +236,6 @@ def plain_module(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> nn
             "Torch-Pruning can group them) changed its outputs; prune the model's Python "
             "source (file.py:factory) instead of the .pt2"
         )
+    if batched:
+        _check_batched(model, plain, example_inputs)
     return plain

@@ -294,8 +294,8 @@ def prune_stage(
     from edgerep.prune._lift import plain_module
 
     # a .pt2 program: its functional layers lifted (and its batch-size guard dropped, so
-    # that calibration batches run through it) before anything uses it
-    model = plain_module(model, example)
+    # that calibration batches run through it; checked to, when there are any) first
+    model = plain_module(model, example, batched=options.data is not None)
     calib = evals = None
     labels_np = options.data.labels if options.data is not None else None
     if options.data is not None:
