@@ -581,7 +581,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     ]
     if given:
         raise ConfigError(
-            f"{', '.join(given)} apply when the source is a Hugging Face model directory "
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only when the "
+            "source is a Hugging Face model directory "
             f"(config.json and weights); {args.bundle!r} is not one: a bundle keeps its inputs "
             "and formats"
         )

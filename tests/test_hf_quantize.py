@@ -44,7 +44,7 @@ def test_quantize_takes_a_hugging_face_directory_with_its_task(tmp_path, capsys)
     assert "--trust-unsigned applies to bundles" in capsys.readouterr().err
     code = main(["quantize", str(out), "--task", "image-classification", "-o", str(tmp_path / "c")])
     assert code == EXIT_USAGE
-    assert "--task apply when the source is a Hugging Face model directory" in (
+    assert "--task applies only when the source is a Hugging Face model directory" in (
         capsys.readouterr().err
     )
     assert not any((tmp_path / n).exists() for n in "abc")

@@ -370,7 +370,7 @@ class CheckpointMergeReport(RouteSummary):
             lines.append(
                 f"method {self.method}, weights {self.weights}"
                 + (f", density {self.density:g}" if self.density is not None else "")
-                + (f", seed {self.seed}" if self.method.startswith("dare") else "")
+                + (f", seed {self.seed}" if self.method.startswith(("dare", "della")) else "")
             )
         routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items()))
         lines.append(
