@@ -14,7 +14,8 @@ through `edgerep.pipeline.convert` (no second fold); OUT is that bundle plus
 ``pruned_state_dict.pt`` (plain tensors), ``prune_plan.json`` and
 ``prune_report.json`` (with depth pruning, the exported graph is folded again so
 that adjacent maps merge). ``--plan`` re-applies a saved plan instead of searching
-(with the same ``--calib`` when the plan has a recovery).
+(with the same ``--calib`` when the plan has a recovery); it refuses every search
+option (``--target``, ``--importance``, ``--backend``, ...), which it would not read.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "SRC may also be a .pt2 program or an edgerep bundle holding one (edgerep fold's "
         "model.pt2). Every result is timed on --backend (onnxruntime, openvino, executorch); "
         "one measured slower than the unpruned model is refused (exit 6). Exit code 7: the "
-        "target was missed; the bundle of the closest model is still written."
+        "target (with --sweep: any target) was missed; the bundle of the closest model "
+        "(every bundle) is still written."
     )
 
 
