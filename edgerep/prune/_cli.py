@@ -14,7 +14,8 @@ through `edgerep.pipeline.convert` (no second fold); OUT is that bundle plus
 ``pruned_state_dict.pt`` (plain tensors), ``prune_plan.json`` and
 ``prune_report.json`` (with depth pruning, the exported graph is folded again so
 that adjacent maps merge). ``--plan`` re-applies a saved plan instead of searching
-(with the same ``--calib`` when the plan has a recovery).
+(with the same ``--calib`` when the plan has a recovery); it refuses every search
+option (``--target``, ``--importance``, ``--backend``, ...), which it would not read.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--plan", metavar="JSON", help="re-apply a prune_plan.json instead of searching")
     p.add_argument(
         "--method",
-        default="channels",
         metavar="M,M",
         help="what to remove: channels (default), depth (residual blocks -> fitted linear maps, "
         "needs --calib), rank (SVD of Linear/1x1 conv), comma-separated",
@@ -68,14 +68,14 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         metavar="E",
         help="largest relative output error of a factorized layer (default 0.05; --method rank)",
     )
+    # search options default to None so that one given with --plan (which reads none of
+    # them) is seen and refused; the effective defaults are applied in `_options`
     p.add_argument(
         "--backend",
-        default="onnxruntime",
-        help="where latency is measured: onnxruntime, openvino, executorch",
+        help="where latency is measured: onnxruntime (default), openvino, executorch",
     )
     p.add_argument(
         "--importance",
-        default="l2",
         help="l2 (default), l1, taylor (needs labels in --calib), reconstruction (needs --calib: "
         "each channel's share of its consumers' output energy), bn (BatchNorm |gamma|, read "
         "before folding; groups without a BN fall back to l2, named in the report)",
@@ -93,10 +93,8 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         metavar="SPEC",
         help="input shape latency is measured at (default: --input), e.g. x:1x3x224x224",
     )
-    p.add_argument("--threads", type=int, default=1, help="runtime threads for timing (1)")
-    p.add_argument(
-        "--min-ratio", type=float, default=0.125, help="narrowest width as a fraction (0.125)"
-    )
+    p.add_argument("--threads", type=int, help="runtime threads for timing (1)")
+    p.add_argument("--min-ratio", type=float, help="narrowest width as a fraction (0.125)")
     p.add_argument("--to", action="append", default=[], metavar="FORMAT", help="formats (onnx)")
     p.add_argument("--no-fold", action="store_true", help="prune the model as it is")
     _add_calib_args(p)
@@ -111,7 +109,8 @@ def add_prune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "SRC may also be a .pt2 program or an edgerep bundle holding one (edgerep fold's "
         "model.pt2). Every result is timed on --backend (onnxruntime, openvino, executorch); "
         "one measured slower than the unpruned model is refused (exit 6). Exit code 7: the "
-        "target was missed; the bundle of the closest model is still written."
+        "target (with --sweep: any target) was missed; the bundle of the closest model "
+        "(every bundle) is still written."
     )
 
 
@@ -184,11 +183,34 @@ def add_convert_prune_args(p: argparse.ArgumentParser) -> None:
 #: convert's pruning options besides --prune (and --prune-method), which need pruning on
 _PRUNE_ONLY = ("finetune", "finetune_data", "sweep")
 
-#: the options that only depth / rank pruning read: (prune's dest, convert's dest)
+#: the options that only one method reads (prune's dests; convert's add ``prune_``)
 _METHOD_ONLY = {
+    "channels": ("importance", "min_ratio", "recovery"),
     "depth": ("depth_blocks", "depth_error"),
     "rank": ("rank_error",),
 }
+
+#: prune's options that `--plan` (a replay of the saved decisions) never reads
+_SEARCH_ONLY = (
+    "target",
+    "method",
+    "depth_blocks",
+    "depth_error",
+    "rank_error",
+    "backend",
+    "importance",
+    "recovery",
+    "keep",
+    "latency_input",
+    "threads",
+    "min_ratio",
+    "cache_dir",
+    "seconds",
+    "repeats",
+    "finetune",
+    "finetune_data",
+    "sweep",
+)
 
 
 def _flag(dest: str) -> str:
@@ -200,27 +222,72 @@ def _given(args: argparse.Namespace, dests: Any) -> list[str]:
     return [_flag(d) for d in dests if getattr(args, d, None) not in (None, [])]
 
 
-def _method_problems(args: argparse.Namespace, prefix: str, method: str | None) -> list[str]:
-    """Depth/rank options given with a method list that does not hold depth/rank."""
+def _methods(method: str | None) -> tuple[str, ...] | None:
+    """The parsed method list (None when unreadable: the options check reports it)."""
     from edgerep.errors import ConfigError
     from edgerep.prune._engine import parse_methods
 
     try:
-        methods = parse_methods(method or "channels")
+        return tuple(parse_methods(method or "channels"))
     except ConfigError:
-        return []  # the unknown method is reported by the options check
+        return None
+
+
+def _method_problems(
+    args: argparse.Namespace, prefix: str, method: str | None
+) -> tuple[list[str], argparse.Namespace]:
+    """Options of a method that the method list does not hold, and `args` without them
+    (so that the options check does not also ask for what they would need, e.g. labels
+    for ``--importance taylor``)."""
+    methods = _methods(method)
+    if methods is None:
+        return [], args
     problems = []
+    ignored: list[str] = []
     option = f"--{prefix.replace('_', '-')}method"
     for name, dests in _METHOD_ONLY.items():
         given = _given(args, [prefix + d for d in dests])
         if given and name not in methods:
+            ignored += [prefix + d for d in dests]
             problems.append(
                 f"{', '.join(given)} only bound{'s' if len(given) == 1 else ''} {name} pruning, "
                 f"which {option} {','.join(methods)} does not run; add {name} to {option} "
                 f"(e.g. {option} {','.join(methods)},{name}) or leave "
                 f"{'it' if len(given) == 1 else 'them'} out"
             )
-    return problems
+    return problems, argparse.Namespace(**{**vars(args), **dict.fromkeys(ignored)})
+
+
+def _cache_problems(
+    args: argparse.Namespace, prefix: str, target: str | None, method: str | None
+) -> list[str]:
+    """A latency-table cache given where no table is built.
+
+    Tables are built (`edgerep.prune._engine.prune`) for a channel search to a latency
+    target and for depth / rank pruning (both choose by per-layer latency); a macs /
+    params / widths target counts or sets widths and never reads the cache.
+    """
+    from edgerep.errors import ConfigError
+    from edgerep.prune._config import parse_target
+
+    flag = _flag(prefix + "cache_dir")
+    methods = _methods(method)
+    if not _given(args, [prefix + "cache_dir"]) or methods is None:
+        return []
+    if {"depth", "rank"} & set(methods) or "channels" not in methods or not target:
+        return []  # tables are built, or the target's absence is reported elsewhere
+    try:
+        kind = parse_target(target).kind
+    except ConfigError:
+        return []  # the options check names the bad target
+    if kind == "latency":
+        return []
+    option = "--prune" if prefix else "--target"
+    return [
+        f"{flag} caches the per-layer latency tables, which only a latency target or depth / "
+        f"rank pruning builds; {option} {target} counts {kind} and builds none: leave "
+        f"{flag} out"
+    ]
 
 
 def _converts_with_pruning(args: argparse.Namespace) -> bool:
@@ -248,11 +315,12 @@ def check_convert_prune(args: argparse.Namespace, formats: list[str]) -> None:
                 f"{'it' if len(given) == 1 else 'them'} out"
             )
         return
-    problems = _method_problems(args, "prune_", args.prune_method)
+    problems, checked = _method_problems(args, "prune_", args.prune_method)
+    problems += _cache_problems(args, "prune_", args.prune, args.prune_method)
     if args.sweep and args.prune is None:
         problems.append("--sweep gives ratios of --prune's kind; give --prune TARGET too")
     try:
-        _options(args, formats, specs=None, data=None).check(has_data=bool(args.calib))
+        _options(checked, formats, specs=None, data=None).check(has_data=bool(args.calib))
     except ConfigError as e:
         problems.append(str(e))
     if problems:
@@ -284,7 +352,7 @@ def _options(
 
     convert = args.command == "convert"
     get = (lambda k: getattr(args, "prune_" + k)) if convert else (lambda k: getattr(args, k))
-    backend = get("backend") if convert else args.backend
+    backend = get("backend") if convert else (args.backend or "onnxruntime")
     lat = get("latency_input")
     lat_inputs = None
     if lat and specs is not None:
@@ -319,8 +387,8 @@ def _options(
         data=data,
         finetune=args.finetune,
         finetune_data=ft_data,
-        threads=getattr(args, "threads", 1) if not convert else 1,
-        min_ratio=getattr(args, "min_ratio", 0.125),
+        threads=1 if convert or args.threads is None else args.threads,
+        min_ratio=0.125 if convert or args.min_ratio is None else args.min_ratio,
         cache_dir=get("cache_dir"),
         latency_inputs=lat_inputs,
     )
@@ -415,8 +483,10 @@ def run_convert_sweep(
 def _finish_sweep(
     args: argparse.Namespace, specs: list[Any], targets: list[str], make: Any, data: Any
 ) -> int:
+    import sys
+
     from edgerep.bench.report import markdown_table, pruning_markdown
-    from edgerep.cli import EXIT_OK
+    from edgerep.cli import EXIT_OK, EXIT_TARGET_MISSED
     from edgerep.prune._sweep import run_sweep
 
     out, report = run_sweep(
@@ -435,7 +505,22 @@ def _finish_sweep(
         print()
         print(pruning_markdown(report))
         print(f"bundles and bench report: {out} (bench/bench.html)")
-    return EXIT_OK
+    missed = [v for v in report["pruning"]["variants"] if v.get("status") == "missed"]
+    if not missed:
+        return EXIT_OK
+    print(
+        f"edgerep: {len(missed)} of {len(targets)} sweep targets missed: "
+        + ", ".join(
+            f"{v['target']} (reached {v['ratio_in_search']:.3f})"
+            if isinstance(v.get("ratio_in_search"), int | float)
+            else str(v["target"])
+            for v in missed
+        )
+        + f"; every bundle is written (see each prune_report.json and {out / 'bench'}); "
+        f"exit code {EXIT_TARGET_MISSED}",
+        file=sys.stderr,
+    )
+    return EXIT_TARGET_MISSED
 
 
 def _bundle_source(source: str) -> str:
@@ -476,34 +561,37 @@ def run_prune(args: argparse.Namespace) -> int:
     from edgerep.pipeline import convert
 
     args.source = _bundle_source(args.source)
-    problems = []
-    if args.plan is None and not args.target and "channels" in args.method.split(","):
-        problems.append("give --target (e.g. latency=0.5) or --plan prune_plan.json")
-    if args.plan is not None and (args.sweep or args.finetune):
-        problems.append("--plan re-applies a saved plan; --sweep and --finetune search anew")
-    if args.sweep and not args.target:
-        problems.append("--sweep gives ratios of --target's kind; give --target too")
-    timing = _given(args, ["seconds", "repeats"])
-    if timing and not args.sweep:
-        problems.append(
-            f"{', '.join(timing)} time{'s' if len(timing) == 1 else ''} the bundles of --sweep "
-            "(the latency search has its own timing); give --sweep R,R,... or leave "
-            f"{'it' if len(timing) == 1 else 'them'} out"
-        )
+    problems: list[str] = []
+    checked = args
     if args.plan is not None:
-        search = _given(args, [d for dests in _METHOD_ONLY.values() for d in dests])
+        search = _given(args, _SEARCH_ONLY)
         if search:
             problems.append(
-                f"--plan re-applies the saved depth/rank decisions; {', '.join(search)} "
-                "bound a new search: leave them out or drop --plan"
+                "--plan re-applies the saved channel, depth and rank decisions and reads none "
+                f"of {', '.join(search)} (they set up a new search); leave "
+                f"{'it' if len(search) == 1 else 'them'} out or drop --plan"
             )
     else:
-        problems += _method_problems(args, "", args.method)
+        methods = _methods(args.method) or ()
+        if not args.target and "channels" in methods:
+            problems.append("give --target (e.g. latency=0.5) or --plan prune_plan.json")
+        if args.sweep and not args.target:
+            problems.append("--sweep gives ratios of --target's kind; give --target too")
+        timing = _given(args, ["seconds", "repeats"])
+        if timing and not args.sweep:
+            problems.append(
+                f"{', '.join(timing)} time{'s' if len(timing) == 1 else ''} the bundles of "
+                "--sweep (the latency search has its own timing); give --sweep R,R,... or "
+                f"leave {'it' if len(timing) == 1 else 'them'} out"
+            )
+        method_problems, checked = _method_problems(args, "", args.method)
+        problems += method_problems
+        problems += _cache_problems(args, "", args.target, args.method)
     args.option = getattr(args, "option", [])
     formats, options = _formats_and_options(args)
     if args.plan is None:
         try:
-            _options(args, formats, specs=None, data=None).check(has_data=bool(args.calib))
+            _options(checked, formats, specs=None, data=None).check(has_data=bool(args.calib))
         except ConfigError as e:
             problems.append(str(e))
         if args.sweep and args.target:
