@@ -158,15 +158,10 @@ def test_a_pruned_model_measured_slower_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(_engine, "measure_pair", slower)
     with pytest.raises(_engine.PruneRefusedError, match=r"1\.200 ms vs 1\.000 ms"):
         prune(chain(), torch.randn(1, 3, 8, 8), target="macs=0.5")  # timed by default
-    # one lucky round out of ten does not save it: the median round decides
+    # one confirming round where it is faster: kept, with the note (noise, not slower)
     confirming[3] = (1.0, 0.9)
-    with pytest.raises(_engine.PruneRefusedError, match=r"faster in 1 only, median ratio 1\.200"):
-        prune(chain(), torch.randn(1, 3, 8, 8), target="macs=0.5")
-    # faster in most confirming rounds: the first measurement was noise; kept, with the note
-    confirming[:] = [(1.0, 0.9)] * 6 + [(1.0, 1.2)] * 4
     _, report = prune(chain(), torch.randn(1, 3, 8, 8), target="macs=0.5")
-    notes = " ".join(report.notes)
-    assert report.p50_after_ms == 1.2 and "faster in 6 of 10" in notes and "0.900" in notes
+    assert report.p50_after_ms == 1.2 and "faster in 1 of 10" in " ".join(report.notes)
 
 
 def _wide(c: int = 64) -> nn.Sequential:
@@ -196,7 +191,7 @@ def test_a_pruned_model_really_slower_on_onnxruntime_is_refused() -> None:
         warmup_iters=2, warmup_seconds=0.02, min_iters=10, min_seconds=0.05, repeats=3
     )
     x = torch.randn(1, 3, 16, 16)
-    with pytest.raises(PruneRefusedError, match=r"in 10 confirming rounds it was faster in") as e:
+    with pytest.raises(PruneRefusedError, match=r"slower in all 10 confirming rounds") as e:
         prune(_wide(), x, target="widths=2:63", latency_config=timing)
     after, before = (
         float(v) for v in re.findall(r"p50 ([0-9.]+) ms vs ([0-9.]+) ms", str(e.value))[0]
